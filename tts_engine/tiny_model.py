@@ -1,0 +1,215 @@
+"""Build a tiny random-weight Qwen3-TTS-12Hz Base model offline, in the hub repo's on-disk layout.
+
+The real architecture, codec ids and vocabulary sizes are kept; only widths and depths shrink, so the
+model loads through ``Qwen3TTSModel.from_pretrained`` and exercises every code path in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# The ten languages of the real checkpoint, with codec ids in the real range (2048..2147 are control/lang ids).
+LANGUAGE_CODEC_IDS = {
+    "chinese": 2055, "english": 2050, "german": 2053, "italian": 2070, "portuguese": 2071,
+    "spanish": 2054, "japanese": 2058, "korean": 2064, "french": 2061, "russian": 2069,
+}
+TEXT_VOCAB_SIZE = 151936
+SPECIAL_TOKENS = {  # id -> content, as in the real Qwen2 tokenizer
+    151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>",
+    151671: "<tts_pad>", 151672: "<tts_text_bos>", 151673: "<tts_text_eod>",
+}
+BUILD_SEED = 1234
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+FORMAT_VERSION = "1"  # bump when the recipe changes so stale builds are rebuilt
+
+
+def _talker_config() -> dict:
+    head_dim = 16
+    return {
+        "vocab_size": 3072, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": head_dim,
+        "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000, "rope_scaling": {"interleaved": True, "mrope_section": [3, 3, 2], "rope_type": "default"},
+        "num_code_groups": 16, "text_hidden_size": 64, "text_vocab_size": TEXT_VOCAB_SIZE,
+        "codec_eos_token_id": 2150, "codec_think_id": 2154, "codec_nothink_id": 2155,
+        "codec_think_bos_id": 2156, "codec_think_eos_id": 2157, "codec_pad_id": 2148, "codec_bos_id": 2149,
+        "codec_language_id": LANGUAGE_CODEC_IDS, "spk_id": {}, "spk_is_dialect": {},
+        "position_id_per_seconds": 13,
+        "code_predictor_config": {
+            "vocab_size": 2048, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "hidden_act": "silu",
+            "max_position_embeddings": 65536, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+            "num_code_groups": 16,
+        },
+    }
+
+
+def _model_config() -> dict:
+    return {
+        "architectures": ["Qwen3TTSForConditionalGeneration"], "model_type": "qwen3_tts",
+        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": "0b6", "tts_model_type": "base",
+        "im_start_token_id": 151644, "im_end_token_id": 151645, "tts_pad_token_id": 151671,
+        "tts_bos_token_id": 151672, "tts_eos_token_id": 151673,
+        "talker_config": _talker_config(),
+        "speaker_encoder_config": {
+            "mel_dim": 128, "enc_dim": 64, "enc_channels": [32, 32, 32, 32, 96],
+            "enc_kernel_sizes": [5, 3, 3, 3, 1], "enc_dilations": [1, 2, 3, 4, 1],
+            "enc_attention_channels": 16, "enc_res2net_scale": 4, "enc_se_channels": 16, "sample_rate": 24000,
+        },
+    }
+
+
+def _speech_tokenizer_config() -> dict:
+    return {
+        "model_type": "qwen3_tts_tokenizer_12hz", "architectures": ["Qwen3TTSTokenizerV2Model"],
+        "encoder_valid_num_quantizers": 16, "input_sample_rate": 24000, "output_sample_rate": 24000,
+        "decode_upsample_rate": 1920, "encode_downsample_rate": 1920,
+        "encoder_config": {
+            "sampling_rate": 24000, "frame_rate": 12.5, "hidden_size": 32, "num_filters": 4,
+            "num_residual_layers": 1, "upsampling_ratios": [8, 6, 5, 4], "codebook_size": 2048,
+            "codebook_dim": 32, "num_quantizers": 32, "vector_quantization_hidden_dimension": 32,
+            "num_semantic_quantizers": 1, "upsample_groups": 32, "num_hidden_layers": 1,
+            "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+            "sliding_window": 250, "use_causal_conv": True,
+        },
+        "decoder_config": {
+            # The real decoder: 8 layers, sliding window 72, upsampling 8*5*4*3 and 2*2 = 1920 samples/frame.
+            "codebook_size": 2048, "hidden_size": 32, "latent_dim": 32, "codebook_dim": 32,
+            "max_position_embeddings": 8000, "rope_theta": 10000, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 72, "intermediate_size": 64,
+            "hidden_act": "silu", "layer_scale_initial_scale": 0.01, "rms_norm_eps": 1e-5,
+            "num_hidden_layers": 8, "num_quantizers": 16, "upsample_rates": [8, 5, 4, 3],
+            "upsampling_ratios": [2, 2], "decoder_dim": 32, "attention_dropout": 0.0,
+        },
+    }
+
+
+def _train_text_tokenizer(out_dir: Path) -> None:
+    """Train a tiny byte-level BPE and save it as a Qwen2TokenizerFast with the real special-token ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import ByteLevel as ByteLevelProcessor
+    from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
+
+    corpus = [
+        "Hello world. This is a tiny tokenizer for tests of streaming speech synthesis.",
+        "The quick brown fox jumps over the lazy dog, again and again, 0123456789!",
+        "Bonjour le monde. Hallo Welt. Hola mundo. Ciao mondo. Olá mundo. Привет мир.",
+        "你好，世界。こんにちは世界。안녕하세요 세계.",
+    ] * 20
+    tok = Tokenizer(models.BPE())
+    # Same pre-tokenizer shape as the real Qwen2 tokenizer (a regex Split, then ByteLevel): the loader
+    # patches element 0 of this sequence.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = ByteLevelProcessor(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    # Special tokens must carry the real ids: pad the vocabulary with unused filler tokens up to them.
+    # Special tokens must carry the real ids (far above the tiny vocabulary): set them in the serialised
+    # form instead of padding the vocabulary up to them.
+    # An added token whose content is already in the model vocabulary takes that entry's id.
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({content: token_id for token_id, content in SPECIAL_TOKENS.items()})
+    # Fill the gap with never-produced placeholders: a vocabulary with holes is rejected on save.
+    vocab.update({f"<|reserved_{i}|>": i for i in range(tok.get_vocab_size(), max(SPECIAL_TOKENS))
+                  if i not in SPECIAL_TOKENS})
+    spec["added_tokens"] = [
+        {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for token_id, content in sorted(SPECIAL_TOKENS.items())
+    ]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    for token_id, content in SPECIAL_TOKENS.items():
+        assert fast.convert_tokens_to_ids(content) == token_id, (content, token_id)
+    tmp = out_dir / "_tok"
+    fast.save_pretrained(tmp)
+    qwen = Qwen2TokenizerFast(tokenizer_file=str(tmp / "tokenizer.json"), unk_token=None,
+                              bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    qwen.save_pretrained(out_dir)
+    shutil.rmtree(tmp)
+
+
+def build_tiny_model(out_dir: str | os.PathLike) -> Path:
+    """Write the tiny model to ``out_dir`` (atomically) and return its path."""
+    import torch
+    from transformers import AutoFeatureExtractor, EncodecFeatureExtractor
+
+    from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
+    from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration, Qwen3TTSProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    try:
+        torch.manual_seed(BUILD_SEED)
+        config = Qwen3TTSConfig(**_model_config())
+        model = Qwen3TTSForConditionalGeneration(config).eval()
+        model.save_pretrained(staging, safe_serialization=True)
+        # save_pretrained writes an empty model_type into speaker_encoder_config, which the loader rejects.
+        cfg_path = staging / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["speaker_encoder_config"].pop("model_type", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        (staging / "generation_config.json").write_text(json.dumps({
+            "do_sample": True, "repetition_penalty": 1.05, "temperature": 0.9, "top_p": 1.0, "top_k": 50,
+            "subtalker_dosample": True, "subtalker_temperature": 0.9, "subtalker_top_k": 50,
+            "subtalker_top_p": 1.0, "max_new_tokens": 8192,
+        }, indent=2))
+
+        _train_text_tokenizer(staging)
+        Qwen3TTSProcessor  # the processor is the tokenizer alone; it loads from tokenizer files
+        (staging / "preprocessor_config.json").write_text(json.dumps({
+            "processor_class": "Qwen3TTSProcessor"}, indent=2))
+
+        st_dir = staging / "speech_tokenizer"
+        tok_model = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**_speech_tokenizer_config())).eval()
+        tok_model.save_pretrained(st_dir, safe_serialization=True)
+        EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0,
+                                return_attention_mask=True).save_pretrained(st_dir)
+        (staging / "TINY_MODEL").write_text(
+            f"format {FORMAT_VERSION}\nRandom weights (seed {BUILD_SEED}); for tests and local runs only.\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def is_current(model_dir: str | os.PathLike) -> bool:
+    """True when ``model_dir`` holds a tiny model built by this recipe version."""
+    marker = Path(model_dir) / "TINY_MODEL"
+    return marker.is_file() and marker.read_text().startswith(f"format {FORMAT_VERSION}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir", help="where to write the model directory")
+    parser.add_argument("--force", action="store_true", help="rebuild even when a current build exists")
+    args = parser.parse_args(argv)
+    if is_current(args.out_dir) and not args.force:
+        print(f"tiny model already built at {args.out_dir}")
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = build_tiny_model(args.out_dir)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
