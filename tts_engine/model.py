@@ -1,0 +1,129 @@
+"""Loading a Qwen3-TTS model directory from a local path, with clear errors and device/dtype choice."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import ModelDirError
+
+log = logging.getLogger(__name__)
+
+# Files the loader opens; a directory lacking any of them is refused before torch is touched.
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer_config.json",
+    "speech_tokenizer/config.json",
+    "speech_tokenizer/model.safetensors",
+    "speech_tokenizer/preprocessor_config.json",
+)
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """Return the directory as a Path, or raise ModelDirError naming what is missing."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise ModelDirError(
+            f"model directory {path} does not exist. Set QWEN_TTS_MODEL_DIR to a local copy of "
+            "Qwen/Qwen3-TTS-12Hz-0.6B-Base (see README: 'Getting the weights').")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+        missing.append("tokenizer.json or vocab.json")
+    if missing:
+        raise ModelDirError(f"model directory {path} is incomplete; missing: {', '.join(missing)}")
+    return path
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelDirError(f"device '{device}' requested but CUDA is not available in this process")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelDirError(f"unsupported device '{device}': use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype: Optional[str], device: str):
+    import torch
+
+    if not dtype or dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    name = DTYPES.get(dtype.lower())
+    if name is None:
+        raise ModelDirError(f"unsupported dtype '{dtype}': use bf16, fp16 or fp32")
+    return getattr(torch, name)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A short id of the weights a voice prompt was computed with (configs and weight file sizes)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "speech_tokenizer/config.json"):
+        digest.update((model_dir / name).read_bytes())
+    for name in ("model.safetensors", "speech_tokenizer/model.safetensors"):
+        digest.update(str((model_dir / name).stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    """The qwen-tts wrapper plus what the engine needs to know about it."""
+
+    tts: "object"  # qwen_tts.Qwen3TTSModel
+    model_dir: Path
+    device: str
+    dtype: "object"
+    fingerprint: str
+    is_tiny: bool
+
+    @property
+    def languages(self) -> list[str]:
+        return [lang for lang in self.tts.model.get_supported_languages()]
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.tts.model.speech_tokenizer.get_output_sample_rate())
+
+    @property
+    def samples_per_frame(self) -> int:
+        return int(self.tts.model.speech_tokenizer.get_decode_upsample_rate())
+
+
+_load_lock = threading.Lock()
+
+
+def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: Optional[str] = None,
+               attn_implementation: Optional[str] = None) -> LoadedModel:
+    """Load the model from a local directory; nothing is fetched from a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    path = check_model_dir(model_dir)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    with _load_lock:  # transformers' Auto* registries are process-global
+        from qwen_tts import Qwen3TTSModel
+
+        kwargs = {"dtype": torch_dtype, "device_map": device, "local_files_only": True}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        tts = Qwen3TTSModel.from_pretrained(str(path), **kwargs)
+    tts.model.eval()
+    if getattr(tts.model, "tts_model_type", None) != "base":
+        raise ModelDirError(f"{path} is a '{tts.model.tts_model_type}' model; this server needs a Base model "
+                            "(voice cloning), e.g. Qwen3-TTS-12Hz-0.6B-Base")
+    is_tiny = (path / "TINY_MODEL").is_file()
+    log.info("loaded %s model from %s on %s (%s)", "TINY random-weight" if is_tiny else "Qwen3-TTS", path,
+             device, str(torch_dtype).replace("torch.", ""))
+    return LoadedModel(tts=tts, model_dir=path, device=device, dtype=torch_dtype,
+                       fingerprint=model_fingerprint(path), is_tiny=is_tiny)

@@ -1,0 +1,105 @@
+"""Sampling parameters of one synthesis request, validated once at the edge."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
+
+from .errors import InvalidRequest
+
+# Hard bounds: anything outside is refused with a clear error rather than clamped.
+MAX_NEW_TOKENS_LIMIT = 8192  # 8192 frames = 11 minutes of audio at 12.5 Hz
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Talker sampling options (code 0) and sub-talker options (codes 1..15), as in qwen-tts."""
+
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.05
+    max_new_tokens: int = 2048
+    seed: Optional[int] = None
+    greedy: bool = False
+    subtalker_temperature: float = 0.9
+    subtalker_top_k: int = 50
+    subtalker_top_p: float = 1.0
+    subtalker_greedy: Optional[bool] = None  # None: follow ``greedy``
+
+    @property
+    def do_sample(self) -> bool:
+        return not self.greedy
+
+    @property
+    def subtalker_do_sample(self) -> bool:
+        greedy = self.greedy if self.subtalker_greedy is None else self.subtalker_greedy
+        return not greedy
+
+    def validate(self, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> "SamplingParams":
+        def check(name: str, ok: bool, rule: str) -> None:
+            if not ok:
+                raise InvalidRequest(f"parameter '{name}'={getattr(self, name)!r} is out of range: {rule}")
+
+        check("temperature", 0.0 < self.temperature <= 10.0, "0 < temperature <= 10")
+        check("subtalker_temperature", 0.0 < self.subtalker_temperature <= 10.0, "0 < value <= 10")
+        check("top_k", 0 <= self.top_k <= 4096, "0 <= top_k <= 4096 (0 disables)")
+        check("subtalker_top_k", 0 <= self.subtalker_top_k <= 4096, "0 <= value <= 4096 (0 disables)")
+        check("top_p", 0.0 < self.top_p <= 1.0, "0 < top_p <= 1")
+        check("subtalker_top_p", 0.0 < self.subtalker_top_p <= 1.0, "0 < value <= 1")
+        check("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "0 < repetition_penalty <= 10")
+        check("max_new_tokens", 1 <= self.max_new_tokens <= max_new_tokens_limit,
+              f"1 <= max_new_tokens <= {max_new_tokens_limit}")
+        if self.seed is not None:
+            check("seed", 0 <= self.seed < 2**63, "0 <= seed < 2**63")
+        return self
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: Optional["SamplingParams"] = None,
+                     max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> "SamplingParams":
+        """Overlay ``values`` (e.g. Triton request parameters) on ``base``; unknown names are errors."""
+        known = {f.name: f for f in fields(cls)}
+        merged = asdict(base or cls())
+        for name, raw in values.items():
+            if name not in known:
+                raise InvalidRequest(f"unknown parameter '{name}'; known: {', '.join(sorted(known))}")
+            merged[name] = _coerce(name, raw, known[name].type)
+        return cls(**merged).validate(max_new_tokens_limit)
+
+    @classmethod
+    def from_json(cls, text: str, **kwargs: Any) -> "SamplingParams":
+        try:
+            values = json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"request parameters are not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise InvalidRequest("request parameters must be a JSON object")
+        return cls.from_mapping(values, **kwargs)
+
+
+def _coerce(name: str, raw: Any, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if raw is None and "Optional" in kind:
+            return None
+        if "bool" in kind:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+                return raw.lower() in ("true", "1")
+            if isinstance(raw, int) and raw in (0, 1):
+                return bool(raw)
+            raise ValueError
+        if "int" in kind:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if "float" in kind:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return raw
+    raise InvalidRequest(f"parameter '{name}' has the wrong type: {raw!r}")
