@@ -28,7 +28,7 @@ QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-FORMAT_VERSION = "1"  # bump when the recipe changes so stale builds are rebuilt
+FORMAT_VERSION = "4"  # bump when the recipe changes so stale builds are rebuilt
 
 
 def _talker_config() -> dict:
@@ -85,7 +85,7 @@ def _speech_tokenizer_config() -> dict:
             "codebook_size": 2048, "hidden_size": 32, "latent_dim": 32, "codebook_dim": 32,
             "max_position_embeddings": 8000, "rope_theta": 10000, "num_attention_heads": 2,
             "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 72, "intermediate_size": 64,
-            "hidden_act": "silu", "layer_scale_initial_scale": 0.01, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "layer_scale_initial_scale": 1.0, "rms_norm_eps": 1e-5,
             "num_hidden_layers": 8, "num_quantizers": 16, "upsample_rates": [8, 5, 4, 3],
             "upsampling_ratios": [2, 2], "decoder_dim": 32, "attention_dropout": 0.0,
         },
@@ -143,6 +143,21 @@ def _train_text_tokenizer(out_dir: Path) -> None:
     shutil.rmtree(tmp)
 
 
+def _make_decoder_audible(decoder) -> None:
+    """HF init leaves the codebooks at zero, so a random decoder outputs exact silence, and its std-0.02
+    layers barely look back in time; either would make the audio comparisons vacuous. Give codebooks,
+    convolutions and the transformer weights that carry a signal across frames."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in decoder.named_parameters():
+            if name.endswith("embedding_sum"):
+                param.normal_(0.0, 1.0)
+        for module in decoder.modules():
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)):
+                module.reset_parameters()  # PyTorch's own (Kaiming) init instead of std 0.02
+
+
 def build_tiny_model(out_dir: str | os.PathLike) -> Path:
     """Write the tiny model to ``out_dir`` (atomically) and return its path."""
     import torch
@@ -177,6 +192,7 @@ def build_tiny_model(out_dir: str | os.PathLike) -> Path:
 
         st_dir = staging / "speech_tokenizer"
         tok_model = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**_speech_tokenizer_config())).eval()
+        _make_decoder_audible(tok_model.decoder)
         tok_model.save_pretrained(st_dir, safe_serialization=True)
         EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0,
                                 return_attention_mask=True).save_pretrained(st_dir)

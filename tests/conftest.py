@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny model (built once per checkout), a loaded copy, and reference voices."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_MODEL_DIR = Path(os.environ.get("QWEN_TTS_TINY_MODEL_DIR", ROOT / "build" / "tiny-model"))
+SAMPLE_RATE = 24000
+
+
+def synthetic_reference(seconds: float = 4.0, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
+    """A deterministic voiced-sounding test signal (harmonics with vibrato and a little noise)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 140 + 15 * np.sin(2 * np.pi * 3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    wave = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t) ** 2
+    return (0.2 * wave * envelope + 0.005 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from tts_engine.tiny_model import build_tiny_model, is_current
+
+    if not is_current(TINY_MODEL_DIR):
+        build_tiny_model(TINY_MODEL_DIR)
+    return TINY_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_model_dir):
+    from tts_engine.model import load_model
+
+    return load_model(tiny_model_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def icl_prompt(loaded):
+    from tts_engine.prompts import build_prompt
+
+    return build_prompt(loaded.tts, synthetic_reference(), SAMPLE_RATE, "Hello there, this is my voice.")
+
+
+@pytest.fixture(scope="session")
+def xvector_prompt(loaded):
+    from tts_engine.prompts import build_prompt
+
+    return build_prompt(loaded.tts, synthetic_reference(seed=1), SAMPLE_RATE, None)
