@@ -127,3 +127,19 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: Option
              device, str(torch_dtype).replace("torch.", ""))
     return LoadedModel(tts=tts, model_dir=path, device=device, dtype=torch_dtype,
                        fingerprint=model_fingerprint(path), is_tiny=is_tiny)
+
+
+def load_speech_tokenizer(model_dir: str | os.PathLike, device: str = "auto", dtype: Optional[str] = None):
+    """Only the speech tokenizer (codec) of a model directory: what the decoder process needs."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = check_model_dir(model_dir)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    with _load_lock:
+        from qwen_tts import Qwen3TTSTokenizer
+
+        tokenizer = Qwen3TTSTokenizer.from_pretrained(str(path / "speech_tokenizer"), dtype=torch_dtype,
+                                                      device_map=device)
+    tokenizer.model.eval()
+    log.info("loaded speech tokenizer from %s on %s", path, device)
+    return tokenizer

@@ -1,0 +1,114 @@
+"""Render model_repository/*/config.pbtxt.template into a loadable Triton model repository.
+
+Deployment-specific values (device kind, instance counts, model and voices paths, limits) are template
+parameters. Each takes, in order: ``--set NAME=VALUE``, the env var ``QWEN_TTS_<NAME>``, the profile default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import string
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_DIR = ROOT / "model_repository"
+MODELS = ("talker", "codec_decoder", "voice_encoder", "tts")
+
+# name -> (cpu default, gpu default, description)
+PARAMETERS = {
+    "KIND": ("KIND_CPU", "KIND_GPU", "Triton instance kind for the Python models"),
+    "TALKER_INSTANCES": ("1", "1", "talker instances (each loads the model and runs many streams)"),
+    "VOICE_ENCODER_INSTANCES": ("1", "1", "voice_encoder instances"),
+    "MODEL_DIR": ("", "/models/Qwen3-TTS-12Hz-0.6B-Base", "local Qwen3-TTS model directory"),
+    "VOICES_DIR": (str(ROOT / "voices"), "/voices", "voices directory"),
+    "DEFAULT_VOICE": ("", "", "default voice id (empty: the voice marked isDefault)"),
+    "DEVICE": ("cpu", "cuda", "torch device: cpu, cuda, cuda:N or auto"),
+    "DTYPE": ("fp32", "bf16", "weights dtype: bf16, fp16 or fp32"),
+    "CHUNK_SCHEDULE": ("2,4,8,16", "2,4,8,16", "frames per streamed chunk: first, second, ... (last repeats)"),
+    "MAX_ACTIVE_STREAMS": ("8", "32", "streams a talker instance generates at once; more wait in line"),
+    "MAX_TEXT_CHARS": ("2000", "2000", "longest text a request may carry"),
+    "MAX_NEW_TOKENS_LIMIT": ("4096", "4096", "largest max_new_tokens a request may ask for (frames)"),
+    "DEFAULT_MAX_NEW_TOKENS": ("2048", "2048", "max_new_tokens when a request sets none"),
+    "STREAM_IDLE_TIMEOUT_S": ("60", "60", "seconds before codec_decoder frees an abandoned stream's state"),
+}
+POSITIVE_INTS = ("TALKER_INSTANCES", "VOICE_ENCODER_INSTANCES", "MAX_ACTIVE_STREAMS", "MAX_TEXT_CHARS",
+                 "MAX_NEW_TOKENS_LIMIT", "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
+
+
+class RenderError(ValueError):
+    pass
+
+
+def resolve(profile: str, overrides: dict[str, str], environ=os.environ) -> dict[str, str]:
+    if profile not in ("cpu", "gpu"):
+        raise RenderError(f"unknown profile '{profile}': use cpu or gpu")
+    unknown = set(overrides) - set(PARAMETERS)
+    if unknown:
+        raise RenderError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(PARAMETERS)}")
+    values = {}
+    for name, (cpu, gpu, _) in PARAMETERS.items():
+        values[name] = overrides.get(name, environ.get(f"QWEN_TTS_{name}", cpu if profile == "cpu" else gpu))
+    if values["KIND"] not in ("KIND_CPU", "KIND_GPU"):
+        raise RenderError(f"KIND must be KIND_CPU or KIND_GPU, not {values['KIND']!r}")
+    for name in POSITIVE_INTS:
+        if not values[name].isdigit() or int(values[name]) < 1:
+            raise RenderError(f"{name} must be a positive integer, not {values[name]!r}")
+    if not values["MODEL_DIR"]:
+        raise RenderError("MODEL_DIR is empty: set QWEN_TTS_MODEL_DIR or --set MODEL_DIR=/path/to/model")
+    for name, value in values.items():
+        if '"' in value or "\n" in value:
+            raise RenderError(f"{name} must not contain quotes or newlines")
+    return values
+
+
+def render(out_dir: Path, values: dict[str, str]) -> Path:
+    """Write the rendered repository to ``out_dir`` (replacing it) and return it."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for model in MODELS:
+        src = TEMPLATE_DIR / model
+        dst = staging / model
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.template"))
+        template = string.Template((src / "config.pbtxt.template").read_text())
+        try:
+            text = template.substitute(values)
+        except KeyError as exc:
+            raise RenderError(f"{model}: template uses unknown parameter {exc}") from None
+        (dst / "config.pbtxt").write_text(text)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "model_repository")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--list", action="store_true", help="print the parameters and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (cpu, gpu, text) in PARAMETERS.items():
+            print(f"{name:24} cpu={cpu!r:12} gpu={gpu!r:12} {text}")
+        return 0
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects NAME=VALUE, got {item!r}")
+        overrides[name.strip()] = value
+    try:
+        values = resolve(args.profile, overrides)
+        out = render(args.out, values)
+    except RenderError as exc:
+        print(f"render_model_repository: {exc}", file=sys.stderr)
+        return 2
+    print(f"rendered {args.profile} model repository at {out} (model dir {values['MODEL_DIR']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Run the real tritonserver shipped in the nvidia-pytriton wheel, without Docker.
+
+Builds a backend directory from the wheel's Python backend and the stub for this interpreter, sets the
+library path, and puts this virtual environment first on PATH (the stub takes its Python from there).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise SystemExit("nvidia-pytriton is not installed: run `make setup`") from None
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def backend_dir(dest: Path = ROOT / "build" / "triton-backends") -> Path:
+    """A --backend-directory holding the Python backend and the stub for this Python version."""
+    src = pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise SystemExit(f"the pytriton wheel has no Python backend stub for Python {version}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in (src / "backends" / "python" / "libtriton_python.so",
+                   src / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        target = python_dir / source.name
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        target.symlink_to(source)
+    return dest
+
+
+def server_env(base: Optional[dict] = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    libs = [str(pytriton_root().parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or ""]
+    env["LD_LIBRARY_PATH"] = ":".join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalTriton:
+    """A tritonserver child process with its own ports and log file."""
+
+    def __init__(self, model_repository: Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
+                 log_path: Optional[Path] = None, extra_args: tuple = (), env: Optional[dict] = None):
+        self.model_repository = Path(model_repository)
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_path = log_path
+        self.extra_args = tuple(extra_args)
+        self.env = server_env(env)
+        self.process: Optional[subprocess.Popen] = None
+        self._log_file = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        binary = pytriton_root() / "bin" / "tritonserver"
+        return [
+            str(binary), f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir()}",
+            f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
+            "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=5", "--disable-auto-complete-config",
+            "--log-verbose=0", *self.extra_args,
+        ]
+
+    def start(self) -> "LocalTriton":
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "ab")
+        out = self._log_file or None
+        self.process = subprocess.Popen(self.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 120.0) -> "LocalTriton":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; "
+                                   f"see {self.log_path or 'its output'}")
+            if self.is_ready():
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def kill(self) -> None:
+        """Hard kill (for failure tests)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def __enter__(self):
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run tritonserver from the nvidia-pytriton wheel (foreground).")
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "build" / "model_repository")
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
+    args, extra = parser.parse_known_args(argv)
+    server = LocalTriton(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
+                         extra_args=tuple(extra))
+    print("+ " + " ".join(server.command()), flush=True)
+    os.execve(server.command()[0], server.command(), server.env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
