@@ -43,7 +43,10 @@ def setup_logging(model_name: str) -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"%(asctime)s {model_name} %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-        root.setLevel(os.environ.get("QWEN_TTS_LOG_LEVEL", "INFO").upper())
+        root.setLevel(logging.WARNING)  # third-party libraries: warnings and up
+    level = os.environ.get("QWEN_TTS_LOG_LEVEL", "INFO").upper()
+    for name in ("tts_engine", model_name):
+        logging.getLogger(name).setLevel(level)
     return logging.getLogger(model_name)
 
 

@@ -31,7 +31,8 @@ class StreamTable:
         self._primed: "OrderedDict[str, DecoderState]" = OrderedDict()
         self._primed_cache_size = primed_cache_size
         self._lock = threading.Lock()
-        self.freed = {"final": 0, "idle": 0}
+        self.freed = {"final": 0, "cancelled": 0, "idle": 0}
+        self._cancelled: "OrderedDict[int, None]" = OrderedDict()  # recently cancelled ids, to act once
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -74,6 +75,18 @@ class StreamTable:
                 del self._streams[stream_id]
                 self.freed["final"] += 1
         return audio
+
+    def cancel(self, stream_id: int) -> bool:
+        """Free a cancelled stream; True the first time this id is cancelled."""
+        with self._lock:
+            if stream_id in self._cancelled:
+                return False
+            self._cancelled[stream_id] = None
+            while len(self._cancelled) > 1024:
+                self._cancelled.popitem(last=False)
+            if self._streams.pop(stream_id, None) is not None:
+                self.freed["cancelled"] += 1
+            return True
 
     def expire(self, now: Optional[float] = None) -> int:
         """Drop streams with no chunk for ``idle_timeout`` seconds (cancelled or failed upstream)."""

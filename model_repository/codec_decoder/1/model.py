@@ -9,6 +9,7 @@ import triton_python_backend_utils as pb_utils
 from tts_engine import backend
 from tts_engine.codec import StreamTable
 from tts_engine.decoder import StreamingDecoder
+from tts_engine.errors import Cancelled
 from tts_engine.model import load_speech_tokenizer
 
 
@@ -26,12 +27,12 @@ class TritonPythonModel:
                                        description="Streams whose decoder state is held",
                                        kind=pb_utils.MetricFamily.GAUGE)
         freed = pb_utils.MetricFamily(name="qwen_tts_decoder_streams_freed_total",
-                                      description="Decoder states freed, by reason (final or idle timeout)",
+                                      description="Decoder states freed, by reason (final, cancelled, idle timeout)",
                                       kind=pb_utils.MetricFamily.COUNTER)
         self._families = (active, freed)
         self._active = active.Metric(labels={})
-        self._freed = {reason: freed.Metric(labels={"reason": reason}) for reason in ("final", "idle")}
-        self._reported = {"final": 0, "idle": 0}
+        self._freed = {reason: freed.Metric(labels={"reason": reason}) for reason in self.table.freed}
+        self._reported = dict.fromkeys(self.table.freed, 0)
         # Metrics are only touched under this lock, from execute() or the reaper, never both at once.
         self._metrics_lock = threading.Lock()
         self._stop = threading.Event()
@@ -54,6 +55,16 @@ class TritonPythonModel:
             if self.table.expire():
                 self._publish()
 
+    def _cancel_talker(self, stream_id: int) -> None:
+        request = pb_utils.InferenceRequest(
+            model_name="talker", requested_output_names=[],
+            inputs=[pb_utils.Tensor("cancel_stream_id", np.array([stream_id], dtype=np.uint64))])
+        try:
+            for _ in request.exec(decoupled=True):
+                pass
+        except Exception as exc:  # the talker may be gone; the stream is freed here regardless
+            self.log.warning("could not cancel talker stream %x: %s", stream_id, exc)
+
     def execute(self, requests):
         responses = []
         for request in requests:
@@ -61,6 +72,12 @@ class TritonPythonModel:
                 codes = backend.read_array(pb_utils, request, "codes")
                 context = backend.read_array(pb_utils, request, "context_codes", required=False)
                 stream_id = int(backend.read_array(pb_utils, request, "stream_id").reshape(-1)[0])
+                if request.is_cancelled():
+                    # The tts request was cancelled: free this stream and stop the talker generating it.
+                    if self.table.cancel(stream_id):
+                        self._cancel_talker(stream_id)
+                    responses.append(backend.error_response(pb_utils, Cancelled("stream cancelled")))
+                    continue
                 final_tensor = backend.read_array(pb_utils, request, "final", required=False)
                 final = bool(final_tensor.reshape(-1)[0]) if final_tensor is not None else False
                 audio = self.table.decode(stream_id, codes, context, final)

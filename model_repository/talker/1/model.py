@@ -76,6 +76,7 @@ class TritonPythonModel:
         self._ids = itertools.count(1)
         self._id_prefix = secrets.randbits(31) << 32
         self._id_lock = threading.Lock()
+        self._cancelled: set[int] = set()
         default = self.voices.default_id()
         if default:
             try:  # warm the default voice so the first request does not pay for its prompt
@@ -84,6 +85,14 @@ class TritonPythonModel:
                 self.log.error("default voice '%s' is unusable: %s", default, exc)
         self.log.info("talker ready: voices=%s default=%s schedule=%s max_active=%d", self.voices.root, default,
                       ",".join(map(str, self.schedule.sizes)), self.scheduler.max_active)
+
+    def _cancel(self, stream_id: int) -> None:
+        """Mark a stream cancelled; the scheduler stops it before its next step."""
+        with self._id_lock:
+            self._cancelled.add(stream_id)
+            while len(self._cancelled) > 4096:  # ids of streams that already ended are never checked again
+                self._cancelled.pop()
+        self.log.info("cancel requested for stream %x", stream_id)
 
     def _next_stream_id(self) -> int:
         with self._id_lock:
@@ -105,6 +114,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            cancel_id = backend.read_array(pb_utils, request, "cancel_stream_id", required=False)
+            if cancel_id is not None:
+                self._cancel(int(cancel_id.reshape(-1)[0]))
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
             try:
                 synthesis = self._parse(request)
                 self.scheduler.submit(self._job(request, sender, synthesis))
@@ -145,8 +159,11 @@ class TritonPythonModel:
             finally:
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
+        def is_cancelled() -> bool:
+            return stream_id in self._cancelled or request.is_cancelled()
+
         return StreamJob(start=lambda: TalkerStream(tts, synthesis), on_chunk=on_chunk, on_end=on_end,
-                         is_cancelled=request.is_cancelled, schedule=self.schedule, label=f"{stream_id:x}")
+                         is_cancelled=is_cancelled, schedule=self.schedule, label=f"{stream_id:x}")
 
     def finalize(self):
         self.scheduler.stop()
