@@ -23,6 +23,8 @@ class TritonPythonModel:
         self.table = StreamTable(StreamingDecoder(tokenizer.model),
                                  idle_timeout=float(params.get("stream_idle_timeout_s") or 60),
                                  primed_cache_size=int(params.get("primed_state_cache_size") or 32))
+        # Warm up (first-call allocations and kernel choices) so the first real stream is not slow.
+        self.table.decoder.decode(self.table.decoder.new_state(), np.zeros((4, 16), dtype=np.int32))
         active = pb_utils.MetricFamily(name="qwen_tts_decoder_active_streams",
                                        description="Streams whose decoder state is held",
                                        kind=pb_utils.MetricFamily.GAUGE)

@@ -79,8 +79,12 @@ class TritonPythonModel:
         self._cancelled: set[int] = set()
         default = self.voices.default_id()
         if default:
-            try:  # warm the default voice so the first request does not pay for its prompt
-                self.voices.get_prompt(default)
+            try:  # compute the default voice's prompt and run two steps, so the first request is not slow
+                _, prompt = self.voices.get_prompt(default)
+                warmup = TalkerStream(tts, SynthesisRequest("Warm up.", prompt, "auto",
+                                                            SamplingParams(max_new_tokens=3)))
+                while warmup.step() is not None:
+                    pass
             except Exception as exc:  # a broken voice must not keep the server from starting
                 self.log.error("default voice '%s' is unusable: %s", default, exc)
         self.log.info("talker ready: voices=%s default=%s schedule=%s max_active=%d", self.voices.root, default,
@@ -144,20 +148,29 @@ class TritonPythonModel:
                 pb_utils.Tensor("final", np.array([final], dtype=bool)),
             ])
 
+        final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        ended = []
+
         def on_chunk(chunk, index, is_last):
             codes = chunk.to("cpu").numpy().astype(np.int32)
-            sender.send(respond(codes, context_codes if index == 0 else EMPTY_CODES, is_last))
+            response = respond(codes, context_codes if index == 0 else EMPTY_CODES, is_last)
+            if is_last:  # the last chunk carries COMPLETE_FINAL itself: clients see it without an extra message
+                ended.append(True)
+                sender.send(response, flags=final_flag)
+            else:
+                sender.send(response)
 
         def on_end(error, job):
             # Every request ends exactly once with COMPLETE_FINAL. The decoder frees a stream on `final`;
-            # streams that end by cancellation or error are freed by its idle timeout.
-            try:
-                if error is None and job.chunks_sent == 0:  # EOS before any frame
-                    sender.send(respond(EMPTY_CODES, EMPTY_CODES, True))
-                elif error is not None and not isinstance(error, Cancelled):
-                    sender.send(backend.error_response(pb_utils, error))
-            finally:
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            # streams that end by cancellation or error are freed by codec_decoder (cancel, idle timeout).
+            if ended:
+                return
+            if error is None:  # EOS before any frame: still an (empty) final response
+                sender.send(respond(EMPTY_CODES, EMPTY_CODES, True), flags=final_flag)
+            elif isinstance(error, Cancelled):
+                sender.send(flags=final_flag)
+            else:
+                sender.send(backend.error_response(pb_utils, error), flags=final_flag)
 
         def is_cancelled() -> bool:
             return stream_id in self._cancelled or request.is_cancelled()

@@ -1,0 +1,190 @@
+"""The Triton deployment, for real: tritonserver from the pytriton wheel, gRPC streaming, the tiny model."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import soundfile as sf
+import torch
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import InferInput
+
+from conftest import ROOT, SAMPLE_RATE, synthetic_reference
+from tools.render_model_repository import render, resolve
+from tools.triton_local import LocalTriton
+from triton_helpers import scrape_metrics, stream, string_input, wait_until
+from tts_engine.decoder import StreamingDecoder
+from tts_engine.prompts import build_prompt
+from tts_engine.sampling import SamplingParams
+from tts_engine.talker import SynthesisRequest, generate_codes
+from tts_engine.voices import VoiceStore
+
+LONG_TEXT = "Streaming speech arrives in pieces, and the first piece should come quickly."
+
+
+@pytest.fixture(scope="module")
+def voices_dir(tmp_path_factory):
+    """The shipped default voice plus an x-vector-only voice, in a scratch copy."""
+    root = tmp_path_factory.mktemp("voices")
+    shutil.copytree(ROOT / "voices" / "default", root / "default",
+                    ignore=shutil.ignore_patterns("prompt.safetensors*"))
+    plain = root / "plain"
+    plain.mkdir()
+    sf.write(plain / "reference.wav", synthetic_reference(seconds=3.5, seed=2), SAMPLE_RATE)
+    (plain / "metadata.json").write_text('{"name": "Plain", "language": "English"}')
+    return root
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_model_dir, voices_dir, tmp_path_factory):
+    """A real tritonserver serving the rendered CPU repository on free ports."""
+    work = tmp_path_factory.mktemp("triton")
+    values = resolve("cpu", {"MODEL_DIR": str(tiny_model_dir), "VOICES_DIR": str(voices_dir),
+                             "MAX_ACTIVE_STREAMS": "8", "MAX_NEW_TOKENS_LIMIT": "4096"})
+    repository = render(work / "model_repository", values)
+    server = LocalTriton(repository, log_path=work / "tritonserver.log")
+    server.start()
+    try:
+        server.wait_ready(timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture
+async def client(triton):
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def reference_voices(loaded, voices_dir):
+    """The same voice prompts the server uses, computed in this process."""
+    store = VoiceStore(voices_dir, builder=lambda a, sr, t: build_prompt(loaded.tts, a, sr, t),
+                       fingerprint=loaded.fingerprint)
+    return {voice: store.get_prompt(voice)[1] for voice in ("default", "plain")}
+
+
+async def test_tts_streams_many_responses_first_well_before_last(client):
+    """A multi-second utterance arrives as several responses, the first long before the last."""
+    result = await stream(client, "tts", LONG_TEXT, language="English", parameters={"max_new_tokens": 150})
+    assert result.error is None
+    times = [t for t, _ in result.responses]
+    assert len(times) >= 4
+    assert times[0] < 0.5 * times[-1]
+    assert result.audio().size == 149 * 1920  # max_new_tokens - 1 frames, 1920 samples each
+
+
+@pytest.mark.parametrize("voice", ["default", "plain"])
+async def test_tts_audio_equals_engine_one_shot(client, loaded, reference_voices, voice):
+    """Streamed tts audio equals the engine's one-shot generation and decode for the same seed."""
+    params = {"max_new_tokens": 40, "seed": 99}
+    result = await stream(client, "tts", LONG_TEXT, voice=voice, language="English", parameters=params)
+    assert result.error is None
+    prompt = reference_voices[voice]
+    codes = generate_codes(loaded.tts, SynthesisRequest(LONG_TEXT, prompt, "English",
+                                                        SamplingParams(**params)))
+    decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
+    context = prompt.ref_code if prompt.ref_code is not None else codes[:0]
+    expected = decoder.decode_full(torch.cat([context, codes]))[len(context) * decoder.samples_per_frame:]
+    streamed = result.audio()
+    assert streamed.shape == expected.shape
+    assert np.abs(streamed - expected).max() <= 1e-4
+
+
+async def test_talker_streams_codes_with_stream_control(client, reference_voices):
+    """talker alone streams [n,16] codes; reference codes come once, first; the last response is final."""
+    result = await stream(client, "talker", "Hello there.", voice="default",
+                          parameters={"max_new_tokens": 20, "greedy": True},
+                          outputs=("codes", "context_codes", "stream_id", "final"))
+    assert result.error is None
+    codes = result.arrays("codes")
+    assert [c.shape[0] for c in codes] == [2, 4, 8, 5]
+    assert all(c.shape[1] == 16 and c.dtype == np.int32 for c in codes)
+    context = result.arrays("context_codes")
+    assert context[0].shape == tuple(reference_voices["default"].ref_code.shape)
+    assert all(c.shape == (0, 16) for c in context[1:])
+    assert len({int(s[0]) for s in result.arrays("stream_id")}) == 1
+    assert [bool(f[0]) for f in result.arrays("final")] == [False, False, False, True]
+
+
+async def test_cancelling_tts_stops_generation_and_frees_decoder_state(client, triton):
+    """Cancelling the tts stream stops the talker within a chunk or two and frees the decoder state."""
+    before = scrape_metrics(triton.metrics_url)
+    result = await stream(client, "tts", LONG_TEXT, parameters={"max_new_tokens": 4000}, stop_after=2)
+    assert len(result.responses) == 2
+
+    def cancelled():
+        return scrape_metrics(triton.metrics_url)['qwen_tts_talker_streams_total{outcome="cancelled"}'] > \
+            before['qwen_tts_talker_streams_total{outcome="cancelled"}']
+
+    assert await wait_until(cancelled, timeout=20)
+    after = scrape_metrics(triton.metrics_url)
+    generated = after["qwen_tts_talker_frames_total"] - before["qwen_tts_talker_frames_total"]
+    assert generated < 120, f"generation went on for {generated} frames after the cancel"
+    assert after["qwen_tts_talker_active_streams"] == 0
+    assert after["qwen_tts_decoder_active_streams"] == 0
+    assert after['qwen_tts_decoder_streams_freed_total{reason="cancelled"}'] > \
+        before['qwen_tts_decoder_streams_freed_total{reason="cancelled"}']
+    await asyncio.sleep(1.0)
+    assert scrape_metrics(triton.metrics_url)["qwen_tts_talker_frames_total"] == after["qwen_tts_talker_frames_total"]
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    ({"text": "   "}, "INVALID_TEXT"),
+    ({"text": "x" * 2001}, "INVALID_TEXT"),
+    ({"text": "Hello", "voice": "nobody"}, "VOICE_NOT_FOUND"),
+    ({"text": "Hello", "voice": "../etc"}, "INVALID_REQUEST"),
+    ({"text": "Hello", "language": "Klingon"}, "INVALID_CONFIG"),
+    ({"text": "Hello", "parameters": {"temperature": -1}}, "INVALID_REQUEST"),
+    ({"text": "Hello", "parameters": {"max_new_tokens": 10**7}}, "INVALID_REQUEST"),
+    ({"text": "Hello", "parameters": {"no_such_option": 1}}, "INVALID_REQUEST"),
+])
+async def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(client, kwargs, code):
+    """Each bad input comes back as an error naming its code; a good request right after still works."""
+    bad = await stream(client, "tts", **kwargs)
+    assert bad.error is not None and f"[{code}]" in bad.error
+    good = await stream(client, "tts", "Still here.", parameters={"max_new_tokens": 6})
+    assert good.error is None and good.audio().size == 5 * 1920
+
+
+async def test_short_request_is_not_blocked_by_a_long_one(client):
+    """A short request started during a long one finishes first: streams progress concurrently."""
+    long_task = asyncio.create_task(stream(client, "tts", LONG_TEXT, parameters={"max_new_tokens": 300},
+                                           timeout=120))
+    await asyncio.sleep(1.0)
+    short = await stream(client, "tts", "Quick one.", parameters={"max_new_tokens": 8})
+    assert short.error is None and not long_task.done()
+    long_result = await long_task
+    assert long_result.error is None and long_result.audio().size == 299 * 1920
+
+
+async def test_voice_encoder_builds_a_prompt(client):
+    """voice_encoder turns reference audio and transcript into prompt tensors and a loadable blob."""
+    from tts_engine.prompts import VoicePrompt
+
+    audio = InferInput("audio", [SAMPLE_RATE * 4], "FP32")
+    audio.set_data_from_numpy(synthetic_reference(seconds=4.0))
+    rate = InferInput("sample_rate", [1], "INT32")
+    rate.set_data_from_numpy(np.array([SAMPLE_RATE], dtype=np.int32))
+    result = await asyncio.wait_for(client.infer("voice_encoder", [audio, rate, string_input("ref_text", "Hi.")]),
+                                    30)
+    assert result.as_numpy("ref_code").shape == (50, 16)
+    prompt, meta = VoicePrompt.from_bytes(result.as_numpy("prompt")[0])
+    assert prompt.ref_text == "Hi." and prompt.spk_embedding.shape == result.as_numpy("spk_embedding").shape
+
+
+async def test_voice_encoder_refuses_too_short_audio(client):
+    """Half a second of audio is refused with INVALID_AUDIO."""
+    from tritonclient.utils import InferenceServerException
+
+    audio = InferInput("audio", [SAMPLE_RATE // 2], "FP32")
+    audio.set_data_from_numpy(synthetic_reference(seconds=0.5))
+    rate = InferInput("sample_rate", [1], "INT32")
+    rate.set_data_from_numpy(np.array([SAMPLE_RATE], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match=r"\[INVALID_AUDIO\]"):
+        await asyncio.wait_for(client.infer("voice_encoder", [audio, rate]), 30)

@@ -1,0 +1,84 @@
+"""Helpers for tests that talk to a real tritonserver over gRPC (tritonclient.grpc.aio)."""
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+
+
+def string_input(name: str, value: str) -> InferInput:
+    tensor = InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
+    return tensor
+
+
+@dataclass
+class StreamResult:
+    responses: list = field(default_factory=list)  # (seconds since start, InferResult)
+    error: Optional[str] = None
+
+    def arrays(self, name: str) -> list[np.ndarray]:
+        return [result.as_numpy(name) for _, result in self.responses]
+
+    def audio(self) -> np.ndarray:
+        parts = self.arrays("audio")
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+async def stream(client, model: str, text: Optional[str] = None, voice: Optional[str] = None,
+                 language: Optional[str] = None, parameters: Optional[dict] = None, outputs=("audio",),
+                 stop_after: Optional[int] = None, timeout: float = 60.0, extra_inputs=()) -> StreamResult:
+    """Send one request on a bidirectional stream and collect its responses until the final one."""
+    inputs = [string_input(n, v) for n, v in (("text", text), ("voice", voice), ("language", language))
+              if v is not None] + list(extra_inputs)
+
+    async def requests():
+        yield {"model_name": model, "inputs": inputs, "parameters": parameters or {},
+               "outputs": [InferRequestedOutput(name) for name in outputs]}
+
+    result = StreamResult()
+    start = time.monotonic()
+    responses = client.stream_infer(requests())
+
+    async def consume():
+        async for response, error in responses:
+            if error is not None:
+                result.error = str(error)
+                return
+            params = response.get_response().parameters
+            final = params["triton_final_response"].bool_param if "triton_final_response" in params else False
+            if response.get_response().outputs:
+                result.responses.append((time.monotonic() - start, response))
+            if final:
+                return
+            if stop_after is not None and len(result.responses) >= stop_after:
+                responses.cancel()
+                return
+
+    await asyncio.wait_for(consume(), timeout)
+    return result
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
