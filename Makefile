@@ -1,0 +1,51 @@
+# Front door. `make run` serves the whole stack; `make test` runs every test (what CI runs).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+
+.PHONY: setup tiny-model render triton run test test-engine test-triton bench clean help
+
+help:
+	@echo "make setup      - virtualenv, pinned packages, tiny model (idempotent)"
+	@echo "make run        - Triton on CPU with QWEN_TTS_MODEL_DIR, else the tiny model"
+	@echo "make triton     - Triton alone on the rendered repository (TRITON_*_PORT)"
+	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
+	@echo "make test       - all tests (engine + real tritonserver)"
+	@echo "make bench      - benchmarks; numbers go to results/"
+
+$(STAMP): requirements.txt pyproject.toml scripts/setup.sh tts_engine/tiny_model.py
+	./scripts/setup.sh
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+tiny-model: $(STAMP)
+	$(PY) -m tts_engine.tiny_model build/tiny-model
+
+render: $(STAMP)
+	$(PY) -m tools.render_model_repository --profile $${QWEN_TTS_PROFILE:-cpu} \
+	  --set MODEL_DIR=$${QWEN_TTS_MODEL_DIR:-$(CURDIR)/build/tiny-model}
+
+triton: render
+	$(PY) -m tools.triton_local
+
+run: $(STAMP)
+	$(PY) -m tools.run_stack
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-engine: $(STAMP)
+	$(PY) -m pytest -q tests/test_engine.py
+
+test-triton: $(STAMP)
+	$(PY) -m pytest -q tests/test_triton.py
+
+bench: $(STAMP)
+	$(PY) -m bench.core
+
+clean:
+	rm -rf build results/*.tmp

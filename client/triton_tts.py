@@ -1,0 +1,114 @@
+"""Stream `tts` from Triton over gRPC into a WAV file and report time to first audio.
+
+    python -m client.triton_tts "Hello there." -o hello.wav [--voice default] [--language English]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import numpy as np
+
+SAMPLE_RATE = 24000
+
+
+def _parse_param(text: str):
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+async def synthesize(url: str, text: str, voice=None, language=None, parameters=None, model: str = "tts",
+                     timeout: float = 300.0, on_chunk=None) -> dict:
+    """Run one streaming request; returns audio, time to first audio and totals."""
+    import tritonclient.grpc.aio as grpcclient
+    from tritonclient.grpc import InferInput, InferRequestedOutput
+
+    def string_input(name, value):
+        tensor = InferInput(name, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
+        return tensor
+
+    inputs = [string_input("text", text)]
+    if voice:
+        inputs.append(string_input("voice", voice))
+    if language:
+        inputs.append(string_input("language", language))
+
+    async def requests():
+        yield {"model_name": model, "inputs": inputs, "parameters": parameters or {},
+               "outputs": [InferRequestedOutput("audio")]}
+
+    client = grpcclient.InferenceServerClient(url)
+    chunks, first_audio = [], None
+    start = time.monotonic()
+    try:
+        async def consume():
+            nonlocal first_audio
+            async for result, error in client.stream_infer(requests()):
+                if error is not None:
+                    raise RuntimeError(str(error))
+                audio = result.as_numpy("audio")
+                if audio is not None and audio.size:
+                    if first_audio is None:
+                        first_audio = time.monotonic() - start
+                    chunks.append(audio)
+                    if on_chunk:
+                        on_chunk(audio)
+                params = result.get_response().parameters
+                if "triton_final_response" in params and params["triton_final_response"].bool_param:
+                    return
+
+        await asyncio.wait_for(consume(), timeout)
+    finally:
+        await client.close()
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return {"audio": audio, "first_audio_s": first_audio, "total_s": time.monotonic() - start,
+            "responses": len(chunks)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("text", help="text to speak ('-' reads standard input)")
+    parser.add_argument("-o", "--output", default="out.wav", help="WAV file to write (24 kHz, 16-bit)")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("--voice", help="voice id (default: the server's default voice)")
+    parser.add_argument("--language", help="English, Chinese, ... or Auto")
+    parser.add_argument("--seed", type=int, help="sampling seed, for reproducible output")
+    parser.add_argument("--max-new-tokens", type=int, help="cap on generated frames (12.5 per second)")
+    parser.add_argument("--param", action="append", type=_parse_param, default=[], metavar="NAME=VALUE",
+                        help="any sampling parameter, e.g. --param temperature=0.7 --param greedy=true")
+    args = parser.parse_args(argv)
+    text = sys.stdin.read() if args.text == "-" else args.text
+    parameters = dict(args.param)
+    if args.seed is not None:
+        parameters["seed"] = args.seed
+    if args.max_new_tokens is not None:
+        parameters["max_new_tokens"] = args.max_new_tokens
+    try:
+        result = asyncio.run(synthesize(args.url, text, args.voice, args.language, parameters))
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    import soundfile as sf
+
+    audio = result["audio"]
+    sf.write(args.output, audio, SAMPLE_RATE, subtype="PCM_16")
+    seconds = audio.size / SAMPLE_RATE
+    ttfa = result["first_audio_s"]
+    print(f"wrote {args.output}: {seconds:.2f} s of audio in {result['responses']} chunks; "
+          f"time to first audio {ttfa * 1000:.0f} ms; total {result['total_s']:.2f} s; "
+          f"real-time factor {result['total_s'] / seconds:.2f}" if seconds else
+          f"no audio received (total {result['total_s']:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up the project on a fresh machine: virtualenv, pinned packages, the tiny model. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build here; on a GPU host pass a CUDA build
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --disable-pip-version-check --upgrade pip
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "== installing $TORCH_SPEC"
+  $PIP install -q --disable-pip-version-check "$TORCH_SPEC"
+fi
+echo "== installing requirements"
+$PIP install -q --disable-pip-version-check -r requirements.txt
+$PIP install -q --disable-pip-version-check --no-deps -e .
+"$VENV/bin/python" -m tools.fix_torchaudio
+"$VENV/bin/python" -c "import numpy; assert numpy.__version__ < '2', 'numpy must be < 2 for the Triton stub'"
+echo "== building the tiny model"
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model build/tiny-model 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
+echo "== setup done"
