@@ -11,14 +11,23 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --disable-pip-version-check --upgrade pip
+# pip on these machines warns about a missing extra index for every package; keep real errors only.
+quiet() {
+  local log rc=0
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 || rc=$?
+  grep -v -E "is ignored: it is neither a file nor a directory|editable_wheel.py|Editable installation|^ *!!|^ *\*{8,}|Please be careful with folders|name as your package as they|with strategy, WheelFile|^ *$" "$log" || true
+  rm -f "$log"
+  return "$rc"
+}
+quiet $PIP install -q --disable-pip-version-check --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "== installing $TORCH_SPEC"
-  $PIP install -q --disable-pip-version-check "$TORCH_SPEC"
+  quiet $PIP install -q --disable-pip-version-check "$TORCH_SPEC"
 fi
 echo "== installing requirements"
-$PIP install -q --disable-pip-version-check -r requirements.txt
-$PIP install -q --disable-pip-version-check --no-deps -e .
+quiet $PIP install -q --disable-pip-version-check -r requirements.txt
+quiet $PIP install -q --disable-pip-version-check --no-deps -e .
 "$VENV/bin/python" -m tools.fix_torchaudio
 "$VENV/bin/python" -c "import numpy; assert numpy.__version__ < '2', 'numpy must be < 2 for the Triton stub'"
 echo "== building the tiny model"

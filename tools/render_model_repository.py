@@ -72,6 +72,7 @@ def render(out_dir: Path, values: dict[str, str]) -> Path:
         src = TEMPLATE_DIR / model
         dst = staging / model
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.template"))
+        (dst / "1").mkdir(exist_ok=True)  # the ensemble's version folder is empty, so git does not keep it
         template = string.Template((src / "config.pbtxt.template").read_text())
         try:
             text = template.substitute(values)

@@ -28,7 +28,26 @@ QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-FORMAT_VERSION = "4"  # bump when the recipe changes so stale builds are rebuilt
+FORMAT_VERSION = "5"  # bump when the recipe changes so stale builds are rebuilt
+
+
+# Real Qwen3-TTS-12Hz-0.6B-Base dimensions, for timing the full-size architecture with random weights.
+FULL_SIZE = {
+    "talker": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+               "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "text_hidden_size": 2048,
+               "rope_scaling": {"interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"}},
+    "code_predictor": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 5,
+                       "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128},
+    "speaker_encoder": {"enc_dim": 1024, "enc_channels": [512, 512, 512, 512, 1536],
+                        "enc_attention_channels": 128, "enc_res2net_scale": 8, "enc_se_channels": 128},
+    "encoder": {"hidden_size": 512, "num_filters": 64, "codebook_dim": 256,
+                "vector_quantization_hidden_dimension": 256, "upsample_groups": 512, "num_hidden_layers": 8,
+                "intermediate_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64},
+    "decoder": {"hidden_size": 1024, "latent_dim": 1024, "codebook_dim": 512, "num_attention_heads": 16,
+                "num_key_value_heads": 16, "head_dim": 64, "intermediate_size": 3072, "decoder_dim": 1536,
+                "layer_scale_initial_scale": 0.01},
+}
+PRESETS = ("tiny", "full")
 
 
 def _talker_config() -> dict:
@@ -158,8 +177,21 @@ def _make_decoder_audible(decoder) -> None:
                 module.reset_parameters()  # PyTorch's own (Kaiming) init instead of std 0.02
 
 
-def build_tiny_model(out_dir: str | os.PathLike) -> Path:
-    """Write the tiny model to ``out_dir`` (atomically) and return its path."""
+def _apply_preset(model_cfg: dict, tokenizer_cfg: dict, preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
+    if preset == "full":
+        model_cfg["talker_config"].update(FULL_SIZE["talker"])
+        model_cfg["talker_config"]["code_predictor_config"].update(FULL_SIZE["code_predictor"])
+        model_cfg["speaker_encoder_config"].update(FULL_SIZE["speaker_encoder"])
+        tokenizer_cfg["encoder_config"].update(FULL_SIZE["encoder"])
+        tokenizer_cfg["decoder_config"].update(FULL_SIZE["decoder"])
+
+
+def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
+    """Write the random-weight model to ``out_dir`` (atomically) and return its path.
+
+    ``preset="tiny"`` shrinks widths and depths; ``"full"`` keeps the real 0.6B sizes (for GPU timing)."""
     import torch
     from transformers import AutoFeatureExtractor, EncodecFeatureExtractor
 
@@ -171,8 +203,12 @@ def build_tiny_model(out_dir: str | os.PathLike) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     try:
         torch.manual_seed(BUILD_SEED)
-        config = Qwen3TTSConfig(**_model_config())
+        model_cfg, tokenizer_cfg = _model_config(), _speech_tokenizer_config()
+        _apply_preset(model_cfg, tokenizer_cfg, preset)
+        config = Qwen3TTSConfig(**model_cfg)
         model = Qwen3TTSForConditionalGeneration(config).eval()
+        if preset == "full":
+            model = model.to(torch.bfloat16)  # half the disk; served in bf16 on GPU anyway
         model.save_pretrained(staging, safe_serialization=True)
         # save_pretrained writes an empty model_type into speaker_encoder_config, which the loader rejects.
         cfg_path = staging / "config.json"
@@ -191,13 +227,14 @@ def build_tiny_model(out_dir: str | os.PathLike) -> Path:
             "processor_class": "Qwen3TTSProcessor"}, indent=2))
 
         st_dir = staging / "speech_tokenizer"
-        tok_model = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**_speech_tokenizer_config())).eval()
+        tok_model = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**tokenizer_cfg)).eval()
         _make_decoder_audible(tok_model.decoder)
         tok_model.save_pretrained(st_dir, safe_serialization=True)
         EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0,
                                 return_attention_mask=True).save_pretrained(st_dir)
         (staging / "TINY_MODEL").write_text(
-            f"format {FORMAT_VERSION}\nRandom weights (seed {BUILD_SEED}); for tests and local runs only.\n")
+            f"format {FORMAT_VERSION}\npreset {preset}\nRandom weights (seed {BUILD_SEED}); "
+            "for tests, local runs and timing only.\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -207,23 +244,25 @@ def build_tiny_model(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def is_current(model_dir: str | os.PathLike) -> bool:
-    """True when ``model_dir`` holds a tiny model built by this recipe version."""
+def is_current(model_dir: str | os.PathLike, preset: str = "tiny") -> bool:
+    """True when ``model_dir`` holds a model built by this recipe version and preset."""
     marker = Path(model_dir) / "TINY_MODEL"
-    return marker.is_file() and marker.read_text().startswith(f"format {FORMAT_VERSION}\n")
+    return marker.is_file() and marker.read_text().startswith(f"format {FORMAT_VERSION}\npreset {preset}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_dir", help="where to write the model directory")
     parser.add_argument("--force", action="store_true", help="rebuild even when a current build exists")
+    parser.add_argument("--preset", choices=PRESETS, default="tiny",
+                        help="tiny (default) or full (real 0.6B sizes, random weights, for GPU timing)")
     args = parser.parse_args(argv)
-    if is_current(args.out_dir) and not args.force:
-        print(f"tiny model already built at {args.out_dir}")
+    if is_current(args.out_dir, args.preset) and not args.force:
+        print(f"{args.preset} model already built at {args.out_dir}")
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build_tiny_model(args.out_dir)
-    print(f"tiny model written to {path}")
+    path = build_tiny_model(args.out_dir, args.preset)
+    print(f"{args.preset} random-weight model written to {path}")
     return 0
 
 
