@@ -71,7 +71,7 @@ def reference_voices(loaded, voices_dir):
 
 async def test_tts_streams_many_responses_first_well_before_last(client):
     """A multi-second utterance arrives as several responses, the first long before the last."""
-    result = await stream(client, "tts", LONG_TEXT, language="English", parameters={"max_new_tokens": 150})
+    result = await stream(client, "tts", LONG_TEXT, language="English", parameters={"max_new_tokens": 150, "greedy": True})
     assert result.error is None
     times = [t for t, _ in result.responses]
     assert len(times) >= 4
@@ -115,7 +115,8 @@ async def test_talker_streams_codes_with_stream_control(client, reference_voices
 async def test_cancelling_tts_stops_generation_and_frees_decoder_state(client, triton):
     """Cancelling the tts stream stops the talker within a chunk or two and frees the decoder state."""
     before = scrape_metrics(triton.metrics_url)
-    result = await stream(client, "tts", LONG_TEXT, parameters={"max_new_tokens": 4000}, stop_after=2)
+    result = await stream(client, "tts", LONG_TEXT, parameters={"max_new_tokens": 4000, "greedy": True},
+                          stop_after=2)
     assert len(result.responses) == 2
 
     def cancelled():
@@ -148,16 +149,16 @@ async def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(client, 
     """Each bad input comes back as an error naming its code; a good request right after still works."""
     bad = await stream(client, "tts", **kwargs)
     assert bad.error is not None and f"[{code}]" in bad.error
-    good = await stream(client, "tts", "Still here.", parameters={"max_new_tokens": 6})
+    good = await stream(client, "tts", "Still here.", parameters={"max_new_tokens": 6, "greedy": True})
     assert good.error is None and good.audio().size == 5 * 1920
 
 
 async def test_short_request_is_not_blocked_by_a_long_one(client):
     """A short request started during a long one finishes first: streams progress concurrently."""
-    long_task = asyncio.create_task(stream(client, "tts", LONG_TEXT, parameters={"max_new_tokens": 300},
-                                           timeout=120))
+    long_task = asyncio.create_task(stream(client, "tts", LONG_TEXT, timeout=120,
+                                           parameters={"max_new_tokens": 300, "greedy": True}))
     await asyncio.sleep(1.0)
-    short = await stream(client, "tts", "Quick one.", parameters={"max_new_tokens": 8})
+    short = await stream(client, "tts", "Quick one.", parameters={"max_new_tokens": 8, "greedy": True})
     assert short.error is None and not long_task.done()
     long_result = await long_task
     assert long_result.error is None and long_result.audio().size == 299 * 1920

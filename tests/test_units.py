@@ -1,0 +1,250 @@
+"""Pure-logic units: the voice store, the stream scheduler, the decoder stream table, the render tool."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import SAMPLE_RATE, synthetic_reference
+from tools.render_model_repository import RenderError, render, resolve
+from tts_engine.codec import StreamTable
+from tts_engine.errors import Cancelled, EngineError, InvalidRequest, VoiceNotFound
+from tts_engine.prompts import VoicePrompt
+from tts_engine.scheduler import StreamJob, StreamScheduler
+from tts_engine.talker import ChunkSchedule
+from tts_engine.voices import VoiceStore, check_voice_id
+
+
+# -- voices -----------------------------------------------------------------------------------------------
+
+def _fake_builder(calls):
+    def build(audio, sample_rate, ref_text):
+        calls.append((len(audio), sample_rate, ref_text))
+        code = None if ref_text is None else torch.zeros((3, 16), dtype=torch.long)
+        return VoicePrompt(spk_embedding=torch.full((8,), float(len(calls))), ref_code=code, ref_text=ref_text)
+    return build
+
+
+def _add_voice(root, voice_id, transcript=None, meta=None, seconds=3.0):
+    folder = root / voice_id
+    folder.mkdir(parents=True)
+    sf.write(folder / "reference.wav", synthetic_reference(seconds=seconds), SAMPLE_RATE)
+    if transcript is not None:
+        (folder / "transcript.txt").write_text(transcript)
+    if meta is not None:
+        import json
+        (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("voice_id", ["../etc", "a/b", "", "UPPER", "x" * 65, "dot.dot", "spa ce"])
+def test_voice_ids_outside_the_pattern_are_refused(voice_id):
+    """Ids that are not [a-z0-9_-]{1,64} are refused before any path is built."""
+    with pytest.raises(InvalidRequest):
+        check_voice_id(voice_id)
+
+
+def test_voice_prompt_is_computed_once_then_served_from_cache(tmp_path):
+    """The first lookup computes and writes the prompt; later ones (even a new store) read it back."""
+    _add_voice(tmp_path, "alice", transcript="Hello.", meta={"isDefault": True})
+    calls = []
+    store = VoiceStore(tmp_path, _fake_builder(calls), fingerprint="m1")
+    assert store.get_prompt("alice")[1].ref_text == "Hello."
+    store.get_prompt("alice")
+    VoiceStore(tmp_path, _fake_builder(calls), fingerprint="m1").get_prompt(None)
+    assert len(calls) == 1 and (tmp_path / "alice" / "prompt.safetensors").is_file()
+
+
+def test_voice_prompt_is_recomputed_when_transcript_or_model_changes(tmp_path):
+    """Changing the transcript or the model fingerprint invalidates the cached prompt."""
+    folder = _add_voice(tmp_path, "bob", transcript="One.")
+    calls = []
+    VoiceStore(tmp_path, _fake_builder(calls), fingerprint="m1").get_prompt("bob")
+    (folder / "transcript.txt").write_text("Two.")
+    assert VoiceStore(tmp_path, _fake_builder(calls), fingerprint="m1").get_prompt("bob")[1].ref_text == "Two."
+    VoiceStore(tmp_path, _fake_builder(calls), fingerprint="m2").get_prompt("bob")
+    assert len(calls) == 3
+
+
+def test_voice_without_transcript_is_x_vector_only(tmp_path):
+    """No transcript.txt means an x-vector-only prompt."""
+    _add_voice(tmp_path, "carol")
+    calls = []
+    _, prompt = VoiceStore(tmp_path, _fake_builder(calls)).get_prompt("carol")
+    assert prompt.x_vector_only and calls[0][2] is None
+
+
+def test_voice_listing_skips_empty_slots_and_marks_the_default(tmp_path):
+    """Folders without reference.wav (like the makima slot) are not listed; isDefault is reported."""
+    _add_voice(tmp_path, "dora", meta={"name": "Dora", "language": "German", "isDefault": True})
+    _add_voice(tmp_path, "erin")
+    (tmp_path / "makima").mkdir()
+    voices = VoiceStore(tmp_path).list()
+    assert [(v.id, v.name, v.is_default) for v in voices] == [("dora", "Dora", True), ("erin", "erin", False)]
+    with pytest.raises(VoiceNotFound):
+        VoiceStore(tmp_path).get_prompt("makima")
+
+
+def test_unknown_voice_raises_voice_not_found(tmp_path):
+    """A well-formed id with no folder raises VoiceNotFound."""
+    with pytest.raises(VoiceNotFound):
+        VoiceStore(tmp_path, _fake_builder([])).get_prompt("nobody")
+
+
+# -- scheduler ---------------------------------------------------------------------------------------------
+
+class _FakeStream:
+    """Yields ``frames`` frames of zeros, then finishes; counts its steps."""
+
+    def __init__(self, frames, fail_at=None):
+        self.frames_left, self.frames, self.fail_at = frames, 0, fail_at
+        self.finished, self.finish_reason = False, None
+
+    def step(self):
+        if self.fail_at is not None and self.frames == self.fail_at:
+            raise RuntimeError("boom")
+        self.frames += 1
+        self.frames_left -= 1
+        if self.frames_left == 0:
+            self.finished, self.finish_reason = True, "eos"
+        return torch.zeros(16, dtype=torch.long)
+
+    def cancel(self):
+        self.finished, self.finish_reason = True, "cancelled"
+
+
+def _job(name, frames, log, done, cancelled=lambda: False, fail_at=None, start_error=None):
+    def start():
+        if start_error:
+            raise start_error
+        return _FakeStream(frames, fail_at)
+
+    def on_end(error, job):
+        log.append((name, "end", type(error).__name__ if error else None))
+        done.release()
+
+    return StreamJob(start=start, on_chunk=lambda chunk, i, last: log.append((name, len(chunk), last)),
+                     on_end=on_end, is_cancelled=cancelled, schedule=ChunkSchedule((2, 4)), label=name)
+
+
+def test_scheduler_interleaves_streams_so_short_ones_finish_first():
+    """A short job submitted with a long one ends long before it: steps alternate between streams."""
+    log, done = [], threading.Semaphore(0)
+    scheduler = StreamScheduler(max_active=4)
+    try:
+        scheduler.submit(_job("long", 200, log, done))
+        scheduler.submit(_job("short", 3, log, done))
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    ends = [entry[0] for entry in log if entry[1] == "end"]
+    assert ends == ["short", "long"]
+    assert [e[1:] for e in log if e[0] == "short"] == [(2, False), (1, True), ("end", None)]
+
+
+def test_scheduler_ends_each_job_exactly_once_whatever_happens():
+    """Failures at start, mid-stream, and cancellations each end only their own job, once."""
+    log, done = [], threading.Semaphore(0)
+    flag = threading.Event()
+    scheduler = StreamScheduler(max_active=4)
+    try:
+        scheduler.submit(_job("bad-start", 5, log, done, start_error=InvalidRequest("nope")))
+        scheduler.submit(_job("crash", 50, log, done, fail_at=3))
+        scheduler.submit(_job("cancel", 10**9, log, done, cancelled=flag.is_set))
+        scheduler.submit(_job("fine", 5, log, done))
+        time.sleep(0.2)
+        flag.set()
+        for _ in range(4):
+            assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    ends = {entry[0]: entry[2] for entry in log if entry[1] == "end"}
+    assert ends == {"bad-start": "InvalidRequest", "crash": "RuntimeError", "cancel": "Cancelled", "fine": None}
+    assert len([e for e in log if e[1] == "end"]) == 4
+
+
+def test_scheduler_limits_active_streams():
+    """Beyond max_active, jobs wait in line and start as others finish."""
+    log, done = [], threading.Semaphore(0)
+    scheduler = StreamScheduler(max_active=1)
+    try:
+        for name in ("a", "b", "c"):
+            scheduler.submit(_job(name, 4, log, done))
+        for _ in range(3):
+            assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    assert [e[0] for e in log if e[1] == "end"] == ["a", "b", "c"]
+    assert [e[0] for e in log][:3] == ["a", "a", "a"]  # a ran alone until its end
+
+
+# -- decoder stream table ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stream_table_decoder(loaded):
+    from tts_engine.decoder import StreamingDecoder
+
+    return StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
+
+
+def test_stream_table_frees_state_on_final_cancel_and_idle(stream_table_decoder):
+    """State is held per stream and released by `final`, by cancel, and by the idle timeout."""
+    table = StreamTable(stream_table_decoder, idle_timeout=10)
+    codes = np.ones((2, 16), dtype=np.int32)
+    for stream_id in (1, 2, 3):
+        table.decode(stream_id, codes, None, final=False)
+    table.decode(1, codes, None, final=True)
+    assert table.cancel(2) and not table.cancel(2)
+    assert len(table) == 1
+    assert table.expire(now=time.monotonic() + 11) == 1 and len(table) == 0
+    assert table.freed == {"final": 1, "cancelled": 1, "idle": 1}
+
+
+def test_stream_table_refuses_bad_codes_and_late_context(stream_table_decoder):
+    """Out-of-range codes, wrong shapes and context codes after the first chunk are refused."""
+    table = StreamTable(stream_table_decoder)
+    with pytest.raises(InvalidRequest):
+        table.decode(7, np.full((1, 16), 5000, dtype=np.int32), None, False)
+    with pytest.raises(InvalidRequest):
+        table.decode(7, np.zeros((1, 8), dtype=np.int32), None, False)
+    table.decode(8, np.zeros((1, 16), dtype=np.int32), None, False)
+    with pytest.raises(InvalidRequest):
+        table.decode(8, np.zeros((1, 16), dtype=np.int32), np.zeros((2, 16), dtype=np.int32), False)
+
+
+# -- render tool -------------------------------------------------------------------------------------------
+
+def test_gpu_profile_renders_gpu_kinds_and_single_decoder(tmp_path):
+    """The GPU profile renders KIND_GPU, bf16 and cuda; codec_decoder always has exactly one instance."""
+    values = resolve("gpu", {"MODEL_DIR": "/models/qwen", "TALKER_INSTANCES": "2"}, environ={})
+    repo = render(tmp_path / "repo", values)
+    talker = (repo / "talker" / "config.pbtxt").read_text()
+    assert "count: 2 kind: KIND_GPU" in talker and '"bf16"' in talker and '"cuda"' in talker
+    assert "count: 1 kind: KIND_GPU" in (repo / "codec_decoder" / "config.pbtxt").read_text()
+    assert (repo / "tts" / "1").is_dir() and (repo / "talker" / "1" / "model.py").is_file()
+    assert "${" not in "".join(p.read_text() for p in repo.rglob("config.pbtxt"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "MODEL_DIR is empty"),
+    ({"MODEL_DIR": "/m", "KIND": "KIND_TPU"}, "KIND"),
+    ({"MODEL_DIR": "/m", "TALKER_INSTANCES": "0"}, "positive integer"),
+    ({"MODEL_DIR": "/m", "NOPE": "1"}, "unknown parameter"),
+])
+def test_render_refuses_bad_values(overrides, message):
+    """Missing model dir, bad kinds, bad counts and unknown names are refused with a clear message."""
+    with pytest.raises(RenderError, match=message):
+        resolve("cpu", overrides, environ={})
+
+
+def test_tiny_model_build_is_deterministic(tiny_model_dir, tmp_path):
+    """Building the tiny model twice gives byte-identical weights and tokenizer."""
+    from tts_engine.tiny_model import build_tiny_model
+
+    again = build_tiny_model(tmp_path / "tiny")
+    for name in ("model.safetensors", "speech_tokenizer/model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
