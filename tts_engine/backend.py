@@ -36,6 +36,17 @@ def device_for_instance(args: dict, requested: str) -> str:
     return requested or "auto"
 
 
+def model_location(args: dict, params: dict) -> tuple[str, str, Optional[str]]:
+    """(model_dir, device, dtype) for this instance, as the loaders take them."""
+    return params["model_dir"], device_for_instance(args, params.get("device", "")), params.get("dtype") or None
+
+
+def metric_family(pb_utils, kind: str, name: str, description: str):
+    """A Prometheus family on Triton's metrics endpoint; ``kind`` is "counter" or "gauge"."""
+    kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
+    return pb_utils.MetricFamily(name=name, description=description, kind=kinds[kind])
+
+
 def setup_logging(model_name: str) -> logging.Logger:
     """Engine logs go to stderr, which Triton's Python stub forwards to the server log."""
     root = logging.getLogger()

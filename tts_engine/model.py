@@ -103,14 +103,19 @@ class LoadedModel:
 _load_lock = threading.Lock()
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: Optional[str] = None,
-               attn_implementation: Optional[str] = None) -> LoadedModel:
-    """Load the model from a local directory; nothing is fetched from a hub."""
+def _prepare(model_dir, device: str, dtype: Optional[str]):
+    """Offline mode, a checked directory, and the resolved device and dtype."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = check_model_dir(model_dir)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    return path, device, resolve_dtype(dtype, device)
+
+
+def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: Optional[str] = None,
+               attn_implementation: Optional[str] = None) -> LoadedModel:
+    """Load the model from a local directory; nothing is fetched from a hub."""
+    path, device, torch_dtype = _prepare(model_dir, device, dtype)
     with _load_lock:  # transformers' Auto* registries are process-global
         from qwen_tts import Qwen3TTSModel
 
@@ -131,10 +136,7 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: Option
 
 def load_speech_tokenizer(model_dir: str | os.PathLike, device: str = "auto", dtype: Optional[str] = None):
     """Only the speech tokenizer (codec) of a model directory: what the decoder process needs."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = check_model_dir(model_dir)
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    path, device, torch_dtype = _prepare(model_dir, device, dtype)
     with _load_lock:
         from qwen_tts import Qwen3TTSTokenizer
 

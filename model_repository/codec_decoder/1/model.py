@@ -17,20 +17,16 @@ class TritonPythonModel:
     def initialize(self, args):
         self.log = backend.setup_logging("codec_decoder")
         params = backend.model_parameters(args)
-        tokenizer = load_speech_tokenizer(params["model_dir"],
-                                          backend.device_for_instance(args, params.get("device", "")),
-                                          params.get("dtype") or None)
+        tokenizer = load_speech_tokenizer(*backend.model_location(args, params))
         self.table = StreamTable(StreamingDecoder(tokenizer.model),
                                  idle_timeout=float(params.get("stream_idle_timeout_s") or 60),
                                  primed_cache_size=int(params.get("primed_state_cache_size") or 32))
         # Warm up (first-call allocations and kernel choices) so the first real stream is not slow.
         self.table.decoder.decode(self.table.decoder.new_state(), np.zeros((4, 16), dtype=np.int32))
-        active = pb_utils.MetricFamily(name="qwen_tts_decoder_active_streams",
-                                       description="Streams whose decoder state is held",
-                                       kind=pb_utils.MetricFamily.GAUGE)
-        freed = pb_utils.MetricFamily(name="qwen_tts_decoder_streams_freed_total",
-                                      description="Decoder states freed, by reason (final, cancelled, idle timeout)",
-                                      kind=pb_utils.MetricFamily.COUNTER)
+        active = backend.metric_family(pb_utils, "gauge", "qwen_tts_decoder_active_streams",
+                                       "Streams whose decoder state is held")
+        freed = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_streams_freed_total",
+                                      "Decoder states freed, by reason (final, cancelled, idle timeout)")
         self._families = (active, freed)
         self._active = active.Metric(labels={})
         self._freed = {reason: freed.Metric(labels={"reason": reason}) for reason in self.table.freed}

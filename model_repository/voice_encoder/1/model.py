@@ -13,8 +13,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.log = backend.setup_logging("voice_encoder")
         params = backend.model_parameters(args)
-        self.loaded = load_model(params["model_dir"], backend.device_for_instance(args, params.get("device", "")),
-                                 params.get("dtype") or None)
+        self.loaded = load_model(*backend.model_location(args, params))
 
     def execute(self, requests):
         responses = []
