@@ -34,6 +34,15 @@ def check_voice_id(voice_id: str) -> str:
     return voice_id
 
 
+def source_digest(folder: Path, fingerprint: str) -> str:
+    """Hash of what a prompt is computed from: reference audio, transcript, and the model fingerprint."""
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update((folder / REFERENCE_FILE).read_bytes())
+    transcript = folder / TRANSCRIPT_FILE
+    digest.update(b"\0" + (transcript.read_bytes().strip() if transcript.is_file() else b"<x-vector-only>"))
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class VoiceInfo:
     id: str
@@ -108,13 +117,11 @@ class VoiceStore:
         return out
 
     def source_digest(self, voice_id: str) -> str:
-        """Hash of what a prompt is computed from: reference audio, transcript, and the model fingerprint."""
-        folder = self.voice_dir(voice_id)
-        digest = hashlib.sha256(self.fingerprint.encode())
-        digest.update((folder / REFERENCE_FILE).read_bytes())
-        transcript = folder / TRANSCRIPT_FILE
-        digest.update(b"\0" + (transcript.read_bytes().strip() if transcript.is_file() else b"<x-vector-only>"))
-        return digest.hexdigest()
+        return source_digest(self.voice_dir(voice_id), self.fingerprint)
+
+    def exists(self, voice_id: str) -> bool:
+        """True for a well-formed id whose folder holds a reference clip."""
+        return bool(VOICE_ID.fullmatch(voice_id or "")) and (self.root / voice_id / REFERENCE_FILE).is_file()
 
     def get_prompt(self, voice_id: Optional[str]) -> tuple[str, VoicePrompt]:
         """Resolve a voice id (None → default) to its prompt: memory, then disk cache, then compute."""

@@ -1,0 +1,91 @@
+"""Gateway settings, read once from the environment (every variable is listed in README: Configuration)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _json_object(name: str) -> dict:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    triton_url: str = "127.0.0.1:8001"
+    voices_dir: str = "voices"
+    default_voice: str = ""
+    max_sessions: int = 64
+    max_queued_utterances: int = 16
+    max_text_chars: int = 5000
+    max_message_bytes: int = 65536
+    max_upload_bytes: int = 10 * 1024 * 1024
+    synthesis_timeout_s: float = 20.0
+    idle_timeout_s: float = 300.0
+    ready_poll_s: float = 2.0
+    auth_tokens: tuple[str, ...] = field(default_factory=tuple)
+    max_sentence_chars: int = 400
+    # Cap on generated frames per sentence: frames_base + frames_per_char * characters (12.5 frames = 1 s).
+    # Speech runs at about 1 frame per character, so this only stops a model that never ends its speech.
+    frames_base: int = 25
+    frames_per_char: float = 3.0
+    synthesis_parameters: dict = field(default_factory=dict)  # sent with every Triton request
+
+    def max_new_tokens(self, sentence: str) -> int:
+        return int(self.frames_base + self.frames_per_char * len(sentence))
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        tokens = tuple(t.strip() for t in os.environ.get("GATEWAY_AUTH_TOKENS", "").split(",") if t.strip())
+        settings = cls(
+            host=os.environ.get("GATEWAY_HOST", cls.host),
+            port=_int("GATEWAY_PORT", cls.port),
+            triton_url=os.environ.get("TRITON_URL", cls.triton_url),
+            voices_dir=os.environ.get("QWEN_TTS_VOICES_DIR", cls.voices_dir),
+            default_voice=os.environ.get("QWEN_TTS_DEFAULT_VOICE", ""),
+            max_sessions=_int("GATEWAY_MAX_SESSIONS", cls.max_sessions),
+            max_queued_utterances=_int("GATEWAY_MAX_QUEUED_UTTERANCES", cls.max_queued_utterances),
+            max_text_chars=_int("GATEWAY_MAX_TEXT_CHARS", cls.max_text_chars),
+            max_message_bytes=_int("GATEWAY_MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            max_upload_bytes=_int("GATEWAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            synthesis_timeout_s=_float("GATEWAY_SYNTHESIS_TIMEOUT_S", cls.synthesis_timeout_s),
+            idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
+            ready_poll_s=_float("GATEWAY_READY_POLL_S", cls.ready_poll_s),
+            auth_tokens=tokens,
+            max_sentence_chars=_int("GATEWAY_MAX_SENTENCE_CHARS", cls.max_sentence_chars),
+            frames_base=_int("GATEWAY_FRAMES_BASE", cls.frames_base),
+            frames_per_char=_float("GATEWAY_FRAMES_PER_CHAR", cls.frames_per_char),
+            synthesis_parameters=_json_object("GATEWAY_SYNTHESIS_PARAMETERS"),
+        )
+        for name in ("max_sessions", "max_queued_utterances", "max_text_chars", "max_message_bytes",
+                     "max_upload_bytes", "max_sentence_chars"):
+            if getattr(settings, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        return settings

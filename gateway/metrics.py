@@ -1,0 +1,29 @@
+"""Prometheus metrics of the gateway (names prefixed tts_gateway_)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry()
+
+ACTIVE_SESSIONS = Gauge("tts_gateway_active_sessions", "WebSocket sessions open now", registry=REGISTRY)
+UTTERANCES = Counter("tts_gateway_utterances_total", "Utterances ended, by outcome", ["outcome"],
+                     registry=REGISTRY)
+ERRORS = Counter("tts_gateway_errors_total", "Error messages sent to clients, by code", ["code"],
+                 registry=REGISTRY)
+TIME_TO_FIRST_AUDIO = Histogram(
+    "tts_gateway_time_to_first_audio_seconds", "From speak received to first audio sent", registry=REGISTRY,
+    buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0))
+REAL_TIME_FACTOR = Histogram(
+    "tts_gateway_real_time_factor", "Utterance wall time over its audio duration (< 1 is faster than real time)",
+    registry=REGISTRY, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0))
+AUDIO_SECONDS = Counter("tts_gateway_audio_seconds_total", "Seconds of audio sent to clients",
+                        registry=REGISTRY)
+TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when Triton and its models are ready", registry=REGISTRY)
+
+for _outcome in ("completed", "cancelled", "failed"):
+    UTTERANCES.labels(_outcome)
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

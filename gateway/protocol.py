@@ -1,0 +1,219 @@
+"""The speak protocol: one typed class per wire message, one table of error codes.
+
+Client messages are validated here; anything malformed becomes a ProtocolError with the right code.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+SAMPLE_RATE = 24000  # what the model produces
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+ENCODINGS = ("pcm16", "pcm32f")
+TRANSPORTS = ("binary", "base64")
+LANGUAGES = ("English", "Chinese", "Japanese", "Korean", "German", "French", "Russian", "Portuguese",
+             "Spanish", "Italian")
+
+
+class ErrorCode(str, Enum):
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    INVALID_TEXT = "INVALID_TEXT"
+    VOICE_NOT_FOUND = "VOICE_NOT_FOUND"
+    INVALID_CONFIG = "INVALID_CONFIG"
+    MODEL_LOADING = "MODEL_LOADING"
+    SYNTHESIS_ERROR = "SYNTHESIS_ERROR"
+    TIMEOUT = "TIMEOUT"
+    RATE_LIMITED = "RATE_LIMITED"
+    UNAUTHORIZED = "UNAUTHORIZED"
+
+
+# code -> recoverable (the contract's table)
+RECOVERABLE = {
+    ErrorCode.INVALID_MESSAGE: False,
+    ErrorCode.INVALID_TEXT: False,
+    ErrorCode.VOICE_NOT_FOUND: True,
+    ErrorCode.INVALID_CONFIG: False,
+    ErrorCode.MODEL_LOADING: True,
+    ErrorCode.SYNTHESIS_ERROR: True,
+    ErrorCode.TIMEOUT: True,
+    ErrorCode.RATE_LIMITED: True,
+    ErrorCode.UNAUTHORIZED: False,
+}
+# Triton/engine error codes (tts_engine.errors) -> protocol codes
+FROM_ENGINE = {
+    "INVALID_TEXT": ErrorCode.INVALID_TEXT,
+    "VOICE_NOT_FOUND": ErrorCode.VOICE_NOT_FOUND,
+    "INVALID_CONFIG": ErrorCode.INVALID_CONFIG,
+    "INVALID_REQUEST": ErrorCode.INVALID_MESSAGE,
+    "MODEL_LOADING": ErrorCode.MODEL_LOADING,
+}
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008  # unauthorized
+CLOSE_TRY_AGAIN = 1013  # too many sessions
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: ErrorCode, message: str, request_id: Optional[str] = None):
+        super().__init__(message)
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+# -- client -> server --------------------------------------------------------------------------------------
+
+class _ClientMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored
+
+
+class Start(_ClientMessage):
+    type: Literal["start"]
+    sampleRate: StrictInt = SAMPLE_RATE
+    encoding: StrictStr = "pcm16"
+    voice: Optional[StrictStr] = None
+    language: StrictStr = "English"
+    authToken: Optional[StrictStr] = None
+    contractId: Optional[StrictStr] = None
+    audioTransport: StrictStr = "binary"
+
+
+class Speak(_ClientMessage):
+    type: Literal["speak"]
+    text: Optional[StrictStr] = None
+    voice: Optional[StrictStr] = None
+    language: Optional[StrictStr] = None
+    priority: StrictStr = "normal"
+    requestId: Optional[StrictStr] = None
+
+
+class Cancel(_ClientMessage):
+    type: Literal["cancel"]
+
+
+class Stop(_ClientMessage):
+    type: Literal["stop"]
+    reason: StrictStr = "user_requested"
+
+
+CLIENT_MESSAGES = {"start": Start, "speak": Speak, "cancel": Cancel, "stop": Stop}
+ClientMessage = Union[Start, Speak, Cancel, Stop]
+
+
+def parse_client_message(raw: str) -> ClientMessage:
+    """Parse one text frame, or raise ProtocolError(INVALID_MESSAGE) saying what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message must be a JSON object")
+    request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None
+    kind = data.get("type")
+    if kind is None:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message has no 'type'", request_id)
+    cls = CLIENT_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_MESSAGES)}",
+                            request_id)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"invalid '{kind}' message: {problems}", request_id) from None
+
+
+def normalise_language(value: str) -> str:
+    """Canonical language name, or raise INVALID_CONFIG."""
+    if value.strip().lower() == "auto":
+        return "Auto"
+    for name in LANGUAGES:
+        if name.lower() == value.strip().lower():
+            return name
+    raise ProtocolError(ErrorCode.INVALID_CONFIG,
+                        f"unsupported language {value!r}; supported: {', '.join(LANGUAGES)}, Auto")
+
+
+# -- server -> client --------------------------------------------------------------------------------------
+
+@dataclass
+class _ServerMessage:
+    def to_json(self) -> str:
+        data = {"type": self.type}  # type: ignore[attr-defined]
+        data.update({k: v for k, v in asdict(self).items() if v is not None or k in self._keep_none})
+        return json.dumps(data)
+
+    _keep_none = ()
+
+
+@dataclass
+class Ready(_ServerMessage):
+    sessionId: str
+    voiceLoaded: Optional[str]
+    capabilities: dict = field(default_factory=lambda: {
+        "streaming": True, "languages": list(LANGUAGES) + ["Auto"], "encodings": list(ENCODINGS),
+        "sampleRates": list(SAMPLE_RATES)})
+    type = "ready"
+    _keep_none = ("voiceLoaded",)
+
+
+@dataclass
+class Started(_ServerMessage):
+    sampleRate: int
+    encoding: str
+    voice: Optional[str]
+    language: str
+    type = "started"
+    _keep_none = ("voice",)
+
+
+@dataclass
+class AudioChunk(_ServerMessage):
+    data: str
+    sequenceNumber: int
+    isFinal: bool
+    timestampMs: int
+    type = "audioChunk"
+
+
+@dataclass
+class Complete(_ServerMessage):
+    durationMs: int
+    charactersProcessed: int
+    audioLengthMs: int
+    firstAudioMs: Optional[int]
+    cancelled: bool
+    requestId: Optional[str] = None
+    type = "complete"
+    _keep_none = ("firstAudioMs",)
+
+
+@dataclass
+class AudioEnd(_ServerMessage):
+    cancelled: bool
+    sample_rate: int = SAMPLE_RATE
+    format: str = "pcm_s16le"
+    channels: int = 1
+    type = "audio_end"
+
+
+@dataclass
+class Error(_ServerMessage):
+    code: str
+    message: str
+    recoverable: bool
+    requestId: Optional[str] = None
+    type = "error"
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str, request_id: Optional[str] = None) -> "Error":
+        return cls(code=code.value, message=message, recoverable=RECOVERABLE[code], requestId=request_id)
+
+
+@dataclass
+class Stopped(_ServerMessage):
+    reason: str
+    type = "stopped"
