@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,3 +57,44 @@ def xvector_prompt(loaded):
     from tts_engine.prompts import build_prompt
 
     return build_prompt(loaded.tts, synthetic_reference(seed=1), SAMPLE_RATE, None)
+
+
+def render_cpu_repository(model_dir: Path, voices_dir: Path, out: Path, **overrides) -> Path:
+    from tools.render_model_repository import render, resolve
+
+    values = resolve("cpu", {"MODEL_DIR": str(model_dir), "VOICES_DIR": str(voices_dir), "MAX_ACTIVE_STREAMS": "16",
+                             **overrides}, environ={})
+    return render(out, values)
+
+
+@pytest.fixture(scope="session")
+def voices_dir(tmp_path_factory):
+    """The shipped default voice plus an x-vector-only voice, in a scratch copy."""
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("voices")
+    shutil.copytree(ROOT / "voices" / "default", root / "default",
+                    ignore=shutil.ignore_patterns("prompt.safetensors*"))
+    plain = root / "plain"
+    plain.mkdir()
+    sf.write(plain / "reference.wav", synthetic_reference(seconds=3.5, seed=2), SAMPLE_RATE)
+    (plain / "metadata.json").write_text('{"name": "Plain", "language": "English"}')
+    return root
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_model_dir, voices_dir, tmp_path_factory):
+    """A real tritonserver serving the rendered CPU repository on free ports."""
+    work = tmp_path_factory.mktemp("triton")
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, work / "model_repository")
+    from tools.triton_local import LocalTriton
+
+    server = LocalTriton(repository, log_path=work / "tritonserver.log")
+    server.start()
+    try:
+        server.wait_ready(timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+

@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import numpy as np
 import pytest
 import pytest_asyncio
-import soundfile as sf
 import torch
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput
 
-from conftest import ROOT, SAMPLE_RATE, synthetic_reference
-from tools.render_model_repository import render, resolve
-from tools.triton_local import LocalTriton
+from conftest import SAMPLE_RATE, synthetic_reference
 from triton_helpers import scrape_metrics, stream, string_input, wait_until
 from tts_engine.decoder import StreamingDecoder
 from tts_engine.prompts import build_prompt
@@ -23,35 +19,6 @@ from tts_engine.talker import SynthesisRequest, generate_codes
 from tts_engine.voices import VoiceStore
 
 LONG_TEXT = "Streaming speech arrives in pieces, and the first piece should come quickly."
-
-
-@pytest.fixture(scope="module")
-def voices_dir(tmp_path_factory):
-    """The shipped default voice plus an x-vector-only voice, in a scratch copy."""
-    root = tmp_path_factory.mktemp("voices")
-    shutil.copytree(ROOT / "voices" / "default", root / "default",
-                    ignore=shutil.ignore_patterns("prompt.safetensors*"))
-    plain = root / "plain"
-    plain.mkdir()
-    sf.write(plain / "reference.wav", synthetic_reference(seconds=3.5, seed=2), SAMPLE_RATE)
-    (plain / "metadata.json").write_text('{"name": "Plain", "language": "English"}')
-    return root
-
-
-@pytest.fixture(scope="module")
-def triton(tiny_model_dir, voices_dir, tmp_path_factory):
-    """A real tritonserver serving the rendered CPU repository on free ports."""
-    work = tmp_path_factory.mktemp("triton")
-    values = resolve("cpu", {"MODEL_DIR": str(tiny_model_dir), "VOICES_DIR": str(voices_dir),
-                             "MAX_ACTIVE_STREAMS": "8", "MAX_NEW_TOKENS_LIMIT": "4096"})
-    repository = render(work / "model_repository", values)
-    server = LocalTriton(repository, log_path=work / "tritonserver.log")
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest_asyncio.fixture

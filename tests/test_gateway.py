@@ -1,0 +1,478 @@
+"""The gateway for real: its own process, a real tritonserver behind it, real WebSocket and HTTP clients."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from websockets.exceptions import ConnectionClosed
+
+from conftest import SAMPLE_RATE, render_cpu_repository, synthetic_reference
+from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
+from triton_helpers import scrape_metrics, wait_until
+
+FAST = {"GATEWAY_SYNTHESIS_PARAMETERS": json.dumps({"greedy": True}), "GATEWAY_FRAMES_BASE": "4",
+        "GATEWAY_FRAMES_PER_CHAR": "1"}
+LONG = "This sentence is long enough to keep the model busy for a while, which is what a cancel test needs."
+
+
+def frames_for(text: str) -> int:
+    """Frames the FAST settings generate for one sentence (max_new_tokens - 1)."""
+    return 4 + len(text) - 1
+
+
+@pytest.fixture(scope="module")
+def gateway(triton, voices_dir, tmp_path_factory):
+    process = GatewayProcess(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw") / "gateway.log",
+                             GATEWAY_MAX_TEXT_CHARS="3000", **FAST).start()
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def make_gateway(triton, voices_dir, tmp_path):
+    """Start extra gateways with their own settings; all are stopped after the test."""
+    started = []
+
+    def make(**env) -> GatewayProcess:
+        env = {**FAST, **env}
+        url = env.pop("TRITON_URL", triton.grpc_url)
+        process = GatewayProcess(url, voices_dir, tmp_path / f"gateway-{len(started)}.log", **env).start()
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.stop()
+
+
+async def start_session(ws, **start) -> dict:
+    ready = await receive_json(ws)
+    assert ready["type"] == "ready"
+    if start is not None:
+        await send(ws, type="start", **start)
+        started = await receive_json(ws)
+        assert started["type"] == "started", started
+        return started
+    return ready
+
+
+# -- the two client kinds ----------------------------------------------------------------------------------
+
+async def test_spec_client_flow(gateway):
+    """start → started, speak → binary PCM → complete (bytes match audioLengthMs), stop → stopped, close 1000."""
+    async with open_session(gateway.ws) as ws:
+        ready = await receive_json(ws)
+        assert ready["voiceLoaded"] == "default" and ready["sessionId"]
+        assert ready["capabilities"]["streaming"] is True and "pcm32f" in ready["capabilities"]["encodings"]
+        assert len(ready["capabilities"]["languages"]) >= 10
+        await send(ws, type="start", sampleRate=24000, encoding="pcm16", language="English", contractId="c-1")
+        started = await receive_json(ws)
+        assert started == {"type": "started", "sampleRate": 24000, "encoding": "pcm16", "voice": "default",
+                           "language": "English"}
+        await send(ws, type="speak", text="Hello there.", requestId="req-1")
+        result = await collect(ws)
+        complete = result.end
+        assert complete["type"] == "complete" and complete["cancelled"] is False
+        assert complete["requestId"] == "req-1" and complete["charactersProcessed"] == 12
+        assert len(result.audio) == frames_for("Hello there.") * 1920 * 2
+        assert len(result.audio) // 2 == round(complete["audioLengthMs"] * 24)
+        assert 0 < complete["firstAudioMs"] <= complete["durationMs"]
+        await send(ws, type="stop", reason="done here")
+        assert await receive_json(ws) == {"type": "stopped", "reason": "done here"}
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd.code == 1000
+
+
+async def test_legacy_client_flow(gateway):
+    """Without start: speak → binary PCM16 24 kHz → audio_end with the legacy fields."""
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)  # ready; legacy clients ignore it
+        await send(ws, type="speak", text="Legacy hello.")
+        result = await collect(ws)
+        assert result.end == {"type": "audio_end", "sample_rate": 24000, "format": "pcm_s16le", "channels": 1,
+                              "cancelled": False}
+        assert len(result.audio) == frames_for("Legacy hello.") * 1920 * 2
+        assert not result.of_type("complete")
+
+
+async def test_base64_transport_with_pcm32f_at_48k(gateway):
+    """audioTransport base64 sends numbered audioChunk messages, the last one final, at the session's format."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws, sampleRate=48000, encoding="pcm32f", audioTransport="base64")
+        await send(ws, type="speak", text="Chunks as text.")
+        result = await collect(ws)
+        chunks = result.of_type("audioChunk")
+        assert not result.audio and len(chunks) >= 3
+        assert [c["sequenceNumber"] for c in chunks] == list(range(len(chunks)))
+        assert [c["isFinal"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        data = b"".join(base64.b64decode(c["data"]) for c in chunks)
+        samples = np.frombuffer(data, dtype="<f4")
+        assert abs(samples.size - frames_for("Chunks as text.") * 1920 * 2) <= 2  # 24 kHz → 48 kHz
+        assert samples.size == round(result.end["audioLengthMs"] * 48)
+        assert chunks[1]["timestampMs"] > chunks[0]["timestampMs"] == 0
+
+
+async def test_resampled_stream_has_no_seams(gateway):
+    """Streaming resampling equals resampling the whole utterance at once: no clicks at chunk boundaries."""
+    text = "Resampling must be seamless."
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws, sampleRate=24000, encoding="pcm32f")
+        await send(ws, type="speak", text=text)
+        native = np.frombuffer(bytes((await collect(ws)).audio), dtype="<f4")
+        await send(ws, type="start", sampleRate=16000, encoding="pcm32f")
+        await receive_json(ws)
+        await send(ws, type="speak", text=text)
+        streamed = np.frombuffer(bytes((await collect(ws)).audio), dtype="<f4")
+    whole = soxr.resample(native, 24000, 16000, quality="HQ")
+    assert abs(streamed.size - whole.size) <= 1
+    n = min(streamed.size, whole.size)
+    assert np.abs(streamed[:n] - whole[:n]).max() < 1e-4
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+async def test_invalid_messages_get_errors_and_the_session_goes_on(gateway):
+    """Not JSON, no type, unknown type and wrong field types each get INVALID_MESSAGE; the session still works."""
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        for raw in ("not json", "[1, 2]", json.dumps({"text": "x"}), json.dumps({"type": "dance"}),
+                    json.dumps({"type": "start", "sampleRate": "fast"}),
+                    json.dumps({"type": "speak", "text": 42})):
+            await ws.send(raw)
+            error = await receive_json(ws)
+            assert error["type"] == "error" and error["code"] == "INVALID_MESSAGE", raw
+            assert error["recoverable"] is False and error["message"]
+        await ws.send(b"\x00\x01binary frames are ignored")
+        await send(ws, type="speak", text="Still fine.", unknownField=True)
+        assert (await collect(ws)).end["cancelled"] is False
+
+
+@pytest.mark.parametrize("message", [{"type": "speak"}, {"type": "speak", "text": "  \n "},
+                                     {"type": "speak", "text": "x" * 3001, "requestId": "too-long"}])
+async def test_bad_text_gets_invalid_text(gateway, message):
+    """Missing, blank or too long text gets INVALID_TEXT (with the requestId when there is one)."""
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        await ws.send(json.dumps(message))
+        error = await receive_json(ws)
+        assert error["code"] == "INVALID_TEXT" and error["recoverable"] is False
+        assert error.get("requestId") == message.get("requestId")
+
+
+async def test_unknown_voice_falls_back_to_the_default(gateway):
+    """start with an unknown voice: VOICE_NOT_FOUND (recoverable), then started reports the voice in use."""
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        await send(ws, type="start", voice="nobody")
+        error = await receive_json(ws)
+        assert error["code"] == "VOICE_NOT_FOUND" and error["recoverable"] is True
+        started = await receive_json(ws)
+        assert started["type"] == "started" and started["voice"] == "default"
+        await send(ws, type="speak", text="Default voice.", voice="../../etc")
+        assert (await receive_json(ws))["code"] == "VOICE_NOT_FOUND"
+        assert (await collect(ws)).end["cancelled"] is False
+
+
+@pytest.mark.parametrize("start", [{"sampleRate": 12345}, {"encoding": "mp3"}, {"language": "Klingon"},
+                                   {"audioTransport": "carrier-pigeon"}])
+async def test_unsupported_config_is_refused_and_the_old_one_kept(gateway, start):
+    """An unsupported start gets INVALID_CONFIG, no started, and the previous config stays in force."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws, sampleRate=16000)
+        await send(ws, type="start", **start)
+        error = await receive_json(ws)
+        assert error["code"] == "INVALID_CONFIG" and error["recoverable"] is False
+        await send(ws, type="speak", text="Old config.")
+        result = await collect(ws)
+        assert len(result.audio) // 2 == round(result.end["audioLengthMs"] * 16)  # still 16 kHz
+
+
+async def test_model_loading_while_triton_is_unreachable(make_gateway):
+    """With no Triton behind it, readyz is 503 and speak gets MODEL_LOADING (recoverable)."""
+    from tools.triton_local import free_port
+
+    gateway = make_gateway(TRITON_URL=f"127.0.0.1:{free_port()}")
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(gateway.http + "/readyz")).status_code == 503
+        assert (await http.get(gateway.http + "/healthz")).status_code == 200
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        await send(ws, type="speak", text="Anyone there?", requestId="r")
+        error = await receive_json(ws)
+        assert error == {"type": "error", "code": "MODEL_LOADING", "message": error["message"],
+                         "recoverable": True, "requestId": "r"}
+
+
+async def test_no_audio_progress_times_out(make_gateway):
+    """When no audio arrives within the synthesis deadline, the client gets TIMEOUT and the session goes on."""
+    gateway = make_gateway(GATEWAY_SYNTHESIS_TIMEOUT_S="0.001")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="speak", text="Too slow for this deadline.", requestId="t")
+        result = await collect(ws)
+        error = result.of_type("error")[0]
+        assert error["code"] == "TIMEOUT" and error["recoverable"] is True and error["requestId"] == "t"
+        assert result.end["cancelled"] is True
+        await send(ws, type="start", sampleRate=8000)
+        assert (await receive_json(ws))["type"] == "started"
+
+
+async def test_too_many_sessions_are_refused_with_1013(make_gateway):
+    """Beyond GATEWAY_MAX_SESSIONS a new connection gets RATE_LIMITED and close code 1013."""
+    gateway = make_gateway(GATEWAY_MAX_SESSIONS="1")
+    async with open_session(gateway.ws) as first:
+        await receive_json(first)
+        async with open_session(gateway.ws) as second:
+            error = await receive_json(second)
+            assert error["code"] == "RATE_LIMITED" and error["recoverable"] is True
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(second.recv(), 5)
+            assert closed.value.rcvd.code == 1013
+        await send(first, type="speak", text="First still works.")
+        assert (await collect(first)).end["type"] == "audio_end"
+
+
+async def test_too_many_queued_utterances_are_refused(make_gateway):
+    """Beyond GATEWAY_MAX_QUEUED_UTTERANCES a speak gets RATE_LIMITED; the queued ones still play."""
+    gateway = make_gateway(GATEWAY_MAX_QUEUED_UTTERANCES="1")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        for index in range(3):
+            await send(ws, type="speak", text=f"Queued number {index}.", requestId=str(index))
+        results = [await collect(ws, until=("complete", "error"))]
+        while len([r for r in results if r.end]) < 2:
+            results.append(await collect(ws))
+        errors = [m for r in results for m in r.of_type("error")]
+        assert [(e["code"], e["requestId"]) for e in errors] == [("RATE_LIMITED", "2")]
+        assert [r.end["requestId"] for r in results if r.end] == ["0", "1"]
+
+
+async def test_auth_tokens(make_gateway):
+    """With auth configured: a bad or missing token closes with 1008; header, query and start tokens work."""
+    gateway = make_gateway(GATEWAY_AUTH_TOKENS="s3cret,other")
+    async with open_session(gateway.ws) as ws:  # no token anywhere: start without authToken
+        await send(ws, type="start")
+        error = await receive_json(ws)
+        assert error["code"] == "UNAUTHORIZED" and error["recoverable"] is False
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd.code == 1008
+    async with open_session(gateway.ws + "?token=wrong") as ws:
+        assert (await receive_json(ws))["code"] == "UNAUTHORIZED"
+    async with open_session(gateway.ws, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+        assert (await receive_json(ws))["type"] == "ready"
+    async with open_session(gateway.ws + "?token=other") as ws:
+        assert (await receive_json(ws))["type"] == "ready"
+    async with open_session(gateway.ws) as ws:
+        await send(ws, type="start", authToken="s3cret", sampleRate=16000)
+        assert (await receive_json(ws))["type"] == "ready"
+        assert (await receive_json(ws))["type"] == "started"
+
+
+# -- cancellation, order, priority, concurrency ------------------------------------------------------------
+
+async def test_cancel_mid_utterance_stops_generation_in_triton(gateway, triton):
+    """cancel ends the utterance promptly with cancelled: true, and Triton's talker stops that stream."""
+    before = scrape_metrics(triton.metrics_url)['qwen_tts_talker_streams_total{outcome="cancelled"}']
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="speak", text=LONG * 3, requestId="c")
+        first = await asyncio.wait_for(ws.recv(), 30)
+        assert isinstance(first, bytes)
+        await send(ws, type="cancel")
+        result = await collect(ws, timeout=5)
+        assert result.end["cancelled"] is True and result.end["requestId"] == "c"
+        assert result.end_at < 2.0
+    assert await wait_until(lambda: scrape_metrics(triton.metrics_url)[
+        'qwen_tts_talker_streams_total{outcome="cancelled"}'] > before, timeout=20)
+    assert await wait_until(lambda: scrape_metrics(triton.metrics_url)["qwen_tts_talker_active_streams"] == 0,
+                            timeout=20)
+
+
+async def test_disconnect_mid_utterance_leaves_nothing_running(gateway, triton):
+    """A client that vanishes mid-utterance has its Triton stream cancelled and the decoder state freed."""
+    before = scrape_metrics(triton.metrics_url)['qwen_tts_talker_streams_total{outcome="cancelled"}']
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        await send(ws, type="speak", text=LONG * 3)
+        assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+    assert await wait_until(lambda: scrape_metrics(triton.metrics_url)[
+        'qwen_tts_talker_streams_total{outcome="cancelled"}'] > before, timeout=20)
+    assert await wait_until(lambda: scrape_metrics(triton.metrics_url)["qwen_tts_talker_active_streams"] == 0
+                            and scrape_metrics(triton.metrics_url)["qwen_tts_decoder_active_streams"] == 0,
+                            timeout=20)
+
+
+async def test_two_sentences_play_in_order_without_a_gap(gateway):
+    """A two-sentence utterance is exactly sentence one's audio followed by sentence two's."""
+    first, second = "The first sentence comes first.", "Then the second one follows!"
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        pieces = []
+        for text in (first, second, f"{first} {second}"):
+            await send(ws, type="speak", text=text)
+            pieces.append(bytes((await collect(ws)).audio))
+    assert len(pieces[0]) > 0 and len(pieces[1]) > 0
+    assert pieces[2] == pieces[0] + pieces[1]
+
+
+async def test_high_priority_interrupts(gateway):
+    """A high-priority speak cancels the current utterance and the queue, then plays next."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="speak", text=LONG * 3, requestId="long")
+        await send(ws, type="speak", text="Queued behind.", requestId="queued")
+        assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+        await send(ws, type="speak", text="Urgent news.", priority="high", requestId="urgent")
+        ends = []
+        while len(ends) < 2:
+            ends.append((await collect(ws)).end)
+        assert [(e["requestId"], e["cancelled"]) for e in ends] == [("long", True), ("urgent", False)]
+        await send(ws, type="speak", text="After.", requestId="after")
+        assert (await collect(ws)).end["requestId"] == "after"  # the queued one was dropped
+
+
+async def test_eight_concurrent_sessions_each_get_their_own_audio(gateway):
+    """Eight sessions speaking at once each receive complete audio of their own text."""
+    texts = [f"Session number {i} says {'hello ' * (i + 1)}." for i in range(8)]
+
+    async def one(text):
+        async with open_session(gateway.ws) as ws:
+            await start_session(ws)
+            await send(ws, type="speak", text=text, requestId=text)
+            return text, await collect(ws, timeout=120)
+
+    results = await asyncio.gather(*(one(t) for t in texts))
+    for text, result in results:
+        assert result.end["requestId"] == text and result.end["cancelled"] is False
+        assert len(result.audio) == frames_for(text) * 1920 * 2
+
+
+# -- voices ------------------------------------------------------------------------------------------------
+
+def wav_bytes(seconds: float, seed: int = 5) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, synthetic_reference(seconds=seconds, seed=seed), SAMPLE_RATE, format="WAV")
+    return buffer.getvalue()
+
+
+async def test_voice_upload_list_speak_delete(gateway):
+    """Upload a voice, see it listed, speak with it, delete it; then it is gone."""
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
+        response = await http.post("/api/v1/voices", files={"audio": ("me.wav", wav_bytes(4.0), "audio/wav")},
+                                   data={"transcript": "This is me.", "name": "Me Myself", "id": "me",
+                                         "language": "english"})
+        assert response.status_code == 201, response.text
+        assert response.json() == {"id": "me", "name": "Me Myself", "language": "English", "description": "",
+                                   "isDefault": False}
+        listed = (await http.get("/api/v1/voices")).json()["voices"]
+        assert {"me", "default"} <= {v["id"] for v in listed}
+        assert [v["id"] for v in listed if v["isDefault"]] == ["default"]
+        async with open_session(gateway.ws) as ws:
+            started = await start_session(ws, voice="me")
+            assert started["voice"] == "me"
+            await send(ws, type="speak", text="Spoken in my voice.")
+            assert (await collect(ws)).end["cancelled"] is False
+        assert (await http.delete("/api/v1/voices/me")).status_code == 204
+        assert "me" not in {v["id"] for v in (await http.get("/api/v1/voices")).json()["voices"]}
+        assert (await http.delete("/api/v1/voices/me")).status_code == 404
+
+
+async def test_voice_upload_without_transcript_is_x_vector_only(gateway, voices_dir):
+    """An upload with no transcript makes an x-vector-only voice (no transcript file)."""
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
+        response = await http.post("/api/v1/voices", files={"audio": ("a.wav", wav_bytes(3.5), "audio/wav")},
+                                   data={"name": "No Words"})
+        assert response.status_code == 201
+        voice_id = response.json()["id"]
+        assert voice_id.startswith("no-words-")
+        assert not (voices_dir / voice_id / "transcript.txt").exists()
+        assert (voices_dir / voice_id / "prompt.safetensors").is_file()
+        assert (await http.delete(f"/api/v1/voices/{voice_id}")).status_code == 204
+
+
+@pytest.mark.parametrize("files, data, status, message", [
+    ({"audio": ("x.wav", b"definitely not audio", "audio/wav")}, {}, 400, "not decodable"),
+    ({"audio": ("x.wav", wav_bytes(1.0), "audio/wav")}, {}, 400, "between"),
+    ({"audio": ("x.wav", wav_bytes(31.0), "audio/wav")}, {}, 400, "between"),
+    ({}, {"name": "nothing"}, 400, "missing"),
+    ({"audio": ("x.wav", wav_bytes(4.0), "audio/wav")}, {"id": "../escape"}, 400, "invalid voice id"),
+    ({"audio": ("x.wav", wav_bytes(4.0), "audio/wav")}, {"id": "default"}, 409, "already exists"),
+])
+async def test_bad_uploads_are_refused(gateway, files, data, status, message):
+    """Undecodable, too short, too long, missing audio and bad ids get 400; an existing id gets 409."""
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
+        response = await http.post("/api/v1/voices", files=files or {"other": ("a", b"a")}, data=data)
+        assert response.status_code == status
+        assert message in response.json()["error"]
+
+
+async def test_too_large_upload_is_refused(make_gateway):
+    """An upload above GATEWAY_MAX_UPLOAD_BYTES gets 400."""
+    gateway = make_gateway(GATEWAY_MAX_UPLOAD_BYTES="50000")
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
+        response = await http.post("/api/v1/voices", files={"audio": ("x.wav", wav_bytes(4.0), "audio/wav")})
+        assert response.status_code == 400 and "limit" in response.json()["error"]
+
+
+async def test_default_voice_cannot_be_deleted(gateway):
+    """DELETE of the default voice is refused."""
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as http:
+        response = await http.delete("/api/v1/voices/default")
+        assert response.status_code == 400 and "default" in response.json()["error"]
+
+
+# -- operations --------------------------------------------------------------------------------------------
+
+async def test_health_readiness_and_metrics(gateway):
+    """healthz and readyz answer 200, and /metrics exposes the tts_gateway_ families."""
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        assert (await http.get("/readyz")).status_code == 200
+        text = (await http.get("/metrics")).text
+    for name in ("tts_gateway_active_sessions", "tts_gateway_utterances_total", "tts_gateway_errors_total",
+                 "tts_gateway_time_to_first_audio_seconds_bucket", "tts_gateway_real_time_factor_bucket",
+                 "tts_gateway_audio_seconds_total", "tts_gateway_triton_ready 1.0"):
+        assert name in text, name
+
+
+async def test_triton_killed_mid_session_then_back(tiny_model_dir, voices_dir, tmp_path, make_gateway):
+    """Killing Triton mid-utterance gives a recoverable error; the gateway stays up and recovers by itself."""
+    from tools.triton_local import LocalTriton
+
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
+    server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
+    try:
+        gateway = make_gateway(TRITON_URL=server.grpc_url)
+        gateway.wait_ready()
+        async with open_session(gateway.ws) as ws:
+            await start_session(ws)
+            await send(ws, type="speak", text=LONG * 4, requestId="doomed")
+            assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+            server.kill()
+            result = await collect(ws, timeout=30)
+            error = result.of_type("error")[0]
+            assert error["code"] == "SYNTHESIS_ERROR" and error["recoverable"] is True
+            assert result.end["cancelled"] is True
+            await send(ws, type="speak", text="Is anyone there?")
+            assert (await receive_json(ws, 30))["code"] in ("MODEL_LOADING", "SYNTHESIS_ERROR")
+            server = LocalTriton(repository, server.http_port, server.grpc_port, server.metrics_port,
+                                 log_path=tmp_path / "triton2.log").start().wait_ready(180)
+            gateway.wait_ready(60)
+            await send(ws, type="speak", text="Back again.", requestId="back")
+            result = await collect(ws, timeout=60)
+            assert result.end["requestId"] == "back" and result.end["cancelled"] is False
+            assert len(result.audio) > 0
+    finally:
+        server.stop()
