@@ -6,12 +6,13 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: setup tiny-model render triton run test test-engine test-triton bench clean help
+.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench clean help
 
 help:
 	@echo "make setup      - virtualenv, pinned packages, tiny model (idempotent)"
-	@echo "make run        - Triton on CPU with QWEN_TTS_MODEL_DIR, else the tiny model"
+	@echo "make run        - Triton + gateway on CPU with QWEN_TTS_MODEL_DIR, else the tiny model"
 	@echo "make triton     - Triton alone on the rendered repository (TRITON_*_PORT)"
+	@echo "make gateway    - the gateway alone (TRITON_URL, GATEWAY_PORT, ...)"
 	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
 	@echo "make test       - all tests (engine + real tritonserver)"
 	@echo "make bench      - benchmarks; numbers go to results/"
@@ -44,8 +45,15 @@ test-engine: $(STAMP)
 test-triton: $(STAMP)
 	$(PY) -m pytest -q tests/test_triton.py
 
+test-gateway: $(STAMP)
+	$(PY) -m pytest -q tests/test_gateway.py
+
+gateway: $(STAMP)
+	$(PY) -m gateway
+
 bench: $(STAMP)
 	$(PY) -m bench.core
+	$(PY) -m bench.gateway
 
 clean:
 	rm -rf build results/*.tmp
