@@ -24,6 +24,7 @@ from .text import split_sentences
 from .triton_client import SynthesisFailed
 
 log = logging.getLogger("gateway.session")
+AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before its `start`
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Session:
             if self.settings.auth_tokens:
                 token = self._connect_token()
                 if token is None:  # the token may come in `start`, which must then be the first message
-                    first_message = await self._receive(self.settings.idle_timeout_s)
+                    first_message = await self._receive(min(self.settings.idle_timeout_s, AUTH_TIMEOUT_S))
                     if first_message is None:
                         return
                     message = self._parse_or_none(first_message)

@@ -219,11 +219,12 @@ def test_stream_table_refuses_bad_codes_and_late_context(stream_table_decoder):
 # -- render tool -------------------------------------------------------------------------------------------
 
 def test_gpu_profile_renders_gpu_kinds_and_single_decoder(tmp_path):
-    """The GPU profile renders KIND_GPU, bf16 and cuda; codec_decoder always has exactly one instance."""
-    values = resolve("gpu", {"MODEL_DIR": "/models/qwen", "TALKER_INSTANCES": "2"}, environ={})
+    """The GPU profile renders KIND_GPU, bf16 and cuda; talker and codec_decoder have exactly one instance."""
+    values = resolve("gpu", {"MODEL_DIR": "/models/qwen", "VOICE_ENCODER_INSTANCES": "2"}, environ={})
     repo = render(tmp_path / "repo", values)
     talker = (repo / "talker" / "config.pbtxt").read_text()
-    assert "count: 2 kind: KIND_GPU" in talker and '"bf16"' in talker and '"cuda"' in talker
+    assert "count: 1 kind: KIND_GPU" in talker and '"bf16"' in talker and '"cuda"' in talker
+    assert "count: 2 kind: KIND_GPU" in (repo / "voice_encoder" / "config.pbtxt").read_text()
     assert "count: 1 kind: KIND_GPU" in (repo / "codec_decoder" / "config.pbtxt").read_text()
     assert (repo / "tts" / "1").is_dir() and (repo / "talker" / "1" / "model.py").is_file()
     assert "${" not in "".join(p.read_text() for p in repo.rglob("config.pbtxt"))
@@ -232,13 +233,25 @@ def test_gpu_profile_renders_gpu_kinds_and_single_decoder(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({}, "MODEL_DIR is empty"),
     ({"MODEL_DIR": "/m", "KIND": "KIND_TPU"}, "KIND"),
-    ({"MODEL_DIR": "/m", "TALKER_INSTANCES": "0"}, "positive integer"),
+    ({"MODEL_DIR": "/m", "VOICE_ENCODER_INSTANCES": "0"}, "positive integer"),
     ({"MODEL_DIR": "/m", "NOPE": "1"}, "unknown parameter"),
 ])
 def test_render_refuses_bad_values(overrides, message):
     """Missing model dir, bad kinds, bad counts and unknown names are refused with a clear message."""
     with pytest.raises(RenderError, match=message):
         resolve("cpu", overrides, environ={})
+
+
+@pytest.mark.parametrize("message, code, text", [
+    ("in ensemble 'tts', [VOICE_NOT_FOUND] voice 'x' not found", "VOICE_NOT_FOUND", "voice 'x' not found"),
+    ("[StatusCode.INTERNAL] [INTERNAL] [INVALID_TEXT] text is empty", "INVALID_TEXT", "text is empty"),
+    ("Socket closed", "SYNTHESIS_ERROR", "Socket closed"),
+])
+def test_engine_error_codes_survive_triton_prefixes(message, code, text):
+    """The first known [CODE] in a Triton error message is the code; what follows is the text."""
+    from tts_engine.errors import parse_wire
+
+    assert parse_wire(message) == (code, text)
 
 
 def test_tiny_model_build_is_deterministic(tiny_model_dir, tmp_path):

@@ -19,7 +19,6 @@ MODELS = ("talker", "codec_decoder", "voice_encoder", "tts")
 # name -> (cpu default, gpu default, description)
 PARAMETERS = {
     "KIND": ("KIND_CPU", "KIND_GPU", "Triton instance kind for the Python models"),
-    "TALKER_INSTANCES": ("1", "1", "talker instances (each loads the model and runs many streams)"),
     "VOICE_ENCODER_INSTANCES": ("1", "1", "voice_encoder instances"),
     "MODEL_DIR": ("", "/models/Qwen3-TTS-12Hz-0.6B-Base", "local Qwen3-TTS model directory"),
     "VOICES_DIR": (str(ROOT / "voices"), "/voices", "voices directory"),
@@ -33,7 +32,7 @@ PARAMETERS = {
     "DEFAULT_MAX_NEW_TOKENS": ("2048", "2048", "max_new_tokens when a request sets none"),
     "STREAM_IDLE_TIMEOUT_S": ("60", "60", "seconds before codec_decoder frees an abandoned stream's state"),
 }
-POSITIVE_INTS = ("TALKER_INSTANCES", "VOICE_ENCODER_INSTANCES", "MAX_ACTIVE_STREAMS", "MAX_TEXT_CHARS",
+POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "MAX_ACTIVE_STREAMS", "MAX_TEXT_CHARS",
                  "MAX_NEW_TOKENS_LIMIT", "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
 
 

@@ -62,12 +62,15 @@ ERROR_CODES = {
     "SYNTHESIS_ERROR": "unexpected failure inside the model",
 }
 
-_WIRE = re.compile(r"\[([A-Z_]+)\]\s*(.*)", re.S)
+_WIRE = re.compile(r"\[([A-Z_]+)\]\s*")
 
 
 def parse_wire(message: str) -> tuple[str, str]:
-    """Split a Triton error message into (code, text); unknown shapes map to SYNTHESIS_ERROR."""
-    match = _WIRE.search(message or "")
-    if match and match.group(1) in ERROR_CODES:
-        return match.group(1), match.group(2).strip()
-    return "SYNTHESIS_ERROR", (message or "").strip()
+    """Split a Triton error message into (code, text); unknown shapes map to SYNTHESIS_ERROR.
+
+    Triton may prefix the model's message (e.g. "in ensemble 'tts', "), so the first known code wins."""
+    message = message or ""
+    for match in _WIRE.finditer(message):
+        if match.group(1) in ERROR_CODES:
+            return match.group(1), message[match.end():].strip()
+    return "SYNTHESIS_ERROR", message.strip()
