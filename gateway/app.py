@@ -15,7 +15,7 @@ from . import metrics
 from .config import Settings
 from .protocol import CLOSE_TRY_AGAIN, Error, ErrorCode
 from .session import Session
-from .triton_client import TritonBackend
+from .triton_client import TritonPool
 from .voices import VoiceApiError, VoiceLibrary
 
 log = logging.getLogger("gateway")
@@ -24,7 +24,7 @@ log = logging.getLogger("gateway")
 @dataclass
 class Services:
     settings: Settings
-    backend: TritonBackend
+    backend: TritonPool
     voices: VoiceLibrary
     sessions: int = 0
 
@@ -34,11 +34,11 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        backend = TritonBackend(settings.triton_url)
+        backend = TritonPool(list(settings.triton_urls))
         services["s"] = Services(settings, backend, VoiceLibrary(settings.voices_dir, settings.default_voice))
         await backend.check_ready()
         backend.start_polling(settings.ready_poll_s)
-        log.info("gateway up: Triton %s (%s), voices %s", settings.triton_url,
+        log.info("gateway up: Triton %s (%s), voices %s", backend.url,
                  "ready" if backend.ready else "not ready yet", settings.voices_dir)
         try:
             yield
@@ -100,10 +100,11 @@ def create_app(settings: Settings) -> Starlette:
     async def readyz(request: Request):
         backend = services["s"].backend
         ready = await backend.check_ready()
-        return JSONResponse({"ready": ready, "triton": backend.url}, status_code=200 if ready else 503)
+        return JSONResponse({"ready": ready, "triton": backend.status()}, status_code=200 if ready else 503)
 
     async def metrics_endpoint(request: Request):
-        metrics.TRITON_READY.set(1 if services["s"].backend.ready else 0)
+        for url, ready in services["s"].backend.status().items():
+            metrics.TRITON_READY.labels(url).set(1 if ready else 0)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

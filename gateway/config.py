@@ -35,11 +35,20 @@ def _json_object(name: str) -> dict:
     return value
 
 
+def _triton_urls() -> tuple[str, ...]:
+    """TRITON_URLS (comma-separated) or TRITON_URL; several endpoints spread the load."""
+    raw = os.environ.get("TRITON_URLS") or os.environ.get("TRITON_URL") or "127.0.0.1:8001"
+    urls = tuple(u.strip() for u in raw.split(",") if u.strip())
+    if not urls:
+        raise ValueError("TRITON_URLS is empty")
+    return urls
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 8080
-    triton_url: str = "127.0.0.1:8001"
+    triton_urls: tuple[str, ...] = ("127.0.0.1:8001",)
     voices_dir: str = "voices"
     default_voice: str = ""
     max_sessions: int = 64
@@ -67,7 +76,7 @@ class Settings:
         settings = cls(
             host=os.environ.get("GATEWAY_HOST", cls.host),
             port=_int("GATEWAY_PORT", cls.port),
-            triton_url=os.environ.get("TRITON_URL", cls.triton_url),
+            triton_urls=_triton_urls(),
             voices_dir=os.environ.get("QWEN_TTS_VOICES_DIR", cls.voices_dir),
             default_voice=os.environ.get("QWEN_TTS_DEFAULT_VOICE", ""),
             max_sessions=_int("GATEWAY_MAX_SESSIONS", cls.max_sessions),

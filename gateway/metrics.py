@@ -19,7 +19,8 @@ REAL_TIME_FACTOR = Histogram(
     registry=REGISTRY, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0))
 AUDIO_SECONDS = Counter("tts_gateway_audio_seconds_total", "Seconds of audio sent to clients",
                         registry=REGISTRY)
-TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when Triton and its models are ready", registry=REGISTRY)
+TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when a Triton endpoint and its models are ready, by endpoint",
+                     ["endpoint"], registry=REGISTRY)
 
 for _outcome in ("completed", "cancelled", "failed"):
     UTTERANCES.labels(_outcome)

@@ -19,7 +19,7 @@ from tts_engine.voices import (
 )
 
 from .protocol import LANGUAGES
-from .triton_client import SynthesisFailed, TritonBackend
+from .triton_client import SynthesisFailed, TritonPool
 
 log = logging.getLogger("gateway.voices")
 MIN_UPLOAD_SECONDS = 3.0
@@ -53,7 +53,7 @@ class VoiceLibrary:
     def list(self) -> list[dict]:
         return [info.to_json() for info in self.store.list()]
 
-    async def upload(self, backend: TritonBackend, data: bytes, *, transcript: Optional[str], name: Optional[str],
+    async def upload(self, backend: TritonPool, data: bytes, *, transcript: Optional[str], name: Optional[str],
                      voice_id: Optional[str], language: Optional[str], max_bytes: int) -> dict:
         if not data:
             raise VoiceApiError(400, "the 'audio' file is missing or empty")

@@ -1,0 +1,73 @@
+"""The gateway spreading sessions over two real tritonservers, and surviving the loss of one."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from conftest import render_cpu_repository
+from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
+from test_gateway import FAST, LONG, start_session
+from triton_helpers import scrape_metrics, wait_until
+from tools.triton_local import LocalTriton
+
+
+@pytest.fixture
+def two_tritons(tiny_model_dir, voices_dir, tmp_path):
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
+    servers = [LocalTriton(repository, log_path=tmp_path / f"triton-{i}.log").start() for i in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready(240)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def frames(server: LocalTriton) -> float:
+    return scrape_metrics(server.metrics_url)["qwen_tts_talker_frames_total"]
+
+
+async def test_utterances_move_to_the_healthy_endpoint_when_one_dies(two_tritons, voices_dir, tmp_path):
+    """Both endpoints serve; after one is killed, only the utterance in flight on it fails, later ones work."""
+    first, second = two_tritons
+    gateway = GatewayProcess(first.grpc_url, voices_dir, tmp_path / "gateway.log",
+                             TRITON_URLS=f"{first.grpc_url},{second.grpc_url}", **FAST).start()
+    try:
+        gateway.wait_ready()
+        async with httpx.AsyncClient(timeout=10) as http:
+            status = (await http.get(gateway.http + "/readyz")).json()["triton"]
+        assert status == {first.grpc_url: True, second.grpc_url: True}
+        async with open_session(gateway.ws) as ws:
+            await start_session(ws)
+            for index in range(4):
+                await send(ws, type="speak", text=f"Spread number {index}.")
+                assert (await collect(ws)).end["cancelled"] is False
+            assert frames(first) > 0 and frames(second) > 0, "both endpoints should have served"
+
+            await send(ws, type="speak", text=LONG * 4, requestId="in-flight")
+            assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+            busy = [s for s in two_tritons if scrape_metrics(s.metrics_url)["qwen_tts_talker_active_streams"] > 0]
+            assert len(busy) == 1
+            victim, survivor = busy[0], next(s for s in two_tritons if s is not busy[0])
+            victim.kill()
+            result = await collect(ws, timeout=30)
+            assert result.end["requestId"] == "in-flight" and result.end["cancelled"] is True
+            assert result.of_type("error")[0]["code"] == "SYNTHESIS_ERROR"
+
+            before = frames(survivor)
+            for index in range(3):
+                await send(ws, type="speak", text=f"After the loss {index}.", requestId=str(index))
+                result = await collect(ws, timeout=60)
+                assert result.end["cancelled"] is False and not result.of_type("error"), result.messages
+            assert frames(survivor) > before
+        async with open_session(gateway.ws) as ws:  # a new session after the loss
+            await receive_json(ws)
+            await send(ws, type="speak", text="New session, healthy endpoint.")
+            assert (await collect(ws, timeout=60)).end["cancelled"] is False
+        assert await wait_until(lambda: httpx.get(gateway.http + "/readyz").json()["triton"] ==
+                                {victim.grpc_url: False, survivor.grpc_url: True}, timeout=10)
+    finally:
+        gateway.stop()
