@@ -1,7 +1,6 @@
 """The voices REST API: list, upload (prompt computed by Triton's voice_encoder), delete."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -13,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from tts_engine.errors import EngineError, InvalidAudio, InvalidRequest
-from tts_engine.prompts import VoicePrompt, read_wav
+from tts_engine.prompts import prompt_metadata, read_wav, restamp
 from tts_engine.voices import (
     METADATA_FILE, PROMPT_CACHE_FILE, REFERENCE_FILE, TRANSCRIPT_FILE, VoiceStore, check_voice_id, source_digest,
 )
@@ -82,14 +81,14 @@ class VoiceLibrary:
             if exc.code in ("INVALID_AUDIO", "INVALID_REQUEST", "INVALID_TEXT"):
                 raise VoiceApiError(400, exc.message) from None
             raise VoiceApiError(503, f"voice encoder unavailable: {exc.message}") from None
-        prompt, meta = VoicePrompt.from_bytes(blob)
-        return self._write(voice_id, audio, sample_rate, transcript, prompt, meta.get("model_fingerprint", ""),
+        return self._write(voice_id, audio, sample_rate, transcript, blob,
+                           prompt_metadata(blob).get("model_fingerprint", ""),
                            {"name": (name or voice_id).strip() or voice_id,
                             "language": (language or "Auto").strip().capitalize() if language else "Auto",
                             "description": "", "isDefault": False})
 
     def _write(self, voice_id: str, audio: np.ndarray, sample_rate: int, transcript: Optional[str],
-               prompt: VoicePrompt, fingerprint: str, metadata: dict) -> dict:
+               prompt: bytes, fingerprint: str, metadata: dict) -> dict:
         """Write the voice into a staging folder, then move it into place in one rename."""
         import soundfile as sf
 
@@ -102,8 +101,8 @@ class VoiceLibrary:
                 (staging / TRANSCRIPT_FILE).write_text(transcript + "\n", encoding="utf-8")
             (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
             if fingerprint:  # the same cache key the talker checks, so it never recomputes this prompt
-                prompt.save(staging / PROMPT_CACHE_FILE,
-                            {"source_sha256": source_digest(staging, fingerprint), "voice": voice_id})
+                (staging / PROMPT_CACHE_FILE).write_bytes(restamp(
+                    prompt, {"source_sha256": source_digest(staging, fingerprint), "voice": voice_id}))
             try:
                 staging.rename(self.root / voice_id)
             except OSError:

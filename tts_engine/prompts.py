@@ -74,6 +74,22 @@ class VoicePrompt:
         return cls.from_bytes(path.read_bytes())
 
 
+def prompt_metadata(data: bytes) -> dict:
+    """The metadata of a serialised prompt, without loading its tensors."""
+    return _read_metadata(data)
+
+
+def restamp(data: bytes, metadata: dict) -> bytes:
+    """The same prompt with extra metadata; numpy only, so torch-free processes (the gateway) can do it."""
+    from safetensors.numpy import load, save
+
+    meta = _read_metadata(data)
+    if meta.get("format") != PROMPT_FORMAT:
+        raise ValueError(f"not a voice prompt (format {meta.get('format')!r})")
+    meta.update({k: str(v) for k, v in metadata.items()})
+    return save(load(data), metadata=meta)
+
+
 def _int64():
     import torch
 
