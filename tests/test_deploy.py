@@ -176,3 +176,15 @@ def test_perf_summary_reads_time_to_first_response():
     assert row["value"] == 2 and row["requests"] == 2
     assert row["ttfr_ms_p50"] == pytest.approx(60.0) and row["last_response_ms_p50"] == pytest.approx(350.0)
     assert row["responses_per_s"] == pytest.approx(2.0)
+
+
+def test_perf_analyzer_sweep_runs_against_the_local_server(triton, tmp_path):
+    """`tools.perf` installs perf_analyzer (private glibc here) and measures time to first response of tts."""
+    from tools.perf import main
+
+    out = tmp_path / "perf"
+    code = main(["--url", triton.grpc_url, "--models", "tts", "--concurrency", "1", "--max-new-tokens", "8",
+                 "--requests", "4", "--out", str(out)])
+    assert code == 0
+    row = json.loads((out / "summary.json").read_text())["tts"]["1"]
+    assert row["requests"] >= 4 and 0 < row["ttfr_ms_p50"] <= row["last_response_ms_p50"]

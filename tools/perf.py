@@ -54,8 +54,15 @@ def summarise_export(export: dict) -> list[dict]:
     return rows
 
 
-def find_perf_analyzer() -> str | None:
-    return os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
+def find_perf_analyzer(install: bool = True) -> str | None:
+    """PERF_ANALYZER, perf_analyzer on PATH, or the project's private install (made on first use)."""
+    found = os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
+    if found or not install:
+        return found
+    script = ROOT / "tools" / "install_perf_analyzer.sh"
+    done = subprocess.run(["bash", str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    path = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else ""
+    return str(ROOT / path) if path else None
 
 
 def main(argv=None) -> int:
@@ -64,10 +71,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=os.environ.get("PERF_MODELS", "tts,talker"))
     parser.add_argument("--concurrency", default=os.environ.get("PERF_CONCURRENCY", "1,2,4,8"))
     parser.add_argument("--max-new-tokens", type=int, default=int(os.environ.get("PERF_MAX_NEW_TOKENS", 120)))
-    parser.add_argument("--interval-ms", type=int, default=10000)
+    parser.add_argument("--requests", type=int, default=int(os.environ.get("PERF_REQUESTS", 16)),
+                        help="requests per measurement window (count windows: stable on slow CPUs too)")
     parser.add_argument("--out", type=Path, default=ROOT / "perf" / "results")
+    parser.add_argument("--no-install", action="store_true", help="do not install perf_analyzer when missing")
     args = parser.parse_args(argv)
-    binary = find_perf_analyzer()
+    binary = find_perf_analyzer(install=not args.no_install)
     if binary is None:
         print("perf_analyzer not found (set PERF_ANALYZER or put it on PATH). On a GPU node run:\n"
               "  docker compose --profile perf run --rm perf", file=sys.stderr)
@@ -81,7 +90,9 @@ def main(argv=None) -> int:
             command = [binary, "-m", model, "-u", args.url, "-i", "grpc", "--streaming",
                        "--input-data", str(data), f"--concurrency-range={concurrency}:{concurrency}",
                        "--request-parameter", f"max_new_tokens:{args.max_new_tokens}:int",
-                       f"--measurement-interval={args.interval_ms}", "--profile-export-file", str(export)]
+                       "--measurement-mode=count_windows",
+                       f"--measurement-request-count={max(args.requests, 2 * concurrency)}",
+                       "--stability-percentage=50", "--max-trials=4", "--profile-export-file", str(export)]
             print("+ " + " ".join(command), flush=True)
             done = subprocess.run(command)
             if done.returncode != 0:
