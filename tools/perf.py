@@ -87,12 +87,13 @@ def main(argv=None) -> int:
         data = ROOT / "perf" / f"{model}_input.json"
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             export = args.out / f"{model}_c{concurrency}.json"
+            export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite an export
             command = [binary, "-m", model, "-u", args.url, "-i", "grpc", "--streaming",
                        "--input-data", str(data), f"--concurrency-range={concurrency}:{concurrency}",
                        "--request-parameter", f"max_new_tokens:{args.max_new_tokens}:int",
                        "--measurement-mode=count_windows",
                        f"--measurement-request-count={max(args.requests, 2 * concurrency)}",
-                       "--stability-percentage=50", "--max-trials=4", "--profile-export-file", str(export)]
+                       "--stability-percentage=100", "--max-trials=6", "--profile-export-file", str(export)]
             print("+ " + " ".join(command), flush=True)
             done = subprocess.run(command)
             if done.returncode != 0:
