@@ -25,50 +25,30 @@ def _parse_param(text: str):
         return name, value
 
 
-async def synthesize(url: str, text: str, voice=None, language=None, parameters=None, model: str = "tts",
-                     timeout: float = 300.0, on_chunk=None) -> dict:
-    """Run one streaming request; returns audio, time to first audio and totals."""
-    import tritonclient.grpc.aio as grpcclient
-    from tritonclient.grpc import InferInput, InferRequestedOutput
+async def synthesize(url: str, text: str, voice=None, language=None, parameters=None, timeout: float = 300.0,
+                     on_chunk=None) -> dict:
+    """Run one streaming `tts` request; returns audio, time to first audio and totals."""
+    from gateway.triton_client import SynthesisFailed, TritonBackend
 
-    def string_input(name, value):
-        tensor = InferInput(name, [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
-        return tensor
-
-    inputs = [string_input("text", text)]
-    if voice:
-        inputs.append(string_input("voice", voice))
-    if language:
-        inputs.append(string_input("language", language))
-
-    async def requests():
-        yield {"model_name": model, "inputs": inputs, "parameters": parameters or {},
-               "outputs": [InferRequestedOutput("audio")]}
-
-    client = grpcclient.InferenceServerClient(url)
+    backend = TritonBackend(url)
     chunks, first_audio = [], None
     start = time.monotonic()
-    try:
-        async def consume():
-            nonlocal first_audio
-            async for result, error in client.stream_infer(requests()):
-                if error is not None:
-                    raise RuntimeError(str(error))
-                audio = result.as_numpy("audio")
-                if audio is not None and audio.size:
-                    if first_audio is None:
-                        first_audio = time.monotonic() - start
-                    chunks.append(audio)
-                    if on_chunk:
-                        on_chunk(audio)
-                params = result.get_response().parameters
-                if "triton_final_response" in params and params["triton_final_response"].bool_param:
-                    return
 
+    async def consume():
+        nonlocal first_audio
+        async for audio in backend.synthesize(text, voice, language, parameters):
+            if first_audio is None:
+                first_audio = time.monotonic() - start
+            chunks.append(audio)
+            if on_chunk:
+                on_chunk(audio)
+
+    try:
         await asyncio.wait_for(consume(), timeout)
+    except SynthesisFailed as exc:
+        raise RuntimeError(f"[{exc.code}] {exc.message}") from None
     finally:
-        await client.close()
+        await backend.close()
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return {"audio": audio, "first_audio_s": first_audio, "total_s": time.monotonic() - start,
             "responses": len(chunks)}
