@@ -19,7 +19,7 @@ def main() -> int:
         return 2
     level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, ws="websockets",
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, ws="websockets-sansio",
                 # frames above the protocol limit still arrive, so that they get a clear INVALID_MESSAGE
                 ws_max_size=max(4 * settings.max_message_bytes, 1 << 20),
                 log_level=level.lower(), access_log=False, timeout_graceful_shutdown=5)
