@@ -8,7 +8,7 @@ import hmac
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState

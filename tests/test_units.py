@@ -12,7 +12,7 @@ import torch
 from conftest import SAMPLE_RATE, synthetic_reference
 from tools.render_model_repository import RenderError, render, resolve
 from tts_engine.codec import StreamTable
-from tts_engine.errors import Cancelled, EngineError, InvalidRequest, VoiceNotFound
+from tts_engine.errors import InvalidRequest, VoiceNotFound
 from tts_engine.prompts import VoicePrompt
 from tts_engine.scheduler import StreamJob, StreamScheduler
 from tts_engine.talker import ChunkSchedule

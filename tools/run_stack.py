@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from tools.render_model_repository import ROOT, render, resolve
 from tools.triton_local import LocalTriton

@@ -18,7 +18,6 @@ from .errors import InvalidRequest
 class _Stream:
     state: DecoderState
     last_used: float
-    chunks: int = 0
 
 
 class StreamTable:
@@ -69,7 +68,6 @@ class StreamTable:
             except Exception:
                 self._streams.pop(stream_id, None)
                 raise
-            stream.chunks += 1
             stream.last_used = time.monotonic()
             if final:
                 del self._streams[stream_id]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -37,10 +36,6 @@ class DecoderState:
     def clone(self) -> "DecoderState":
         return DecoderState(self.frames, {k: v.clone() for k, v in self.tails.items()},
                             [k.clone() for k in self.keys], [v.clone() for v in self.values])
-
-    def nbytes(self) -> int:
-        tensors = list(self.tails.values()) + self.keys + self.values
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class StreamingDecoder:

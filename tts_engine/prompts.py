@@ -53,7 +53,6 @@ class VoicePrompt:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> tuple["VoicePrompt", dict]:
-        from safetensors import safe_open
         from safetensors.torch import load
 
         tensors = load(data)

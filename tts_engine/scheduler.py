@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -34,8 +33,6 @@ class StreamJob:
     stream: Optional[TalkerStream] = None
     pending: list = field(default_factory=list)
     chunks_sent: int = 0
-    submitted_at: float = field(default_factory=time.monotonic)
-    first_chunk_at: Optional[float] = None
 
 
 class SchedulerObserver:
@@ -60,10 +57,6 @@ class StreamScheduler:
         if self._stopping.is_set():
             raise EngineError("server is shutting down")
         self._incoming.put(job)
-
-    @property
-    def active_count(self) -> int:
-        return len(self._active)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -122,8 +115,6 @@ class StreamScheduler:
         if job.pending and (stream.finished or len(job.pending) >= job.schedule.size(job.chunks_sent)):
             chunk = torch.stack(job.pending)
             job.pending = []
-            if job.first_chunk_at is None:
-                job.first_chunk_at = time.monotonic()
             job.on_chunk(chunk, job.chunks_sent, stream.finished)
             job.chunks_sent += 1
         return stream.finished

@@ -193,10 +193,10 @@ def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
 
     ``preset="tiny"`` shrinks widths and depths; ``"full"`` keeps the real 0.6B sizes (for GPU timing)."""
     import torch
-    from transformers import AutoFeatureExtractor, EncodecFeatureExtractor
+    from transformers import EncodecFeatureExtractor
 
     from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
-    from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration, Qwen3TTSProcessor
+    from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
         }, indent=2))
 
         _train_text_tokenizer(staging)
-        Qwen3TTSProcessor  # the processor is the tokenizer alone; it loads from tokenizer files
+        # The processor is the tokenizer alone; this file only names its class.
         (staging / "preprocessor_config.json").write_text(json.dumps({
             "processor_class": "Qwen3TTSProcessor"}, indent=2))
 

@@ -91,13 +91,14 @@ class VoiceStore:
 
     def list(self) -> list[VoiceInfo]:
         """Voices that have a reference clip; folders without one (e.g. an empty slot) are skipped."""
-        default_id = self.default_id()
-        return [self.info(voice_id, default_id) for voice_id, _ in self._list_raw()]
+        voices = self._list_raw()
+        default_id = self.default_id(voices)
+        return [self.info(voice_id, default_id) for voice_id, _ in voices]
 
-    def default_id(self) -> Optional[str]:
+    def default_id(self, voices: Optional[list[tuple[str, dict]]] = None) -> Optional[str]:
         if self._default_override:
             return self._default_override
-        voices = self._list_raw()
+        voices = self._list_raw() if voices is None else voices
         for voice_id, meta in voices:
             if meta.get("isDefault"):
                 return voice_id
