@@ -12,6 +12,7 @@ import numpy as np
 
 from .decoder import DecoderState, StreamingDecoder, prime
 from .errors import InvalidRequest
+from .recent import RecentIds
 
 
 @dataclass
@@ -31,7 +32,7 @@ class StreamTable:
         self._primed_cache_size = primed_cache_size
         self._lock = threading.Lock()
         self.freed = {"final": 0, "cancelled": 0, "idle": 0}
-        self._cancelled: "OrderedDict[int, None]" = OrderedDict()  # recently cancelled ids, to act once
+        self._cancelled = RecentIds(1024)  # recently cancelled ids, to act once
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -76,12 +77,9 @@ class StreamTable:
 
     def cancel(self, stream_id: int) -> bool:
         """Free a cancelled stream; True the first time this id is cancelled."""
+        if not self._cancelled.add(stream_id):
+            return False
         with self._lock:
-            if stream_id in self._cancelled:
-                return False
-            self._cancelled[stream_id] = None
-            while len(self._cancelled) > 1024:
-                self._cancelled.popitem(last=False)
             if self._streams.pop(stream_id, None) is not None:
                 self.freed["cancelled"] += 1
             return True

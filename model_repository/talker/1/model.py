@@ -12,6 +12,7 @@ from tts_engine import backend
 from tts_engine.errors import Cancelled, InvalidRequest, InvalidText
 from tts_engine.model import load_model
 from tts_engine.prompts import build_prompt
+from tts_engine.recent import RecentIds
 from tts_engine.sampling import SamplingParams
 from tts_engine.scheduler import SchedulerObserver, StreamJob, StreamScheduler
 from tts_engine.talker import ChunkSchedule, SynthesisRequest, TalkerStream
@@ -71,7 +72,7 @@ class TritonPythonModel:
         self._ids = itertools.count(1)
         self._id_prefix = secrets.randbits(31) << 32
         self._id_lock = threading.Lock()
-        self._cancelled: set[int] = set()
+        self._cancelled = RecentIds(4096)  # ids of ended streams are never checked again
         default = self.voices.default_id()
         if default:
             try:  # compute the default voice's prompt and run two steps, so the first request is not slow
@@ -87,10 +88,7 @@ class TritonPythonModel:
 
     def _cancel(self, stream_id: int) -> None:
         """Mark a stream cancelled; the scheduler stops it before its next step."""
-        with self._id_lock:
-            self._cancelled.add(stream_id)
-            while len(self._cancelled) > 4096:  # ids of streams that already ended are never checked again
-                self._cancelled.pop()
+        self._cancelled.add(stream_id)
         self.log.info("cancel requested for stream %x", stream_id)
 
     def _next_stream_id(self) -> int:
