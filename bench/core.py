@@ -22,13 +22,17 @@ TEXT = "Benchmarks measure what users feel: the wait before the first sound, and
 
 
 def in_process(model_dir: str, device: str, dtype: str | None, frames: int, runs: int) -> dict:
+    """The serving loop and the streaming decoder in one process: chunks are decoded as the loop sends them."""
+    import queue
+
     import torch
 
     from tts_engine.decoder import StreamingDecoder, prime
     from tts_engine.model import load_model
     from tts_engine.prompts import build_prompt
     from tts_engine.sampling import SamplingParams
-    from tts_engine.talker import ChunkSchedule, SynthesisRequest, TalkerStream, iter_chunks
+    from tts_engine.scheduler import StreamJob, StreamScheduler
+    from tts_engine.talker import BatchedTalker, ChunkSchedule, SynthesisRequest
     from tts_engine.voices import VoiceStore
 
     loaded = load_model(model_dir, device, dtype)
@@ -37,28 +41,35 @@ def in_process(model_dir: str, device: str, dtype: str | None, frames: int, runs
     _, prompt = store.get_prompt(None)
     decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
     primed = prime(decoder, prompt.ref_code)  # the server caches this per voice too
-    schedule = ChunkSchedule()
+    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=1, max_tokens=frames + 1024), name="bench")
 
     def sync():
         if loaded.device.startswith("cuda"):
             torch.cuda.synchronize()
 
     ttfa, per_frame = [], []
-    for run in range(runs + 1):  # run 0 warms up
-        request = SynthesisRequest(TEXT, prompt, "English", SamplingParams(max_new_tokens=frames, seed=run))
-        start = time.perf_counter()
-        stream = TalkerStream(loaded.tts, request)
-        state = primed.clone()
-        first = None
-        for chunk in iter_chunks(stream, schedule):
-            decoder.decode(state, chunk)
-            sync()
-            if first is None:
-                first = time.perf_counter() - start
-        total = time.perf_counter() - start
-        if run:
-            ttfa.append(first)
-            per_frame.append(total / stream.frames)
+    try:
+        for run in range(runs + 1):  # run 0 warms up
+            request = SynthesisRequest(TEXT, prompt, "English", SamplingParams(max_new_tokens=frames, seed=run))
+            chunks: "queue.Queue" = queue.Queue()
+            start = time.perf_counter()
+            scheduler.submit(StreamJob(request=request, on_chunk=lambda chunk, index, last: chunks.put(chunk),
+                                       on_end=lambda error, job: chunks.put(error or job.stream.frames),
+                                       schedule=ChunkSchedule(), label="bench"))
+            state, first = primed.clone(), None
+            while torch.is_tensor(item := chunks.get(timeout=600)):
+                decoder.decode(state, item)
+                sync()
+                if first is None:
+                    first = time.perf_counter() - start
+            if isinstance(item, BaseException):
+                raise item
+            total = time.perf_counter() - start
+            if run:
+                ttfa.append(first)
+                per_frame.append(total / item)
+    finally:
+        scheduler.stop()
     return {"ttfa_ms": 1000 * statistics.median(ttfa), "per_frame_ms": 1000 * statistics.median(per_frame),
             "rtf": statistics.median(per_frame) * 12.5, "runs": runs, "frames": frames - 1}
 

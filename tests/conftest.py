@@ -46,6 +46,25 @@ def loaded(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def engine(loaded):
+    """The serving loop (the talker's scheduler over the batched talker), as the Triton model runs it."""
+    from tts_engine.scheduler import StreamScheduler
+    from tts_engine.talker import BatchedTalker
+
+    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=16, max_tokens=2048), name="test-talker")
+    yield scheduler
+    scheduler.stop()
+
+
+def generate(loaded, engine, prompt, text: str, language: str = "English", schedule=None, **params):
+    """One utterance through the serving loop: the chunks and finish reason the talker would stream."""
+    from tts_engine.sampling import SamplingParams
+    from tts_engine.talker import SynthesisRequest
+
+    return engine.generate(SynthesisRequest(text, prompt, language, SamplingParams(**params)), schedule)
+
+
+@pytest.fixture(scope="session")
 def icl_prompt(loaded):
     from tts_engine.prompts import build_prompt
 

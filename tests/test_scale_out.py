@@ -45,12 +45,22 @@ async def test_utterances_move_to_the_healthy_endpoint_when_one_dies(two_tritons
             for index in range(4):
                 await send(ws, type="speak", text=f"Spread number {index}.")
                 assert (await collect(ws)).end["cancelled"] is False
-            assert frames(first) > 0 and frames(second) > 0, "both endpoints should have served"
+            # (the talker publishes its metrics every quarter second)
+            assert await wait_until(lambda: frames(first) > 0 and frames(second) > 0, timeout=5), \
+                "both endpoints should have served"
 
-            await send(ws, type="speak", text=LONG * 4, requestId="in-flight")
+            # One long sentence (no sentence break): it stays on one endpoint for seconds.
+            await asyncio.sleep(0.5)  # let the metrics of the utterances above settle
+            served = {s: frames(s) for s in two_tritons}
+            await send(ws, type="speak", text=(LONG.rstrip(".") + ", ") * 3 + "and so on.", requestId="in-flight")
             assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
-            busy = [s for s in two_tritons if scrape_metrics(s.metrics_url)["qwen_tts_talker_active_streams"] > 0]
-            assert len(busy) == 1
+
+            def busy():  # generating now, and for this utterance (metrics lag a quarter second)
+                return [s for s in two_tritons if frames(s) > served[s] and
+                        scrape_metrics(s.metrics_url)["qwen_tts_talker_active_streams"] > 0]
+
+            assert await wait_until(lambda: len(busy()) == 1, timeout=5)
+            busy = busy()
             victim, survivor = busy[0], next(s for s in two_tritons if s is not busy[0])
             victim.kill()
             result = await collect(ws, timeout=30)
@@ -62,7 +72,7 @@ async def test_utterances_move_to_the_healthy_endpoint_when_one_dies(two_tritons
                 await send(ws, type="speak", text=f"After the loss {index}.", requestId=str(index))
                 result = await collect(ws, timeout=60)
                 assert result.end["cancelled"] is False and not result.of_type("error"), result.messages
-            assert frames(survivor) > before
+            assert await wait_until(lambda: frames(survivor) > before, timeout=5)
         async with open_session(gateway.ws) as ws:  # a new session after the loss
             await receive_json(ws)
             await send(ws, type="speak", text="New session, healthy endpoint.")

@@ -11,12 +11,9 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput
 
 from conftest import SAMPLE_RATE, synthetic_reference
+from reference import FLOAT32_TOLERANCE, qwen_kwargs, reference_generation, rms
 from triton_helpers import scrape_metrics, stream, string_input, wait_until
-from tts_engine.decoder import StreamingDecoder
-from tts_engine.prompts import build_prompt
-from tts_engine.sampling import SamplingParams
-from tts_engine.talker import SynthesisRequest, generate_codes
-from tts_engine.voices import VoiceStore
+from tts_engine.tiny_model import EOS_MARKER
 
 LONG_TEXT = "Streaming speech arrives in pieces, and the first piece should come quickly."
 
@@ -30,10 +27,15 @@ async def client(triton):
 
 @pytest.fixture(scope="module")
 def reference_voices(loaded, voices_dir):
-    """The same voice prompts the server uses, computed in this process."""
-    store = VoiceStore(voices_dir, builder=lambda a, sr, t: build_prompt(loaded.tts, a, sr, t),
-                       fingerprint=loaded.fingerprint)
-    return {voice: store.get_prompt(voice)[1] for voice in ("default", "plain")}
+    """Each served voice's prompt, computed here by qwen-tts itself from the reference clip (never the server's)."""
+    prompts = {}
+    for voice in ("default", "plain"):
+        folder = voices_dir / voice
+        transcript = folder / "transcript.txt"
+        ref_text = transcript.read_text().strip() if transcript.is_file() else None
+        prompts[voice] = loaded.tts.create_voice_clone_prompt(
+            ref_audio=str(folder / "reference.wav"), ref_text=ref_text, x_vector_only_mode=ref_text is None)[0]
+    return prompts
 
 
 async def test_tts_streams_many_responses_first_well_before_last(client):
@@ -46,21 +48,67 @@ async def test_tts_streams_many_responses_first_well_before_last(client):
     assert result.audio().size == 149 * 1920  # max_new_tokens - 1 frames, 1920 samples each
 
 
-@pytest.mark.parametrize("voice", ["default", "plain"])
-async def test_tts_audio_equals_engine_one_shot(client, loaded, reference_voices, voice):
-    """Streamed tts audio equals the engine's one-shot generation and decode for the same seed."""
-    params = {"max_new_tokens": 40, "seed": 99}
-    result = await stream(client, "tts", LONG_TEXT, voice=voice, language="English", parameters=params)
+# voice, text, parameters: greedy and seeded, both prompt modes, and a stream that ends at EOS mid-text.
+PARITY_CASES = {
+    "icl greedy": ("default", LONG_TEXT, {"greedy": True, "max_new_tokens": 40}),
+    "icl seeded": ("default", LONG_TEXT, {"seed": 99, "max_new_tokens": 40}),
+    "x-vector seeded": ("plain", LONG_TEXT, {"seed": 5, "top_p": 0.8, "max_new_tokens": 40}),
+    "x-vector EOS": ("plain", f"Hello there {EOS_MARKER} and then some.", {"seed": 3, "max_new_tokens": 40}),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+async def test_talker_codes_equal_qwen_tts(client, loaded, reference_voices, case):
+    """The codes the talker streams equal qwen-tts generate_voice_clone's codes exactly."""
+    voice, text, params = PARITY_CASES[case]
+    result = await stream(client, "talker", text, voice=voice, language="English", parameters=params,
+                          outputs=("codes", "context_codes", "stream_id", "final"))
     assert result.error is None
-    prompt = reference_voices[voice]
-    codes = generate_codes(loaded.tts, SynthesisRequest(LONG_TEXT, prompt, "English",
-                                                        SamplingParams(**params)))
-    decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
-    context = prompt.ref_code if prompt.ref_code is not None else codes[:0]
-    expected = decoder.decode_full(torch.cat([context, codes]))[len(context) * decoder.samples_per_frame:]
+    expected, _ = reference_generation(loaded.tts, reference_voices[voice], text, seed=params.get("seed"),
+                                       **qwen_kwargs(params))
+    assert torch.equal(torch.from_numpy(np.concatenate(result.arrays("codes"))).long(), expected)
+    reference_codes = reference_voices[voice].ref_code
+    context = result.arrays("context_codes")[0]
+    if reference_codes is None:
+        assert context.shape == (0, 16)
+    else:
+        assert torch.equal(torch.from_numpy(context).long(), reference_codes.cpu())
+
+
+@pytest.mark.parametrize("case", ["icl seeded", "x-vector seeded"])
+async def test_tts_audio_equals_qwen_tts_one_shot_decode(client, loaded, reference_voices, case):
+    """Streamed tts audio equals qwen-tts's one-shot decode of reference + generated codes, cut after the
+    reference (generate_voice_clone's own output: one decode for up to 300 frames)."""
+    voice, text, params = PARITY_CASES[case]
+    result = await stream(client, "tts", text, voice=voice, language="English", parameters=params)
+    assert result.error is None
+    _, expected = reference_generation(loaded.tts, reference_voices[voice], text, seed=params.get("seed"),
+                                       **qwen_kwargs(params))
     streamed = result.audio()
-    assert streamed.shape == expected.shape
-    assert np.abs(streamed - expected).max() <= 1e-4
+    assert streamed.shape == expected.shape == (39 * 1920,)
+    level = rms(expected)
+    assert level > 0.05
+    assert np.abs(streamed - expected).max() <= FLOAT32_TOLERANCE * level
+
+
+async def test_eos_before_any_frame_gives_an_empty_final_response(client, triton):
+    """A stream whose first token is EOS (an x-vector voice, text starting with the marker, min_new_tokens 0)
+    ends with one empty final response, and its decoder state is freed."""
+    before = scrape_metrics(triton.metrics_url)
+    params = {"min_new_tokens": 0, "greedy": True, "max_new_tokens": 40}
+    text = f"{EOS_MARKER} Hello there."
+    talker = await stream(client, "talker", text, voice="plain", parameters=params,
+                          outputs=("codes", "context_codes", "stream_id", "final"))
+    assert talker.error is None and len(talker.responses) == 1
+    assert talker.arrays("codes")[0].shape == (0, 16) and bool(talker.arrays("final")[0][0])
+    tts = await stream(client, "tts", text, voice="plain", parameters=params)
+    assert tts.error is None and tts.audio().size == 0
+    eos = 'qwen_tts_talker_streams_total{outcome="eos"}'
+    assert await wait_until(lambda: scrape_metrics(triton.metrics_url)[eos] == before[eos] + 2, timeout=5)
+    after = scrape_metrics(triton.metrics_url)
+    assert after["qwen_tts_decoder_active_streams"] == 0
+    assert after['qwen_tts_decoder_streams_freed_total{reason="final"}'] == \
+        before['qwen_tts_decoder_streams_freed_total{reason="final"}'] + 1
 
 
 async def test_talker_streams_codes_with_stream_control(client, reference_voices):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from conftest import SAMPLE_RATE, synthetic_reference
 from tools.render_model_repository import RenderError, render, resolve
 from tts_engine.codec import StreamTable
-from tts_engine.errors import InvalidRequest, VoiceNotFound
+from tts_engine.errors import InvalidRequest, Overloaded, VoiceNotFound
 from tts_engine.prompts import VoicePrompt
 from tts_engine.scheduler import StreamJob, StreamScheduler
 from tts_engine.talker import ChunkSchedule
@@ -97,89 +98,182 @@ def test_unknown_voice_raises_voice_not_found(tmp_path):
 
 # -- scheduler ---------------------------------------------------------------------------------------------
 
+@dataclass(eq=False)
 class _FakeStream:
-    """Yields ``frames`` frames of zeros, then finishes; counts its steps."""
+    request: "_FakeRequest"
+    length: int = 1
+    frames: int = 0
+    finished: bool = False
+    finish_reason: str = None
 
-    def __init__(self, frames, fail_at=None):
-        self.frames_left, self.frames, self.fail_at = frames, 0, fail_at
-        self.finished, self.finish_reason = False, None
+
+@dataclass
+class _FakeRequest:
+    frames: int
+    fail_at_frame: int = None  # the whole batched step fails when this stream reaches that frame
+    start_error: Exception = None
+
+
+class _FakeTalker:
+    """Stands in for BatchedTalker: each stream yields ``frames`` zero frames; records what it was asked."""
+
+    def __init__(self, slots):
+        self.slots, self.active, self.added, self.batches = slots, [], [], []
+
+    def __len__(self):
+        return len(self.active)
+
+    def add(self, request):
+        self.added.append(request)
+        if request.start_error:
+            raise request.start_error
+        stream = _FakeStream(request)
+        self.active.append(stream)
+        return stream
+
+    def remove(self, stream):
+        self.active.remove(stream)
 
     def step(self):
-        if self.fail_at is not None and self.frames == self.fail_at:
-            raise RuntimeError("boom")
-        self.frames += 1
-        self.frames_left -= 1
-        if self.frames_left == 0:
-            self.finished, self.finish_reason = True, "eos"
-        return torch.zeros(16, dtype=torch.long)
+        self.batches.append(len(self.active))
+        results = []
+        for stream in self.active:
+            if stream.request.fail_at_frame == stream.frames:
+                raise RuntimeError("boom")
+            stream.frames += 1
+            if stream.frames == stream.request.frames:
+                stream.finished, stream.finish_reason = True, "eos"
+            results.append((stream, torch.zeros(16, dtype=torch.long)))
+        return results
 
-    def cancel(self):
-        self.finished, self.finish_reason = True, "cancelled"
 
-
-def _job(name, frames, log, done, cancelled=lambda: False, fail_at=None, start_error=None):
-    def start():
-        if start_error:
-            raise start_error
-        return _FakeStream(frames, fail_at)
-
+def _job(name, request, log, done, cancelled=lambda: False):
     def on_end(error, job):
         log.append((name, "end", type(error).__name__ if error else None))
         done.release()
 
-    return StreamJob(start=start, on_chunk=lambda chunk, i, last: log.append((name, len(chunk), last)),
+    return StreamJob(request=request, on_chunk=lambda chunk, i, last: log.append((name, len(chunk), last)),
                      on_end=on_end, is_cancelled=cancelled, schedule=ChunkSchedule((2, 4)), label=name)
 
 
-def test_scheduler_interleaves_streams_so_short_ones_finish_first():
-    """A short job submitted with a long one ends long before it: steps alternate between streams."""
-    log, done = [], threading.Semaphore(0)
-    scheduler = StreamScheduler(max_active=4)
+def _ends(log):
+    return [entry[0] for entry in log if entry[1] == "end"]
+
+
+def test_scheduler_steps_streams_together_so_short_ones_finish_first():
+    """A short job submitted with a long one ends long before it: every step advances both."""
+    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=4)
+    scheduler = StreamScheduler(talker)
     try:
-        scheduler.submit(_job("long", 200, log, done))
-        scheduler.submit(_job("short", 3, log, done))
+        scheduler.submit(_job("long", _FakeRequest(200), log, done))
+        scheduler.submit(_job("short", _FakeRequest(3), log, done))
         assert done.acquire(timeout=10) and done.acquire(timeout=10)
     finally:
         scheduler.stop()
-    ends = [entry[0] for entry in log if entry[1] == "end"]
-    assert ends == ["short", "long"]
+    assert _ends(log) == ["short", "long"]
     assert [e[1:] for e in log if e[0] == "short"] == [(2, False), (1, True), ("end", None)]
+    assert max(talker.batches) == 2
 
 
 def test_scheduler_ends_each_job_exactly_once_whatever_happens():
-    """Failures at start, mid-stream, and cancellations each end only their own job, once."""
+    """A failure at start and a cancellation each end only their own job, once; the others complete."""
     log, done = [], threading.Semaphore(0)
     flag = threading.Event()
-    scheduler = StreamScheduler(max_active=4)
+    scheduler = StreamScheduler(_FakeTalker(slots=4), cancel_check_interval_s=0)
     try:
-        scheduler.submit(_job("bad-start", 5, log, done, start_error=InvalidRequest("nope")))
-        scheduler.submit(_job("crash", 50, log, done, fail_at=3))
-        scheduler.submit(_job("cancel", 10**9, log, done, cancelled=flag.is_set))
-        scheduler.submit(_job("fine", 5, log, done))
+        scheduler.submit(_job("bad-start", _FakeRequest(5, start_error=InvalidRequest("nope")), log, done))
+        scheduler.submit(_job("cancel", _FakeRequest(10**9), log, done, cancelled=flag.is_set))
+        scheduler.submit(_job("fine", _FakeRequest(5), log, done))
         time.sleep(0.2)
         flag.set()
-        for _ in range(4):
-            assert done.acquire(timeout=10)
-    finally:
-        scheduler.stop()
-    ends = {entry[0]: entry[2] for entry in log if entry[1] == "end"}
-    assert ends == {"bad-start": "InvalidRequest", "crash": "RuntimeError", "cancel": "Cancelled", "fine": None}
-    assert len([e for e in log if e[1] == "end"]) == 4
-
-
-def test_scheduler_limits_active_streams():
-    """Beyond max_active, jobs wait in line and start as others finish."""
-    log, done = [], threading.Semaphore(0)
-    scheduler = StreamScheduler(max_active=1)
-    try:
-        for name in ("a", "b", "c"):
-            scheduler.submit(_job(name, 4, log, done))
         for _ in range(3):
             assert done.acquire(timeout=10)
     finally:
         scheduler.stop()
-    assert [e[0] for e in log if e[1] == "end"] == ["a", "b", "c"]
+    ends = {entry[0]: entry[2] for entry in log if entry[1] == "end"}
+    assert ends == {"bad-start": "InvalidRequest", "cancel": "Cancelled", "fine": None}
+    assert len(_ends(log)) == 3
+
+
+def test_a_failing_step_ends_its_streams_and_the_loop_goes_on():
+    """An exception inside a batched step ends every stream of that step with it; later jobs still run."""
+    log, done = [], threading.Semaphore(0)
+    scheduler = StreamScheduler(_FakeTalker(slots=4))
+    try:
+        scheduler.submit(_job("crash", _FakeRequest(50, fail_at_frame=3), log, done))
+        scheduler.submit(_job("neighbour", _FakeRequest(50), log, done))
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+        scheduler.submit(_job("after", _FakeRequest(5), log, done))
+        assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    ends = {entry[0]: entry[2] for entry in log if entry[1] == "end"}
+    assert ends == {"crash": "RuntimeError", "neighbour": "RuntimeError", "after": None}
+
+
+def test_scheduler_limits_active_streams():
+    """Beyond the talker's slots, jobs wait in line and start as others finish."""
+    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=1)
+    scheduler = StreamScheduler(talker)
+    try:
+        for name in ("a", "b", "c"):
+            scheduler.submit(_job(name, _FakeRequest(4), log, done))
+        for _ in range(3):
+            assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    assert _ends(log) == ["a", "b", "c"]
     assert [e[0] for e in log][:3] == ["a", "a", "a"]  # a ran alone until its end
+    assert max(talker.batches) == 1
+
+
+def test_a_full_waiting_line_is_refused_with_overloaded():
+    """With every slot busy and max_queued jobs waiting, the next submit raises Overloaded at once."""
+    log, done = [], threading.Semaphore(0)
+    scheduler = StreamScheduler(_FakeTalker(slots=1), max_queued=2)
+    try:
+        scheduler.submit(_job("running", _FakeRequest(10**9), log, done, cancelled=lambda: len(log) > 50))
+        time.sleep(0.2)
+        scheduler.submit(_job("w1", _FakeRequest(2), log, done))
+        scheduler.submit(_job("w2", _FakeRequest(2), log, done))
+        with pytest.raises(Overloaded):
+            scheduler.submit(_job("w3", _FakeRequest(2), log, done))
+        for _ in range(3):
+            assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    assert sorted(_ends(log)) == ["running", "w1", "w2"]
+
+
+def test_a_job_that_waited_too_long_is_refused_and_never_started():
+    """A job still waiting after max_queue_wait_s ends with Overloaded without reaching the talker."""
+    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=1)
+    scheduler = StreamScheduler(talker, max_queue_wait_s=0.3)
+    try:
+        until = time.monotonic() + 0.8
+        scheduler.submit(_job("running", _FakeRequest(10**9), log, done, cancelled=lambda: time.monotonic() > until))
+        late = _FakeRequest(2)
+        scheduler.submit(_job("late", late, log, done))
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    assert ("late", "end", "Overloaded") in log and late not in talker.added
+
+
+def test_a_job_cancelled_while_waiting_never_starts():
+    """A job cancelled before a slot frees up ends Cancelled and never reaches the talker."""
+    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=1)
+    gone = threading.Event()
+    scheduler = StreamScheduler(talker)
+    try:
+        scheduler.submit(_job("running", _FakeRequest(200), log, done))
+        waiting = _FakeRequest(2)
+        scheduler.submit(_job("waiting", waiting, log, done, cancelled=gone.is_set))
+        gone.set()
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    assert ("waiting", "end", "Cancelled") in log and waiting not in talker.added
 
 
 # -- decoder stream table ----------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ class Cancelled(EngineError):
     code = "CANCELLED"
 
 
+class Overloaded(EngineError):
+    """Every talker slot is busy and the waiting line is full, or a request waited too long for a slot."""
+
+    code = "OVERLOADED"
+
+
 # One table: every code that can appear in an engine error, and what it means.
 ERROR_CODES = {
     "INVALID_TEXT": "text missing, empty, or too long",
@@ -59,6 +65,7 @@ ERROR_CODES = {
     "INVALID_AUDIO": "reference audio unusable (too short, too long, silent, bad sample rate)",
     "MODEL_LOADING": "model directory missing or incomplete",
     "CANCELLED": "the request was cancelled by the client",
+    "OVERLOADED": "the talker is at capacity and its waiting line is full (or the wait was too long)",
     "SYNTHESIS_ERROR": "unexpected failure inside the model",
 }
 

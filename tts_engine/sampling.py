@@ -1,9 +1,12 @@
-"""Sampling parameters of one synthesis request, validated once at the edge."""
+"""Sampling: the parameters of one request (validated once at the edge), and token choice for a batch of
+streams that gives each row exactly what HF ``generate`` would give it alone, random stream included."""
 from __future__ import annotations
 
 import json
+import math
+import secrets
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from .errors import InvalidRequest
 
@@ -20,6 +23,7 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.05
     max_new_tokens: int = 2048
+    min_new_tokens: int = 2  # EOS is suppressed until this many tokens are sampled (qwen-tts fixes it at 2)
     seed: Optional[int] = None
     greedy: bool = False
     subtalker_temperature: float = 0.9
@@ -50,6 +54,8 @@ class SamplingParams:
         check("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "0 < repetition_penalty <= 10")
         check("max_new_tokens", 1 <= self.max_new_tokens <= max_new_tokens_limit,
               f"1 <= max_new_tokens <= {max_new_tokens_limit}")
+        check("min_new_tokens", 0 <= self.min_new_tokens <= max_new_tokens_limit,
+              f"0 <= min_new_tokens <= {max_new_tokens_limit}")
         if self.seed is not None:
             check("seed", 0 <= self.seed < 2**63, "0 <= seed < 2**63")
         return self
@@ -103,3 +109,96 @@ def _coerce(name: str, raw: Any, annotation: Any) -> Any:
     else:
         return raw
     raise InvalidRequest(f"parameter '{name}' has the wrong type: {raw!r}")
+
+
+# -- choosing tokens for a batch of streams ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Warp:
+    """HF's sampling warpers for one row, in HF's order and under its conditions (skipped when neutral)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+
+    def apply(self, scores):
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+        if self.temperature != 1.0:
+            scores = TemperatureLogitsWarper(self.temperature)(None, scores)
+        if self.top_k != 0:
+            scores = TopKLogitsWarper(top_k=self.top_k, min_tokens_to_keep=1)(None, scores)
+        if self.top_p < 1.0:
+            scores = TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1)(None, scores)
+        return scores
+
+
+def new_generator(device, seed: Optional[int]):
+    """A request's own RNG (seeded, or random when no seed is given)."""
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return generator
+
+
+def draw_uniforms(generator, count: int):
+    """``count`` uniform doubles from ``generator``: the numbers ``torch.multinomial`` would consume.
+
+    CPU multinomial (one sample) draws ``q = Exponential(1)`` per vocabulary entry, each one uniform double
+    ``u`` turned into ``-log1p(-u)``, and returns ``argmax(p / q)``. Drawing the uniforms of several
+    consecutive draws in one call gives the same numbers and leaves the generator in the same state."""
+    import torch
+
+    return torch.rand(count, dtype=torch.float64, generator=generator, device=generator.device)
+
+
+def sample_with_uniforms(probs, uniforms):
+    """``torch.multinomial(probs[r], 1)`` for every row, from each row's uniforms ([rows, vocab] float64).
+
+    Entries with probability 0 cannot win, so the logarithm is taken only where p > 0."""
+    import torch
+
+    noise = torch.ones_like(probs)
+    keep = probs > 0
+    noise[keep] = (-torch.log1p(-uniforms[keep])).to(probs.dtype)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def choose_tokens(scores, warps: Sequence[Optional[Warp]], uniforms: Sequence):
+    """One token per row: argmax where ``warps[r]`` is None (greedy), else sampled after the row's warpers
+    with the row's uniforms. Rows sharing warpers are warped together by HF's own processors."""
+    import torch
+
+    tokens = torch.argmax(scores, dim=-1)
+    sampled = [row for row, warp in enumerate(warps) if warp is not None]
+    if not sampled:
+        return tokens
+    groups: dict[Warp, list[int]] = {}
+    for row in sampled:
+        groups.setdefault(warps[row], []).append(row)
+    for warp, rows in groups.items():
+        index = torch.tensor(rows, device=scores.device)
+        probs = torch.softmax(warp.apply(scores[index]), dim=-1)
+        tokens[index] = sample_with_uniforms(probs, torch.stack([uniforms[row] for row in rows]))
+    return tokens
+
+
+def penalise_repeats(scores, seen, penalties: Sequence[float]):
+    """HF's repetition penalty per row: tokens in ``seen[r]`` (a [vocab] mask) get ``penalties[r]``."""
+    import torch
+
+    groups: dict[float, list[int]] = {}
+    for row, penalty in enumerate(penalties):
+        if penalty != 1.0:
+            groups.setdefault(penalty, []).append(row)
+    for penalty, rows in groups.items():
+        index = torch.tensor(rows, device=scores.device)
+        rows_scores = scores[index]
+        penalised = torch.where(rows_scores < 0, rows_scores * penalty, rows_scores / penalty)
+        scores[index] = torch.where(seen[index], penalised, rows_scores)
+    return scores
+
+
+NEG_INF = -math.inf

@@ -1,62 +1,139 @@
-"""Runs many talker streams on one model from one thread, one step each in turn.
+"""The serving loop: admits queued requests into the batched talker and steps every active stream at once.
 
-Round-robin stepping means a new short request gets its first chunk after a few steps, however long
-the other streams are; a single worker thread also keeps torch and the model free of concurrent use.
-Batching the active streams into one forward per step is the natural next stage of this loop.
+One thread owns the talker. Each iteration it admits waiting jobs (bounded prefill work, so running streams
+never stall for long), drops cancelled ones, runs one batched step, and hands each stream's frames to its
+chunker. A new stream's first chunk therefore comes a couple of steps after its prefill, whatever else
+runs. Requests beyond capacity wait in a bounded FIFO queue; a full queue or a too-long wait is refused.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from .errors import Cancelled, EngineError
-from .talker import ChunkSchedule, TalkerStream
+from .errors import Cancelled, EngineError, Overloaded
+from .talker import NUM_CODE_GROUPS, BatchedTalker, ChunkSchedule, SynthesisRequest, TalkerStream
 
 log = logging.getLogger(__name__)
+OUTCOMES = ("eos", "max_new_tokens", "cancelled", "rejected", "error")
 
 
-@dataclass
+class Chunker:
+    """Groups one stream's frames into chunks of the scheduled sizes; the last chunk takes the remainder."""
+
+    def __init__(self, schedule: ChunkSchedule):
+        self.schedule = schedule
+        self.pending: list[torch.Tensor] = []
+        self.chunks_sent = 0
+
+    def add(self, frame: Optional[torch.Tensor], finished: bool) -> Optional[torch.Tensor]:
+        """Take the step's frame (None when the step produced none); returns a [n,16] chunk when one is due."""
+        if frame is not None:
+            self.pending.append(frame)
+        if self.pending and (finished or len(self.pending) >= self.schedule.size(self.chunks_sent)):
+            chunk = torch.stack(self.pending)
+            self.pending = []
+            self.chunks_sent += 1
+            return chunk
+        return None
+
+
+@dataclass(eq=False)
 class StreamJob:
-    """One request: how to create its stream, and where its chunks and its end go."""
+    """One request: what to synthesise, and where its chunks and its end go."""
 
-    start: Callable[[], TalkerStream]  # builds the stream (prompt, prefill inputs); may raise EngineError
+    request: SynthesisRequest
     on_chunk: Callable[[torch.Tensor, int, bool], None]  # (codes [n,16], chunk index, is_last)
     on_end: Callable[[Optional[BaseException], "StreamJob"], None]  # called exactly once
     is_cancelled: Callable[[], bool] = lambda: False
     schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
     label: str = ""
+    submitted: float = field(default_factory=time.monotonic)
     stream: Optional[TalkerStream] = None
-    pending: list = field(default_factory=list)
-    chunks_sent: int = 0
+    chunker: Optional[Chunker] = None
+    cancel_checked: float = 0.0
+    ended: bool = False
 
 
-class SchedulerObserver:
-    """Hooks for metrics; all are called from the scheduler thread only."""
+@dataclass
+class Generation:
+    """Everything one job produced: its chunks in order and why it ended."""
 
-    def on_frames(self, count: int) -> None: ...
-    def on_end(self, job: StreamJob, outcome: str) -> None: ...
-    def on_active(self, count: int) -> None: ...
+    chunks: list = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """All frames, [frames, 16] (zero rows when the stream ended before its first frame)."""
+        return torch.cat(self.chunks) if self.chunks else torch.zeros((0, NUM_CODE_GROUPS), dtype=torch.long)
+
+
+@dataclass
+class SchedulerStats:
+    """Plain counters the loop updates; a metrics thread reads them (no call leaves the loop)."""
+
+    frames: int = 0
+    steps: int = 0
+    step_rows: int = 0  # sum of batch sizes: / steps = mean batch
+    step_seconds: float = 0.0
+    active: int = 0
+    queued: int = 0
+    outcomes: Counter = field(default_factory=Counter)
 
 
 class StreamScheduler:
-    def __init__(self, max_active: int = 16, observer: Optional[SchedulerObserver] = None, name: str = "talker"):
-        self.max_active = max_active
-        self.observer = observer or SchedulerObserver()
+    def __init__(self, talker: BatchedTalker, max_queued: int = 64, max_queue_wait_s: float = 30.0,
+                 prefill_tokens_per_step: int = 512, cancel_check_interval_s: float = 0.05, name: str = "talker"):
+        self.talker = talker
+        self.max_queued = max_queued
+        self.max_queue_wait_s = max_queue_wait_s
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.cancel_check_interval_s = cancel_check_interval_s
+        self.stats = SchedulerStats()
         self._incoming: "queue.Queue[Optional[StreamJob]]" = queue.Queue()
-        self._active: list[StreamJob] = []
+        self._jobs: dict[TalkerStream, StreamJob] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def capacity(self) -> int:
+        return self.talker.slots
+
     def submit(self, job: StreamJob) -> None:
+        """Queue a job; raises Overloaded when ``max_queued`` jobs are already waiting."""
         if self._stopping.is_set():
             raise EngineError("server is shutting down")
+        if self._incoming.qsize() >= self.max_queued:
+            raise Overloaded(f"{self.max_queued} requests are already waiting for the talker; try again shortly")
         self._incoming.put(job)
+        self.stats.queued = self._incoming.qsize()
+
+    def generate(self, request: SynthesisRequest, schedule: Optional[ChunkSchedule] = None,
+                 timeout: float = 300.0, is_cancelled: Callable[[], bool] = lambda: False) -> Generation:
+        """Run one request to its end through this serving loop and collect its chunks (tests, bench,
+        warm-up). Raises the error the stream ended with."""
+        result, ended, failure = Generation(), threading.Event(), []
+
+        def on_end(error, job):
+            result.finish_reason = job.stream.finish_reason if job.stream is not None else None
+            failure.append(error)
+            ended.set()
+
+        self.submit(StreamJob(request=request, on_chunk=lambda chunk, index, last: result.chunks.append(chunk),
+                              on_end=on_end, is_cancelled=is_cancelled, schedule=schedule or ChunkSchedule(),
+                              label="generate"))
+        if not ended.wait(timeout):
+            raise TimeoutError(f"generation did not end within {timeout:g} s")
+        if failure[0] is not None:
+            raise failure[0]
+        return result
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -65,31 +142,18 @@ class StreamScheduler:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
-        block = not self._active
-        while len(self._active) < self.max_active:
-            try:
-                job = self._incoming.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return
-            if job is None:
-                return
-            block = False
-            self._active.append(job)
-            self.observer.on_active(len(self._active))
-
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._admit()
-            for job in list(self._active):
-                try:
-                    done = self._advance(job)
-                except BaseException as exc:  # every failure ends that job only, never the loop
+            try:
+                self._admit()
+                self._drop_cancelled()
+                if self.talker.active:
+                    self._step()
+            except BaseException as exc:  # a bug in the step fails the streams in it, never the loop
+                log.exception("talker step failed")
+                for job in list(self._jobs.values()):
                     self._end(job, exc)
-                else:
-                    if done:
-                        self._end(job, None)
-        for job in list(self._active):
+        for job in list(self._jobs.values()):
             self._end(job, EngineError("server is shutting down"))
         while True:  # fail jobs that were never admitted
             try:
@@ -99,42 +163,92 @@ class StreamScheduler:
             if job is not None:
                 self._end(job, EngineError("server is shutting down"))
 
-    def _advance(self, job: StreamJob) -> bool:
-        """One step of one job; True when the job is finished."""
-        if job.is_cancelled():
-            if job.stream is not None:
-                job.stream.cancel()
-            raise Cancelled(f"cancelled after {job.stream.frames if job.stream else 0} frames")
-        if job.stream is None:
-            job.stream = job.start()
-        stream = job.stream
-        frame = stream.step()
-        if frame is not None:
-            job.pending.append(frame)
-            self.observer.on_frames(1)
-        if job.pending and (stream.finished or len(job.pending) >= job.schedule.size(job.chunks_sent)):
-            chunk = torch.stack(job.pending)
-            job.pending = []
-            job.on_chunk(chunk, job.chunks_sent, stream.finished)
-            job.chunks_sent += 1
-        return stream.finished
+    def _admit(self) -> None:
+        """Start waiting jobs while rows are free, within this step's prefill budget (at least one job)."""
+        budget = self.prefill_tokens_per_step
+        block = not self.talker.active
+        while len(self.talker) < self.talker.slots and budget > 0:
+            try:
+                job = self._incoming.get(block=block, timeout=0.2 if block else None)
+            except queue.Empty:
+                break
+            if job is None:
+                break
+            block = False
+            if self._check_cancelled(job, force=True):
+                self._end(job, Cancelled("cancelled before it started"))
+                continue
+            waited = time.monotonic() - job.submitted
+            if waited > self.max_queue_wait_s:
+                self._end(job, Overloaded(f"waited {waited:.0f} s for a free talker slot; try again shortly"))
+                continue
+            try:
+                job.stream = self.talker.add(job.request)
+            except BaseException as exc:
+                self._end(job, exc)
+                continue
+            budget -= job.stream.length
+            job.chunker = Chunker(job.schedule)
+            self._jobs[job.stream] = job
+            if job.stream.finished:  # EOS or max_new_tokens before any frame
+                self._end(job, None)
+        self.stats.queued = self._incoming.qsize()
+        self.stats.active = len(self.talker)
+
+    def _check_cancelled(self, job: StreamJob, force: bool = False) -> bool:
+        """Ask the job (at most every ``cancel_check_interval_s``: the check may be a call to another process)."""
+        now = time.monotonic()
+        if not force and now - job.cancel_checked < self.cancel_check_interval_s:
+            return False
+        job.cancel_checked = now
+        return job.is_cancelled()
+
+    def _drop_cancelled(self) -> None:
+        for job in list(self._jobs.values()):
+            if self._check_cancelled(job):
+                self._end(job, Cancelled(f"cancelled after {job.stream.frames} frames"))
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        results = self.talker.step()
+        stats = self.stats
+        stats.step_seconds += time.perf_counter() - started
+        stats.steps += 1
+        stats.step_rows += len(results)
+        stats.frames += len(results)
+        for stream, frame in results:
+            job = self._jobs[stream]
+            chunk = job.chunker.add(frame, stream.finished)
+            if chunk is not None:
+                try:
+                    job.on_chunk(chunk, job.chunker.chunks_sent - 1, stream.finished)
+                except BaseException as exc:  # a failing consumer ends its own stream only
+                    self._end(job, exc)
+                    continue
+            if stream.finished:
+                self._end(job, None)
 
     def _end(self, job: StreamJob, error: Optional[BaseException]) -> None:
-        if job in self._active:
-            self._active.remove(job)
-            self.observer.on_active(len(self._active))
+        if job.ended:
+            return
+        job.ended = True
+        stream = job.stream
+        if stream is not None and self._jobs.pop(stream, None) is not None:
+            self.talker.remove(stream)
+        self.stats.active = len(self.talker)
         if error is None:
-            outcome = job.stream.finish_reason if job.stream else "ok"
+            outcome = stream.finish_reason if stream else "eos"
         elif isinstance(error, Cancelled):
             outcome = "cancelled"
         elif isinstance(error, EngineError):
             outcome = "rejected"
         else:
             outcome = "error"
-            log.exception("stream %s failed", job.label, exc_info=error)
+            log.error("stream %s failed: %s", job.label, error, exc_info=error)
         if outcome == "cancelled":
-            log.info("stream %s cancelled after %d frames", job.label, job.stream.frames if job.stream else 0)
+            log.info("stream %s cancelled after %d frames", job.label, stream.frames if stream else 0)
+        self.stats.outcomes[outcome] += 1
         try:
-            self.observer.on_end(job, outcome)
-        finally:
             job.on_end(error, job)
+        except Exception:  # the callback's failure must not take the loop down
+            log.exception("stream %s: end callback failed", job.label)

@@ -1,31 +1,25 @@
-"""Incremental codec-frame generation for one utterance, exactly equal to qwen-tts ``generate``.
+"""Codec-frame generation for many utterances at once, each exactly equal to qwen-tts ``generate``.
 
 The prompt embeddings are built by qwen-tts itself (its ``generate`` runs up to the point where it would
-hand over to HF ``generate``); the decoding loop is ours, so that it can yield frame by frame, check for
-cancellation between steps, use a per-request RNG, and keep no state on the shared model object (the
-upstream talker stores ``rope_deltas`` on the module, which breaks concurrent streams).
+hand over to HF ``generate``). The decoding loop is ours: every active stream advances one frame per step
+in one batched talker forward (a per-slot KV cache, each row at its own length) and 15 batched code
+predictor forwards; each row keeps its own sampling parameters and RNG, drawn in qwen-tts's order, so a
+stream's codes do not depend on its neighbours. No state lives on the shared model object (the upstream
+talker stores ``rope_deltas`` on the module, which breaks concurrent streams).
 """
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.generation.logits_process import (
-    MinNewTokensLengthLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    SuppressTokensLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from .errors import Cancelled, InvalidText, UnsupportedLanguage
+from .errors import InvalidRequest, InvalidText, UnsupportedLanguage
+from .kv_cache import SlotKVCache
 from .prompts import VoicePrompt
-from .sampling import SamplingParams
+from .sampling import SamplingParams, Warp, choose_tokens, draw_uniforms, new_generator, penalise_repeats
 
 log = logging.getLogger(__name__)
 NUM_CODE_GROUPS = 16
@@ -128,192 +122,210 @@ def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
     raise RuntimeError("qwen-tts generate did not reach the talker")  # pragma: no cover
 
 
-def _new_generator(device: torch.device, seed: Optional[int]) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return generator
-
-
-def _warpers(temperature: float, top_k: int, top_p: float) -> list:
-    """The warpers HF ``generate`` adds for sampling, in its order and under its conditions."""
-    warpers = []
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
-    return warpers
-
-
-def _choose(scores: torch.Tensor, history: torch.Tensor, processors: list, do_sample: bool,
-            generator: torch.Generator) -> torch.Tensor:
-    for processor in processors:
-        scores = processor(history, scores)
-    if not do_sample:
-        return torch.argmax(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
+@dataclass(eq=False)
 class TalkerStream:
-    """One utterance being generated: ``step()`` returns the next [16] frame, or None when finished."""
+    """One utterance in the batch: its request, where its row is, and how far it got."""
 
-    def __init__(self, tts, request: SynthesisRequest):
-        self.request = request
-        self.params = request.params
+    request: SynthesisRequest
+    row: int
+    length: int  # tokens in its KV cache
+    trailing_text: torch.Tensor  # [text tokens, hidden]: one is added to each step's input, then tts_pad
+    tts_pad: torch.Tensor  # [hidden]
+    generator: Optional[torch.Generator]
+    code0_warp: Optional[Warp]  # None: greedy
+    subcode_warp: Optional[Warp]
+    generated: int = 0  # code-0 tokens sampled so far (frames + the next one)
+    frames: int = 0
+    finished: bool = False
+    finish_reason: Optional[str] = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def text_input(self) -> torch.Tensor:
+        """What this step adds to the codec embeddings: the next text token, or tts_pad after the text."""
+        return self.trailing_text[self.frames] if self.frames < self.trailing_text.shape[0] else self.tts_pad
+
+    def uniforms(self, subcodes: bool, code0: bool, sub_vocab: int, vocab: int):
+        """This step's random numbers in qwen-tts's order: 15 sub-code draws, then one code-0 draw."""
+        sub_count = (NUM_CODE_GROUPS - 1) * sub_vocab if subcodes and self.subcode_warp else 0
+        code0_count = vocab if code0 and self.code0_warp else 0
+        if not sub_count + code0_count:
+            return None, None
+        drawn = draw_uniforms(self.generator, sub_count + code0_count)
+        sub = drawn[:sub_count].view(NUM_CODE_GROUPS - 1, sub_vocab) if sub_count else None
+        return sub, (drawn[sub_count:] if code0_count else None)
+
+
+def _warp(do_sample: bool, temperature: float, top_k: int, top_p: float) -> Optional[Warp]:
+    return Warp(temperature, top_k, top_p) if do_sample else None
+
+
+class BatchedTalker:
+    """The talker and code predictor over up to ``slots`` streams: ``add`` prefills one stream, ``step``
+    advances all of them by one frame, ``remove`` frees a row. Not thread-safe: one thread drives it."""
+
+    def __init__(self, tts, slots: int = 16, max_tokens: int = 5120):
         model = tts.model
+        self.tts = tts
         self.talker = model.talker
         self.predictor = model.talker.code_predictor
         self.device = self.talker.device
-        inputs = build_talker_inputs(tts, request)
-        self._inputs_embeds = inputs["inputs_embeds"]
-        self._trailing_text = inputs["trailing_text_hidden"]
-        self._tts_pad_embed = inputs["tts_pad_embed"]
-        self.eos_token_id = int(inputs["eos_token_id"])
-        self.max_new_tokens = int(inputs["max_new_tokens"])
-        params = self.params
-        # Same logits processors as qwen-tts passes to HF generate for the talker (code 0).
-        self._processors = []
-        if params.repetition_penalty != 1.0:
-            self._processors.append(RepetitionPenaltyLogitsProcessor(penalty=params.repetition_penalty))
-        self._processors.append(MinNewTokensLengthLogitsProcessor(
-            prompt_length_to_skip=0, min_new_tokens=int(inputs["min_new_tokens"]), eos_token_id=self.eos_token_id,
-            device=self.device))
-        self._processors.append(SuppressTokensLogitsProcessor(inputs["suppress_tokens"], device=self.device))
-        if params.do_sample:
-            self._processors += _warpers(params.temperature, params.top_k, params.top_p)
-        self._sub_warpers = _warpers(params.subtalker_temperature, params.subtalker_top_k,
-                                     params.subtalker_top_p) if params.subtalker_do_sample else []
-        self.generator = _new_generator(self.device, params.seed)
-        self._cache = DynamicCache(config=self.talker.config)
-        self._history = torch.zeros((1, 0), dtype=torch.long, device=self.device)  # sampled code-0 tokens
-        self._next_token: Optional[torch.Tensor] = None
-        self._past_hidden: Optional[torch.Tensor] = None
-        self._seq_len = 0
-        self.frames = 0
-        self.finished = False
-        self.finish_reason: Optional[str] = None
+        config = self.talker.config
+        self.slots, self.max_tokens = slots, max_tokens
+        self.vocab = config.vocab_size
+        self.sub_vocab = self.predictor.config.vocab_size
+        self.eos = config.codec_eos_token_id
+        self.cache = SlotKVCache(config, slots, max_tokens, self.device, self.talker.dtype)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.past_hidden = torch.zeros(slots, config.hidden_size, dtype=self.talker.dtype, device=self.device)
+        self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)  # code-0 tokens so far
+        suppressed = [i for i in range(self.vocab - 1024, self.vocab) if i != self.eos]  # as qwen-tts generate
+        self.suppress = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        self.suppress[suppressed] = True
+        self.active: list[TalkerStream] = []
+        log.info("talker KV cache: %d slots x %d tokens = %.1f MiB (%s on %s)", slots, max_tokens,
+                 self.cache.nbytes / 2**20, str(self.talker.dtype).replace("torch.", ""), self.device)
 
-    @property
-    def prompt_frames(self) -> int:
-        return int(self._inputs_embeds.shape[1])
+    def __len__(self) -> int:
+        return len(self.active)
 
-    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        new = embeds.shape[1]
-        positions = torch.arange(self._seq_len, self._seq_len + new, device=self.device)
-        out = self.talker.model(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones((1, self._seq_len + new), dtype=torch.long, device=self.device),
-            position_ids=positions.view(1, 1, -1).expand(3, 1, -1),
-            past_key_values=self._cache,
-            cache_position=positions,
-            use_cache=True,
-        )
-        self._seq_len += new
+    # -- admission ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, request: SynthesisRequest) -> TalkerStream:
+        """Build the prompt (qwen-tts's construction), prefill it alone and sample its first code 0.
+
+        The stream may come back already finished (EOS or max_new_tokens before any frame)."""
+        if len(self.active) >= self.slots:
+            raise RuntimeError("no free talker slot")  # the scheduler admits within capacity
+        inputs = build_talker_inputs(self.tts, request)
+        embeds, params = inputs["inputs_embeds"], request.params
+        length = embeds.shape[1]
+        if length + params.max_new_tokens > self.max_tokens:
+            raise InvalidRequest(f"prompt of {length} tokens + max_new_tokens {params.max_new_tokens} exceeds "
+                                 f"the talker's {self.max_tokens}-token context")
+        cache = DynamicCache(config=self.talker.config)
+        positions = torch.arange(length, device=self.device)
+        out = self.talker.model(inputs_embeds=embeds, attention_mask=torch.ones((1, length), dtype=torch.long,
+                                                                                 device=self.device),
+                                position_ids=positions.view(1, 1, -1).expand(3, 1, -1), past_key_values=cache,
+                                cache_position=positions, use_cache=True)
+        row = len(self.active)
+        self.cache.store(row, cache)
         hidden = out.last_hidden_state
-        self._past_hidden = hidden[:, -1:, :]
-        return self.talker.codec_head(hidden)[:, -1, :].to(dtype=torch.float32)
+        self.past_hidden[row] = hidden[0, -1]
+        self.seen[row] = False
+        sampled = params.do_sample or params.subtalker_do_sample
+        stream = TalkerStream(
+            request=request, row=row, length=length, trailing_text=inputs["trailing_text_hidden"][0],
+            tts_pad=inputs["tts_pad_embed"].reshape(-1),
+            generator=new_generator(self.device, params.seed) if sampled else None,
+            code0_warp=_warp(params.do_sample, params.temperature, params.top_k, params.top_p),
+            subcode_warp=_warp(params.subtalker_do_sample, params.subtalker_temperature, params.subtalker_top_k,
+                               params.subtalker_top_p))
+        _, uniforms = stream.uniforms(False, True, self.sub_vocab, self.vocab)
+        logits = self.talker.codec_head(hidden)[:, -1, :].to(dtype=torch.float32)
+        token = self._choose_code0(logits, [stream], [uniforms], rows=slice(row, row + 1))
+        self.active.append(stream)
+        self._record(stream, int(token[0]))
+        return stream
 
-    def _sample_code0(self, scores: torch.Tensor) -> None:
-        token = _choose(scores, self._history, self._processors, self.params.do_sample, self.generator)
-        self._history = torch.cat([self._history, token[:, None]], dim=-1)
-        self._next_token = token
-        if int(token) == self.eos_token_id:
-            self._finish("eos")
-        elif self._history.shape[1] >= self.max_new_tokens:
-            # HF stops once max_new_tokens are sampled; the last one never becomes a frame.
-            self._finish("max_new_tokens")
+    def remove(self, stream: TalkerStream) -> None:
+        """Free a stream's row; the last row moves into it so active rows stay 0..B-1."""
+        row, last = stream.row, len(self.active) - 1
+        if self.active[row] is not stream:
+            raise ValueError("stream is not active")
+        if row != last:
+            moved = self.active[last]
+            self.cache.move(last, row, moved.length)
+            self.next_tokens[row] = self.next_tokens[last]
+            self.past_hidden[row] = self.past_hidden[last]
+            self.seen[row] = self.seen[last]
+            moved.row = row
+            self.active[row] = moved
+        self.active.pop()
 
-    def _predict_subcodes(self, last_id_hidden: torch.Tensor) -> torch.Tensor:
-        """Codes 1..15 for the current frame: the code predictor's own small autoregressive loop."""
-        predictor = self.predictor
-        embeds = predictor.small_to_mtp_projection(torch.cat((self._past_hidden, last_id_hidden), dim=1))
+    # -- one step for every active stream -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[TalkerStream, torch.Tensor]]:
+        """Advance every unfinished active stream by one frame: [(stream, its 16 codes on the CPU)]."""
+        streams = [s for s in self.active if not s.finished]
+        if not streams:
+            return []
+        if len(streams) != len(self.active):
+            raise RuntimeError("finished streams must be removed before the next step")
+        batch = len(streams)
+        draws = [s.uniforms(True, True, self.sub_vocab, self.vocab) for s in streams]
+        tokens = self.next_tokens[:batch]
+        last_id_hidden = self.talker.get_input_embeddings()(tokens[:, None])  # [B, 1, H]
+        subcodes = self._predict_subcodes(self.past_hidden[:batch, None], last_id_hidden, streams,
+                                          [d[0] for d in draws])  # [B, 15]
+        frames = torch.cat([tokens[:, None], subcodes], dim=-1)  # [B, 16]
+        tables = self.predictor.get_input_embeddings()
+        embeds = torch.cat([last_id_hidden] + [tables[i](subcodes[:, i:i + 1]) for i in range(NUM_CODE_GROUPS - 1)],
+                           dim=1).sum(1, keepdim=True)
+        embeds = embeds + torch.stack([s.text_input() for s in streams])[:, None, :]
+        lengths = torch.tensor([s.length for s in streams], device=self.device)
+        self.cache.begin_step(lengths)
+        view = self.cache.view_length
+        mask = (torch.arange(view, device=self.device)[None, :] <= lengths[:, None]).long()
+        out = self.talker.model(inputs_embeds=embeds, attention_mask=mask,
+                                position_ids=lengths.view(1, batch, 1).expand(3, batch, 1), past_key_values=self.cache,
+                                cache_position=torch.tensor([view - 1], device=self.device), use_cache=True)
+        hidden = out.last_hidden_state
+        self.past_hidden[:batch] = hidden[:, -1]
+        logits = self.talker.codec_head(hidden)[:, -1, :].to(dtype=torch.float32)
+        new_tokens = self._choose_code0(logits, streams, [d[1] for d in draws], rows=slice(0, batch)).tolist()
+        frames = frames.cpu()
+        for stream, token in zip(streams, new_tokens):
+            stream.length += 1
+            stream.frames += 1
+            self._record(stream, token)
+        return list(zip(streams, frames))
+
+    def _predict_subcodes(self, past_hidden, last_id_hidden, streams, uniforms) -> torch.Tensor:
+        """Codes 1..15 of the current frames: the code predictor's own small loop, all rows in lockstep."""
+        predictor, batch = self.predictor, past_hidden.shape[0]
+        embeds = predictor.small_to_mtp_projection(torch.cat((past_hidden, last_id_hidden), dim=1))
         cache = DynamicCache(config=predictor.config)
-        seq_len = 0
-        codes = []
-        history = torch.zeros((1, 0), dtype=torch.long, device=self.device)
-        do_sample = self.params.subtalker_do_sample
+        seq_len, codes = 0, []
+        warps = [s.subcode_warp for s in streams]
+        tables = predictor.model.get_input_embeddings()
         for group in range(NUM_CODE_GROUPS - 1):
             new = embeds.shape[1]
             positions = torch.arange(seq_len, seq_len + new, device=self.device)
-            out = predictor.model(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones((1, seq_len + new), dtype=torch.long, device=self.device),
-                position_ids=positions.unsqueeze(0),
-                past_key_values=cache,
-                cache_position=positions,
-                use_cache=True,
-            )
+            out = predictor.model(inputs_embeds=embeds,
+                                  attention_mask=torch.ones((batch, seq_len + new), dtype=torch.long,
+                                                            device=self.device),
+                                  position_ids=positions.unsqueeze(0), past_key_values=cache, cache_position=positions,
+                                  use_cache=True)
             seq_len += new
             logits = predictor.lm_head[group](out.last_hidden_state)[:, -1, :].to(dtype=torch.float32)
-            token = _choose(logits, history, self._sub_warpers, do_sample, self.generator)
-            history = torch.cat([history, token[:, None]], dim=-1)
+            token = choose_tokens(logits, warps, [u[group] if u is not None else None for u in uniforms])
             codes.append(token)
             if group < NUM_CODE_GROUPS - 2:
-                embeds = predictor.small_to_mtp_projection(
-                    predictor.model.get_input_embeddings()[group](token[:, None]))
-        return torch.stack(codes, dim=-1)  # [1, 15]
+                embeds = predictor.small_to_mtp_projection(tables[group](token[:, None]))
+        return torch.stack(codes, dim=-1)
 
-    @torch.inference_mode()
-    def step(self) -> Optional[torch.Tensor]:
-        """Advance one frame; returns its 16 codes (int64, on the model's device) or None when done."""
-        if self._next_token is None and not self.finished:
-            self._sample_code0(self._forward(self._inputs_embeds))
-        if self.finished:
-            return None
-        token = self._next_token
-        last_id_hidden = self.talker.get_input_embeddings()(token[:, None])  # [1, 1, H]
-        subcodes = self._predict_subcodes(last_id_hidden)
-        frame = torch.cat([token[:, None], subcodes], dim=-1)  # [1, 16]
-        embed_tables = self.predictor.get_input_embeddings()
-        hiddens = [last_id_hidden] + [embed_tables[i](subcodes[:, i:i + 1]) for i in range(NUM_CODE_GROUPS - 1)]
-        embeds = torch.cat(hiddens, dim=1).sum(1, keepdim=True)
-        text_step = self.frames
-        if text_step < self._trailing_text.shape[1]:
-            embeds = embeds + self._trailing_text[:, text_step].unsqueeze(1)
-        else:
-            embeds = embeds + self._tts_pad_embed
-        self.frames += 1
-        self._sample_code0(self._forward(embeds))
-        return frame[0]
+    def _choose_code0(self, logits, streams, uniforms, rows: slice) -> torch.Tensor:
+        """The processors qwen-tts gives HF generate for code 0, per row: repetition penalty, min_new_tokens,
+        suppressed control ids, then the warpers (sampled rows) or argmax (greedy rows)."""
+        scores = penalise_repeats(logits, self.seen[rows], [s.params.repetition_penalty for s in streams])
+        early = [i for i, s in enumerate(streams) if s.generated < s.params.min_new_tokens]
+        if early:
+            scores[early, self.eos] = -float("inf")
+        scores = torch.where(self.suppress, -float("inf"), scores)
+        return choose_tokens(scores, [s.code0_warp for s in streams], uniforms)
 
-    def _finish(self, reason: str) -> None:
-        self.finished = True
-        self.finish_reason = reason
-
-    def cancel(self) -> None:
-        if not self.finished:
-            self._finish("cancelled")
-            self._cache = None
-
-
-def iter_chunks(stream: TalkerStream, schedule: ChunkSchedule,
-                is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[torch.Tensor]:
-    """Yield [n,16] chunks following ``schedule``; raises Cancelled when ``is_cancelled()`` turns true."""
-    pending: list[torch.Tensor] = []
-    chunk_index = 0
-    while True:
-        if is_cancelled():
-            stream.cancel()
-            raise Cancelled(f"cancelled after {stream.frames} frames")
-        frame = stream.step()
-        if frame is not None:
-            pending.append(frame)
-        if pending and (stream.finished or len(pending) >= schedule.size(chunk_index)):
-            yield torch.stack(pending)
-            pending = []
-            chunk_index += 1
-        if stream.finished:
-            return
-
-
-def generate_codes(tts, request: SynthesisRequest) -> torch.Tensor:
-    """All frames of one utterance at once (the streaming loop, collected)."""
-    stream = TalkerStream(tts, request)
-    frames = []
-    while (frame := stream.step()) is not None:
-        frames.append(frame)
-    if not frames:
-        return torch.zeros((0, NUM_CODE_GROUPS), dtype=torch.long)
-    return torch.stack(frames)
+    def _record(self, stream: TalkerStream, token: int) -> None:
+        stream.generated += 1
+        self.next_tokens[stream.row] = token
+        self.seen[stream.row, token] = True
+        if token == self.eos:
+            stream.finished, stream.finish_reason = True, "eos"
+        elif stream.generated >= stream.params.max_new_tokens:
+            # HF stops once max_new_tokens are sampled; the last one never becomes a frame.
+            stream.finished, stream.finish_reason = True, "max_new_tokens"

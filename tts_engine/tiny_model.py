@@ -28,7 +28,7 @@ QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-FORMAT_VERSION = "5"  # bump when the recipe changes so stale builds are rebuilt
+FORMAT_VERSION = "6"  # bump when the recipe changes so stale builds are rebuilt
 
 
 # Real Qwen3-TTS-12Hz-0.6B-Base dimensions, for timing the full-size architecture with random weights.
@@ -118,6 +118,9 @@ def _train_text_tokenizer(out_dir: Path) -> None:
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 
     corpus = [
+        # The chat-template words must be single tokens, as in the real tokenizer: qwen-tts slices the
+        # tokenised template by position (3 tokens of "<|im_start|>assistant\n" before the text).
+        "assistant\n", "assistant", "user\n", "system\n",
         "Hello world. This is a tiny tokenizer for tests of streaming speech synthesis.",
         "The quick brown fox jumps over the lazy dog, again and again, 0123456789!",
         "Bonjour le monde. Hallo Welt. Hola mundo. Ciao mondo. Olá mundo. Привет мир.",
@@ -135,7 +138,6 @@ def _train_text_tokenizer(out_dir: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    # Special tokens must carry the real ids: pad the vocabulary with unused filler tokens up to them.
     # Special tokens must carry the real ids (far above the tiny vocabulary): set them in the serialised
     # form instead of padding the vocabulary up to them.
     # An added token whose content is already in the model vocabulary takes that entry's id.
@@ -162,19 +164,124 @@ def _train_text_tokenizer(out_dir: Path) -> None:
     shutil.rmtree(tmp)
 
 
-def _make_decoder_audible(decoder) -> None:
-    """HF init leaves the codebooks at zero, so a random decoder outputs exact silence, and its std-0.02
-    layers barely look back in time; either would make the audio comparisons vacuous. Give codebooks,
-    convolutions and the transformer weights that carry a signal across frames."""
+def _single_token_id(tokenizer_dir: Path, text: str) -> int:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir))(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise RuntimeError(f"{text!r} must be one token of the tiny tokenizer, got {ids}")
+    return ids[0]
+
+
+def _log_uniform(tensor, low: float, high: float, generator) -> None:
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        tensor.uniform_(math.log(low), math.log(high), generator=generator).exp_()
+
+
+def _is_rms_norm(module) -> bool:
+    return type(module).__name__.endswith("RMSNorm")
+
+
+def _fan_in(module) -> int:
+    """Inputs that reach one output: a transposed convolution's output sees kernel/stride taps per channel."""
+    import torch
+
+    if isinstance(module, torch.nn.ConvTranspose1d):
+        return max(1, module.in_channels * module.kernel_size[0] // module.stride[0] // module.groups)
+    return module.weight[0].numel()
+
+
+def _wake_decoder(decoder, generator) -> None:
+    """Give the codec decoder the parameter scales of a trained one, so that every stateful part matters.
+
+    HF init leaves the codebooks at zero (exact silence), ConvNeXt layer scales at 1e-6 (those blocks are
+    near-identity, so a streaming bug in them would go unseen), Snake parameters at zero and std-0.02
+    layers that barely look back in time. Here: unit-variance codebooks, fan-in-scaled convolutions and
+    linears (so the signal keeps its size through the upsamplers, and the output depends on the codes),
+    ConvNeXt and transformer layer scales of 0.03..0.5, Snake log-parameters around zero, norm weights
+    away from 1, and an output calibrated to be zero-mean with an RMS of about 0.2, like speech."""
     import torch
 
     with torch.no_grad():
         for name, param in decoder.named_parameters():
             if name.endswith("embedding_sum"):
-                param.normal_(0.0, 1.0)
+                param.normal_(0.0, 1.0, generator=generator)
         for module in decoder.modules():
             if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)):
-                module.reset_parameters()  # PyTorch's own (Kaiming) init instead of std 0.02
+                module.weight.uniform_(-1.0, 1.0, generator=generator).mul_(_fan_in(module) ** -0.5)
+                if module.bias is not None:  # small biases: the output is driven by the codes, not by them
+                    module.bias.uniform_(-0.1, 0.1, generator=generator).mul_(_fan_in(module) ** -0.5)
+            kind = type(module).__name__
+            if kind.endswith("ConvNeXtBlock"):
+                _log_uniform(module.gamma, 0.03, 0.5, generator)
+            elif kind.endswith("LayerScale"):
+                _log_uniform(module.scale, 0.03, 0.5, generator)
+            elif kind == "SnakeBeta":
+                module.alpha.normal_(0.0, 0.5, generator=generator)
+                module.beta.normal_(0.0, 0.5, generator=generator)
+            elif _is_rms_norm(module):
+                module.weight.uniform_(0.6, 1.4, generator=generator)
+        # Calibrate the last convolution on random codes: remove the DC offset (SnakeBeta adds a positive
+        # sin^2 term everywhere) and scale to speech-like loudness, far from the [-1, 1] clamp.
+        codes = torch.randint(0, decoder.config.codebook_size, (1, decoder.config.num_quantizers, 60),
+                              generator=generator)
+        last = decoder.decoder[-1].conv
+        wav = decoder(codes)[0, 0]
+        last.weight.mul_(0.2 / float(wav.std()))
+        last.bias.zero_()
+        last.bias.sub_(float(decoder(codes)[0, 0].mean()))
+
+
+# The tiny talker stops where the text has this character: its text embedding drives one channel of the
+# residual stream that nothing else writes, and the codec head reads EOS from that channel alone. So EOS
+# comes from the real weights through qwen-tts's real stopping rules, at a frame a test chooses, and
+# never by chance (without the marker the EOS logit is exactly 0, far below the top-k cut).
+EOS_MARKER = "~"
+LOGIT_STD = 2.0  # the talker's and code predictor's logits: peaked like a trained model's, not uniform
+
+
+def _wake_talker(talker, marker_id: int, eos_id: int, generator) -> None:
+    """Norm weights away from 1, logits with a trained model's spread, and the EOS marker channel."""
+    import torch
+
+    cfg = talker.config
+    with torch.no_grad():
+        for module in talker.modules():
+            if _is_rms_norm(module):
+                module.weight.uniform_(0.6, 1.4, generator=generator)
+        # A unit-RMS hidden state times N(0, s^2) rows gives logits with std s * sqrt(hidden).
+        talker.codec_head.weight.normal_(0.0, LOGIT_STD / cfg.hidden_size ** 0.5, generator=generator)
+        hidden = cfg.code_predictor_config.hidden_size
+        for head in talker.code_predictor.lm_head:
+            head.weight.normal_(0.0, LOGIT_STD / hidden ** 0.5, generator=generator)
+
+        channel = cfg.hidden_size - 1  # residual-stream channel of the marker
+        text_channel = cfg.text_hidden_size - 1  # text-embedding channel only the marker uses
+        unit = cfg.text_hidden_size - 1  # text_projection hidden unit that reads it
+        text = talker.model.text_embedding.weight
+        text[:, text_channel] = 0.0
+        text[marker_id, text_channel] = 1.0
+        fc1, fc2 = talker.text_projection.linear_fc1, talker.text_projection.linear_fc2
+        fc1.weight[unit] = 0.0
+        fc1.weight[unit, text_channel] = 4.0
+        fc1.bias[unit] = 0.0
+        fc2.weight[:, unit] = 0.0
+        fc2.weight[channel] = 0.0
+        fc2.weight[channel, unit] = 1.0
+        fc2.bias[channel] = 0.0
+        talker.model.codec_embedding.weight[:, channel] = 0.0
+        for table in talker.code_predictor.model.codec_embedding:
+            table.weight[:, channel] = 0.0
+        for layer in talker.model.layers:  # no layer writes into the channel: it carries the input through
+            layer.self_attn.o_proj.weight[channel] = 0.0
+            layer.mlp.down_proj.weight[channel] = 0.0
+        talker.codec_head.weight[:, channel] = 0.0
+        talker.codec_head.weight[eos_id] = 0.0
+        talker.codec_head.weight[eos_id, channel] = 4.0
 
 
 def _apply_preset(model_cfg: dict, tokenizer_cfg: dict, preset: str) -> None:
@@ -203,10 +310,14 @@ def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     try:
         torch.manual_seed(BUILD_SEED)
+        generator = torch.Generator().manual_seed(BUILD_SEED)
+        _train_text_tokenizer(staging)
+        marker_id = _single_token_id(staging, EOS_MARKER)
         model_cfg, tokenizer_cfg = _model_config(), _speech_tokenizer_config()
         _apply_preset(model_cfg, tokenizer_cfg, preset)
         config = Qwen3TTSConfig(**model_cfg)
         model = Qwen3TTSForConditionalGeneration(config).eval()
+        _wake_talker(model.talker, marker_id, config.talker_config.codec_eos_token_id, generator)
         if preset == "full":
             model = model.to(torch.bfloat16)  # half the disk; served in bf16 on GPU anyway
         model.save_pretrained(staging, safe_serialization=True)
@@ -220,15 +331,13 @@ def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
             "subtalker_dosample": True, "subtalker_temperature": 0.9, "subtalker_top_k": 50,
             "subtalker_top_p": 1.0, "max_new_tokens": 8192,
         }, indent=2))
-
-        _train_text_tokenizer(staging)
         # The processor is the tokenizer alone; this file only names its class.
         (staging / "preprocessor_config.json").write_text(json.dumps({
             "processor_class": "Qwen3TTSProcessor"}, indent=2))
 
         st_dir = staging / "speech_tokenizer"
         tok_model = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**tokenizer_cfg)).eval()
-        _make_decoder_audible(tok_model.decoder)
+        _wake_decoder(tok_model.decoder, generator)
         tok_model.save_pretrained(st_dir, safe_serialization=True)
         EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0,
                                 return_attention_mask=True).save_pretrained(st_dir)

@@ -1,0 +1,126 @@
+"""In-flight batching changes nothing a listener can hear: every stream of a batch gets its solo run's codes,
+whoever joins, leaves, ends at EOS or is cancelled beside it (fp32, CPU)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import SAMPLE_RATE, synthetic_reference
+from tts_engine.errors import Cancelled
+from tts_engine.sampling import SamplingParams
+from tts_engine.scheduler import StreamJob, StreamScheduler
+from tts_engine.talker import BatchedTalker, ChunkSchedule, SynthesisRequest
+from tts_engine.tiny_model import EOS_MARKER
+
+LONG = "Streaming speech arrives in pieces, and the first piece should come quickly to the listener."
+SHORT = "Hi there."
+
+
+@pytest.fixture(scope="module")
+def short_icl_prompt(loaded):
+    from tts_engine.prompts import build_prompt
+
+    return build_prompt(loaded.tts, synthetic_reference(seconds=1.2, seed=4), SAMPLE_RATE, "Hi.")
+
+
+@pytest.fixture(scope="module")
+def requests(icl_prompt, xvector_prompt, short_icl_prompt):
+    """Different prompt modes and lengths, greedy and seeded (several options), EOS and the frame cap."""
+    def request(prompt, text, **params):
+        return SynthesisRequest(text, prompt, "English", SamplingParams(**params))
+
+    return {
+        "icl greedy": request(icl_prompt, LONG, greedy=True, max_new_tokens=40),
+        "x-vector seeded": request(xvector_prompt, LONG, seed=1, max_new_tokens=60),
+        "short ICL, ends at EOS": request(short_icl_prompt, LONG + f" Then it stops {EOS_MARKER} here.",
+                                          greedy=True, max_new_tokens=200),
+        "x-vector top_p": request(xvector_prompt, SHORT, seed=2, top_p=0.7, max_new_tokens=25),
+        "icl sampled, greedy sub-talker": request(icl_prompt, SHORT, seed=3, subtalker_greedy=True,
+                                                  max_new_tokens=50),
+        "x-vector, EOS after 6 frames": request(xvector_prompt, f"Hello there {EOS_MARKER} and then some.", seed=4,
+                                                max_new_tokens=40),
+        "icl penalty, cancelled mid-way": request(icl_prompt, LONG, seed=5, repetition_penalty=1.3,
+                                                  max_new_tokens=80),
+    }
+
+
+@pytest.fixture(scope="module")
+def scheduler(loaded):
+    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=8, max_tokens=1024), cancel_check_interval_s=0)
+    yield scheduler
+    scheduler.stop()
+
+
+@pytest.fixture(scope="module")
+def solo(scheduler, requests):
+    """Each request run alone: the reference its batched run must reproduce."""
+    return {name: scheduler.generate(request) for name, request in requests.items()}
+
+
+def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, requests, solo):
+    """Streams start together or join mid-way (when another's chunk arrives), end at EOS or the cap, one is
+    cancelled mid-way; each stream's codes equal its solo run (the cancelled one: a prefix of it)."""
+    codes = {name: [] for name in requests}
+    ends: dict = {}
+    finished = threading.Event()
+    batches = []
+    step = scheduler.talker.step
+
+    def recording_step():
+        results = step()
+        batches.append(len(results))
+        return results
+
+    def job(name, joins=None, cancel_after=None):
+        def on_chunk(chunk, index, last):
+            codes[name].append(chunk)
+            if joins and index == 1:  # a second stream joins while this one runs
+                for other in joins:
+                    scheduler.submit(job(other))
+
+        def on_end(error, job):
+            ends[name] = error
+            if len(ends) == len(requests):
+                finished.set()
+
+        cancelled = (lambda: len(codes[name]) >= cancel_after) if cancel_after else (lambda: False)
+        return StreamJob(request=requests[name], on_chunk=on_chunk, on_end=on_end, is_cancelled=cancelled,
+                         schedule=ChunkSchedule(), label=name)
+
+    scheduler.talker.step = recording_step
+    try:
+        scheduler.submit(job("icl greedy", joins=["x-vector top_p", "x-vector, EOS after 6 frames"]))
+        scheduler.submit(job("x-vector seeded", joins=["icl sampled, greedy sub-talker"]))
+        scheduler.submit(job("short ICL, ends at EOS"))
+        scheduler.submit(job("icl penalty, cancelled mid-way", cancel_after=3))
+        assert finished.wait(120)
+    finally:
+        scheduler.talker.step = step
+    assert max(batches) >= 5 and len(set(batches)) >= 3, f"the batch never changed much: {batches}"
+    for name in requests:
+        got = torch.cat(codes[name]) if codes[name] else torch.zeros((0, 16), dtype=torch.long)
+        expected = solo[name].codes
+        if name.endswith("cancelled mid-way"):
+            assert isinstance(ends[name], Cancelled)
+            assert 0 < len(got) < len(expected) and torch.equal(got, expected[:len(got)]), name
+        else:
+            assert ends[name] is None, (name, ends[name])
+            assert torch.equal(got, expected), name
+    assert solo["short ICL, ends at EOS"].finish_reason == "eos"
+    assert len(solo["x-vector, EOS after 6 frames"].codes) == 6
+    assert len(scheduler.talker) == 0
+
+
+def test_the_same_request_twice_in_one_batch_gives_the_same_codes(scheduler, requests):
+    """Two copies of one seeded request, side by side, get identical codes: rows never share an RNG."""
+    request = requests["x-vector seeded"]
+    results, done = [], threading.Semaphore(0)
+    for _ in range(2):
+        chunks = []
+        results.append(chunks)
+        scheduler.submit(StreamJob(request=request, on_chunk=lambda chunk, i, last, chunks=chunks: chunks.append(chunk),
+                                   on_end=lambda error, job: done.release()))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    assert torch.equal(torch.cat(results[0]), torch.cat(results[1]))
