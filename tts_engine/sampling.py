@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .errors import InvalidRequest
 
+NEG_INF = -math.inf
 # Hard bounds: anything outside is refused with a clear error rather than clamped.
 MAX_NEW_TOKENS_LIMIT = 8192  # 8192 frames = 11 minutes of audio at 12.5 Hz
 
@@ -122,16 +123,20 @@ class Warp:
     top_p: float
 
     def apply(self, scores):
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        """Warped scores, and the top-k indices ([rows, k], or None without top-k): every token top-k keeps
+        is among them unless scores tie at the k-th value."""
+        import torch
+        from transformers.generation.logits_process import TopPLogitsWarper
 
         if self.temperature != 1.0:
-            scores = TemperatureLogitsWarper(self.temperature)(None, scores)
-        if self.top_k != 0:
-            scores = TopKLogitsWarper(top_k=self.top_k, min_tokens_to_keep=1)(None, scores)
+            scores = scores / self.temperature  # TemperatureLogitsWarper
+        candidates = None
+        if self.top_k != 0:  # TopKLogitsWarper, keeping the indices it finds
+            values, candidates = torch.topk(scores, min(max(self.top_k, 1), scores.size(-1)))
+            scores = scores.masked_fill(scores < values[..., -1, None], NEG_INF)
         if self.top_p < 1.0:
             scores = TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1)(None, scores)
-        return scores
+        return scores, candidates
 
 
 def new_generator(device, seed: Optional[int]):
@@ -154,34 +159,51 @@ def draw_uniforms(generator, count: int):
     return torch.rand(count, dtype=torch.float64, generator=generator, device=generator.device)
 
 
-def sample_with_uniforms(probs, uniforms):
+def sample_with_uniforms(probs, uniforms, candidates=None):
     """``torch.multinomial(probs[r], 1)`` for every row, from each row's uniforms ([rows, vocab] float64).
 
-    Entries with probability 0 cannot win, so the logarithm is taken only where p > 0."""
+    Only entries with p > 0 can win, so the logarithm is taken there alone: at ``candidates`` (indices that
+    hold every p > 0 entry of their row) when given, else wherever p > 0. Ties go to the lowest index, as
+    in multinomial's argmax."""
     import torch
 
-    noise = torch.ones_like(probs)
-    keep = probs > 0
-    noise[keep] = (-torch.log1p(-uniforms[keep])).to(probs.dtype)
-    return torch.argmax(probs / noise, dim=-1)
+    if candidates is None:
+        noise = torch.ones_like(probs)
+        keep = probs > 0
+        noise[keep] = (-torch.log1p(-uniforms[keep])).to(probs.dtype)
+        return torch.argmax(probs / noise, dim=-1)
+    chosen = probs.gather(1, candidates)
+    noise = torch.where(chosen > 0, -torch.log1p(-uniforms.gather(1, candidates)), 1.0).to(probs.dtype)
+    ratio = chosen / noise
+    best = ratio.max(dim=1, keepdim=True).values
+    return torch.where(ratio == best, candidates, probs.shape[-1]).min(dim=1).values
 
 
 def choose_tokens(scores, warps: Sequence[Optional[Warp]], uniforms: Sequence):
     """One token per row: argmax where ``warps[r]`` is None (greedy), else sampled after the row's warpers
-    with the row's uniforms. Rows sharing warpers are warped together by HF's own processors."""
+    with the row's uniforms. Rows sharing warpers are warped together, exactly as HF's processors do."""
     import torch
 
-    tokens = torch.argmax(scores, dim=-1)
     sampled = [row for row, warp in enumerate(warps) if warp is not None]
-    if not sampled:
-        return tokens
+    if len(sampled) < len(warps):
+        tokens = torch.argmax(scores, dim=-1)
+    else:
+        tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
     groups: dict[Warp, list[int]] = {}
     for row in sampled:
         groups.setdefault(warps[row], []).append(row)
     for warp, rows in groups.items():
-        index = torch.tensor(rows, device=scores.device)
-        probs = torch.softmax(warp.apply(scores[index]), dim=-1)
-        tokens[index] = sample_with_uniforms(probs, torch.stack([uniforms[row] for row in rows]))
+        index = torch.tensor(rows, device=scores.device) if len(rows) < scores.shape[0] else None
+        warped, candidates = warp.apply(scores if index is None else scores[index])
+        probs = torch.softmax(warped, dim=-1)
+        if candidates is not None and bool((warped > NEG_INF).sum(dim=-1).gt(candidates.shape[-1]).any()):
+            candidates = None  # ties at the k-th score keep more than k tokens
+        row_uniforms = torch.stack([uniforms[row] for row in rows])
+        chosen = sample_with_uniforms(probs, row_uniforms, candidates)
+        if index is None:
+            tokens = chosen
+        else:
+            tokens[index] = chosen
     return tokens
 
 
@@ -200,5 +222,3 @@ def penalise_repeats(scores, seen, penalties: Sequence[float]):
         scores[index] = torch.where(seen[index], penalised, rows_scores)
     return scores
 
-
-NEG_INF = -math.inf
