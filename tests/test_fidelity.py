@@ -110,6 +110,31 @@ def test_streamed_decode_equals_one_shot_in_float32(decoder, sizes):
     assert np.abs(stream_decode(decoder, codes, sizes) - expected).max() <= FLOAT32_TOLERANCE * rms(expected)
 
 
+def test_streams_decoded_in_one_batch_each_equal_their_one_shot_decode(decoder64, icl_prompt):
+    """Chunks of streams at different points (new, short past, a full window, primed with reference codes)
+    decoded together in one forward: each row equals its own stream's one-shot decode."""
+    histories = {"new": 0, "short past": 5, "full window": 100, "primed": 0}
+    codes = {name: random_codes(past + 12, seed) for seed, (name, past) in enumerate(histories.items())}
+    context = {name: (icl_prompt.ref_code if name == "primed" else None) for name in histories}
+    states, streamed = {}, {name: [] for name in histories}
+    for name, past in histories.items():
+        states[name] = prime(decoder64, context[name])
+        if past:
+            streamed[name].append(stream_decode(decoder64, codes[name][:past], (7, 30), state=states[name]))
+    names = list(histories)
+    for start in range(0, 12, 4):  # three batched chunks of 4 frames
+        offsets = [histories[name] + start for name in names]
+        audio = decoder64.decode_batch([states[name] for name in names],
+                                       [codes[name][offset:offset + 4] for name, offset in zip(names, offsets)])
+        for name, piece in zip(names, audio):
+            streamed[name].append(piece)
+    for name in names:
+        full = torch.cat([context[name], codes[name]]) if context[name] is not None else codes[name]
+        skip = 0 if context[name] is None else len(context[name]) * decoder64.samples_per_frame
+        expected = decoder64.decode_full(full)[skip:]
+        assert np.abs(np.concatenate(streamed[name]) - expected).max() <= EXACT_TOLERANCE, name
+
+
 def _zero_tails(*prefixes):
     def corrupt(state):
         hit = [key for key in state.tails if key.startswith(prefixes)]

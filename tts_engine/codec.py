@@ -21,6 +21,17 @@ class _Stream:
     last_used: float
 
 
+@dataclass
+class DecodeItem:
+    """One chunk to decode: the stream it belongs to, its codes [n, 16], the reference codes that prime a
+    new stream (ICL voices, first chunk only), and whether it is the stream's last chunk."""
+
+    stream_id: int
+    codes: np.ndarray
+    context: Optional[np.ndarray] = None
+    final: bool = False
+
+
 class StreamTable:
     """Decoder state per stream id. Thread-safe; streams idle longer than ``idle_timeout`` are dropped."""
 
@@ -53,27 +64,67 @@ class StreamTable:
 
     def decode(self, stream_id: int, codes: np.ndarray, context: Optional[np.ndarray], final: bool) -> np.ndarray:
         """Decode one chunk of a stream (creating it on first sight) and free it when ``final``."""
+        result = self.decode_many([DecodeItem(stream_id, codes, context, final)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def decode_many(self, items: list["DecodeItem"]) -> list:
+        """Decode chunks of many streams, batching the chunks that have the same frame count into one forward.
+
+        Returns, per item, its audio or the exception that item failed with. Two chunks of one stream are
+        decoded in order (the second in a later round)."""
+        results: list = [None] * len(items)
+        pending = list(range(len(items)))
+        while pending:
+            round_, later, seen = [], [], set()
+            for index in pending:
+                (later if items[index].stream_id in seen else round_).append(index)
+                seen.add(items[index].stream_id)
+            groups: dict[int, list[tuple[int, DecoderState]]] = {}
+            for index in round_:
+                try:
+                    state = self._state_for(items[index])
+                except Exception as exc:
+                    results[index] = exc
+                    continue
+                groups.setdefault(len(items[index].codes), []).append((index, state))
+            for frames, members in groups.items():
+                self._decode_group(items, members, results)
+            pending = later
+        return results
+
+    def _state_for(self, item: "DecodeItem") -> DecoderState:
+        codes, context = item.codes, item.context
         if codes.ndim != 2 or codes.shape[1] != self.decoder.num_quantizers:
             raise InvalidRequest(f"codes must be [frames, {self.decoder.num_quantizers}], got {list(codes.shape)}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.decoder.decoder.config.codebook_size):
             raise InvalidRequest("codes out of the codebook range")
         with self._lock:
-            stream = self._streams.get(stream_id)
+            stream = self._streams.get(item.stream_id)
             if stream is None:
                 stream = _Stream(self._primed_state(context), time.monotonic())
-                self._streams[stream_id] = stream
+                self._streams[item.stream_id] = stream
             elif context is not None and len(context):
-                raise InvalidRequest(f"stream {stream_id:x}: context codes are only allowed on its first chunk")
-            try:
-                audio = self.decoder.decode(stream.state, codes) if len(codes) else np.zeros(0, np.float32)
-            except Exception:
-                self._streams.pop(stream_id, None)
-                raise
+                raise InvalidRequest(f"stream {item.stream_id:x}: context codes are only allowed on its first chunk")
             stream.last_used = time.monotonic()
-            if final:
-                del self._streams[stream_id]
-                self.freed["final"] += 1
-        return audio
+            return stream.state
+
+    def _decode_group(self, items: list["DecodeItem"], members: list, results: list) -> None:
+        """One batched forward for chunks of equal length; frees the streams that end here."""
+        try:
+            audio = self.decoder.decode_batch([state for _, state in members],
+                                              [items[index].codes for index, _ in members])
+        except Exception as exc:  # the whole forward failed: each of its streams is dropped
+            audio = [exc] * len(members)
+        with self._lock:
+            for (index, _), result in zip(members, audio):
+                results[index] = result
+                item = items[index]
+                if isinstance(result, BaseException):
+                    self._streams.pop(item.stream_id, None)
+                elif item.final and self._streams.pop(item.stream_id, None) is not None:
+                    self.freed["final"] += 1
 
     def cancel(self, stream_id: int) -> bool:
         """Free a cancelled stream; True the first time this id is cancelled."""

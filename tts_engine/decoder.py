@@ -69,120 +69,153 @@ class StreamingDecoder:
     @torch.inference_mode()
     def decode(self, state: DecoderState, codes) -> np.ndarray:
         """Decode the next frames of a stream; returns len(codes) * samples_per_frame samples."""
-        codes_t = self._codes_tensor(codes)
-        if codes_t.shape[-1] == 0:
-            return np.zeros(0, dtype=np.float32)
+        return self.decode_batch([state], [codes])[0]
+
+    @torch.inference_mode()
+    def decode_batch(self, states: list[DecoderState], chunks: list) -> list[np.ndarray]:
+        """Decode the next chunk of several streams in one forward; every chunk has the same frame count.
+
+        Each row carries its own state (tails, cached keys, position), so each stream's audio is exactly
+        what decoding it alone would give."""
+        codes_t = torch.cat([self._codes_tensor(chunk) for chunk in chunks])  # [B, 16, n]
+        frames = codes_t.shape[-1]
+        if frames == 0:
+            return [np.zeros(0, dtype=np.float32) for _ in states]
         dec = self.decoder
         hidden = dec.quantizer.decode(codes_t)
-        hidden = self._conv(dec.pre_conv, hidden, state, "pre_conv").transpose(1, 2)
-        hidden = self._transformer(hidden, state).permute(0, 2, 1)
+        hidden = self._conv(dec.pre_conv, hidden, states, "pre_conv").transpose(1, 2)
+        hidden = self._transformer(hidden, states).permute(0, 2, 1)
         for i, (upsampler, convnext) in enumerate(dec.upsample):
-            hidden = self._trans_conv(upsampler, hidden, state, f"upsample.{i}")
-            hidden = self._convnext(convnext, hidden, state, f"upsample.{i}.convnext")
+            hidden = self._trans_conv(upsampler, hidden, states, f"upsample.{i}")
+            hidden = self._convnext(convnext, hidden, states, f"upsample.{i}.convnext")
         for i, block in enumerate(dec.decoder):
             key = f"decoder.{i}"
             if isinstance(block, Qwen3TTSTokenizerV2CausalConvNet):
-                hidden = self._conv(block, hidden, state, key)
+                hidden = self._conv(block, hidden, states, key)
             elif isinstance(block, Qwen3TTSTokenizerV2DecoderDecoderBlock):
-                hidden = self._decoder_block(block, hidden, state, key)
+                hidden = self._decoder_block(block, hidden, states, key)
             else:  # pointwise activations
                 hidden = block(hidden)
-        state.frames += codes_t.shape[-1]
-        return hidden.clamp(min=-1, max=1)[0, 0].float().cpu().numpy()
+        for state in states:
+            state.frames += frames
+        return list(hidden.clamp(min=-1, max=1)[:, 0].float().cpu().numpy())
 
-    # -- stateful pieces -------------------------------------------------------------------------------
+    # -- stateful pieces (each row has its own state) ---------------------------------------------------
 
     @staticmethod
-    def _conv(module: Qwen3TTSTokenizerV2CausalConvNet, x: torch.Tensor, state: DecoderState, key: str):
+    def _with_tails(x: torch.Tensor, states: list[DecoderState], key: str, width: int) -> torch.Tensor:
+        """``x`` with each row's previous input tail (zeros for a new stream) in front; stores the new tails."""
+        tails = [state.tails.get(key) for state in states]
+        if any(tail is None for tail in tails):
+            zeros = x.new_zeros(1, x.shape[1], width)
+            tails = [zeros if tail is None else tail for tail in tails]
+        padded = torch.cat([torch.cat(tails), x], dim=-1)
+        new_tails = padded[..., -width:]
+        for row, state in enumerate(states):  # copies: a view would keep the whole padded input alive
+            state.tails[key] = new_tails[row:row + 1].clone()
+        return padded
+
+    def _conv(self, module: Qwen3TTSTokenizerV2CausalConvNet, x: torch.Tensor, states: list[DecoderState],
+              key: str):
         """Causal conv (stride 1): the one-shot left zero padding is replaced by the previous input tail."""
         if module.stride != 1:
             raise NotImplementedError("streaming decode supports stride-1 causal convolutions only")
-        pad = module.padding
-        if pad == 0:
+        if module.padding == 0:
             return module.conv(x)
-        tail = state.tails.get(key)
-        if tail is None:
-            tail = x.new_zeros(x.shape[0], x.shape[1], pad)
-        padded = torch.cat([tail, x], dim=-1)
-        state.tails[key] = padded[..., -pad:]
-        return module.conv(padded)
+        return module.conv(self._with_tails(x, states, key, module.padding))
 
-    @staticmethod
-    def _trans_conv(module: Qwen3TTSTokenizerV2CausalTransConvNet, x: torch.Tensor, state: DecoderState,
-                    key: str):
+    def _trans_conv(self, module: Qwen3TTSTokenizerV2CausalTransConvNet, x: torch.Tensor,
+                    states: list[DecoderState], key: str):
         """Causal transposed conv: output sample t depends on inputs t//s back to (t-k+1)//s."""
         kernel, stride = module.conv.kernel_size[0], module.conv.stride[0]
         context = math.ceil(kernel / stride) - 1
         length = x.shape[-1]
         if context == 0:
             return module.conv(x)[..., : length * stride]
-        tail = state.tails.get(key)
-        if tail is None:
-            tail = x.new_zeros(x.shape[0], x.shape[1], context)
-        padded = torch.cat([tail, x], dim=-1)
-        state.tails[key] = padded[..., -context:]
-        out = module.conv(padded)
+        out = module.conv(self._with_tails(x, states, key, context))
         return out[..., context * stride: context * stride + length * stride]
 
-    def _convnext(self, block, x: torch.Tensor, state: DecoderState, key: str):
+    def _convnext(self, block, x: torch.Tensor, states: list[DecoderState], key: str):
         residual = x
-        x = self._conv(block.dwconv, x, state, key + ".dwconv").permute(0, 2, 1)
+        x = self._conv(block.dwconv, x, states, key + ".dwconv").permute(0, 2, 1)
         x = block.pwconv2(block.act(block.pwconv1(block.norm(x))))
         return residual + (block.gamma * x).permute(0, 2, 1)
 
     def _decoder_block(self, block: Qwen3TTSTokenizerV2DecoderDecoderBlock, x: torch.Tensor,
-                       state: DecoderState, key: str):
+                       states: list[DecoderState], key: str):
         for j, layer in enumerate(block.block):
             sub = f"{key}.{j}"
             if isinstance(layer, Qwen3TTSTokenizerV2CausalTransConvNet):
-                x = self._trans_conv(layer, x, state, sub)
+                x = self._trans_conv(layer, x, states, sub)
             elif isinstance(layer, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit):
-                y = self._conv(layer.conv1, layer.act1(x), state, sub + ".conv1")
-                x = x + self._conv(layer.conv2, layer.act2(y), state, sub + ".conv2")
+                y = self._conv(layer.conv1, layer.act1(x), states, sub + ".conv1")
+                x = x + self._conv(layer.conv2, layer.act2(y), states, sub + ".conv2")
             else:
                 x = layer(x)
         return x
 
-    def _transformer(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
-        """The sliding-window transformer with a per-stream window of past keys and values."""
+    def _transformer(self, x: torch.Tensor, states: list[DecoderState]) -> torch.Tensor:
+        """The sliding-window transformer; each row attends to its own window of past keys and values."""
         model = self.decoder.pre_transformer
         x = model.input_proj(x)
-        n = x.shape[1]
-        start = state.frames
-        positions = torch.arange(start, start + n, device=x.device)
-        cos, sin = model.rotary_emb(x, positions.unsqueeze(0))
+        batch, n = x.shape[:2]
+        device = x.device
+        positions = torch.tensor([s.frames for s in states], device=device)[:, None] + torch.arange(n, device=device)
+        cos, sin = model.rotary_emb(x, positions)
         keep = self.window - 1
+        past_keys = [list(state.keys) or None for state in states]  # per row: one tensor per layer, or None
+        past_values = [list(state.values) or None for state in states]
+        pasts = [keys[0].shape[2] if keys else 0 for keys in past_keys]
+        width = max(pasts)  # rows with a shorter past are padded on the left, and those keys masked out
+        slots = torch.arange(width + n, device=device)
+        key_pos = positions[:, :1] - width + slots[None, :]  # [B, width + n]
+        real = slots[None, :] >= width - torch.tensor(pasts, device=device)[:, None]
+        # Query at position p sees keys in (p - window, p], exactly the one-shot sliding-window mask.
+        mask = real[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None]) & \
+            (key_pos[:, None, :] > positions[:, :, None] - self.window)
+        mask = mask[:, None]  # [B, 1, n, width + n]
         for index, layer in enumerate(model.layers):
             attn = layer.self_attn
             residual = x
             h = layer.input_layernorm(x)
-            shape = (1, n, -1, attn.head_dim)
+            shape = (batch, n, -1, attn.head_dim)
             q = attn.q_norm(attn.q_proj(h).view(shape)).transpose(1, 2)
             k = attn.k_norm(attn.k_proj(h).view(shape)).transpose(1, 2)
             v = attn.v_proj(h).view(shape).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            if index < len(state.keys):
-                k_all = torch.cat([state.keys[index], k], dim=2)
-                v_all = torch.cat([state.values[index], v], dim=2)
+            if width:
+                k_all = torch.cat([self._left_padded([p and p[index] for p in past_keys], k, width), k], dim=2)
+                v_all = torch.cat([self._left_padded([p and p[index] for p in past_values], v, width), v], dim=2)
             else:
                 k_all, v_all = k, v
-            past = k_all.shape[2] - n
-            key_pos = torch.arange(start - past, start + n, device=x.device)
-            # Query at position p sees keys in (p - window, p], exactly the one-shot sliding-window mask.
-            mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
             out = F.scaled_dot_product_attention(
                 q, repeat_kv(k_all, attn.num_key_value_groups), repeat_kv(v_all, attn.num_key_value_groups),
                 attn_mask=mask, scale=attn.scaling)
-            out = attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+            out = attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
             x = residual + layer.self_attn_layer_scale(out)
             x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
-            k_keep, v_keep = k_all[:, :, -keep:], v_all[:, :, -keep:]
-            if index < len(state.keys):
-                state.keys[index], state.values[index] = k_keep, v_keep
-            else:
-                state.keys.append(k_keep)
-                state.values.append(v_keep)
+            for row, state in enumerate(states):  # the last `keep` real keys of each row
+                kept = min(pasts[row] + n, keep)
+                k_keep, v_keep = k_all[row:row + 1, :, -kept:].clone(), v_all[row:row + 1, :, -kept:].clone()
+                if index < len(state.keys):
+                    state.keys[index], state.values[index] = k_keep, v_keep
+                else:
+                    state.keys.append(k_keep)
+                    state.values.append(v_keep)
         return model.output_proj(model.norm(x))
+
+    @staticmethod
+    def _left_padded(pasts: list, like: torch.Tensor, width: int) -> torch.Tensor:
+        """Each row's cached keys, right-aligned in ``width`` slots (zeros in front): [B, heads, width, dim]."""
+        rows = []
+        for past in pasts:
+            length = 0 if past is None else past.shape[2]
+            if length == width:
+                rows.append(past)
+                continue
+            pad = like.new_zeros(1, like.shape[1], width - length, like.shape[3])
+            rows.append(pad if past is None else torch.cat([pad, past], dim=2))
+        return torch.cat(rows)
 
 
 def prime(decoder: StreamingDecoder, context_codes) -> DecoderState:

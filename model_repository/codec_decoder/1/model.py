@@ -1,16 +1,24 @@
-"""Triton adapter for the codec decoder: one stream's chunks -> PCM, with exact per-stream state."""
+"""Triton adapter for the codec decoder: chunks of many streams -> PCM, decoded together, exact per-stream state.
+
+Decoupled: ``execute`` only queues requests; one worker thread takes everything queued, decodes chunks of
+equal length from different streams in one batched forward, and answers each request with one response
+(COMPLETE_FINAL). Under load, chunks pile up while a batch decodes, so batches grow with the load.
+"""
 from __future__ import annotations
 
+import queue
 import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tts_engine import backend
-from tts_engine.codec import StreamTable
+from tts_engine.codec import DecodeItem, StreamTable
 from tts_engine.decoder import StreamingDecoder
 from tts_engine.errors import Cancelled
 from tts_engine.model import load_speech_tokenizer
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
@@ -21,37 +29,92 @@ class TritonPythonModel:
         self.table = StreamTable(StreamingDecoder(tokenizer.model),
                                  idle_timeout=float(params.get("stream_idle_timeout_s") or 60),
                                  primed_cache_size=int(params.get("primed_state_cache_size") or 32))
+        self.max_batch = int(params.get("max_batch_streams") or 64)
         # Warm up (first-call allocations and kernel choices) so the first real stream is not slow.
         self.table.decoder.decode(self.table.decoder.new_state(), np.zeros((4, 16), dtype=np.int32))
         active = backend.metric_family(pb_utils, "gauge", "qwen_tts_decoder_active_streams",
                                        "Streams whose decoder state is held")
         freed = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_streams_freed_total",
                                       "Decoder states freed, by reason (final, cancelled, idle timeout)")
-        self._families = (active, freed)
+        batches = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_batches_total",
+                                        "Batched decoder forwards")
+        chunks = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_chunks_total",
+                                       "Chunks decoded (/ batches = mean batch size)")
+        self._families = (active, freed, batches, chunks)
         self._active = active.Metric(labels={})
         self._freed = {reason: freed.Metric(labels={"reason": reason}) for reason in self.table.freed}
+        self._batches, self._chunks = batches.Metric(labels={}), chunks.Metric(labels={})
         self._reported = dict.fromkeys(self.table.freed, 0)
-        # Metrics are only touched under this lock, from execute() or the reaper, never both at once.
-        self._metrics_lock = threading.Lock()
+        self._counts = {"batches": 0, "chunks": 0}
+        self._reported_counts = dict.fromkeys(self._counts, 0)
+        self._pending: "queue.Queue" = queue.Queue()
         self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="codec-reaper", daemon=True)
-        self._reaper.start()
-        self.log.info("codec_decoder ready (idle timeout %.0f s)", self.table.idle_timeout)
+        self._worker = threading.Thread(target=self._work, name="codec-decoder", daemon=True)
+        self._worker.start()
+        self._publisher = threading.Thread(target=self._publish_loop, name="codec-metrics", daemon=True)
+        self._publisher.start()
+        self.log.info("codec_decoder ready (batches of up to %d chunks, idle timeout %.0f s)", self.max_batch,
+                      self.table.idle_timeout)
 
-    def _publish(self):
-        with self._metrics_lock:
-            self._active.set(len(self.table))
-            for reason, metric in self._freed.items():
-                delta = self.table.freed[reason] - self._reported[reason]
-                if delta:
-                    metric.increment(delta)
-                    self._reported[reason] += delta
+    def execute(self, requests):
+        for request in requests:
+            self._pending.put(request)
+        return None
 
-    def _reap(self):
-        interval = max(0.2, min(5.0, self.table.idle_timeout / 4))
-        while not self._stop.wait(interval):
-            if self.table.expire():
-                self._publish()
+    # -- the worker -----------------------------------------------------------------------------------------
+
+    def _work(self):
+        while not self._stop.is_set():
+            try:
+                batch = [self._pending.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._decode(batch)
+            except Exception as exc:  # a bug must fail this batch's requests, never the worker
+                self.log.exception("decode batch failed")
+                for request in batch:
+                    self._respond(request, backend.error_response(pb_utils, exc))
+
+    def _decode(self, requests):
+        items, senders = [], []
+        for request in requests:
+            try:
+                codes = backend.read_array(pb_utils, request, "codes")
+                context = backend.read_array(pb_utils, request, "context_codes", required=False)
+                stream_id = int(backend.read_array(pb_utils, request, "stream_id").reshape(-1)[0])
+                final_tensor = backend.read_array(pb_utils, request, "final", required=False)
+            except Exception as exc:
+                self._respond(request, backend.error_response(pb_utils, exc))
+                continue
+            if request.is_cancelled():
+                # The tts request was cancelled: free this stream and stop the talker generating it.
+                if self.table.cancel(stream_id):
+                    self._cancel_talker(stream_id)
+                self._respond(request, backend.error_response(pb_utils, Cancelled("stream cancelled")))
+                continue
+            final = bool(final_tensor.reshape(-1)[0]) if final_tensor is not None else False
+            items.append(DecodeItem(stream_id, codes, context, final))
+            senders.append(request)
+        results = self.table.decode_many(items)
+        self._counts["batches"] += len({len(item.codes) for item in items})
+        self._counts["chunks"] += len(items)
+        for request, result in zip(senders, results):
+            if isinstance(result, BaseException):
+                self.log.warning("decode failed: %s", result)
+                self._respond(request, backend.error_response(pb_utils, result))
+            else:
+                self._respond(request, pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("audio", result.astype(np.float32, copy=False))]))
+
+    @staticmethod
+    def _respond(request, response) -> None:
+        request.get_response_sender().send(response, flags=FINAL)
 
     def _cancel_talker(self, stream_id: int) -> None:
         request = pb_utils.InferenceRequest(
@@ -63,29 +126,24 @@ class TritonPythonModel:
         except Exception as exc:  # the talker may be gone; the stream is freed here regardless
             self.log.warning("could not cancel talker stream %x: %s", stream_id, exc)
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                codes = backend.read_array(pb_utils, request, "codes")
-                context = backend.read_array(pb_utils, request, "context_codes", required=False)
-                stream_id = int(backend.read_array(pb_utils, request, "stream_id").reshape(-1)[0])
-                if request.is_cancelled():
-                    # The tts request was cancelled: free this stream and stop the talker generating it.
-                    if self.table.cancel(stream_id):
-                        self._cancel_talker(stream_id)
-                    responses.append(backend.error_response(pb_utils, Cancelled("stream cancelled")))
-                    continue
-                final_tensor = backend.read_array(pb_utils, request, "final", required=False)
-                final = bool(final_tensor.reshape(-1)[0]) if final_tensor is not None else False
-                audio = self.table.decode(stream_id, codes, context, final)
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("audio", audio.astype(np.float32, copy=False))]))
-            except Exception as exc:
-                self.log.warning("decode failed: %s", exc)
-                responses.append(backend.error_response(pb_utils, exc))
-        self._publish()
-        return responses
+    # -- metrics and idle streams (one thread, so metrics are never touched concurrently) -------------------
+
+    def _publish_loop(self):
+        interval = max(0.2, min(1.0, self.table.idle_timeout / 4))
+        while not self._stop.wait(interval):
+            self.table.expire()
+            self._active.set(len(self.table))
+            for reason, metric in self._freed.items():
+                delta = self.table.freed[reason] - self._reported[reason]
+                if delta:
+                    metric.increment(delta)
+                    self._reported[reason] += delta
+            for name, metric in (("batches", self._batches), ("chunks", self._chunks)):
+                delta = self._counts[name] - self._reported_counts[name]
+                if delta:
+                    metric.increment(delta)
+                    self._reported_counts[name] += delta
 
     def finalize(self):
         self._stop.set()
+        self._worker.join(timeout=5)
