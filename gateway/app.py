@@ -34,7 +34,8 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        backend = TritonPool(list(settings.triton_urls))
+        backend = TritonPool(list(settings.triton_urls), queue_timeout_s=settings.queue_timeout_s,
+                             streams_per_endpoint=settings.streams_per_triton)
         services["s"] = Services(settings, backend, VoiceLibrary(settings.voices_dir, settings.default_voice))
         await backend.check_ready()
         backend.start_polling(settings.ready_poll_s)

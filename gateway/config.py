@@ -57,6 +57,8 @@ class Settings:
     max_message_bytes: int = 65536
     max_upload_bytes: int = 10 * 1024 * 1024
     synthesis_timeout_s: float = 20.0
+    queue_timeout_s: float = 10.0  # longest wait for a free synthesis slot before RATE_LIMITED
+    streams_per_triton: int = 0  # slots per Triton endpoint; 0: the talker's own max_active_streams
     idle_timeout_s: float = 300.0
     ready_poll_s: float = 2.0
     auth_tokens: tuple[str, ...] = field(default_factory=tuple)
@@ -85,6 +87,8 @@ class Settings:
             max_message_bytes=_int("GATEWAY_MAX_MESSAGE_BYTES", cls.max_message_bytes),
             max_upload_bytes=_int("GATEWAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             synthesis_timeout_s=_float("GATEWAY_SYNTHESIS_TIMEOUT_S", cls.synthesis_timeout_s),
+            queue_timeout_s=_float("GATEWAY_QUEUE_TIMEOUT_S", cls.queue_timeout_s),
+            streams_per_triton=_int("GATEWAY_STREAMS_PER_TRITON", cls.streams_per_triton),
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
             ready_poll_s=_float("GATEWAY_READY_POLL_S", cls.ready_poll_s),
             auth_tokens=tokens,
@@ -97,4 +101,6 @@ class Settings:
                      "max_upload_bytes", "max_sentence_chars"):
             if getattr(settings, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if settings.streams_per_triton < 0 or settings.queue_timeout_s <= 0:
+            raise ValueError("GATEWAY_STREAMS_PER_TRITON must be >= 0 and GATEWAY_QUEUE_TIMEOUT_S > 0")
         return settings

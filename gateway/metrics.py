@@ -19,6 +19,10 @@ REAL_TIME_FACTOR = Histogram(
     registry=REGISTRY, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0))
 AUDIO_SECONDS = Counter("tts_gateway_audio_seconds_total", "Seconds of audio sent to clients",
                         registry=REGISTRY)
+QUEUED_REQUESTS = Gauge("tts_gateway_queued_requests",
+                        "Synthesis requests waiting for a free slot on a Triton endpoint", registry=REGISTRY)
+QUEUE_WAIT = Histogram("tts_gateway_queue_wait_seconds", "Time requests waited for a slot (admitted or refused)",
+                       registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when a Triton endpoint and its models are ready, by endpoint",
                      ["endpoint"], registry=REGISTRY)
 

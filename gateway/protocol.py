@@ -50,6 +50,7 @@ FROM_ENGINE = {
     "INVALID_CONFIG": ErrorCode.INVALID_CONFIG,
     "INVALID_REQUEST": ErrorCode.INVALID_MESSAGE,
     "MODEL_LOADING": ErrorCode.MODEL_LOADING,
+    "OVERLOADED": ErrorCode.RATE_LIMITED,
 }
 
 CLOSE_NORMAL = 1000
@@ -206,11 +207,14 @@ class Error(_ServerMessage):
     message: str
     recoverable: bool
     requestId: Optional[str] = None
+    retryAfterMs: Optional[int] = None  # RATE_LIMITED because capacity stayed full: when to try again
     type = "error"
 
     @classmethod
-    def of(cls, code: ErrorCode, message: str, request_id: Optional[str] = None) -> "Error":
-        return cls(code=code.value, message=message, recoverable=RECOVERABLE[code], requestId=request_id)
+    def of(cls, code: ErrorCode, message: str, request_id: Optional[str] = None,
+           retry_after_ms: Optional[int] = None) -> "Error":
+        return cls(code=code.value, message=message, recoverable=RECOVERABLE[code], requestId=request_id,
+                   retryAfterMs=retry_after_ms)
 
 
 @dataclass

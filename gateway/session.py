@@ -25,6 +25,7 @@ from .triton_client import SynthesisFailed
 
 log = logging.getLogger("gateway.session")
 AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before its `start`
+_ADMITTED = object()  # put in a sentence's audio queue when its request gets a synthesis slot
 
 
 @dataclass(frozen=True)
@@ -300,12 +301,16 @@ class Session:
         """Audio of all sentences in order; the next sentence is requested while the current one plays."""
         backend = self.services.backend
         timeout = self.settings.synthesis_timeout_s
+        # Before its slot is granted a sentence waits at most the queue timeout (then RATE_LIMITED, from the
+        # pool); from then on, no audio within the synthesis timeout is a TIMEOUT.
+        admission_timeout = self.settings.queue_timeout_s + 5.0
 
         async def produce(sentence: str, out: asyncio.Queue):
             parameters = {"max_new_tokens": self.settings.max_new_tokens(sentence),
                           **self.settings.synthesis_parameters}
             try:
-                async for chunk in backend.synthesize(sentence, utterance.voice, utterance.language, parameters):
+                async for chunk in backend.synthesize(sentence, utterance.voice, utterance.language, parameters,
+                                                      admitted=lambda: out.put_nowait(_ADMITTED)):
                     out.put_nowait(chunk)
                 out.put_nowait(None)
             except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -326,11 +331,15 @@ class Session:
             for index in range(len(utterance.sentences)):
                 start(index)
                 start(index + 1)  # look ahead one sentence: no gap between sentences
+                wait = admission_timeout
                 while True:
                     try:
-                        item = await asyncio.wait_for(queues[index].get(), timeout)
+                        item = await asyncio.wait_for(queues[index].get(), wait)
                     except asyncio.TimeoutError:
-                        raise TimeoutError(f"no audio for {timeout:g} s") from None
+                        raise TimeoutError(f"no audio for {wait:g} s") from None
+                    wait = timeout
+                    if item is _ADMITTED:
+                        continue
                     if item is None:
                         break
                     if isinstance(item, BaseException):
@@ -379,7 +388,7 @@ class Session:
             cancelled, outcome = True, "failed"
             code = FROM_ENGINE.get(exc.code, ErrorCode.SYNTHESIS_ERROR)
             log.warning("session %s: synthesis failed (%s): %s", self.id, exc.code, exc.message)
-            await self.error(code, exc.message, utterance.request_id)
+            await self.send_message(Error.of(code, exc.message, utterance.request_id, exc.retry_after_ms))
         except TimeoutError as exc:
             cancelled, outcome = True, "failed"
             await self.error(ErrorCode.TIMEOUT, str(exc), utterance.request_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import AsyncIterator, Optional
 
 import numpy as np
@@ -12,8 +14,11 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from tts_engine.errors import parse_wire
 
+from . import metrics
+
 log = logging.getLogger("gateway.triton")
 REQUIRED_MODELS = ("tts", "voice_encoder")
+DEFAULT_STREAMS_PER_ENDPOINT = 16  # when the talker's config cannot be read
 
 
 class SynthesisFailed(Exception):
@@ -21,9 +26,10 @@ class SynthesisFailed(Exception):
 
     ``transport`` is true when the endpoint itself failed (down, unreachable), not the request."""
 
-    def __init__(self, code: str, message: str, transport: bool = False):
+    def __init__(self, code: str, message: str, transport: bool = False, retry_after_ms: Optional[int] = None):
         super().__init__(message)
         self.code, self.message, self.transport = code, message, transport
+        self.retry_after_ms = retry_after_ms
 
 
 def _string(name: str, value: str) -> InferInput:
@@ -39,7 +45,8 @@ class TritonBackend:
         self.url = url
         self.client = grpcclient.InferenceServerClient(url)
         self.ready = False
-        self.in_flight = 0  # streams open on this endpoint now
+        self.in_flight = 0  # streams open on this endpoint now (counted by TritonPool)
+        self.capacity = DEFAULT_STREAMS_PER_ENDPOINT  # the talker's max_active_streams, read when it is ready
         self._poller: Optional[asyncio.Task] = None
 
     async def check_ready(self) -> bool:
@@ -48,15 +55,31 @@ class TritonBackend:
                 [await asyncio.wait_for(self.client.is_model_ready(m), 2.0) for m in REQUIRED_MODELS])
         except Exception:  # any gRPC failure means "not ready"
             ready = False
+        if ready and not self.ready:
+            self.capacity = await self._talker_capacity()
         if ready != self.ready:
-            log.warning("Triton at %s is %s", self.url, "ready" if ready else "NOT ready")
+            log.warning("Triton at %s is %s%s", self.url, "ready" if ready else "NOT ready",
+                        f" ({self.capacity} streams at once)" if ready else "")
         self.ready = ready
         return ready
 
-    def start_polling(self, interval: float) -> None:
+    async def _talker_capacity(self) -> int:
+        """How many streams the talker advances at once (its max_active_streams parameter)."""
+        try:
+            config = await asyncio.wait_for(self.client.get_model_config("talker", as_json=True), 2.0)
+            return int(config["config"]["parameters"]["max_active_streams"]["string_value"])
+        except Exception as exc:  # an older repository, or no access to the talker: a safe default
+            log.warning("cannot read the talker's capacity at %s (%s); assuming %d", self.url, exc,
+                        DEFAULT_STREAMS_PER_ENDPOINT)
+            return DEFAULT_STREAMS_PER_ENDPOINT
+
+    def start_polling(self, interval: float, on_change=None) -> None:
         async def poll():
             while True:
+                was = self.ready
                 await self.check_ready()
+                if on_change is not None and self.ready != was:
+                    on_change()
                 await asyncio.sleep(interval)
 
         self._poller = asyncio.create_task(poll())
@@ -81,7 +104,6 @@ class TritonBackend:
 
         responses = self.client.stream_infer(requests())
         finished = False
-        self.in_flight += 1
         try:
             async for result, error in responses:
                 if error is not None:
@@ -104,7 +126,6 @@ class TritonBackend:
             self.ready = False
             raise SynthesisFailed("SYNTHESIS_ERROR", f"Triton at {self.url} failed: {exc}", transport=True) from None
         finally:
-            self.in_flight -= 1
             if not finished:
                 responses.cancel()  # the consumer stopped early: cancel the Triton request itself
 
@@ -124,14 +145,22 @@ class TritonBackend:
 
 
 class TritonPool:
-    """Several Triton endpoints behind one interface: new requests go to a ready endpoint with the fewest
-    open streams; a request that fails because its endpoint is down, before any audio, moves to another."""
+    """Several Triton endpoints behind one interface, with admission control.
 
-    def __init__(self, urls: list[str]):
+    A request takes a slot on a ready endpoint with free capacity (the talker's max_active_streams), the
+    least busy one first; when every slot is taken it waits in one FIFO line, and after ``queue_timeout_s``
+    it is refused with RATE_LIMITED. Waiting requests that are cancelled simply leave the line: nothing
+    reaches Triton. A request whose endpoint fails before any audio moves to another endpoint."""
+
+    def __init__(self, urls: list[str], queue_timeout_s: float = 10.0, streams_per_endpoint: int = 0):
         if not urls:
             raise ValueError("no Triton endpoint configured")
         self.backends = [TritonBackend(url) for url in urls]
+        self.queue_timeout_s = queue_timeout_s
+        self.streams_per_endpoint = streams_per_endpoint  # 0: each endpoint's own talker capacity
+        self._waiters: "deque[asyncio.Future]" = deque()
         self._next = 0
+        self._mean_request_s = 2.0  # a running mean of how long a request holds its slot
 
     @property
     def url(self) -> str:
@@ -141,32 +170,95 @@ class TritonPool:
     def ready(self) -> bool:
         return any(b.ready for b in self.backends)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     def status(self) -> dict[str, bool]:
         return {b.url: b.ready for b in self.backends}
 
     async def check_ready(self) -> bool:
         await asyncio.gather(*(b.check_ready() for b in self.backends))
+        self._wake()
         return self.ready
 
     def start_polling(self, interval: float) -> None:
         for backend in self.backends:
-            backend.start_polling(interval)
+            backend.start_polling(interval, on_change=self._wake)
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
 
-    def _order(self) -> list[TritonBackend]:
-        """Ready endpoints by fewest open streams (round-robin among equals), then the others."""
+    # -- admission ----------------------------------------------------------------------------------------
+
+    def capacity(self, backend: TritonBackend) -> int:
+        return self.streams_per_endpoint or backend.capacity
+
+    def _free_backend(self, exclude=()) -> Optional[TritonBackend]:
+        """A ready endpoint with a free slot, the least busy first (round-robin among equals)."""
         self._next = (self._next + 1) % len(self.backends)
         rotated = self.backends[self._next:] + self.backends[:self._next]
-        ready = sorted((b for b in rotated if b.ready), key=lambda b: b.in_flight)
-        return ready + [b for b in rotated if not b.ready]
+        free = [b for b in rotated if b.ready and b not in exclude and b.in_flight < self.capacity(b)]
+        return min(free, key=lambda b: b.in_flight, default=None)
+
+    def _wake(self) -> None:
+        while self._waiters:
+            backend = self._free_backend()
+            if backend is None:
+                return
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                backend.in_flight += 1
+                waiter.set_result(backend)
+        metrics.QUEUED_REQUESTS.set(len(self._waiters))
+
+    def _retry_after_ms(self) -> int:
+        """When a slot is likely to be free for a request joining the line now."""
+        slots = sum(self.capacity(b) for b in self.backends if b.ready) or 1
+        return int(min(30_000, max(250, 1000 * self._mean_request_s * (len(self._waiters) + 1) / slots)))
+
+    async def _acquire(self, exclude=()) -> TritonBackend:
+        if not any(b.ready and b not in exclude for b in self.backends):
+            raise SynthesisFailed("MODEL_LOADING", "no Triton endpoint is ready", transport=True)
+        backend = None if self._waiters else self._free_backend(exclude)
+        if backend is not None:
+            backend.in_flight += 1
+            return backend
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        metrics.QUEUED_REQUESTS.set(len(self._waiters))
+        started = time.monotonic()
+        try:
+            backend = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise SynthesisFailed("OVERLOADED", f"every synthesis slot stayed busy for {self.queue_timeout_s:g} s",
+                                  retry_after_ms=self._retry_after_ms()) from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            elif backend is None and not waiter.cancelled():  # granted just as we gave up: hand it on
+                self._release(waiter.result())
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            metrics.QUEUED_REQUESTS.set(len(self._waiters))
+            metrics.QUEUE_WAIT.observe(time.monotonic() - started)
+        return backend
+
+    def _release(self, backend: TritonBackend) -> None:
+        backend.in_flight -= 1
+        self._wake()
+
+    # -- requests -----------------------------------------------------------------------------------------
 
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
-                         parameters: Optional[dict] = None) -> AsyncIterator[np.ndarray]:
-        last_error: Optional[SynthesisFailed] = None
-        for backend in self._order():
-            produced = False
+                         parameters: Optional[dict] = None, admitted=None) -> AsyncIterator[np.ndarray]:
+        """Yield float32 24 kHz chunks; ``admitted()`` is called once the request holds a slot."""
+        tried: set = set()
+        while True:
+            backend = await self._acquire(exclude=tried)
+            if admitted is not None and not tried:
+                admitted()
+            started, produced = time.monotonic(), False
             stream = backend.synthesize(text, voice, language, parameters)
             try:
                 async for chunk in stream:
@@ -177,14 +269,15 @@ class TritonPool:
                 if produced or not exc.transport:
                     raise
                 log.warning("Triton at %s failed before any audio; trying the next endpoint", backend.url)
-                last_error = exc
+                tried.add(backend)
             finally:
                 await stream.aclose()
-        raise last_error or SynthesisFailed("MODEL_LOADING", "no Triton endpoint is available", transport=True)
+                self._mean_request_s += 0.1 * (time.monotonic() - started - self._mean_request_s)
+                self._release(backend)
 
     async def encode_voice(self, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
         last_error: Optional[SynthesisFailed] = None
-        for backend in self._order():
+        for backend in sorted((b for b in self.backends if b.ready), key=lambda b: b.in_flight) or self.backends:
             try:
                 return await backend.encode_voice(audio, sample_rate, ref_text)
             except SynthesisFailed as exc:

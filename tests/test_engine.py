@@ -48,6 +48,18 @@ def test_cancellation_stops_generation_between_steps(loaded, xvector_prompt):
     assert isinstance(ended[0][0], Cancelled) and ended[0][1] == 3 and len(received) == 3
 
 
+def test_reference_codes_equal_the_prompts(loaded):
+    """The codec decoder's own encoding of a reference clip equals the prompt's codes (so priming hits)."""
+    import soundfile as sf
+
+    from conftest import ROOT
+    from tts_engine.prompts import build_prompt, reference_codes
+
+    audio, sample_rate = sf.read(ROOT / "voices" / "default" / "reference.wav", dtype="float32")
+    prompt = build_prompt(loaded.tts, audio, sample_rate, "A transcript.")
+    assert torch.equal(reference_codes(loaded.tts.model.speech_tokenizer, audio, sample_rate), prompt.ref_code)
+
+
 def test_empty_text_is_refused(loaded, xvector_prompt):
     """Whitespace-only text raises InvalidText before any model work."""
     with pytest.raises(InvalidText):

@@ -258,6 +258,59 @@ async def test_too_many_queued_utterances_are_refused(make_gateway):
         assert [r.end["requestId"] for r in results if r.end] == ["0", "1"]
 
 
+def _talker_streams(triton) -> float:
+    """Streams the talker has ended, whatever the outcome (published a few times a second)."""
+    return sum(v for k, v in scrape_metrics(triton.metrics_url).items() if k.startswith("qwen_tts_talker_streams_total"))
+
+
+ONE_LONG_SENTENCE = (LONG.rstrip(".") + ", ") * 3 + "and so on."  # no sentence break: one request, seconds long
+
+
+async def test_full_capacity_gives_rate_limited_with_retry_after(make_gateway):
+    """When every synthesis slot stays busy for GATEWAY_QUEUE_TIMEOUT_S, a waiting utterance ends with
+    RATE_LIMITED (recoverable, with retryAfterMs) instead of a silent TIMEOUT; the session stays usable."""
+    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="0.5")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as busy, open_session(gateway.ws) as waiting:
+        await start_session(busy)
+        await start_session(waiting)
+        await send(busy, type="speak", text=ONE_LONG_SENTENCE, requestId="long")
+        assert isinstance(await asyncio.wait_for(busy.recv(), 30), bytes)
+        await send(waiting, type="speak", text="Is there room for me?", requestId="w")
+        result = await collect(waiting)
+        error = result.of_type("error")[0]
+        assert error["code"] == "RATE_LIMITED" and error["recoverable"] is True and error["requestId"] == "w"
+        assert isinstance(error["retryAfterMs"], int) and error["retryAfterMs"] > 0
+        assert result.end["cancelled"] is True and not result.audio
+        assert (await collect(busy)).end["cancelled"] is False
+        await send(waiting, type="speak", text="Now there is room.")
+        again = await collect(waiting)
+        assert again.end["cancelled"] is False and again.audio and not again.of_type("error")
+
+
+async def test_utterances_cancelled_while_waiting_never_reach_triton(make_gateway, triton):
+    """Speak+cancel storms while capacity is full: none of them starts in Triton, and the next utterance
+    plays normally."""
+    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="30")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as busy, open_session(gateway.ws) as storm:
+        await start_session(busy)
+        await start_session(storm)
+        await asyncio.sleep(0.5)
+        before = _talker_streams(triton)
+        await send(busy, type="speak", text=ONE_LONG_SENTENCE)
+        assert isinstance(await asyncio.wait_for(busy.recv(), 30), bytes)
+        for index in range(20):
+            await send(storm, type="speak", text=f"Never mind number {index}.")
+            await send(storm, type="cancel")
+            assert (await collect(storm)).end["cancelled"] is True
+        assert (await collect(busy)).end["cancelled"] is False
+        await send(storm, type="speak", text="This one plays.")
+        assert (await collect(storm)).end["cancelled"] is False
+        assert await wait_until(lambda: _talker_streams(triton) == before + 2, timeout=5), \
+            f"{_talker_streams(triton) - before} streams reached the talker; expected the two that played"
+
+
 async def test_auth_tokens(make_gateway):
     """With auth configured: a bad or missing token closes with 1008; header, query and start tokens work."""
     gateway = make_gateway(GATEWAY_AUTH_TOKENS="s3cret,other")

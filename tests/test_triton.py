@@ -117,6 +117,17 @@ async def test_concurrent_streams_are_batched_and_each_equals_its_one_shot_decod
     assert chunks / batches > 1.2, "the codec decoder should have decoded several streams at once"
 
 
+async def test_the_default_voice_is_primed_at_load(client, triton):
+    """The codec decoder primed the default voice's state when it loaded: its streams decode no reference."""
+    primings = "qwen_tts_decoder_primings_total"
+    before = scrape_metrics(triton.metrics_url)[primings]
+    assert before >= 1
+    result = await stream(client, "tts", "Primed already.", voice="default", parameters={"max_new_tokens": 6})
+    assert result.error is None and result.audio().size == 5 * 1920
+    await asyncio.sleep(1.2)  # the decoder publishes its counters about once a second
+    assert scrape_metrics(triton.metrics_url)[primings] == before
+
+
 async def test_eos_before_any_frame_gives_an_empty_final_response(client, triton):
     """A stream whose first token is EOS (an x-vector voice, text starting with the marker, min_new_tokens 0)
     ends with one empty final response, and its decoder state is freed."""

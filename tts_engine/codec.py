@@ -43,6 +43,7 @@ class StreamTable:
         self._primed_cache_size = primed_cache_size
         self._lock = threading.Lock()
         self.freed = {"final": 0, "cancelled": 0, "idle": 0}
+        self.primings = 0  # decodes of reference codes (each voice once, while it stays cached)
         self._cancelled = RecentIds(1024)  # recently cancelled ids, to act once
 
     def __len__(self) -> int:
@@ -56,11 +57,17 @@ class StreamTable:
         cached = self._primed.get(key)
         if cached is None:
             cached = prime(self.decoder, context)
+            self.primings += 1
             self._primed[key] = cached
             while len(self._primed) > self._primed_cache_size:
                 self._primed.popitem(last=False)
         self._primed.move_to_end(key)
         return cached.clone()
+
+    def prime(self, context: np.ndarray) -> None:
+        """Decode a voice's reference codes now and keep the state, so its first stream starts at once."""
+        with self._lock:
+            self._primed_state(np.asarray(context, dtype=np.int32))
 
     def decode(self, stream_id: int, codes: np.ndarray, context: Optional[np.ndarray], final: bool) -> np.ndarray:
         """Decode one chunk of a stream (creating it on first sight) and free it when ``final``."""

@@ -147,3 +147,14 @@ def build_prompt(tts, audio: np.ndarray, sample_rate: int, ref_text: Optional[st
     ref_code = None if item.ref_code is None else item.ref_code.detach().to(torch.int64).cpu()
     return VoicePrompt(spk_embedding=item.ref_spk_embedding.detach().float().cpu(), ref_code=ref_code,
                        ref_text=item.ref_text if ref_code is not None else None)
+
+
+def reference_codes(speech_tokenizer, audio: np.ndarray, sample_rate: int):
+    """A reference clip's codec frames [frames, 16], computed as ``create_voice_clone_prompt`` does (the codec
+    decoder primes its state for the default voice with them at start-up)."""
+    import torch
+
+    audio = check_reference_audio(audio, sample_rate)
+    with torch.inference_mode():
+        codes = speech_tokenizer.encode([audio], sr=int(sample_rate)).audio_codes[0]
+    return codes.detach().to(torch.int64).cpu()

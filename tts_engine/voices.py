@@ -157,12 +157,20 @@ class VoiceStore:
             return None
         return prompt if meta.get("source_sha256") == digest else None
 
-    def _compute(self, voice_id: str, folder: Path, digest: str) -> VoicePrompt:
-        if self.builder is None:
-            raise VoiceNotFound(f"voice '{voice_id}' has no cached prompt and this process cannot compute one")
+    def reference(self, voice_id: str) -> tuple[np.ndarray, int, Optional[str]]:
+        """A voice's reference clip (mono float32, its sample rate) and transcript (None: x-vector only)."""
+        folder = self.voice_dir(voice_id)
+        if not (folder / REFERENCE_FILE).is_file():
+            raise VoiceNotFound(f"voice '{voice_id}' not found")
         audio, sample_rate = read_wav((folder / REFERENCE_FILE).read_bytes())
         transcript = folder / TRANSCRIPT_FILE
         ref_text = transcript.read_text(encoding="utf-8").strip() if transcript.is_file() else None
+        return audio, sample_rate, ref_text or None
+
+    def _compute(self, voice_id: str, folder: Path, digest: str) -> VoicePrompt:
+        if self.builder is None:
+            raise VoiceNotFound(f"voice '{voice_id}' has no cached prompt and this process cannot compute one")
+        audio, sample_rate, ref_text = self.reference(voice_id)
         log.info("computing voice prompt for '%s' (%s mode)", voice_id, "icl" if ref_text else "x-vector-only")
         prompt = self.builder(audio, sample_rate, ref_text)
         try:

@@ -17,6 +17,8 @@ from tts_engine.codec import DecodeItem, StreamTable
 from tts_engine.decoder import StreamingDecoder
 from tts_engine.errors import Cancelled
 from tts_engine.model import load_speech_tokenizer
+from tts_engine.prompts import reference_codes
+from tts_engine.voices import VoiceStore
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -30,23 +32,25 @@ class TritonPythonModel:
                                  idle_timeout=float(params.get("stream_idle_timeout_s") or 60),
                                  primed_cache_size=int(params.get("primed_state_cache_size") or 32))
         self.max_batch = int(params.get("max_batch_streams") or 64)
-        # Warm up (first-call allocations and kernel choices) so the first real stream is not slow.
-        self.table.decoder.decode(self.table.decoder.new_state(), np.zeros((4, 16), dtype=np.int32))
+        self._warm_up(tokenizer, params)
         active = backend.metric_family(pb_utils, "gauge", "qwen_tts_decoder_active_streams",
                                        "Streams whose decoder state is held")
         freed = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_streams_freed_total",
                                       "Decoder states freed, by reason (final, cancelled, idle timeout)")
+        primings = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_primings_total",
+                                         "Voices whose reference codes were decoded to prime new streams")
         batches = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_batches_total",
                                         "Batched decoder forwards")
         chunks = backend.metric_family(pb_utils, "counter", "qwen_tts_decoder_chunks_total",
                                        "Chunks decoded (/ batches = mean batch size)")
-        self._families = (active, freed, batches, chunks)
+        self._families = (active, freed, primings, batches, chunks)
         self._active = active.Metric(labels={})
         self._freed = {reason: freed.Metric(labels={"reason": reason}) for reason in self.table.freed}
         self._batches, self._chunks = batches.Metric(labels={}), chunks.Metric(labels={})
         self._reported = dict.fromkeys(self.table.freed, 0)
+        self._primings = primings.Metric(labels={})
         self._counts = {"batches": 0, "chunks": 0}
-        self._reported_counts = dict.fromkeys(self._counts, 0)
+        self._reported_counts = dict.fromkeys(list(self._counts) + ["primings"], 0)
         self._pending: "queue.Queue" = queue.Queue()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="codec-decoder", daemon=True)
@@ -55,6 +59,26 @@ class TritonPythonModel:
         self._publisher.start()
         self.log.info("codec_decoder ready (batches of up to %d chunks, idle timeout %.0f s)", self.max_batch,
                       self.table.idle_timeout)
+
+    def _warm_up(self, tokenizer, params) -> None:
+        """Decode once in every batch shape the first requests will use, and prime the default voice's state
+        (its reference codes, computed as the talker computes them), so the first stream is not slower."""
+        decoder = self.table.decoder
+        for batch in sorted({1, 2, min(4, self.max_batch)}):
+            for frames in (2, 4, 16):
+                decoder.decode_batch([decoder.new_state() for _ in range(batch)],
+                                     [np.zeros((frames, 16), dtype=np.int32)] * batch)
+        store = VoiceStore(params.get("voices_dir") or "voices", default_voice=params.get("default_voice") or None)
+        voice = store.default_id()
+        if voice is None:
+            return
+        try:
+            audio, sample_rate, transcript = store.reference(voice)
+            if transcript is not None:  # ICL voices send reference codes; x-vector voices need no priming
+                self.table.prime(reference_codes(tokenizer, audio, sample_rate).numpy())
+                self.log.info("primed the decoder state of the default voice '%s'", voice)
+        except Exception as exc:  # a broken voice must not keep the server from starting
+            self.log.error("cannot prime the default voice '%s': %s", voice, exc)
 
     def execute(self, requests):
         for request in requests:
@@ -138,8 +162,9 @@ class TritonPythonModel:
                 if delta:
                     metric.increment(delta)
                     self._reported[reason] += delta
-            for name, metric in (("batches", self._batches), ("chunks", self._chunks)):
-                delta = self._counts[name] - self._reported_counts[name]
+            counts = {**self._counts, "primings": self.table.primings}
+            for name, metric in (("batches", self._batches), ("chunks", self._chunks), ("primings", self._primings)):
+                delta = counts[name] - self._reported_counts[name]
                 if delta:
                     metric.increment(delta)
                     self._reported_counts[name] += delta
