@@ -1,8 +1,9 @@
 """Gateway benchmark: time to first audio through the gateway vs straight to Triton, and under load.
 
-    python -m bench.gateway [--runs 10] [--sessions 1,4,8]
+    python -m bench.gateway [--runs 10] [--sessions 1,8,32] [--utterances 2]
 
-Prints numbers and writes results/bench_gateway.json; nothing is asserted.
+Under load, each of N sessions is one WebSocket that speaks U utterances one after another, all sessions at
+once; errors are counted by code. Prints numbers and writes results/bench_gateway.json; nothing is asserted.
 """
 from __future__ import annotations
 
@@ -36,6 +37,35 @@ async def via_gateway(url: str) -> float:
     return result["first_audio_s"]
 
 
+async def session(url: str, utterances: int) -> tuple[list[float], list[str]]:
+    """One WebSocket session speaking ``utterances`` utterances in turn: their first-audio times and error codes."""
+    from websockets.asyncio.client import connect
+
+    firsts, errors = [], []
+    async with connect(url, max_size=None, open_timeout=30) as ws:
+        ready = json.loads(await ws.recv())
+        if ready["type"] == "error":
+            return firsts, [ready["code"]]
+        await ws.send(json.dumps({"type": "start", "language": "English"}))
+        json.loads(await ws.recv())
+        for index in range(utterances):
+            started, first = time.monotonic(), None
+            await ws.send(json.dumps({"type": "speak", "text": TEXT, "requestId": str(index)}))
+            while True:
+                frame = await asyncio.wait_for(ws.recv(), 120)
+                if isinstance(frame, bytes):
+                    first = first if first is not None else time.monotonic() - started
+                    continue
+                message = json.loads(frame)
+                if message["type"] == "error":
+                    errors.append(message["code"])
+                elif message["type"] == "complete":
+                    break
+            if first is not None:
+                firsts.append(first)
+    return firsts, errors
+
+
 async def via_triton(url: str) -> float:
     from client.triton_tts import synthesize
 
@@ -49,15 +79,15 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default=os.environ.get("QWEN_TTS_MODEL_DIR") or str(ROOT / "build" / "tiny-model"))
     parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--sessions", default="1,4,8")
+    parser.add_argument("--sessions", default="1,8,32")
+    parser.add_argument("--utterances", type=int, default=2, help="utterances per session under load")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_gateway.json")
     args = parser.parse_args(argv)
     from tools.render_model_repository import render, resolve
     from tools.triton_local import LocalTriton, free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-gw-", dir=ROOT / "build"))
-    repository = render(work / "model_repository", resolve(args.profile, {"MODEL_DIR": args.model_dir,
-                                                                          "MAX_ACTIVE_STREAMS": "16"}))
+    repository = render(work / "model_repository", resolve(args.profile, {"MODEL_DIR": args.model_dir}))
     server = LocalTriton(repository, log_path=work / "tritonserver.log").start()
     port = free_port()
     gateway = None
@@ -91,13 +121,21 @@ def main(argv=None) -> int:
         results["gateway_overhead_ms_p50"] = results["ttfa_gateway_ms_p50"] - results["ttfa_direct_ms_p50"]
         results["sessions"] = {}
         for n in (int(x) for x in args.sessions.split(",")):
-            samples = []
-            for _ in range(max(1, args.runs // n) if n > 1 else args.runs):
-                async def many():
-                    return await asyncio.gather(*(via_gateway(ws_url) for _ in range(n)))
-                samples.extend(asyncio.run(many()))
-            results["sessions"][str(n)] = {"ttfa_p50_ms": 1000 * percentile(samples, 50),
-                                           "ttfa_p95_ms": 1000 * percentile(samples, 95), "samples": len(samples)}
+            async def load():
+                started = time.monotonic()
+                outcomes = await asyncio.gather(*(session(ws_url, args.utterances) for _ in range(n)))
+                return outcomes, time.monotonic() - started
+
+            outcomes, wall = asyncio.run(load())
+            firsts = [t for f, _ in outcomes for t in f]
+            errors: dict = {}
+            for _, codes in outcomes:
+                for code in codes:
+                    errors[code] = errors.get(code, 0) + 1
+            results["sessions"][str(n)] = {
+                "utterances": n * args.utterances, "completed_with_audio": len(firsts), "errors": errors,
+                "wall_s": wall, "ttfa_p50_ms": 1000 * percentile(firsts, 50) if firsts else None,
+                "ttfa_p95_ms": 1000 * percentile(firsts, 95) if firsts else None}
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -108,8 +146,9 @@ def main(argv=None) -> int:
     print(f"TTFA straight to Triton p50 {results['ttfa_direct_ms_p50']:.0f} ms; through the gateway p50 "
           f"{results['ttfa_gateway_ms_p50']:.0f} ms; gateway overhead {results['gateway_overhead_ms_p50']:+.1f} ms")
     for n, row in results["sessions"].items():
-        print(f"{n:>2} sessions: TTFA p50 {row['ttfa_p50_ms']:.0f} ms, p95 {row['ttfa_p95_ms']:.0f} ms "
-              f"({row['samples']} utterances)")
+        print(f"{n:>2} sessions x {args.utterances}: {row['completed_with_audio']}/{row['utterances']} with audio, "
+              f"errors {row['errors'] or 'none'}, TTFA p50 {row['ttfa_p50_ms'] or 0:.0f} ms, "
+              f"p95 {row['ttfa_p95_ms'] or 0:.0f} ms, {row['wall_s']:.1f} s")
     print(f"written to {args.output}")
     return 0
 
