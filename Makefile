@@ -58,6 +58,7 @@ perf: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.core
 	$(PY) -m bench.gateway
+	$(PY) -m bench.fidelity
 
 clean:
 	rm -rf build results/*.tmp
