@@ -18,7 +18,7 @@ help:
 	@echo "make bench      - benchmarks; numbers go to results/"
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
 
-$(STAMP): requirements.txt pyproject.toml scripts/setup.sh tts_engine/tiny_model.py
+$(STAMP): requirements.txt requirements-model.txt pyproject.toml scripts/setup.sh tts_engine/tiny_model.py
 	./scripts/setup.sh
 	@touch $(STAMP)
 

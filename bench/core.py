@@ -35,9 +35,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _setup(model_dir: str, device: str, dtype):
-    from tts_engine.model import load_model
-    from tts_engine.prompts import build_prompt
-    from tts_engine.voices import VoiceStore
+    from tts_engine.loading import load_model
+    from tts_engine.voices.prompts import build_prompt
+    from tts_engine.voices.store import VoiceStore
 
     loaded = load_model(model_dir, device, dtype)
     store = VoiceStore(ROOT / "voices", builder=lambda a, sr, t: build_prompt(loaded.tts, a, sr, t),
@@ -47,9 +47,10 @@ def _setup(model_dir: str, device: str, dtype):
 
 def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bool) -> dict:
     """Aggregate frames/s of the serving loop with n streams submitted at once (talker only)."""
-    from tts_engine.sampling import SamplingParams
-    from tts_engine.scheduler import StreamJob, StreamScheduler
-    from tts_engine.talker import BatchedTalker, SynthesisRequest
+    from tts_engine.generation.sampling import SamplingParams
+    from tts_engine.generation.scheduler import StreamJob, StreamScheduler
+    from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.generation.prompt import SynthesisRequest
 
     scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=max(counts), max_tokens=frames + 1024),
                                 max_queued=max(counts), name="bench")
@@ -84,10 +85,12 @@ def single_stream(loaded, prompt, frames: int, runs: int) -> dict:
     """One stream through the serving loop, its chunks decoded as they arrive (the codec process's work)."""
     import torch
 
-    from tts_engine.decoder import StreamingDecoder, prime
-    from tts_engine.sampling import SamplingParams
-    from tts_engine.scheduler import StreamJob, StreamScheduler
-    from tts_engine.talker import BatchedTalker, ChunkSchedule, SynthesisRequest
+    from tts_engine.codec.decoder import StreamingDecoder, prime
+    from tts_engine.generation.sampling import SamplingParams
+    from tts_engine.generation.scheduler import StreamJob, StreamScheduler
+    from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.generation.prompt import SynthesisRequest
+    from tts_engine.generation.scheduler import ChunkSchedule
 
     decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
     primed = prime(decoder, prompt.ref_code)  # the server primes the default voice at load
@@ -127,7 +130,7 @@ def decoder_cost(loaded, counts=(1, 16), chunk: int = 4, rounds: int = 20) -> di
     """Codec decoder time per frame when decoding ``n`` streams' chunks in one forward (steady state)."""
     import torch
 
-    from tts_engine.decoder import StreamingDecoder
+    from tts_engine.codec.decoder import StreamingDecoder
 
     decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
     generator = torch.Generator().manual_seed(0)

@@ -34,12 +34,13 @@ def main(argv=None) -> int:
     from conftest import SAMPLE_RATE, synthetic_reference
     from reference import float64_codec, qwen_kwargs, reference_generation, rms
     from test_fidelity import BROKEN_STATES, random_codes, stream_decode
-    from tts_engine.decoder import StreamingDecoder
-    from tts_engine.model import load_model
-    from tts_engine.prompts import build_prompt
-    from tts_engine.sampling import SamplingParams
-    from tts_engine.scheduler import StreamScheduler
-    from tts_engine.talker import BatchedTalker, SynthesisRequest
+    from tts_engine.codec.decoder import StreamingDecoder
+    from tts_engine.loading import load_model
+    from tts_engine.voices.prompts import build_prompt
+    from tts_engine.generation.sampling import SamplingParams
+    from tts_engine.generation.scheduler import StreamScheduler
+    from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.generation.prompt import SynthesisRequest
 
     loaded = load_model(args.model_dir, device="cpu", dtype="fp32")
     codes = random_codes(200, 0)

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-SAMPLE_RATE = 24000
+from tts_contract import tensors as names
+from tts_contract.audio import SAMPLE_RATE
 
 
 def _parse_param(text: str):
@@ -25,30 +26,50 @@ def _parse_param(text: str):
         return name, value
 
 
+class TritonError(RuntimeError):
+    """Triton refused or failed the request; the message starts with the engine's [CODE]."""
+
+
 async def synthesize(url: str, text: str, voice=None, language=None, parameters=None, timeout: float = 300.0,
                      on_chunk=None) -> dict:
-    """Run one streaming `tts` request; returns audio, time to first audio and totals."""
-    from gateway.triton_client import SynthesisFailed, TritonBackend
+    """Run one streaming ``tts`` request over gRPC; returns audio, time to first audio and totals."""
+    import tritonclient.grpc.aio as grpcclient
+    from tritonclient.grpc import InferInput, InferRequestedOutput
 
-    backend = TritonBackend(url)
+    inputs = []
+    for name, value in ((names.TEXT, text), (names.VOICE, voice), (names.LANGUAGE, language)):
+        if value:
+            tensor = InferInput(name, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
+            inputs.append(tensor)
+
+    async def requests():
+        yield {"model_name": names.TTS, "inputs": inputs, "parameters": parameters or {},
+               "outputs": [InferRequestedOutput(names.AUDIO)]}
+
+    client = grpcclient.InferenceServerClient(url)
     chunks, first_audio = [], None
     start = time.monotonic()
 
     async def consume():
         nonlocal first_audio
-        async for audio in backend.synthesize(text, voice, language, parameters):
-            if first_audio is None:
-                first_audio = time.monotonic() - start
-            chunks.append(audio)
-            if on_chunk:
-                on_chunk(audio)
+        async for result, error in client.stream_infer(requests()):
+            if error is not None:
+                raise TritonError(str(error))
+            audio = result.as_numpy(names.AUDIO)
+            if audio is not None and audio.size:
+                first_audio = time.monotonic() - start if first_audio is None else first_audio
+                chunks.append(audio)
+                if on_chunk:
+                    on_chunk(audio)
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                return
 
     try:
         await asyncio.wait_for(consume(), timeout)
-    except SynthesisFailed as exc:
-        raise RuntimeError(f"[{exc.code}] {exc.message}") from None
     finally:
-        await backend.close()
+        await client.close()
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return {"audio": audio, "first_audio_s": first_audio, "total_s": time.monotonic() - start,
             "responses": len(chunks)}

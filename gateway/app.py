@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket
 from . import metrics
 from .config import Settings
 from .protocol import CLOSE_TRY_AGAIN, Error, ErrorCode
-from .session import Session
+from .connection import Connection
 from .triton_client import TritonPool
 from .voices import VoiceApiError, VoiceLibrary
 
@@ -24,7 +24,7 @@ log = logging.getLogger("gateway")
 @dataclass
 class Services:
     settings: Settings
-    backend: TritonPool
+    triton: TritonPool
     voices: VoiceLibrary
     sessions: int = 0
 
@@ -34,17 +34,17 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        backend = TritonPool(list(settings.triton_urls), queue_timeout_s=settings.queue_timeout_s,
+        triton = TritonPool(list(settings.triton_urls), queue_timeout_s=settings.queue_timeout_s,
                              streams_per_endpoint=settings.streams_per_triton)
-        services["s"] = Services(settings, backend, VoiceLibrary(settings.voices_dir, settings.default_voice))
-        await backend.check_ready()
-        backend.start_polling(settings.ready_poll_s)
-        log.info("gateway up: Triton %s (%s), voices %s", backend.url,
-                 "ready" if backend.ready else "not ready yet", settings.voices_dir)
+        services["s"] = Services(settings, triton, VoiceLibrary(settings.voices_dir, settings.default_voice))
+        await triton.check_ready()
+        triton.start_polling(settings.ready_poll_s)
+        log.info("gateway up: Triton %s (%s), voices %s", triton.url,
+                 "ready" if triton.ready else "not ready yet", settings.voices_dir)
         try:
             yield
         finally:
-            await backend.close()
+            await triton.close()
 
     async def speak(websocket: WebSocket):
         s: Services = services["s"]
@@ -57,15 +57,15 @@ def create_app(settings: Settings) -> Starlette:
             return
         s.sessions += 1
         metrics.ACTIVE_SESSIONS.set(s.sessions)
-        session = Session(websocket, s)
-        log.info("session %s opened from %s", session.id, websocket.client)
+        connection = Connection(websocket, s)
+        log.info("session %s opened from %s", connection.id, websocket.client)
         try:
-            await session.run()
+            await connection.run()
         finally:
             s.sessions -= 1
             metrics.ACTIVE_SESSIONS.set(s.sessions)
-            await session.close(1000)
-            log.info("session %s closed", session.id)
+            await connection.close(1000)
+            log.info("session %s closed", connection.id)
 
     async def list_voices(request: Request):
         return JSONResponse({"voices": services["s"].voices.list()})
@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> Starlette:
                 upload = form.get("audio")
                 data = await upload.read() if hasattr(upload, "read") else b""
                 entry = await s.voices.upload(
-                    s.backend, data, transcript=_text(form.get("transcript")), name=_text(form.get("name")),
+                    s.triton, data, transcript=_text(form.get("transcript")), name=_text(form.get("name")),
                     voice_id=_text(form.get("id")), language=_text(form.get("language")),
                     max_bytes=s.settings.max_upload_bytes)
         except VoiceApiError as exc:
@@ -99,12 +99,12 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request):
-        backend = services["s"].backend
-        ready = await backend.check_ready()
-        return JSONResponse({"ready": ready, "triton": backend.status()}, status_code=200 if ready else 503)
+        triton = services["s"].triton
+        ready = await triton.check_ready()
+        return JSONResponse({"ready": ready, "triton": triton.status()}, status_code=200 if ready else 503)
 
     async def metrics_endpoint(request: Request):
-        for url, ready in services["s"].backend.status().items():
+        for url, ready in services["s"].triton.status().items():
             metrics.TRITON_READY.labels(url).set(1 if ready else 0)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)

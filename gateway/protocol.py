@@ -6,52 +6,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
-SAMPLE_RATE = 24000  # what the model produces
-SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+from tts_contract.audio import SAMPLE_RATE
+from tts_contract.errors import RECOVERABLE, ErrorCode
+from tts_contract.languages import AUTO, LANGUAGES, UnknownLanguage
+from tts_contract.languages import normalise_language as _normalise_language
+
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)  # the rates the gateway resamples to
 ENCODINGS = ("pcm16", "pcm32f")
 TRANSPORTS = ("binary", "base64")
-LANGUAGES = ("English", "Chinese", "Japanese", "Korean", "German", "French", "Russian", "Portuguese",
-             "Spanish", "Italian")
-
-
-class ErrorCode(str, Enum):
-    INVALID_MESSAGE = "INVALID_MESSAGE"
-    INVALID_TEXT = "INVALID_TEXT"
-    VOICE_NOT_FOUND = "VOICE_NOT_FOUND"
-    INVALID_CONFIG = "INVALID_CONFIG"
-    MODEL_LOADING = "MODEL_LOADING"
-    SYNTHESIS_ERROR = "SYNTHESIS_ERROR"
-    TIMEOUT = "TIMEOUT"
-    RATE_LIMITED = "RATE_LIMITED"
-    UNAUTHORIZED = "UNAUTHORIZED"
-
-
-# code -> recoverable (the contract's table)
-RECOVERABLE = {
-    ErrorCode.INVALID_MESSAGE: False,
-    ErrorCode.INVALID_TEXT: False,
-    ErrorCode.VOICE_NOT_FOUND: True,
-    ErrorCode.INVALID_CONFIG: False,
-    ErrorCode.MODEL_LOADING: True,
-    ErrorCode.SYNTHESIS_ERROR: True,
-    ErrorCode.TIMEOUT: True,
-    ErrorCode.RATE_LIMITED: True,
-    ErrorCode.UNAUTHORIZED: False,
-}
-# Triton/engine error codes (tts_engine.errors) -> protocol codes
-FROM_ENGINE = {
-    "INVALID_TEXT": ErrorCode.INVALID_TEXT,
-    "VOICE_NOT_FOUND": ErrorCode.VOICE_NOT_FOUND,
-    "INVALID_CONFIG": ErrorCode.INVALID_CONFIG,
-    "INVALID_REQUEST": ErrorCode.INVALID_MESSAGE,
-    "MODEL_LOADING": ErrorCode.MODEL_LOADING,
-    "OVERLOADED": ErrorCode.RATE_LIMITED,
-}
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008  # unauthorized
@@ -129,13 +95,10 @@ def parse_client_message(raw: str) -> ClientMessage:
 
 def normalise_language(value: str) -> str:
     """Canonical language name, or raise INVALID_CONFIG."""
-    if value.strip().lower() == "auto":
-        return "Auto"
-    for name in LANGUAGES:
-        if name.lower() == value.strip().lower():
-            return name
-    raise ProtocolError(ErrorCode.INVALID_CONFIG,
-                        f"unsupported language {value!r}; supported: {', '.join(LANGUAGES)}, Auto")
+    try:
+        return _normalise_language(value)
+    except UnknownLanguage as exc:
+        raise ProtocolError(ErrorCode.INVALID_CONFIG, str(exc)) from None
 
 
 # -- server -> client --------------------------------------------------------------------------------------
@@ -155,7 +118,7 @@ class Ready(_ServerMessage):
     sessionId: str
     voiceLoaded: Optional[str]
     capabilities: dict = field(default_factory=lambda: {
-        "streaming": True, "languages": list(LANGUAGES) + ["Auto"], "encodings": list(ENCODINGS),
+        "streaming": True, "languages": list(LANGUAGES) + [AUTO], "encodings": list(ENCODINGS),
         "sampleRates": list(SAMPLE_RATES)})
     type = "ready"
     _keep_none = ("voiceLoaded",)

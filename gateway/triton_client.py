@@ -12,13 +12,14 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
-from tts_engine.errors import parse_wire
+from tts_contract import tensors as names
+from tts_contract.errors import EngineCode, parse_wire
+from tts_contract.limits import DEFAULT_ACTIVE_STREAMS
 
 from . import metrics
 
 log = logging.getLogger("gateway.triton")
-REQUIRED_MODELS = ("tts", "voice_encoder")
-DEFAULT_STREAMS_PER_ENDPOINT = 16  # when the talker's config cannot be read
+REQUIRED_MODELS = (names.TTS, names.VOICE_ENCODER)
 
 
 class SynthesisFailed(Exception):
@@ -26,9 +27,10 @@ class SynthesisFailed(Exception):
 
     ``transport`` is true when the endpoint itself failed (down, unreachable), not the request."""
 
-    def __init__(self, code: str, message: str, transport: bool = False, retry_after_ms: Optional[int] = None):
+    def __init__(self, code: EngineCode, message: str, transport: bool = False,
+                 retry_after_ms: Optional[int] = None):
         super().__init__(message)
-        self.code, self.message, self.transport = code, message, transport
+        self.code, self.message, self.transport = EngineCode(code), message, transport
         self.retry_after_ms = retry_after_ms
 
 
@@ -38,15 +40,15 @@ def _string(name: str, value: str) -> InferInput:
     return tensor
 
 
-class TritonBackend:
-    """One Triton endpoint."""
+class TritonEndpoint:
+    """One Triton server: its gRPC channel, readiness, talker capacity, and the streams open on it."""
 
     def __init__(self, url: str):
         self.url = url
         self.client = grpcclient.InferenceServerClient(url)
         self.ready = False
         self.in_flight = 0  # streams open on this endpoint now (counted by TritonPool)
-        self.capacity = DEFAULT_STREAMS_PER_ENDPOINT  # the talker's max_active_streams, read when it is ready
+        self.capacity = DEFAULT_ACTIVE_STREAMS  # the talker's max_active_streams, read when it is ready
         self._poller: Optional[asyncio.Task] = None
 
     async def check_ready(self) -> bool:
@@ -66,12 +68,12 @@ class TritonBackend:
     async def _talker_capacity(self) -> int:
         """How many streams the talker advances at once (its max_active_streams parameter)."""
         try:
-            config = await asyncio.wait_for(self.client.get_model_config("talker", as_json=True), 2.0)
+            config = await asyncio.wait_for(self.client.get_model_config(names.TALKER, as_json=True), 2.0)
             return int(config["config"]["parameters"]["max_active_streams"]["string_value"])
         except Exception as exc:  # an older repository, or no access to the talker: a safe default
             log.warning("cannot read the talker's capacity at %s (%s); assuming %d", self.url, exc,
-                        DEFAULT_STREAMS_PER_ENDPOINT)
-            return DEFAULT_STREAMS_PER_ENDPOINT
+                        DEFAULT_ACTIVE_STREAMS)
+            return DEFAULT_ACTIVE_STREAMS
 
     def start_polling(self, interval: float, on_change=None) -> None:
         async def poll():
@@ -92,15 +94,15 @@ class TritonBackend:
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
                          parameters: Optional[dict] = None) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks as Triton streams them. Closing the iterator cancels the request."""
-        inputs = [_string("text", text)]
+        inputs = [_string(names.TEXT, text)]
         if voice:
-            inputs.append(_string("voice", voice))
+            inputs.append(_string(names.VOICE, voice))
         if language:
-            inputs.append(_string("language", language))
+            inputs.append(_string(names.LANGUAGE, language))
 
         async def requests():
-            yield {"model_name": "tts", "inputs": inputs, "parameters": parameters or {},
-                   "outputs": [InferRequestedOutput("audio")]}
+            yield {"model_name": names.TTS, "inputs": inputs, "parameters": parameters or {},
+                   "outputs": [InferRequestedOutput(names.AUDIO)]}
 
         responses = self.client.stream_infer(requests())
         finished = False
@@ -110,7 +112,7 @@ class TritonBackend:
                     finished = True
                     code, message = parse_wire(str(error))
                     raise SynthesisFailed(code, message)
-                audio = result.as_numpy("audio")
+                audio = result.as_numpy(names.AUDIO)
                 params = result.get_response().parameters
                 last = "triton_final_response" in params and params["triton_final_response"].bool_param
                 if audio is not None and audio.size:
@@ -124,24 +126,25 @@ class TritonBackend:
         except Exception as exc:  # connection loss, Triton crash
             finished = True
             self.ready = False
-            raise SynthesisFailed("SYNTHESIS_ERROR", f"Triton at {self.url} failed: {exc}", transport=True) from None
+            raise SynthesisFailed(EngineCode.SYNTHESIS_ERROR, f"Triton at {self.url} failed: {exc}",
+                                  transport=True) from None
         finally:
             if not finished:
                 responses.cancel()  # the consumer stopped early: cancel the Triton request itself
 
     async def encode_voice(self, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
         """Run voice_encoder; returns the serialised prompt (safetensors bytes)."""
-        tensor = InferInput("audio", [int(audio.size)], "FP32")
+        tensor = InferInput(names.AUDIO, [int(audio.size)], "FP32")
         tensor.set_data_from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-        rate = InferInput("sample_rate", [1], "INT32")
+        rate = InferInput(names.SAMPLE_RATE, [1], "INT32")
         rate.set_data_from_numpy(np.array([sample_rate], dtype=np.int32))
-        inputs = [tensor, rate] + ([_string("ref_text", ref_text)] if ref_text else [])
+        inputs = [tensor, rate] + ([_string(names.REF_TEXT, ref_text)] if ref_text else [])
         try:
-            result = await asyncio.wait_for(self.client.infer("voice_encoder", inputs), 120)
+            result = await asyncio.wait_for(self.client.infer(names.VOICE_ENCODER, inputs), 120)
         except Exception as exc:
             code, message = parse_wire(str(exc))
-            raise SynthesisFailed(code, message, transport=code == "SYNTHESIS_ERROR") from None
-        return result.as_numpy("prompt")[0]
+            raise SynthesisFailed(code, message, transport=code == EngineCode.SYNTHESIS_ERROR) from None
+        return result.as_numpy(names.PROMPT)[0]
 
 
 class TritonPool:
@@ -155,7 +158,7 @@ class TritonPool:
     def __init__(self, urls: list[str], queue_timeout_s: float = 10.0, streams_per_endpoint: int = 0):
         if not urls:
             raise ValueError("no Triton endpoint configured")
-        self.backends = [TritonBackend(url) for url in urls]
+        self.endpoints = [TritonEndpoint(url) for url in urls]
         self.queue_timeout_s = queue_timeout_s
         self.streams_per_endpoint = streams_per_endpoint  # 0: each endpoint's own talker capacity
         self._waiters: "deque[asyncio.Future]" = deque()
@@ -164,88 +167,88 @@ class TritonPool:
 
     @property
     def url(self) -> str:
-        return ",".join(b.url for b in self.backends)
+        return ",".join(b.url for b in self.endpoints)
 
     @property
     def ready(self) -> bool:
-        return any(b.ready for b in self.backends)
+        return any(b.ready for b in self.endpoints)
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
     def status(self) -> dict[str, bool]:
-        return {b.url: b.ready for b in self.backends}
+        return {b.url: b.ready for b in self.endpoints}
 
     async def check_ready(self) -> bool:
-        await asyncio.gather(*(b.check_ready() for b in self.backends))
+        await asyncio.gather(*(b.check_ready() for b in self.endpoints))
         self._wake()
         return self.ready
 
     def start_polling(self, interval: float) -> None:
-        for backend in self.backends:
-            backend.start_polling(interval, on_change=self._wake)
+        for endpoint in self.endpoints:
+            endpoint.start_polling(interval, on_change=self._wake)
 
     async def close(self) -> None:
-        await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
+        await asyncio.gather(*(b.close() for b in self.endpoints), return_exceptions=True)
 
     # -- admission ----------------------------------------------------------------------------------------
 
-    def capacity(self, backend: TritonBackend) -> int:
-        return self.streams_per_endpoint or backend.capacity
+    def capacity(self, endpoint: TritonEndpoint) -> int:
+        return self.streams_per_endpoint or endpoint.capacity
 
-    def _free_backend(self, exclude=()) -> Optional[TritonBackend]:
+    def _free_endpoint(self, exclude=()) -> Optional[TritonEndpoint]:
         """A ready endpoint with a free slot, the least busy first (round-robin among equals)."""
-        self._next = (self._next + 1) % len(self.backends)
-        rotated = self.backends[self._next:] + self.backends[:self._next]
+        self._next = (self._next + 1) % len(self.endpoints)
+        rotated = self.endpoints[self._next:] + self.endpoints[:self._next]
         free = [b for b in rotated if b.ready and b not in exclude and b.in_flight < self.capacity(b)]
         return min(free, key=lambda b: b.in_flight, default=None)
 
     def _wake(self) -> None:
         while self._waiters:
-            backend = self._free_backend()
-            if backend is None:
+            endpoint = self._free_endpoint()
+            if endpoint is None:
                 return
             waiter = self._waiters.popleft()
             if not waiter.done():
-                backend.in_flight += 1
-                waiter.set_result(backend)
+                endpoint.in_flight += 1
+                waiter.set_result(endpoint)
         metrics.QUEUED_REQUESTS.set(len(self._waiters))
 
     def _retry_after_ms(self) -> int:
         """When a slot is likely to be free for a request joining the line now."""
-        slots = sum(self.capacity(b) for b in self.backends if b.ready) or 1
+        slots = sum(self.capacity(b) for b in self.endpoints if b.ready) or 1
         return int(min(30_000, max(250, 1000 * self._mean_request_s * (len(self._waiters) + 1) / slots)))
 
-    async def _acquire(self, exclude=()) -> TritonBackend:
-        if not any(b.ready and b not in exclude for b in self.backends):
-            raise SynthesisFailed("MODEL_LOADING", "no Triton endpoint is ready", transport=True)
-        backend = None if self._waiters else self._free_backend(exclude)
-        if backend is not None:
-            backend.in_flight += 1
-            return backend
+    async def _acquire(self, exclude=()) -> TritonEndpoint:
+        if not any(b.ready and b not in exclude for b in self.endpoints):
+            raise SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is ready", transport=True)
+        endpoint = None if self._waiters else self._free_endpoint(exclude)
+        if endpoint is not None:
+            endpoint.in_flight += 1
+            return endpoint
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         metrics.QUEUED_REQUESTS.set(len(self._waiters))
         started = time.monotonic()
         try:
-            backend = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+            endpoint = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
         except asyncio.TimeoutError:
-            raise SynthesisFailed("OVERLOADED", f"every synthesis slot stayed busy for {self.queue_timeout_s:g} s",
+            raise SynthesisFailed(EngineCode.OVERLOADED, f"every synthesis slot stayed busy for {self.queue_timeout_s:g} s",
                                   retry_after_ms=self._retry_after_ms()) from None
         finally:
             if not waiter.done():
                 waiter.cancel()
-            elif backend is None and not waiter.cancelled():  # granted just as we gave up: hand it on
+            elif endpoint is None and not waiter.cancelled():  # granted just as we gave up: hand it on
                 self._release(waiter.result())
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
             metrics.QUEUED_REQUESTS.set(len(self._waiters))
             metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-        return backend
+        return endpoint
 
-    def _release(self, backend: TritonBackend) -> None:
-        backend.in_flight -= 1
+    def _release(self, endpoint: TritonEndpoint) -> None:
+        endpoint.in_flight -= 1
         self._wake()
 
     # -- requests -----------------------------------------------------------------------------------------
@@ -255,11 +258,11 @@ class TritonPool:
         """Yield float32 24 kHz chunks; ``admitted()`` is called once the request holds a slot."""
         tried: set = set()
         while True:
-            backend = await self._acquire(exclude=tried)
+            endpoint = await self._acquire(exclude=tried)
             if admitted is not None and not tried:
                 admitted()
             started, produced = time.monotonic(), False
-            stream = backend.synthesize(text, voice, language, parameters)
+            stream = endpoint.synthesize(text, voice, language, parameters)
             try:
                 async for chunk in stream:
                     produced = True
@@ -268,20 +271,20 @@ class TritonPool:
             except SynthesisFailed as exc:
                 if produced or not exc.transport:
                     raise
-                log.warning("Triton at %s failed before any audio; trying the next endpoint", backend.url)
-                tried.add(backend)
+                log.warning("Triton at %s failed before any audio; trying the next endpoint", endpoint.url)
+                tried.add(endpoint)
             finally:
                 await stream.aclose()
                 self._mean_request_s += 0.1 * (time.monotonic() - started - self._mean_request_s)
-                self._release(backend)
+                self._release(endpoint)
 
     async def encode_voice(self, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
         last_error: Optional[SynthesisFailed] = None
-        for backend in sorted((b for b in self.backends if b.ready), key=lambda b: b.in_flight) or self.backends:
+        for endpoint in sorted((b for b in self.endpoints if b.ready), key=lambda b: b.in_flight) or self.endpoints:
             try:
-                return await backend.encode_voice(audio, sample_rate, ref_text)
+                return await endpoint.encode_voice(audio, sample_rate, ref_text)
             except SynthesisFailed as exc:
                 if not exc.transport:
                     raise
                 last_error = exc
-        raise last_error or SynthesisFailed("MODEL_LOADING", "no Triton endpoint is available", transport=True)
+        raise last_error or SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is available", transport=True)

@@ -11,18 +11,17 @@ from typing import Optional
 
 import numpy as np
 
-from tts_engine.errors import EngineError, InvalidAudio, InvalidRequest
-from tts_engine.prompts import prompt_metadata, read_wav, restamp
-from tts_engine.voices import (
-    METADATA_FILE, PROMPT_CACHE_FILE, REFERENCE_FILE, TRANSCRIPT_FILE, VoiceStore, check_voice_id, source_digest,
+from tts_contract.errors import EngineCode
+from tts_contract.languages import UnknownLanguage, normalise_language
+from tts_contract.limits import MAX_REFERENCE_SECONDS, MIN_REFERENCE_SECONDS
+from tts_contract.voices import (
+    METADATA_FILE, PROMPT_CACHE_FILE, REFERENCE_FILE, TRANSCRIPT_FILE, InvalidVoiceId, UndecodableAudio,
+    VoiceDirectory, check_voice_id, read_audio, stamped_prompt,
 )
 
-from .protocol import LANGUAGES
 from .triton_client import SynthesisFailed, TritonPool
 
 log = logging.getLogger("gateway.voices")
-MIN_UPLOAD_SECONDS = 3.0
-MAX_UPLOAD_SECONDS = 30.0
 
 
 class VoiceApiError(Exception):
@@ -37,22 +36,22 @@ def _slug(name: str) -> str:
 
 
 class VoiceLibrary:
-    """The gateway's view of the voices directory (shared with Triton's talker)."""
+    """The gateway's side of the voices directory (shared with Triton's talker): list, add, delete."""
 
     def __init__(self, root: str | Path, default_voice: str = ""):
-        self.store = VoiceStore(root, default_voice=default_voice or None)
-        self.root = self.store.root
+        self.directory = VoiceDirectory(root, default_voice or None)
+        self.root = self.directory.root
 
     def default_id(self) -> Optional[str]:
-        return self.store.default_id()
+        return self.directory.default_id()
 
     def exists(self, voice_id: str) -> bool:
-        return self.store.exists(voice_id)
+        return self.directory.exists(voice_id)
 
     def list(self) -> list[dict]:
-        return [info.to_json() for info in self.store.list()]
+        return [info.to_json() for info in self.directory.list()]
 
-    async def upload(self, backend: TritonPool, data: bytes, *, transcript: Optional[str], name: Optional[str],
+    async def upload(self, triton: TritonPool, data: bytes, *, transcript: Optional[str], name: Optional[str],
                      voice_id: Optional[str], language: Optional[str], max_bytes: int) -> dict:
         if not data:
             raise VoiceApiError(400, "the 'audio' file is missing or empty")
@@ -60,35 +59,32 @@ class VoiceLibrary:
             raise VoiceApiError(400, f"audio file is {len(data)} bytes; the limit is {max_bytes}")
         try:
             voice_id = check_voice_id(voice_id) if voice_id else _slug(name or "voice")
-        except InvalidRequest as exc:
-            raise VoiceApiError(400, exc.message) from None
+            language = normalise_language(language)
+        except (InvalidVoiceId, UnknownLanguage) as exc:
+            raise VoiceApiError(400, str(exc)) from None
         if (self.root / voice_id).exists():
             raise VoiceApiError(409, f"voice {voice_id!r} already exists")
-        if language and language.strip().lower() != "auto" and language.strip().capitalize() not in LANGUAGES:
-            raise VoiceApiError(400, f"unsupported language {language!r}")
         try:
-            audio, sample_rate = read_wav(data)
-        except InvalidAudio as exc:
-            raise VoiceApiError(400, exc.message) from None
+            audio, sample_rate = read_audio(data)
+        except UndecodableAudio as exc:
+            raise VoiceApiError(400, str(exc)) from None
         seconds = audio.size / sample_rate
-        if not MIN_UPLOAD_SECONDS <= seconds <= MAX_UPLOAD_SECONDS:
+        if not MIN_REFERENCE_SECONDS <= seconds <= MAX_REFERENCE_SECONDS:
             raise VoiceApiError(400, f"audio is {seconds:.1f} s long; it must be between "
-                                f"{MIN_UPLOAD_SECONDS:g} and {MAX_UPLOAD_SECONDS:g} s")
+                                f"{MIN_REFERENCE_SECONDS:g} and {MAX_REFERENCE_SECONDS:g} s")
         transcript = (transcript or "").strip() or None
         try:
-            blob = await backend.encode_voice(audio, sample_rate, transcript)
+            blob = await triton.encode_voice(audio, sample_rate, transcript)
         except SynthesisFailed as exc:
-            if exc.code in ("INVALID_AUDIO", "INVALID_REQUEST", "INVALID_TEXT"):
+            if exc.code in (EngineCode.INVALID_AUDIO, EngineCode.INVALID_REQUEST, EngineCode.INVALID_TEXT):
                 raise VoiceApiError(400, exc.message) from None
             raise VoiceApiError(503, f"voice encoder unavailable: {exc.message}") from None
         return self._write(voice_id, audio, sample_rate, transcript, blob,
-                           prompt_metadata(blob).get("model_fingerprint", ""),
-                           {"name": (name or voice_id).strip() or voice_id,
-                            "language": (language or "Auto").strip().capitalize() if language else "Auto",
+                           {"name": (name or voice_id).strip() or voice_id, "language": language,
                             "description": "", "isDefault": False})
 
     def _write(self, voice_id: str, audio: np.ndarray, sample_rate: int, transcript: Optional[str],
-               prompt: bytes, fingerprint: str, metadata: dict) -> dict:
+               prompt: bytes, metadata: dict) -> dict:
         """Write the voice into a staging folder, then move it into place in one rename."""
         import soundfile as sf
 
@@ -100,9 +96,8 @@ class VoiceLibrary:
             if transcript:
                 (staging / TRANSCRIPT_FILE).write_text(transcript + "\n", encoding="utf-8")
             (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-            if fingerprint:  # the same cache key the talker checks, so it never recomputes this prompt
-                (staging / PROMPT_CACHE_FILE).write_bytes(restamp(
-                    prompt, {"source_sha256": source_digest(staging, fingerprint), "voice": voice_id}))
+            # stamped with the same cache key the talker checks, so it never recomputes this prompt
+            (staging / PROMPT_CACHE_FILE).write_bytes(stamped_prompt(prompt, staging, voice_id))
             try:
                 staging.rename(self.root / voice_id)
             except OSError:
@@ -111,13 +106,13 @@ class VoiceLibrary:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         log.info("voice %s uploaded (%s mode)", voice_id, "icl" if transcript else "x-vector-only")
-        return self.store.info(voice_id).to_json()
+        return self.directory.info(voice_id).to_json()
 
     def delete(self, voice_id: str) -> None:
         try:
             check_voice_id(voice_id)
-        except EngineError as exc:
-            raise VoiceApiError(400, exc.message) from None
+        except InvalidVoiceId as exc:
+            raise VoiceApiError(400, str(exc)) from None
         if not self.exists(voice_id):
             raise VoiceApiError(404, f"voice {voice_id!r} not found")
         if voice_id == self.default_id():

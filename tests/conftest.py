@@ -40,7 +40,7 @@ def tiny_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(tiny_model_dir):
-    from tts_engine.model import load_model
+    from tts_engine.loading import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="fp32")
 
@@ -48,8 +48,8 @@ def loaded(tiny_model_dir):
 @pytest.fixture(scope="session")
 def engine(loaded):
     """The serving loop (the talker's scheduler over the batched talker), as the Triton model runs it."""
-    from tts_engine.scheduler import StreamScheduler
-    from tts_engine.talker import BatchedTalker
+    from tts_engine.generation.scheduler import StreamScheduler
+    from tts_engine.generation.talker import BatchedTalker
 
     scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=16, max_tokens=2048), name="test-talker")
     yield scheduler
@@ -58,22 +58,22 @@ def engine(loaded):
 
 def generate(loaded, engine, prompt, text: str, language: str = "English", schedule=None, **params):
     """One utterance through the serving loop: the chunks and finish reason the talker would stream."""
-    from tts_engine.sampling import SamplingParams
-    from tts_engine.talker import SynthesisRequest
+    from tts_engine.generation.sampling import SamplingParams
+    from tts_engine.generation.prompt import SynthesisRequest
 
     return engine.generate(SynthesisRequest(text, prompt, language, SamplingParams(**params)), schedule)
 
 
 @pytest.fixture(scope="session")
 def icl_prompt(loaded):
-    from tts_engine.prompts import build_prompt
+    from tts_engine.voices.prompts import build_prompt
 
     return build_prompt(loaded.tts, synthetic_reference(), SAMPLE_RATE, "Hello there, this is my voice.")
 
 
 @pytest.fixture(scope="session")
 def xvector_prompt(loaded):
-    from tts_engine.prompts import build_prompt
+    from tts_engine.voices.prompts import build_prompt
 
     return build_prompt(loaded.tts, synthetic_reference(seed=1), SAMPLE_RATE, None)
 

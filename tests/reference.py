@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tts_engine.prompts import VoicePrompt
+from tts_engine.voices.prompts import VoicePrompt
 
 # Streamed vs one-shot, float64 decoder (the math): anything above this is a state bug.
 EXACT_TOLERANCE = 1e-6

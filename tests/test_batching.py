@@ -9,9 +9,11 @@ import torch
 
 from conftest import SAMPLE_RATE, synthetic_reference
 from tts_engine.errors import Cancelled
-from tts_engine.sampling import SamplingParams
-from tts_engine.scheduler import StreamJob, StreamScheduler
-from tts_engine.talker import BatchedTalker, ChunkSchedule, SynthesisRequest
+from tts_engine.generation.sampling import SamplingParams
+from tts_engine.generation.scheduler import StreamJob, StreamScheduler
+from tts_engine.generation.talker import BatchedTalker
+from tts_engine.generation.prompt import SynthesisRequest
+from tts_engine.generation.scheduler import ChunkSchedule
 from tts_engine.tiny_model import EOS_MARKER
 
 LONG = "Streaming speech arrives in pieces, and the first piece should come quickly to the listener."
@@ -20,9 +22,9 @@ SHORT = "Hi there."
 
 @pytest.fixture(scope="module")
 def short_icl_prompt(loaded):
-    from tts_engine.prompts import build_prompt
+    from tts_engine.voices.prompts import build_prompt
 
-    return build_prompt(loaded.tts, synthetic_reference(seconds=1.2, seed=4), SAMPLE_RATE, "Hi.")
+    return build_prompt(loaded.tts, synthetic_reference(seconds=3.0, seed=4), SAMPLE_RATE, "Hi.")
 
 
 @pytest.fixture(scope="module")

@@ -144,10 +144,11 @@ ENV_PATTERN = re.compile(r"""(?:os\.environ\.get|os\.environ\[|os\.getenv|_int|_
 
 def env_vars_read_by_code() -> set[str]:
     names = set()
-    for folder in ("gateway", "tts_engine", "tools", "client", "bench", "model_repository"):
+    for folder in ("gateway", "tts_engine", "tts_contract", "triton_support", "tools", "client", "bench",
+                   "model_repository"):
         for path in (ROOT / folder).rglob("*.py"):
             names |= set(ENV_PATTERN.findall(path.read_text()))
-    names |= set(re.findall(r'"([A-Z][A-Z0-9_]+)": "QWEN_TTS_', (ROOT / "tts_engine" / "backend.py").read_text()))
+    names |= set(re.findall(r'"(QWEN_TTS_[A-Z0-9_]+)"', (ROOT / "triton_support" / "params.py").read_text()))
     from tools.render_model_repository import PARAMETERS
 
     names |= {f"QWEN_TTS_{name}" for name in PARAMETERS}

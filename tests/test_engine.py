@@ -8,11 +8,13 @@ import torch
 
 from conftest import generate
 from tts_engine.errors import Cancelled, InvalidRequest, InvalidText, ModelDirError, UnsupportedLanguage
-from tts_engine.model import check_model_dir
-from tts_engine.prompts import VoicePrompt
-from tts_engine.sampling import SamplingParams
-from tts_engine.scheduler import StreamJob, StreamScheduler
-from tts_engine.talker import BatchedTalker, ChunkSchedule, SynthesisRequest, build_talker_inputs
+from tts_engine.loading import check_model_dir
+from tts_engine.voices.prompts import VoicePrompt
+from tts_engine.generation.sampling import SamplingParams
+from tts_engine.generation.scheduler import StreamJob, StreamScheduler
+from tts_engine.generation.talker import BatchedTalker
+from tts_engine.generation.prompt import SynthesisRequest, build_talker_inputs
+from tts_engine.generation.scheduler import ChunkSchedule
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -53,7 +55,7 @@ def test_reference_codes_equal_the_prompts(loaded):
     import soundfile as sf
 
     from conftest import ROOT
-    from tts_engine.prompts import build_prompt, reference_codes
+    from tts_engine.voices.prompts import build_prompt, reference_codes
 
     audio, sample_rate = sf.read(ROOT / "voices" / "default" / "reference.wav", dtype="float32")
     prompt = build_prompt(loaded.tts, audio, sample_rate, "A transcript.")

@@ -12,8 +12,8 @@ import torch
 
 from conftest import SAMPLE_RATE, generate, synthetic_reference
 from reference import EXACT_TOLERANCE, FLOAT32_TOLERANCE, float64_codec, qwen_kwargs, reference_generation, rms
-from tts_engine.decoder import StreamingDecoder, prime
-from tts_engine.talker import ChunkSchedule
+from tts_engine.codec.decoder import StreamingDecoder, prime
+from tts_engine.generation.scheduler import ChunkSchedule
 from tts_engine.tiny_model import EOS_MARKER
 
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -241,10 +241,10 @@ def test_seeded_sampling_equals_generate_voice_clone(loaded, engine, icl_prompt,
 
 @pytest.fixture(scope="module")
 def short_icl_prompt(loaded):
-    """An ICL voice with a 1.2 s reference, so a long text runs past it and is read while speaking."""
-    from tts_engine.prompts import build_prompt
+    """An ICL voice with a short (3 s) reference, so a long text runs past it and is read while speaking."""
+    from tts_engine.voices.prompts import build_prompt
 
-    return build_prompt(loaded.tts, synthetic_reference(seconds=1.2, seed=4), SAMPLE_RATE, "Hi.")
+    return build_prompt(loaded.tts, synthetic_reference(seconds=3.0, seed=4), SAMPLE_RATE, "Hi.")
 
 
 EOS_TEXT = "Short clips make the text run past the reference, so the talker reads it as it speaks ~ and stops."

@@ -217,7 +217,7 @@ async def test_short_request_is_not_blocked_by_a_long_one(client):
 
 async def test_voice_encoder_builds_a_prompt(client):
     """voice_encoder turns reference audio and transcript into prompt tensors and a loadable blob."""
-    from tts_engine.prompts import VoicePrompt
+    from tts_engine.voices.prompts import VoicePrompt
 
     audio = InferInput("audio", [SAMPLE_RATE * 4], "FP32")
     audio.set_data_from_numpy(synthetic_reference(seconds=4.0))

@@ -12,12 +12,11 @@ import torch
 
 from conftest import SAMPLE_RATE, synthetic_reference
 from tools.render_model_repository import RenderError, render, resolve
-from tts_engine.codec import StreamTable
+from tts_engine.codec.streams import StreamTable
 from tts_engine.errors import InvalidRequest, Overloaded, VoiceNotFound
-from tts_engine.prompts import VoicePrompt
-from tts_engine.scheduler import StreamJob, StreamScheduler
-from tts_engine.talker import ChunkSchedule
-from tts_engine.voices import VoiceStore, check_voice_id
+from tts_engine.generation.scheduler import ChunkSchedule, StreamJob, StreamScheduler
+from tts_engine.voices.prompts import VoicePrompt
+from tts_engine.voices.store import VoiceStore, checked_voice_id
 
 
 # -- voices -----------------------------------------------------------------------------------------------
@@ -46,7 +45,7 @@ def _add_voice(root, voice_id, transcript=None, meta=None, seconds=3.0):
 def test_voice_ids_outside_the_pattern_are_refused(voice_id):
     """Ids that are not [a-z0-9_-]{1,64} are refused before any path is built."""
     with pytest.raises(InvalidRequest):
-        check_voice_id(voice_id)
+        checked_voice_id(voice_id)
 
 
 def test_voice_prompt_is_computed_once_then_served_from_cache(tmp_path):
@@ -280,7 +279,7 @@ def test_a_job_cancelled_while_waiting_never_starts():
 
 @pytest.fixture(scope="module")
 def stream_table_decoder(loaded):
-    from tts_engine.decoder import StreamingDecoder
+    from tts_engine.codec.decoder import StreamingDecoder
 
     return StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
 
@@ -343,7 +342,7 @@ def test_render_refuses_bad_values(overrides, message):
 ])
 def test_engine_error_codes_survive_triton_prefixes(message, code, text):
     """The first known [CODE] in a Triton error message is the code; what follows is the text."""
-    from tts_engine.errors import parse_wire
+    from tts_contract.errors import parse_wire
 
     assert parse_wire(message) == (code, text)
 

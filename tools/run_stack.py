@@ -34,7 +34,7 @@ def main() -> int:
     profile = os.environ.get("QWEN_TTS_PROFILE", "cpu")
     try:
         values = resolve(profile, {"MODEL_DIR": model_dir})
-        from tts_engine.model import check_model_dir
+        from tts_engine.loading import check_model_dir
 
         check_model_dir(values["MODEL_DIR"])
     except Exception as exc:  # RenderError or ModelDirError: one clear line, no traceback

@@ -4,7 +4,7 @@ set -euo pipefail
 cd /opt/qwen-tts
 python3 - <<'PY'
 import os, sys
-from tts_engine.model import check_model_dir
+from tts_engine.loading import check_model_dir
 from tts_engine.errors import ModelDirError
 try:
     check_model_dir(os.environ["QWEN_TTS_MODEL_DIR"])

@@ -10,116 +10,20 @@ talker stores ``rope_deltas`` on the module, which breaks concurrent streams).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .errors import InvalidRequest, InvalidText, UnsupportedLanguage
+from tts_contract.audio import NUM_CODEBOOKS
+
+from ..errors import InvalidRequest
 from .kv_cache import SlotKVCache
-from .prompts import VoicePrompt
+from .prompt import SynthesisRequest, build_talker_inputs
 from .sampling import SamplingParams, Warp, choose_tokens, draw_uniforms, new_generator, penalise_repeats
 
 log = logging.getLogger(__name__)
-NUM_CODE_GROUPS = 16
-
-
-@dataclass
-class SynthesisRequest:
-    text: str
-    prompt: VoicePrompt
-    language: str = "auto"
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass(frozen=True)
-class ChunkSchedule:
-    """How many frames go into each streamed chunk: small first chunks for latency, then larger ones."""
-
-    sizes: tuple[int, ...] = (2, 4, 8, 16)
-
-    def size(self, chunk_index: int) -> int:
-        return self.sizes[min(chunk_index, len(self.sizes) - 1)]
-
-    @classmethod
-    def parse(cls, text: str) -> "ChunkSchedule":
-        """Parse ``"2,4,8,16"``: chunk i has sizes[i] frames, the last size repeats."""
-        try:
-            sizes = tuple(int(part) for part in str(text).split(",") if part.strip())
-        except ValueError:
-            raise ValueError(f"chunk schedule {text!r} must be comma-separated integers") from None
-        if not sizes or any(not 1 <= s <= 512 for s in sizes):
-            raise ValueError(f"chunk schedule {text!r}: every size must be within 1..512")
-        return cls(sizes)
-
-
-class _PromptCaptured(Exception):
-    def __init__(self, kwargs: dict):
-        super().__init__("prompt captured")
-        self.kwargs = kwargs
-
-
-class _TalkerView:
-    """The real talker, except that ``generate`` hands back its arguments instead of running."""
-
-    def __init__(self, talker):
-        self._talker = talker
-
-    def __getattr__(self, name):
-        return getattr(self._talker, name)
-
-    def generate(self, **kwargs):
-        raise _PromptCaptured(kwargs)
-
-
-class _ModelView:
-    def __init__(self, model):
-        self._model = model
-        self.talker = _TalkerView(model.talker)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-def normalise_language(tts, language: Optional[str]) -> str:
-    """Map a language name (any case; empty means auto) to the model's spelling, or raise."""
-    name = (language or "auto").strip().lower()
-    supported = [lang.lower() for lang in tts.model.get_supported_languages()]
-    if name not in supported:
-        pretty = ", ".join(lang.capitalize() for lang in supported)
-        raise UnsupportedLanguage(f"unsupported language '{language}'; supported: {pretty}")
-    return name
-
-
-def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
-    """Run qwen-tts's own prompt construction and return what it would pass to the talker's generate."""
-    text = request.text
-    if not text or not text.strip():
-        raise InvalidText("text is empty")
-    language = normalise_language(tts, request.language)
-    item = request.prompt.to_item()
-    prompt_dict = tts._prompt_items_to_voice_clone_prompt([item])
-    input_ids = tts._tokenize_texts([tts._build_assistant_text(text)])
-    ref_ids = None
-    if item.ref_text:
-        ref_ids = [tts._tokenize_texts([tts._build_ref_text(item.ref_text)])[0]]
-    else:
-        ref_ids = [None]
-    params = request.params
-    gen_kwargs = tts._merge_generate_kwargs(
-        do_sample=params.do_sample, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature,
-        repetition_penalty=params.repetition_penalty, subtalker_dosample=params.subtalker_do_sample,
-        subtalker_top_k=params.subtalker_top_k, subtalker_top_p=params.subtalker_top_p,
-        subtalker_temperature=params.subtalker_temperature, max_new_tokens=params.max_new_tokens)
-    model = tts.model
-    try:
-        type(model).generate(_ModelView(model), input_ids=input_ids, ref_ids=ref_ids,
-                             voice_clone_prompt=prompt_dict, languages=[language], non_streaming_mode=False,
-                             **gen_kwargs)
-    except _PromptCaptured as captured:
-        return captured.kwargs
-    raise RuntimeError("qwen-tts generate did not reach the talker")  # pragma: no cover
 
 
 @dataclass(eq=False)
@@ -149,12 +53,12 @@ class TalkerStream:
 
     def uniforms(self, subcodes: bool, code0: bool, sub_vocab: int, vocab: int):
         """This step's random numbers in qwen-tts's order: 15 sub-code draws, then one code-0 draw."""
-        sub_count = (NUM_CODE_GROUPS - 1) * sub_vocab if subcodes and self.subcode_warp else 0
+        sub_count = (NUM_CODEBOOKS - 1) * sub_vocab if subcodes and self.subcode_warp else 0
         code0_count = vocab if code0 and self.code0_warp else 0
         if not sub_count + code0_count:
             return None, None
         drawn = draw_uniforms(self.generator, sub_count + code0_count)
-        sub = drawn[:sub_count].view(NUM_CODE_GROUPS - 1, sub_vocab) if sub_count else None
+        sub = drawn[:sub_count].view(NUM_CODEBOOKS - 1, sub_vocab) if sub_count else None
         return sub, (drawn[sub_count:] if code0_count else None)
 
 
@@ -265,7 +169,7 @@ class BatchedTalker:
                                           [d[0] for d in draws])  # [B, 15]
         frames = torch.cat([tokens[:, None], subcodes], dim=-1)  # [B, 16]
         tables = self.predictor.get_input_embeddings()
-        embeds = torch.cat([last_id_hidden] + [tables[i](subcodes[:, i:i + 1]) for i in range(NUM_CODE_GROUPS - 1)],
+        embeds = torch.cat([last_id_hidden] + [tables[i](subcodes[:, i:i + 1]) for i in range(NUM_CODEBOOKS - 1)],
                            dim=1).sum(1, keepdim=True)
         embeds = embeds + torch.stack([s.text_input() for s in streams])[:, None, :]
         lengths = torch.tensor([s.length for s in streams], device=self.device)
@@ -294,7 +198,7 @@ class BatchedTalker:
         seq_len, codes = 0, []
         warps = [s.subcode_warp for s in streams]
         tables = predictor.model.get_input_embeddings()
-        for group in range(NUM_CODE_GROUPS - 1):
+        for group in range(NUM_CODEBOOKS - 1):
             new = embeds.shape[1]
             positions = torch.arange(seq_len, seq_len + new, device=self.device)
             out = predictor.model(inputs_embeds=embeds,
@@ -306,7 +210,7 @@ class BatchedTalker:
             logits = predictor.lm_head[group](out.last_hidden_state)[:, -1, :].to(dtype=torch.float32)
             token = choose_tokens(logits, warps, [u[group] if u is not None else None for u in uniforms])
             codes.append(token)
-            if group < NUM_CODE_GROUPS - 2:
+            if group < NUM_CODEBOOKS - 2:
                 embeds = predictor.small_to_mtp_projection(tables[group](token[:, None]))
         return torch.stack(codes, dim=-1)
 

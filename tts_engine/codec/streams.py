@@ -10,9 +10,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import InvalidRequest
+from ..recent import RecentIds
 from .decoder import DecoderState, StreamingDecoder, prime
-from .errors import InvalidRequest
-from .recent import RecentIds
 
 
 @dataclass

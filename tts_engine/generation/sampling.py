@@ -2,17 +2,16 @@
 streams that gives each row exactly what HF ``generate`` would give it alone, random stream included."""
 from __future__ import annotations
 
-import json
 import math
 import secrets
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional, Sequence
 
-from .errors import InvalidRequest
+from tts_contract.limits import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
+
+from ..errors import InvalidRequest
 
 NEG_INF = -math.inf
-# Hard bounds: anything outside is refused with a clear error rather than clamped.
-MAX_NEW_TOKENS_LIMIT = 8192  # 8192 frames = 11 minutes of audio at 12.5 Hz
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class SamplingParams:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.05
-    max_new_tokens: int = 2048
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     min_new_tokens: int = 2  # EOS is suppressed until this many tokens are sampled (qwen-tts fixes it at 2)
     seed: Optional[int] = None
     greedy: bool = False
@@ -72,16 +71,6 @@ class SamplingParams:
                 raise InvalidRequest(f"unknown parameter '{name}'; known: {', '.join(sorted(known))}")
             merged[name] = _coerce(name, raw, known[name].type)
         return cls(**merged).validate(max_new_tokens_limit)
-
-    @classmethod
-    def from_json(cls, text: str, **kwargs: Any) -> "SamplingParams":
-        try:
-            values = json.loads(text) if text else {}
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"request parameters are not valid JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise InvalidRequest("request parameters must be a JSON object")
-        return cls.from_mapping(values, **kwargs)
 
 
 def _coerce(name: str, raw: Any, annotation: Any) -> Any:

@@ -17,11 +17,36 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import Cancelled, EngineError, Overloaded
-from .talker import NUM_CODE_GROUPS, BatchedTalker, ChunkSchedule, SynthesisRequest, TalkerStream
+from tts_contract.audio import NUM_CODEBOOKS
+from tts_contract.limits import DEFAULT_CHUNK_SCHEDULE
+
+from ..errors import Cancelled, EngineError, Overloaded
+from .prompt import SynthesisRequest
+from .talker import BatchedTalker, TalkerStream
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("eos", "max_new_tokens", "cancelled", "rejected", "error")
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """How many frames go into each streamed chunk: small first chunks for latency, then larger ones."""
+
+    sizes: tuple[int, ...] = DEFAULT_CHUNK_SCHEDULE
+
+    def size(self, chunk_index: int) -> int:
+        return self.sizes[min(chunk_index, len(self.sizes) - 1)]
+
+    @classmethod
+    def parse(cls, text: str) -> "ChunkSchedule":
+        """Parse ``"2,4,8,16"``: chunk i has sizes[i] frames, the last size repeats."""
+        try:
+            sizes = tuple(int(part) for part in str(text).split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"chunk schedule {text!r} must be comma-separated integers") from None
+        if not sizes or any(not 1 <= s <= 512 for s in sizes):
+            raise ValueError(f"chunk schedule {text!r}: every size must be within 1..512")
+        return cls(sizes)
 
 
 class Chunker:
@@ -71,7 +96,7 @@ class Generation:
     @property
     def codes(self) -> torch.Tensor:
         """All frames, [frames, 16] (zero rows when the stream ended before its first frame)."""
-        return torch.cat(self.chunks) if self.chunks else torch.zeros((0, NUM_CODE_GROUPS), dtype=torch.long)
+        return torch.cat(self.chunks) if self.chunks else torch.zeros((0, NUM_CODEBOOKS), dtype=torch.long)
 
 
 @dataclass

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tts_contract.languages import LANGUAGES
+
 from .errors import ModelDirError
 
 log = logging.getLogger(__name__)
@@ -87,18 +89,6 @@ class LoadedModel:
     fingerprint: str
     is_tiny: bool
 
-    @property
-    def languages(self) -> list[str]:
-        return [lang for lang in self.tts.model.get_supported_languages()]
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.tts.model.speech_tokenizer.get_output_sample_rate())
-
-    @property
-    def samples_per_frame(self) -> int:
-        return int(self.tts.model.speech_tokenizer.get_decode_upsample_rate())
-
 
 _load_lock = threading.Lock()
 
@@ -128,6 +118,9 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: Option
         raise ModelDirError(f"{path} is a '{tts.model.tts_model_type}' model; this server needs a Base model "
                             "(voice cloning), e.g. Qwen3-TTS-12Hz-0.6B-Base")
     is_tiny = (path / "TINY_MODEL").is_file()
+    unsupported = [name for name in LANGUAGES if name.lower() not in tts.model.get_supported_languages()]
+    if unsupported:  # the contract promises these to every client
+        raise ModelDirError(f"{path} does not speak {', '.join(unsupported)}")
     log.info("loaded %s model from %s on %s (%s)", "TINY random-weight" if is_tiny else "Qwen3-TTS", path,
              device, str(torch_dtype).replace("torch.", ""))
     return LoadedModel(tts=tts, model_dir=path, device=device, dtype=torch_dtype,

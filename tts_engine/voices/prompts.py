@@ -1,7 +1,6 @@
 """Voice prompts: built from reference audio (+ transcript), serialised to safetensors and back."""
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +8,10 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import InvalidAudio
+from tts_contract.limits import MAX_REFERENCE_SECONDS, MIN_REFERENCE_SECONDS
+from tts_contract.voices import PROMPT_FORMAT, UndecodableAudio, prompt_metadata, read_audio
 
-PROMPT_FORMAT = "qwen3-tts-voice-prompt/1"
-MIN_REFERENCE_SECONDS = 1.0
-MAX_REFERENCE_SECONDS = 60.0
+from ..errors import InvalidAudio
 
 
 @dataclass
@@ -27,10 +25,6 @@ class VoicePrompt:
     @property
     def x_vector_only(self) -> bool:
         return self.ref_code is None
-
-    @property
-    def context_frames(self) -> int:
-        return 0 if self.ref_code is None else int(self.ref_code.shape[0])
 
     def to_item(self):
         """The qwen-tts ``VoiceClonePromptItem`` equivalent of this prompt."""
@@ -56,7 +50,7 @@ class VoicePrompt:
         from safetensors.torch import load
 
         tensors = load(data)
-        meta = _read_metadata(data)
+        meta = prompt_metadata(data)
         if meta.get("format") != PROMPT_FORMAT:
             raise ValueError(f"not a voice prompt (format {meta.get('format')!r})")
         prompt = cls(spk_embedding=tensors["spk_embedding"], ref_code=tensors.get("ref_code"),
@@ -73,32 +67,10 @@ class VoicePrompt:
         return cls.from_bytes(path.read_bytes())
 
 
-def prompt_metadata(data: bytes) -> dict:
-    """The metadata of a serialised prompt, without loading its tensors."""
-    return _read_metadata(data)
-
-
-def restamp(data: bytes, metadata: dict) -> bytes:
-    """The same prompt with extra metadata; numpy only, so torch-free processes (the gateway) can do it."""
-    from safetensors.numpy import load, save
-
-    meta = _read_metadata(data)
-    if meta.get("format") != PROMPT_FORMAT:
-        raise ValueError(f"not a voice prompt (format {meta.get('format')!r})")
-    meta.update({k: str(v) for k, v in metadata.items()})
-    return save(load(data), metadata=meta)
-
-
 def _int64():
     import torch
 
     return torch.int64
-
-
-def _read_metadata(data: bytes) -> dict:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
-    return header.get("__metadata__", {}) or {}
 
 
 def check_reference_audio(audio: np.ndarray, sample_rate: int, min_seconds: float = MIN_REFERENCE_SECONDS,
@@ -125,13 +97,10 @@ def check_reference_audio(audio: np.ndarray, sample_rate: int, min_seconds: floa
 
 def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     """Decode an audio file (WAV, FLAC, OGG...) from bytes to mono float32."""
-    import soundfile as sf
-
     try:
-        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile raises several types for undecodable input
-        raise InvalidAudio(f"audio is not decodable: {exc}") from None
-    return audio.mean(axis=1).astype(np.float32), int(sr)
+        return read_audio(data)
+    except UndecodableAudio as exc:
+        raise InvalidAudio(str(exc)) from None
 
 
 def build_prompt(tts, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> VoicePrompt:

@@ -1,0 +1,238 @@
+"""One WebSocket connection: its lifecycle (accept, auth, idle timeout, close), the session's configuration,
+and the routing of each client message; utterances themselves are the speaker's."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from typing import Optional
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from . import metrics
+from .protocol import (
+    CLOSE_NORMAL, CLOSE_POLICY, ENCODINGS, SAMPLE_RATES, TRANSPORTS, Cancel, Error, ErrorCode, ProtocolError, Ready,
+    Speak, Start, Started, Stop, Stopped, normalise_language, parse_client_message,
+)
+from .speaker import AudioFormat, SessionClosed, Speaker, Utterance
+from .text import split_sentences
+
+log = logging.getLogger("gateway.connection")
+AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before its `start`
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, services):
+        self.ws = websocket
+        self.services = services
+        self.settings = services.settings
+        self.id = uuid.uuid4().hex[:16]
+        self.voice: Optional[str] = services.voices.default_id()
+        self.language = "English"
+        self.audio = AudioFormat()
+        self.legacy = True  # until a `start` arrives
+        self.contract_id: Optional[str] = None
+        self.speaker = Speaker(self, services.triton, self.settings, self.id)
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+
+    # -- sending -----------------------------------------------------------------------------------------
+
+    async def send_message(self, message) -> None:
+        if isinstance(message, Error):
+            metrics.ERRORS.labels(message.code).inc()
+        await self._send(text=message.to_json())
+
+    async def send_audio(self, data: bytes) -> None:
+        await self._send(data=data)
+
+    async def _send(self, text: Optional[str] = None, data: Optional[bytes] = None) -> None:
+        if self.closed:
+            raise SessionClosed()
+        async with self._send_lock:  # one frame at a time; awaiting it is the backpressure
+            try:
+                if text is not None:
+                    await self.ws.send_text(text)
+                else:
+                    await self.ws.send_bytes(data)
+            except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+                self.closed = True
+                raise SessionClosed() from exc
+
+    async def error(self, code: ErrorCode, message: str, request_id: Optional[str] = None) -> None:
+        await self.send_message(Error.of(code, message, request_id))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if not self.closed and self.ws.client_state == WebSocketState.CONNECTED:
+            self.closed = True
+            try:
+                await self.ws.close(code, reason)
+            except Exception:  # already gone
+                pass
+        self.closed = True
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def _token_ok(self, token: Optional[str]) -> bool:
+        if not token:
+            return False
+        matches = [hmac.compare_digest(token.encode(), t.encode()) for t in self.settings.auth_tokens]
+        return any(matches)  # every token compared: no early exit on a match
+
+    def _connect_token(self) -> Optional[str]:
+        header = self.ws.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            return header[7:].strip()
+        return self.ws.query_params.get("token")
+
+    async def _authenticate(self) -> tuple[bool, Optional[str]]:
+        """(authenticated, a first message already read); the token comes with the upgrade or in `start`."""
+        if not self.settings.auth_tokens:
+            return True, None
+        first_message, token = None, self._connect_token()
+        if token is None:  # the token may come in `start`, which must then be the first message
+            first_message = await self._receive(min(self.settings.idle_timeout_s, AUTH_TIMEOUT_S))
+            if first_message is None:
+                return False, None
+            message = self._parse_or_none(first_message)
+            token = message.authToken if isinstance(message, Start) else None
+        if not self._token_ok(token):
+            await self.error(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
+            await self.close(CLOSE_POLICY, "unauthorized")
+            return False, None
+        return True, first_message
+
+    async def run(self) -> None:
+        try:
+            authenticated, first_message = await self._authenticate()
+            if not authenticated:
+                return
+            await self.send_message(Ready(sessionId=self.id, voiceLoaded=self.voice))
+            self.speaker.start()
+            if first_message is not None:
+                await self._handle(first_message)
+            while True:
+                raw = await self._receive(self.settings.idle_timeout_s)
+                if raw is None:
+                    if self.speaker.busy:
+                        continue  # busy: not idle
+                    log.info("session %s idle for %.0f s; closing", self.id, self.settings.idle_timeout_s)
+                    await self.close(CLOSE_NORMAL, "idle timeout")
+                    return
+                await self._handle(raw)
+        except SessionClosed:
+            pass
+        finally:
+            self.closed = True
+            await self.speaker.close()
+
+    async def _receive(self, timeout: float) -> Optional[str]:
+        """The next text frame; None on idle timeout. Binary frames are ignored."""
+        while True:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), timeout)
+            except asyncio.TimeoutError:
+                return None
+            except (WebSocketDisconnect, RuntimeError):
+                raise SessionClosed() from None
+            if message["type"] == "websocket.disconnect":
+                raise SessionClosed()
+            if message.get("text") is not None:
+                return message["text"]
+
+    @staticmethod
+    def _parse_or_none(raw: str):
+        try:
+            return parse_client_message(raw)
+        except ProtocolError:
+            return None
+
+    async def _handle(self, raw: str) -> None:
+        try:
+            if len(raw.encode("utf-8")) > self.settings.max_message_bytes:
+                raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                                    f"message is larger than {self.settings.max_message_bytes} bytes")
+            message = parse_client_message(raw)
+            if isinstance(message, Start):
+                await self._on_start(message)
+            elif isinstance(message, Speak):
+                await self._on_speak(message)
+            elif isinstance(message, Cancel):
+                await self.speaker.cancel_all()
+            elif isinstance(message, Stop):
+                await self.speaker.cancel_all()
+                await self.send_message(Stopped(reason=message.reason))
+                await self.close(CLOSE_NORMAL, "stopped")
+                raise SessionClosed()
+        except ProtocolError as exc:
+            await self.error(exc.code, exc.message, exc.request_id)
+
+    # -- messages ----------------------------------------------------------------------------------------
+
+    def _known_voice(self, voice: str) -> bool:
+        return self.services.voices.exists(voice)
+
+    async def _on_start(self, message: Start) -> None:
+        if message.sampleRate not in SAMPLE_RATES:
+            raise ProtocolError(ErrorCode.INVALID_CONFIG, f"unsupported sampleRate {message.sampleRate}; "
+                                f"supported: {', '.join(map(str, SAMPLE_RATES))}")
+        if message.encoding not in ENCODINGS:
+            raise ProtocolError(ErrorCode.INVALID_CONFIG,
+                                f"unsupported encoding {message.encoding!r}; supported: {', '.join(ENCODINGS)}")
+        if message.audioTransport not in TRANSPORTS:
+            raise ProtocolError(ErrorCode.INVALID_CONFIG, f"unsupported audioTransport "
+                                f"{message.audioTransport!r}; supported: {', '.join(TRANSPORTS)}")
+        language = normalise_language(message.language)
+        self.audio = AudioFormat(message.sampleRate, message.encoding, message.audioTransport)
+        self.language = language
+        self.legacy = False
+        self.contract_id = message.contractId or self.contract_id
+        if message.voice is not None:
+            if self._known_voice(message.voice):
+                self.voice = message.voice
+            else:
+                await self.error(ErrorCode.VOICE_NOT_FOUND,
+                                 f"voice {message.voice!r} not found; keeping voice {self.voice!r}")
+        log.info("session %s started: %s Hz %s %s, voice %s, language %s, contract %s", self.id,
+                 self.audio.sample_rate, self.audio.encoding, self.audio.transport, self.voice, self.language,
+                 self.contract_id)
+        await self.send_message(Started(sampleRate=self.audio.sample_rate, encoding=self.audio.encoding,
+                                        voice=self.voice, language=self.language))
+
+    async def _on_speak(self, message: Speak) -> None:
+        rid = message.requestId
+        text = message.text
+        if text is None or not text.strip():
+            raise ProtocolError(ErrorCode.INVALID_TEXT, "'text' is missing or empty", rid)
+        if len(text) > self.settings.max_text_chars:
+            raise ProtocolError(ErrorCode.INVALID_TEXT, f"text has {len(text)} characters; the limit is "
+                                f"{self.settings.max_text_chars}", rid)
+        if message.priority not in ("normal", "high"):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                                f"priority must be 'normal' or 'high', not {message.priority!r}", rid)
+        language = self.language
+        if message.language is not None:
+            try:
+                language = normalise_language(message.language)
+            except ProtocolError as exc:
+                raise ProtocolError(exc.code, exc.message, rid) from None
+        voice = self.voice
+        if message.voice is not None and message.voice != voice:
+            if self._known_voice(message.voice):
+                voice = message.voice
+            else:
+                await self.error(ErrorCode.VOICE_NOT_FOUND,
+                                 f"voice {message.voice!r} not found; using voice {voice!r}", rid)
+        if not self.services.triton.ready:
+            raise ProtocolError(ErrorCode.MODEL_LOADING, "the speech model is not ready yet; try again shortly",
+                                rid)
+        if message.priority == "high":
+            await self.speaker.cancel_all()
+        elif self.speaker.queue.qsize() >= self.settings.max_queued_utterances:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
+                                f"(limit {self.settings.max_queued_utterances})", rid)
+        audio = AudioFormat() if self.legacy else self.audio
+        sentences = split_sentences(text, self.settings.max_sentence_chars)
+        self.speaker.enqueue(Utterance(sentences=sentences, characters=len(text), voice=voice, language=language,
+                                       audio=audio, legacy=self.legacy, request_id=rid))

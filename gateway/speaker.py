@@ -1,0 +1,229 @@
+"""One session's utterances: the queue, sentence pipelining, playback, and each utterance's end message."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tts_contract.audio import SAMPLE_RATE
+from tts_contract.errors import PROTOCOL_CODE
+
+from . import metrics
+from .audio import AudioConverter
+from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode
+from .triton_client import SynthesisFailed
+
+log = logging.getLogger("gateway.speaker")
+_ADMITTED = object()  # put in a sentence's audio queue when its request gets a synthesis slot
+
+
+class SessionClosed(Exception):
+    """The session is over (stop, auth failure, or the client went away)."""
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    sample_rate: int = SAMPLE_RATE
+    encoding: str = "pcm16"
+    transport: str = "binary"
+
+
+@dataclass
+class Utterance:
+    sentences: list[str]
+    characters: int
+    voice: Optional[str]
+    language: str
+    audio: AudioFormat
+    legacy: bool
+    request_id: Optional[str]
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Playback:
+    """What one utterance has sent so far."""
+
+    samples: int = 0
+    sequence: int = 0
+    first_audio: Optional[float] = None
+
+
+class Speaker:
+    """Plays a session's utterances one after another; the next sentence is requested while one plays.
+
+    ``out`` is the connection: ``send_message``, ``send_audio`` and ``closed``."""
+
+    def __init__(self, out, triton, settings, session_id: str):
+        self.out, self.triton, self.settings, self.session_id = out, triton, settings, session_id
+        self.queue: "asyncio.Queue[Utterance]" = asyncio.Queue()
+        self.playing: Optional[asyncio.Task] = None
+        self._worker: Optional[asyncio.Task] = None
+
+    @property
+    def busy(self) -> bool:
+        return self.playing is not None or not self.queue.empty()
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._work())
+
+    def enqueue(self, utterance: Utterance) -> None:
+        self.queue.put_nowait(utterance)
+
+    def drop_queue(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    async def cancel_all(self) -> None:
+        """Drop queued utterances and cancel the one playing; returns once its end message is sent."""
+        self.drop_queue()
+        playing = self.playing
+        if playing is not None and not playing.done():
+            playing.cancel()
+            await asyncio.gather(playing, return_exceptions=True)
+
+    async def close(self) -> None:
+        self.drop_queue()
+        if self.playing is not None:
+            self.playing.cancel()
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def _work(self) -> None:
+        while True:
+            utterance = await self.queue.get()
+            self.playing = asyncio.create_task(self._play(utterance))
+            try:
+                await asyncio.shield(self.playing)
+            except asyncio.CancelledError:
+                if self.out.closed:
+                    raise
+            except SessionClosed:
+                return
+            except Exception:  # a bug must cost one utterance, never the session
+                log.exception("session %s: utterance failed unexpectedly", self.session_id)
+                with contextlib.suppress(SessionClosed):
+                    await self.out.send_message(Error.of(ErrorCode.SYNTHESIS_ERROR, "internal error",
+                                                         utterance.request_id))
+            finally:
+                if self.playing is not None and self.playing.done():
+                    self.playing = None
+            if self.out.closed:
+                return
+
+    async def _sentence_audio(self, utterance: Utterance):
+        """Audio of all sentences in order; the next sentence is requested while the current one plays."""
+        timeout = self.settings.synthesis_timeout_s
+        # Before its slot is granted a sentence waits at most the queue timeout (then RATE_LIMITED, from the
+        # pool); from then on, no audio within the synthesis timeout is a TIMEOUT.
+        admission_timeout = self.settings.queue_timeout_s + 5.0
+        producers: list[asyncio.Task] = []
+        queues: list[asyncio.Queue] = []
+
+        def start(index: int) -> None:
+            if index < len(utterance.sentences) and index == len(producers):
+                queues.append(asyncio.Queue())
+                producers.append(asyncio.create_task(self._produce(utterance, index, queues[-1])))
+
+        try:
+            for index in range(len(utterance.sentences)):
+                start(index)
+                start(index + 1)  # look ahead one sentence: no gap between sentences
+                wait = admission_timeout
+                while True:
+                    try:
+                        item = await asyncio.wait_for(queues[index].get(), wait)
+                    except asyncio.TimeoutError:
+                        raise TimeoutError(f"no audio for {wait:g} s") from None
+                    wait = timeout
+                    if item is _ADMITTED:
+                        continue
+                    if item is None:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            for task in producers:
+                task.cancel()
+            await asyncio.gather(*producers, return_exceptions=True)
+
+    async def _produce(self, utterance: Utterance, index: int, out: asyncio.Queue) -> None:
+        """One sentence's audio chunks into ``out``, then None (or the exception it failed with)."""
+        sentence = utterance.sentences[index]
+        parameters = {"max_new_tokens": self.settings.max_new_tokens(sentence), **self.settings.synthesis_parameters}
+        try:
+            async for chunk in self.triton.synthesize(sentence, utterance.voice, utterance.language, parameters,
+                                                       admitted=lambda: out.put_nowait(_ADMITTED)):
+                out.put_nowait(chunk)
+            out.put_nowait(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            out.put_nowait(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _play(self, utterance: Utterance) -> None:
+        converter = AudioConverter(utterance.audio.sample_rate, utterance.audio.encoding)
+        playback = _Playback()
+        cancelled, outcome = False, "completed"
+        try:
+            # aclosing: however playback ends, the sentence requests still in flight are cancelled now.
+            async with contextlib.aclosing(self._sentence_audio(utterance)) as stream:
+                async for chunk in stream:
+                    await self._send_audio(utterance, converter, playback, converter.convert(chunk))
+            await self._send_audio(utterance, converter, playback, converter.flush(), final=True)
+        except asyncio.CancelledError:
+            cancelled, outcome = True, "cancelled"
+            if self.out.closed:
+                raise
+        except SynthesisFailed as exc:
+            cancelled, outcome = True, "failed"
+            log.warning("session %s: synthesis failed (%s): %s", self.session_id, exc.code.value, exc.message)
+            await self.out.send_message(Error.of(PROTOCOL_CODE[exc.code], exc.message, utterance.request_id,
+                                                 exc.retry_after_ms))
+        except TimeoutError as exc:
+            cancelled, outcome = True, "failed"
+            await self.out.send_message(Error.of(ErrorCode.TIMEOUT, str(exc), utterance.request_id))
+        finally:
+            metrics.UTTERANCES.labels(outcome).inc()
+        await self._finish(utterance, playback, cancelled, completed=outcome == "completed")
+
+    async def _send_audio(self, utterance: Utterance, converter: AudioConverter, playback: _Playback, data: bytes,
+                          final: bool = False) -> None:
+        base64_transport = utterance.audio.transport == "base64" and not utterance.legacy
+        if not data and not (final and base64_transport):
+            return
+        if base64_transport:
+            await self.out.send_message(AudioChunk(
+                data=base64.b64encode(data).decode("ascii"), sequenceNumber=playback.sequence, isFinal=final,
+                timestampMs=int(playback.samples * 1000 / utterance.audio.sample_rate)))
+        else:
+            await self.out.send_audio(data)
+        playback.sequence += 1
+        if data and playback.first_audio is None:
+            playback.first_audio = time.monotonic()
+        playback.samples += len(data) // converter.bytes_per_sample
+
+    async def _finish(self, utterance: Utterance, playback: _Playback, cancelled: bool, completed: bool) -> None:
+        """Metrics, then the utterance's end message (complete, or audio_end for legacy clients)."""
+        finished = time.monotonic()
+        seconds = playback.samples / utterance.audio.sample_rate
+        metrics.AUDIO_SECONDS.inc(seconds)
+        if playback.first_audio is not None:
+            metrics.TIME_TO_FIRST_AUDIO.observe(playback.first_audio - utterance.received_at)
+        if seconds > 0 and completed:
+            metrics.REAL_TIME_FACTOR.observe((finished - utterance.received_at) / seconds)
+        if utterance.legacy:
+            await self.out.send_message(AudioEnd(cancelled=cancelled))
+            return
+        first = playback.first_audio
+        await self.out.send_message(Complete(
+            durationMs=int((finished - utterance.received_at) * 1000), charactersProcessed=utterance.characters,
+            audioLengthMs=int(round(seconds * 1000)),
+            firstAudioMs=None if first is None else int((first - utterance.received_at) * 1000),
+            cancelled=cancelled, requestId=utterance.request_id))

@@ -1,0 +1,73 @@
+"""The talker's side of a stream: ids that name it to the codec decoder, and the responses that carry its
+codes (each request ends exactly once with COMPLETE_FINAL)."""
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+
+import numpy as np
+
+from tts_contract import tensors as names
+from tts_contract.audio import NUM_CODEBOOKS
+from tts_engine.errors import Cancelled
+from tts_engine.generation.scheduler import StreamJob
+
+from .tensors import error_response
+
+EMPTY_CODES = np.zeros((0, NUM_CODEBOOKS), dtype=np.int32)
+
+
+class StreamIds:
+    """Unique stream ids: a random per-process prefix and a counter (unique across instances and restarts)."""
+
+    def __init__(self):
+        self._counter = itertools.count(1)
+        self._prefix = secrets.randbits(31) << 32
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            return self._prefix | next(self._counter)
+
+
+def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, is_cancelled) -> StreamJob:
+    """A scheduler job that streams ``codes`` responses for one talker request.
+
+    The first response carries the voice's reference codes (ICL) for the decoder to prime with; the last
+    carries ``final`` and COMPLETE_FINAL itself. A stream that ends before its first frame still gets one
+    (empty) final response; a cancelled one an empty COMPLETE_FINAL; a failed one an error."""
+    sender = request.get_response_sender()
+    final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    context = synthesis.prompt.ref_code
+    context_codes = EMPTY_CODES if context is None else context.numpy().astype(np.int32)
+    id_tensor = np.array([stream_id], dtype=np.uint64)
+    ended = []
+
+    def respond(codes: np.ndarray, context_np: np.ndarray, final: bool):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(names.CODES, codes), pb_utils.Tensor(names.CONTEXT_CODES, context_np),
+            pb_utils.Tensor(names.STREAM_ID, id_tensor), pb_utils.Tensor(names.FINAL, np.array([final], dtype=bool))])
+
+    def on_chunk(chunk, index, is_last):
+        response = respond(chunk.numpy().astype(np.int32), context_codes if index == 0 else EMPTY_CODES, is_last)
+        if is_last:  # clients see the end with the last chunk, not in an extra message
+            ended.append(True)
+            sender.send(response, flags=final_flag)
+        else:
+            sender.send(response)
+
+    def on_end(error, job):
+        # The decoder frees a stream on `final`; streams that end by cancellation or error are freed by
+        # codec_decoder (its cancel, or its idle timeout).
+        if ended:
+            return
+        if error is None:
+            sender.send(respond(EMPTY_CODES, EMPTY_CODES, True), flags=final_flag)
+        elif isinstance(error, Cancelled):
+            sender.send(flags=final_flag)
+        else:
+            sender.send(error_response(pb_utils, error), flags=final_flag)
+
+    return StreamJob(request=synthesis, on_chunk=on_chunk, on_end=on_end, is_cancelled=is_cancelled,
+                     schedule=schedule, label=f"{stream_id:x}")

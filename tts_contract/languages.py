@@ -1,0 +1,21 @@
+"""The languages Qwen3-TTS speaks, and the one place a language name is normalised."""
+from __future__ import annotations
+
+from typing import Optional
+
+LANGUAGES = ("English", "Chinese", "Japanese", "Korean", "German", "French", "Russian", "Portuguese",
+             "Spanish", "Italian")
+AUTO = "Auto"  # let the model infer the language from the text
+
+
+class UnknownLanguage(ValueError):
+    pass
+
+
+def normalise_language(value: Optional[str]) -> str:
+    """The canonical spelling ("English", ..., "Auto") of a language name in any case; empty means Auto."""
+    name = (value or "").strip().lower() or AUTO.lower()
+    for known in LANGUAGES + (AUTO,):
+        if known.lower() == name:
+            return known
+    raise UnknownLanguage(f"unsupported language {value!r}; supported: {', '.join(LANGUAGES)}, {AUTO}")

@@ -1,0 +1,83 @@
+"""Every Triton model's inputs and outputs: names, types and shapes.
+
+The adapters and clients use the names below; ``MODELS`` describes each model's interface in full, and a
+test checks every config template against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .audio import NUM_CODEBOOKS
+
+# Models
+TTS = "tts"  # the ensemble: text in, audio out
+TALKER = "talker"
+CODEC_DECODER = "codec_decoder"
+VOICE_ENCODER = "voice_encoder"
+
+# Tensors (the same name means the same thing in every model that has it)
+TEXT = "text"  # BYTES [1], UTF-8
+VOICE = "voice"  # BYTES [1], a voice id
+LANGUAGE = "language"  # BYTES [1], a language name or Auto
+CANCEL_STREAM_ID = "cancel_stream_id"  # UINT64 [1], talker control input
+CODES = "codes"  # INT32 [frames, 16]
+CONTEXT_CODES = "context_codes"  # INT32 [frames, 16], an ICL voice's reference frames (first chunk only)
+STREAM_ID = "stream_id"  # UINT64 [1]
+FINAL = "final"  # BOOL [1], true on a stream's last chunk
+AUDIO = "audio"  # FP32 [samples], mono
+SAMPLE_RATE = "sample_rate"  # INT32 [1]
+REF_TEXT = "ref_text"  # BYTES [1], the reference clip's transcript
+SPK_EMBEDDING = "spk_embedding"  # FP32 [hidden]
+REF_CODE = "ref_code"  # INT32 [frames, 16]
+PROMPT = "prompt"  # BYTES [1], a serialised voice prompt
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # the Triton config type (TYPE_STRING, TYPE_INT32, ...)
+    dims: tuple
+    optional: bool = False
+
+    @property
+    def wire_dtype(self) -> str:
+        """The type name clients use (tritonclient's InferInput)."""
+        return {"TYPE_STRING": "BYTES", "TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_UINT64": "UINT64",
+                "TYPE_BOOL": "BOOL"}[self.dtype]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    inputs: tuple
+    outputs: tuple
+    decoupled: bool = False
+
+
+def _string(name: str, optional: bool = False) -> Tensor:
+    return Tensor(name, "TYPE_STRING", (1,), optional)
+
+
+def _codes(name: str, optional: bool = False) -> Tensor:
+    return Tensor(name, "TYPE_INT32", (-1, NUM_CODEBOOKS), optional)
+
+
+MODELS = {
+    TTS: Model(TTS, inputs=(_string(TEXT), _string(VOICE, True), _string(LANGUAGE, True)),
+               outputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)),), decoupled=True),
+    TALKER: Model(TALKER,
+                  # text is required for synthesis; only a cancel control request comes without it
+                  inputs=(_string(TEXT, True), _string(VOICE, True), _string(LANGUAGE, True),
+                          Tensor(CANCEL_STREAM_ID, "TYPE_UINT64", (1,), True)),
+                  outputs=(_codes(CODES), _codes(CONTEXT_CODES), Tensor(STREAM_ID, "TYPE_UINT64", (1,)),
+                           Tensor(FINAL, "TYPE_BOOL", (1,))),
+                  decoupled=True),
+    CODEC_DECODER: Model(CODEC_DECODER,
+                         inputs=(_codes(CODES), _codes(CONTEXT_CODES, True), Tensor(STREAM_ID, "TYPE_UINT64", (1,)),
+                                 Tensor(FINAL, "TYPE_BOOL", (1,), True)),
+                         outputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)),), decoupled=True),
+    VOICE_ENCODER: Model(VOICE_ENCODER,
+                         inputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)), Tensor(SAMPLE_RATE, "TYPE_INT32", (1,)),
+                                 _string(REF_TEXT, True)),
+                         outputs=(Tensor(SPK_EMBEDDING, "TYPE_FP32", (-1,)), _codes(REF_CODE), _string(PROMPT))),
+}

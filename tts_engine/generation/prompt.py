@@ -1,0 +1,69 @@
+"""The talker's prompt, built by qwen-tts itself: its ``generate`` runs until it would hand over to HF
+``generate``, which is intercepted, so every embedding is exactly upstream's."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tts_contract.languages import UnknownLanguage, normalise_language
+
+from ..errors import InvalidText, UnsupportedLanguage
+from ..voices.prompts import VoicePrompt
+from .sampling import SamplingParams
+
+
+@dataclass
+class SynthesisRequest:
+    text: str
+    prompt: VoicePrompt
+    language: str = "auto"
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+class _PromptCaptured(Exception):
+    def __init__(self, kwargs: dict):
+        super().__init__("prompt captured")
+        self.kwargs = kwargs
+
+
+class _TalkerView:
+    """The real talker, except that ``generate`` hands back its arguments instead of running."""
+
+    def __init__(self, talker):
+        self._talker = talker
+
+    def __getattr__(self, name):
+        return getattr(self._talker, name)
+
+    def generate(self, **kwargs):
+        raise _PromptCaptured(kwargs)
+
+
+class _ModelView:
+    def __init__(self, model):
+        self._model = model
+        self.talker = _TalkerView(model.talker)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
+    """Run qwen-tts's own prompt construction and return what it would pass to the talker's generate."""
+    text = request.text
+    if not text or not text.strip():
+        raise InvalidText("text is empty")
+    try:
+        language = normalise_language(request.language).lower()  # the model's spelling
+    except UnknownLanguage as exc:
+        raise UnsupportedLanguage(str(exc)) from None
+    item = request.prompt.to_item()
+    prompt_dict = tts._prompt_items_to_voice_clone_prompt([item])
+    input_ids = tts._tokenize_texts([tts._build_assistant_text(text)])
+    ref_ids = [tts._tokenize_texts([tts._build_ref_text(item.ref_text)])[0] if item.ref_text else None]
+    model = tts.model
+    try:  # sampling options do not shape the prompt; the engine applies them itself
+        type(model).generate(_ModelView(model), input_ids=input_ids, ref_ids=ref_ids,
+                             voice_clone_prompt=prompt_dict, languages=[language], non_streaming_mode=False)
+    except _PromptCaptured as captured:
+        return captured.kwargs
+    raise RuntimeError("qwen-tts generate did not reach the talker")  # pragma: no cover

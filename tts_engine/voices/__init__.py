@@ -1,0 +1,1 @@
+"""Voices: prompts from reference audio (+ transcript), and the voices directory with its prompt cache."""
