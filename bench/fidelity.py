@@ -22,30 +22,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 SCHEDULES = [(1,), (2, 4, 8, 16), (7,), (64,), (150, 50)]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=str(ROOT / "build" / "tiny-model"))
-    parser.add_argument("--output", type=Path, default=ROOT / "results" / "fidelity.json")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def decoder_figures(loaded, results: dict) -> None:
+    """Streamed vs one-shot in three dtypes, and each broken state's damage (float64)."""
     import numpy as np
     import torch
 
-    from conftest import SAMPLE_RATE, synthetic_reference
-    from reference import float64_codec, qwen_kwargs, reference_generation, rms
+    from reference import float64_codec, rms
     from test_fidelity import BROKEN_STATES, random_codes, stream_decode
     from tts_engine.codec.decoder import StreamingDecoder
-    from tts_engine.loading import load_model
-    from tts_engine.voices.prompts import build_prompt
-    from tts_engine.generation.sampling import SamplingParams
-    from tts_engine.generation.scheduler import StreamScheduler
-    from tts_engine.generation.talker import BatchedTalker
-    from tts_engine.generation.prompt import SynthesisRequest
 
-    loaded = load_model(args.model_dir, device="cpu", dtype="fp32")
     codes = random_codes(200, 0)
-    results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_dir": args.model_dir,
-               "frames": len(codes), "streamed_vs_one_shot": {}, "broken_states_float64": {}}
+    results.update(frames=len(codes), streamed_vs_one_shot={}, broken_states_float64={})
     exact = None  # the float64 one-shot decode: how far each dtype's streamed and one-shot output are from it
     for name, dtype in (("float64", torch.float64), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         codec = loaded.tts.model.speech_tokenizer.model
@@ -67,22 +54,34 @@ def main(argv=None) -> int:
                 approx = decoder.decoder.chunked_decode(codes.T.unsqueeze(0), chunk_size=8, left_context_size=25)
             results["upstream_25_frame_context_max_abs"] = float(np.abs(approx[0, 0].float().numpy() - expected).max())
 
-    # bfloat16 generation: the serving loop vs qwen-tts, greedy, on this CPU.
-    bf16 = load_model(args.model_dir, device="cpu", dtype="bf16")
+
+def bf16_codes_equal_qwen_tts(model_dir: str) -> bool:
+    """Greedy codes of the serving loop vs qwen-tts, both in bfloat16 on this CPU."""
+    import torch
+
+    from conftest import SAMPLE_RATE, synthetic_reference
+    from reference import qwen_kwargs, reference_generation
+    from tts_engine.generation.prompt import SynthesisRequest
+    from tts_engine.generation.sampling import SamplingParams
+    from tts_engine.generation.scheduler import StreamScheduler
+    from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.loading import load_model
+    from tts_engine.voices.prompts import build_prompt
+
+    bf16 = load_model(model_dir, device="cpu", dtype="bf16")
     prompt = build_prompt(bf16.tts, synthetic_reference(), SAMPLE_RATE, "Hello there, this is my voice.")
     text = "The quick brown fox jumps over the lazy dog."
     scheduler = StreamScheduler(BatchedTalker(bf16.tts, slots=1, max_tokens=1024), name="fidelity")
     try:
-        request = SynthesisRequest(text, prompt, "English", SamplingParams(greedy=True, max_new_tokens=60))
-        got = scheduler.generate(request).codes
+        got = scheduler.generate(SynthesisRequest(text, prompt, "English",
+                                                  SamplingParams(greedy=True, max_new_tokens=60))).codes
     finally:
         scheduler.stop()
-    expected_codes, _ = reference_generation(bf16.tts, prompt, text, **qwen_kwargs({"greedy": True,
-                                                                                    "max_new_tokens": 60}))
-    results["bfloat16_greedy_codes_equal_qwen_tts"] = bool(torch.equal(got, expected_codes))
+    expected, _ = reference_generation(bf16.tts, prompt, text, **qwen_kwargs({"greedy": True, "max_new_tokens": 60}))
+    return bool(torch.equal(got, expected))
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
+
+def report(results: dict) -> None:
     for name, row in results["streamed_vs_one_shot"].items():
         print(f"streamed vs one-shot, {name:8s}: max |diff| {row['max_abs']:.2e} "
               f"({row['max_abs_over_rms']:.1e} x RMS {row['rms']:.3f}); RMS of diff {row['rms_of_diff_over_rms']:.1e} "
@@ -92,6 +91,22 @@ def main(argv=None) -> int:
         print(f"broken: {broken:45s} max |diff| {error:.2e}")
     print(f"upstream 25-frame-context chunked decode: max |diff| {results['upstream_25_frame_context_max_abs']:.2e}")
     print(f"bfloat16 greedy codes equal qwen-tts: {results['bfloat16_greedy_codes_equal_qwen_tts']}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default=str(ROOT / "build" / "tiny-model"))
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "fidelity.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tts_engine.loading import load_model
+
+    results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_dir": args.model_dir}
+    decoder_figures(load_model(args.model_dir, device="cpu", dtype="fp32"), results)
+    results["bfloat16_greedy_codes_equal_qwen_tts"] = bf16_codes_equal_qwen_tts(args.model_dir)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    report(results)
     print(f"written to {args.output}")
     return 0
 

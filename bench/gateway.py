@@ -12,11 +12,9 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +72,35 @@ async def via_triton(url: str) -> float:
     return result["first_audio_s"]
 
 
+def measure(ws_url: str, triton_url: str, runs: int, sessions: list[int], utterances: int) -> dict:
+    asyncio.run(via_gateway(ws_url))  # warm both paths
+    asyncio.run(via_triton(triton_url))
+    direct, gated = [], []
+    for _ in range(runs):  # interleaved, so drift affects both alike
+        direct.append(asyncio.run(via_triton(triton_url)))
+        gated.append(asyncio.run(via_gateway(ws_url)))
+    results = {"text_chars": len(TEXT), "runs": runs, "ttfa_direct_ms_p50": 1000 * statistics.median(direct),
+               "ttfa_gateway_ms_p50": 1000 * statistics.median(gated), "sessions": {}}
+    results["gateway_overhead_ms_p50"] = results["ttfa_gateway_ms_p50"] - results["ttfa_direct_ms_p50"]
+    for n in sessions:
+        async def load():
+            started = time.monotonic()
+            outcomes = await asyncio.gather(*(session(ws_url, utterances) for _ in range(n)))
+            return outcomes, time.monotonic() - started
+
+        outcomes, wall = asyncio.run(load())
+        firsts = [t for f, _ in outcomes for t in f]
+        errors: dict = {}
+        for _, codes in outcomes:
+            for code in codes:
+                errors[code] = errors.get(code, 0) + 1
+        results["sessions"][str(n)] = {
+            "utterances": n * utterances, "completed_with_audio": len(firsts), "errors": errors, "wall_s": wall,
+            "ttfa_p50_ms": 1000 * percentile(firsts, 50) if firsts else None,
+            "ttfa_p95_ms": 1000 * percentile(firsts, 95) if firsts else None}
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default=os.environ.get("QWEN_TTS_MODEL_DIR") or str(ROOT / "build" / "tiny-model"))
@@ -83,64 +110,26 @@ def main(argv=None) -> int:
     parser.add_argument("--utterances", type=int, default=2, help="utterances per session under load")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_gateway.json")
     args = parser.parse_args(argv)
+    from tools.gateway_local import GatewayProcess
     from tools.render_model_repository import render, resolve
-    from tools.triton_local import LocalTriton, free_port
+    from tools.triton_local import LocalTriton
 
     work = Path(tempfile.mkdtemp(prefix="bench-gw-", dir=ROOT / "build"))
-    repository = render(work / "model_repository", resolve(args.profile, {"MODEL_DIR": args.model_dir}))
-    server = LocalTriton(repository, log_path=work / "tritonserver.log").start()
-    port = free_port()
+    values = resolve(args.profile, {"MODEL_DIR": args.model_dir})
+    server = LocalTriton(render(work / "model_repository", values), log_path=work / "tritonserver.log").start()
     gateway = None
     try:
         server.wait_ready(900)
-        env = {**os.environ, "TRITON_URL": server.grpc_url, "GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1",
-               "GATEWAY_FRAMES_BASE": str(FRAMES_BASE), "GATEWAY_FRAMES_PER_CHAR": str(FRAMES_PER_CHAR),
-               "GATEWAY_LOG_LEVEL": "WARNING"}
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env,
-                                   stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        ws_url = f"ws://127.0.0.1:{port}/api/v1/speak"
-        asyncio.run(via_gateway(ws_url))  # warm both paths
-        asyncio.run(via_triton(server.grpc_url))
-        direct, gated = [], []
-        for _ in range(args.runs):  # interleaved, so drift affects both alike
-            direct.append(asyncio.run(via_triton(server.grpc_url)))
-            gated.append(asyncio.run(via_gateway(ws_url)))
-        results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_dir": args.model_dir,
-                   "text_chars": len(TEXT), "runs": args.runs,
-                   "ttfa_direct_ms_p50": 1000 * statistics.median(direct),
-                   "ttfa_gateway_ms_p50": 1000 * statistics.median(gated)}
-        results["gateway_overhead_ms_p50"] = results["ttfa_gateway_ms_p50"] - results["ttfa_direct_ms_p50"]
-        results["sessions"] = {}
-        for n in (int(x) for x in args.sessions.split(",")):
-            async def load():
-                started = time.monotonic()
-                outcomes = await asyncio.gather(*(session(ws_url, args.utterances) for _ in range(n)))
-                return outcomes, time.monotonic() - started
-
-            outcomes, wall = asyncio.run(load())
-            firsts = [t for f, _ in outcomes for t in f]
-            errors: dict = {}
-            for _, codes in outcomes:
-                for code in codes:
-                    errors[code] = errors.get(code, 0) + 1
-            results["sessions"][str(n)] = {
-                "utterances": n * args.utterances, "completed_with_audio": len(firsts), "errors": errors,
-                "wall_s": wall, "ttfa_p50_ms": 1000 * percentile(firsts, 50) if firsts else None,
-                "ttfa_p95_ms": 1000 * percentile(firsts, 95) if firsts else None}
+        gateway = GatewayProcess(server.grpc_url, values["VOICES_DIR"], work / "gateway.log", GATEWAY_LOG_LEVEL="WARNING",
+                                 GATEWAY_FRAMES_BASE=str(FRAMES_BASE), GATEWAY_FRAMES_PER_CHAR=str(FRAMES_PER_CHAR))
+        gateway.start().wait_ready()
+        results = measure(gateway.ws, server.grpc_url, args.runs, [int(x) for x in args.sessions.split(",")],
+                          args.utterances)
     finally:
         if gateway is not None:
-            gateway.terminate()
-            gateway.wait(10)
+            gateway.stop()
         server.stop()
+    results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_dir": args.model_dir, **results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))
     print(f"TTFA straight to Triton p50 {results['ttfa_direct_ms_p50']:.0f} ms; through the gateway p50 "

@@ -12,7 +12,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from . import metrics
 from .protocol import (
-    CLOSE_NORMAL, CLOSE_POLICY, ENCODINGS, SAMPLE_RATES, TRANSPORTS, Cancel, Error, ErrorCode, ProtocolError, Ready,
+    CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES, TRANSPORTS, Cancel, Error, ErrorCode, ProtocolError, Ready,
     Speak, Start, Started, Stop, Stopped, normalise_language, parse_client_message,
 )
 from .speaker import AudioFormat, SessionClosed, Speaker, Utterance
@@ -20,6 +20,29 @@ from .text import split_sentences
 
 log = logging.getLogger("gateway.connection")
 AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before its `start`
+
+
+async def speak(websocket: WebSocket) -> None:
+    """The /api/v1/speak route: one session per connection, within GATEWAY_MAX_SESSIONS."""
+    services = websocket.app.state.services
+    await websocket.accept()
+    if services.sessions >= services.settings.max_sessions:
+        message = Error.of(ErrorCode.RATE_LIMITED, f"too many sessions (limit {services.settings.max_sessions})")
+        metrics.ERRORS.labels(message.code).inc()
+        await websocket.send_text(message.to_json())
+        await websocket.close(CLOSE_TRY_AGAIN, "too many sessions")
+        return
+    services.sessions += 1
+    metrics.ACTIVE_SESSIONS.set(services.sessions)
+    connection = Connection(websocket, services)
+    log.info("session %s opened from %s", connection.id, websocket.client)
+    try:
+        await connection.run()
+    finally:
+        services.sessions -= 1
+        metrics.ACTIVE_SESSIONS.set(services.sessions)
+        await connection.close(CLOSE_NORMAL)
+        log.info("session %s closed", connection.id)
 
 
 class Connection:

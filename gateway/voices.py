@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from tts_contract.errors import EngineCode
 from tts_contract.languages import UnknownLanguage, normalise_language
@@ -119,3 +121,40 @@ class VoiceLibrary:
             raise VoiceApiError(400, "the default voice cannot be deleted")
         shutil.rmtree(self.root / voice_id)
         log.info("voice %s deleted", voice_id)
+
+
+# -- routes ---------------------------------------------------------------------------------------------------
+
+async def list_voices(request: Request):
+    return JSONResponse({"voices": request.app.state.services.voices.list()})
+
+
+async def upload_voice(request: Request):
+    services = request.app.state.services
+    limit = services.settings.max_upload_bytes
+    try:
+        async with request.form(max_files=1, max_fields=8, max_part_size=limit + 1) as form:
+            upload = form.get("audio")
+            data = await upload.read() if hasattr(upload, "read") else b""
+            entry = await services.voices.upload(
+                services.triton, data, transcript=_text(form.get("transcript")), name=_text(form.get("name")),
+                voice_id=_text(form.get("id")), language=_text(form.get("language")), max_bytes=limit)
+    except VoiceApiError as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    except Exception as exc:  # malformed multipart and friends
+        if "multipart" in type(exc).__module__ or "MultiPart" in type(exc).__name__ or "form" in str(exc).lower():
+            return JSONResponse({"error": f"bad upload: {exc}"}, status_code=400)
+        raise
+    return JSONResponse(entry, status_code=201)
+
+
+async def delete_voice(request: Request):
+    try:
+        request.app.state.services.voices.delete(request.path_params["voice_id"])
+    except VoiceApiError as exc:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    return Response(status_code=204)
+
+
+def _text(value) -> Optional[str]:
+    return value if isinstance(value, str) else None
