@@ -7,7 +7,7 @@ import sys
 
 import uvicorn
 
-from .app import create_app
+from .app import create_app, drain
 from .config import Settings
 
 
@@ -19,11 +19,29 @@ def main() -> int:
         return 2
     level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, ws="websockets-sansio",
-                # frames above the protocol limit still arrive, so that they get a clear INVALID_MESSAGE
-                ws_max_size=max(4 * settings.max_message_bytes, 1 << 20),
-                log_level=level.lower(), access_log=False, timeout_graceful_shutdown=5)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, ws="websockets-sansio",
+                            # frames above the protocol limit still arrive, so that they get a clear
+                            # INVALID_MESSAGE; beyond this frame limit the connection closes with 1009
+                            ws_max_size=max(4 * settings.max_message_bytes, 1 << 20), log_level=level.lower(),
+                            access_log=False, timeout_graceful_shutdown=settings.drain_s + 5)
+    DrainingServer(config, drain=lambda: drain(app)).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM: stop accepting, end every session's utterances with their end messages and close each
+    session with 1001 (``drain``), then uvicorn's own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, drain):
+        super().__init__(config)
+        self._drain = drain
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()
+        await self._drain()
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 /api/v1/speak, the voices API, health, readiness, metrics)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 from . import metrics, voices
 from .config import Settings
 from .connection import speak
+from .security import Guard
 from .triton_client import TritonPool
 from .voices import VoiceLibrary
 
@@ -28,6 +30,8 @@ class Services:
     triton: TritonPool
     voices: VoiceLibrary
     sessions: int = 0
+    connections: set = field(default_factory=set)  # the sessions open now (for draining)
+    draining: bool = False  # shutting down: no new sessions
 
 
 async def healthz(request: Request):
@@ -47,6 +51,17 @@ async def metrics_endpoint(request: Request):
     return Response(body, media_type=content_type)
 
 
+async def drain(app: Starlette) -> None:
+    """Shutdown, after the listening socket closed: every session's utterances end with their end messages
+    (the one playing gets GATEWAY_DRAIN_S to finish), then each session closes with 1001 (going away)."""
+    services = app.state.services
+    services.draining = True
+    connections = list(services.connections)
+    if connections:
+        log.info("draining %d sessions", len(connections))
+    await asyncio.gather(*(c.drain(services.settings.drain_s) for c in connections), return_exceptions=True)
+
+
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -62,7 +77,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await triton.close()
 
-    return Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         WebSocketRoute("/api/v1/speak", speak),
         Route("/api/v1/voices", voices.list_voices, methods=["GET"]),
         Route("/api/v1/voices", voices.upload_voice, methods=["POST"]),
@@ -71,3 +86,5 @@ def create_app(settings: Settings) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
     ])
+    app.add_middleware(Guard, settings=settings)
+    return app

@@ -60,8 +60,10 @@ class Settings:
     queue_timeout_s: float = 10.0  # longest wait for a free synthesis slot before RATE_LIMITED
     streams_per_triton: int = 0  # slots per Triton endpoint; 0: the talker's own max_active_streams
     idle_timeout_s: float = 300.0
+    drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
     ready_poll_s: float = 2.0
     auth_tokens: tuple[str, ...] = field(default_factory=tuple)
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)  # besides the gateway's own; "*": any
     max_sentence_chars: int = 400
     # Cap on generated frames per sentence: frames_base + frames_per_char * characters (12.5 frames = 1 s).
     # Speech runs at about 1 frame per character, so this only stops a model that never ends its speech.
@@ -90,8 +92,11 @@ class Settings:
             queue_timeout_s=_float("GATEWAY_QUEUE_TIMEOUT_S", cls.queue_timeout_s),
             streams_per_triton=_int("GATEWAY_STREAMS_PER_TRITON", cls.streams_per_triton),
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
+            drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
             ready_poll_s=_float("GATEWAY_READY_POLL_S", cls.ready_poll_s),
             auth_tokens=tokens,
+            allowed_origins=tuple(o.strip().rstrip("/") for o in os.environ.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")
+                                  if o.strip()),
             max_sentence_chars=_int("GATEWAY_MAX_SENTENCE_CHARS", cls.max_sentence_chars),
             frames_base=_int("GATEWAY_FRAMES_BASE", cls.frames_base),
             frames_per_char=_float("GATEWAY_FRAMES_PER_CHAR", cls.frames_per_char),

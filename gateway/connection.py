@@ -3,7 +3,6 @@ and the routing of each client message; utterances themselves are the speaker's.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import uuid
 from typing import Optional
@@ -12,9 +11,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from . import metrics
 from .protocol import (
-    CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES, TRANSPORTS, Cancel, Error, ErrorCode, ProtocolError, Ready,
+    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES, TRANSPORTS, Cancel, Error, ErrorCode, ProtocolError, Ready,
     Speak, Start, Started, Stop, Stopped, normalise_language, parse_client_message,
 )
+from .security import bearer_token, token_ok
 from .speaker import AudioFormat, SessionClosed, Speaker, Utterance
 from .text import split_sentences
 
@@ -23,26 +23,37 @@ AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before 
 
 
 async def speak(websocket: WebSocket) -> None:
-    """The /api/v1/speak route: one session per connection, within GATEWAY_MAX_SESSIONS."""
+    """The /api/v1/speak route: authenticate, then take one of GATEWAY_MAX_SESSIONS slots, then serve."""
     services = websocket.app.state.services
     await websocket.accept()
-    if services.sessions >= services.settings.max_sessions:
-        message = Error.of(ErrorCode.RATE_LIMITED, f"too many sessions (limit {services.settings.max_sessions})")
-        metrics.ERRORS.labels(message.code).inc()
-        await websocket.send_text(message.to_json())
-        await websocket.close(CLOSE_TRY_AGAIN, "too many sessions")
-        return
-    services.sessions += 1
-    metrics.ACTIVE_SESSIONS.set(services.sessions)
     connection = Connection(websocket, services)
-    log.info("session %s opened from %s", connection.id, websocket.client)
     try:
-        await connection.run()
-    finally:
-        services.sessions -= 1
+        authenticated, first_message = await connection.authenticate()
+        if not authenticated:
+            return
+        if services.draining:
+            await connection.error(ErrorCode.MODEL_LOADING, "the gateway is shutting down; connect again shortly")
+            await connection.close(CLOSE_SERVICE_RESTART, "shutting down")
+            return
+        if services.sessions >= services.settings.max_sessions:
+            await connection.error(ErrorCode.RATE_LIMITED, f"too many sessions (limit {services.settings.max_sessions})")
+            await connection.close(CLOSE_TRY_AGAIN, "too many sessions")
+            return
+        services.sessions += 1
+        services.connections.add(connection)
         metrics.ACTIVE_SESSIONS.set(services.sessions)
+        log.info("session %s opened from %s", connection.id, websocket.client)
+        try:
+            await connection.run(first_message)
+        finally:
+            services.sessions -= 1
+            services.connections.discard(connection)
+            metrics.ACTIVE_SESSIONS.set(services.sessions)
+            log.info("session %s closed", connection.id)
+    except SessionClosed:
+        pass
+    finally:
         await connection.close(CLOSE_NORMAL)
-        log.info("session %s closed", connection.id)
 
 
 class Connection:
@@ -86,6 +97,14 @@ class Connection:
     async def error(self, code: ErrorCode, message: str, request_id: Optional[str] = None) -> None:
         await self.send_message(Error.of(code, message, request_id))
 
+    async def drain(self, grace_s: float) -> None:
+        """End this session for a shutdown: its utterances end (see Speaker.drain), then close 1001."""
+        try:
+            await self.speaker.drain(grace_s)
+        except SessionClosed:
+            pass
+        await self.close(CLOSE_GOING_AWAY, "server shutting down")
+
     async def close(self, code: int, reason: str = "") -> None:
         if not self.closed and self.ws.client_state == WebSocketState.CONNECTED:
             self.closed = True
@@ -97,40 +116,27 @@ class Connection:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def _token_ok(self, token: Optional[str]) -> bool:
-        if not token:
-            return False
-        matches = [hmac.compare_digest(token.encode(), t.encode()) for t in self.settings.auth_tokens]
-        return any(matches)  # every token compared: no early exit on a match
-
-    def _connect_token(self) -> Optional[str]:
-        header = self.ws.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            return header[7:].strip()
-        return self.ws.query_params.get("token")
-
-    async def _authenticate(self) -> tuple[bool, Optional[str]]:
-        """(authenticated, a first message already read); the token comes with the upgrade or in `start`."""
+    async def authenticate(self) -> tuple[bool, Optional[str]]:
+        """(authenticated, a first message already read). The token comes with the upgrade (header or
+        ?token=) or in a `start` message, which must then come first; otherwise UNAUTHORIZED and close 1008."""
         if not self.settings.auth_tokens:
             return True, None
-        first_message, token = None, self._connect_token()
-        if token is None:  # the token may come in `start`, which must then be the first message
+        first_message = None
+        token = bearer_token({"authorization": self.ws.headers.get("authorization", "")}) or \
+            self.ws.query_params.get("token")
+        if token is None:
             first_message = await self._receive(min(self.settings.idle_timeout_s, AUTH_TIMEOUT_S))
-            if first_message is None:
-                return False, None
-            message = self._parse_or_none(first_message)
+            message = self._parse_or_none(first_message) if first_message is not None else None
             token = message.authToken if isinstance(message, Start) else None
-        if not self._token_ok(token):
-            await self.error(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
+        if not token_ok(self.settings, token):
+            await self.error(ErrorCode.UNAUTHORIZED, "missing or invalid auth token" if first_message is not None or
+                             token is not None else f"no auth token within {AUTH_TIMEOUT_S:g} s")
             await self.close(CLOSE_POLICY, "unauthorized")
             return False, None
         return True, first_message
 
-    async def run(self) -> None:
+    async def run(self, first_message: Optional[str] = None) -> None:
         try:
-            authenticated, first_message = await self._authenticate()
-            if not authenticated:
-                return
             await self.send_message(Ready(sessionId=self.id, voiceLoaded=self.voice))
             self.speaker.start()
             if first_message is not None:
@@ -154,8 +160,9 @@ class Connection:
         """The next text frame; None on idle timeout. Binary frames are ignored."""
         while True:
             try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # (not wait_for: see Speaker._sentence_audio)
+                    message = await self.ws.receive()
+            except TimeoutError:
                 return None
             except (WebSocketDisconnect, RuntimeError):
                 raise SessionClosed() from None
@@ -252,7 +259,7 @@ class Connection:
                                 rid)
         if message.priority == "high":
             await self.speaker.cancel_all()
-        elif self.speaker.queue.qsize() >= self.settings.max_queued_utterances:
+        elif self.speaker.accepted > self.settings.max_queued_utterances:  # waiting, besides the one playing
             raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
                                 f"(limit {self.settings.max_queued_utterances})", rid)
         audio = AudioFormat() if self.legacy else self.audio

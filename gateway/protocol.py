@@ -20,7 +20,9 @@ ENCODINGS = ("pcm16", "pcm32f")
 TRANSPORTS = ("binary", "base64")
 
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
 CLOSE_POLICY = 1008  # unauthorized
+CLOSE_SERVICE_RESTART = 1012  # connecting while the gateway shuts down
 CLOSE_TRY_AGAIN = 1013  # too many sessions
 
 
@@ -73,24 +75,49 @@ def parse_client_message(raw: str) -> ClientMessage:
     """Parse one text frame, or raise ProtocolError(INVALID_MESSAGE) saying what is wrong."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, TypeError):
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message is not valid JSON") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message is nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # bad JSON, or an integer beyond Python's 4300-digit limit
+        detail = "has a number too large to read" if "digits" in str(exc) else "is not valid JSON"
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"message {detail}") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message must be a JSON object")
     request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None
+    bad_string = _invalid_unicode(data)
+    if bad_string is not None:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{bad_string}' is not valid Unicode (a lone surrogate)",
+                            None if bad_string == "requestId" else request_id)
     kind = data.get("type")
     if kind is None:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message has no 'type'", request_id)
     cls = CLIENT_MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
+        shown = repr(kind) if len(repr(kind)) <= 40 else repr(kind)[:37] + "..."
         raise ProtocolError(ErrorCode.INVALID_MESSAGE,
-                            f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_MESSAGES)}",
-                            request_id)
+                            f"unknown message type {shown}; expected one of {', '.join(CLIENT_MESSAGES)}", request_id)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"invalid '{kind}' message: {problems}", request_id) from None
+
+
+def _invalid_unicode(value, path: str = "") -> Optional[str]:
+    """The path of the first string (or key) that cannot be encoded as UTF-8, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "message"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{path}.{key}" if path else str(key)
+        found = _invalid_unicode(key, inner) if isinstance(key, str) else None
+        found = found or _invalid_unicode(item, inner)
+        if found:
+            return found
+    return None
 
 
 def normalise_language(value: str) -> str:

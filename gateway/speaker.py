@@ -42,6 +42,7 @@ class Utterance:
     legacy: bool
     request_id: Optional[str]
     received_at: float = field(default_factory=time.monotonic)
+    ended: bool = False  # its end message is sent (exactly once)
 
 
 @dataclass
@@ -62,11 +63,18 @@ class Speaker:
         self.out, self.triton, self.settings, self.session_id = out, triton, settings, session_id
         self.queue: "asyncio.Queue[Utterance]" = asyncio.Queue()
         self.playing: Optional[asyncio.Task] = None
+        self.current: Optional[Utterance] = None  # the utterance of ``playing``
         self._worker: Optional[asyncio.Task] = None
 
     @property
     def busy(self) -> bool:
         return self.playing is not None or not self.queue.empty()
+
+    @property
+    def accepted(self) -> int:
+        """Utterances accepted and not yet ended: the queued ones and the one playing (whether or not the
+        worker has picked the next one up yet)."""
+        return self.queue.qsize() + (1 if self.playing is not None and not self.playing.done() else 0)
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._work())
@@ -74,19 +82,36 @@ class Speaker:
     def enqueue(self, utterance: Utterance) -> None:
         self.queue.put_nowait(utterance)
 
-    def drop_queue(self) -> None:
+    def drop_queue(self) -> list[Utterance]:
+        dropped = []
         while not self.queue.empty():
-            self.queue.get_nowait()
+            dropped.append(self.queue.get_nowait())
+        return dropped
 
     async def cancel_all(self) -> None:
-        """Drop queued utterances and cancel the one playing; returns once its end message is sent."""
-        self.drop_queue()
-        playing = self.playing
+        """Cancel the utterance playing and drop the queued ones; each ends with its end message
+        (``cancelled: true``), in order, before this returns."""
+        await self._end_all(grace_s=0)
+
+    async def drain(self, grace_s: float) -> None:
+        """For a shutdown: like ``cancel_all``, but the utterance playing gets ``grace_s`` to finish first."""
+        await self._end_all(grace_s)
+
+    async def _end_all(self, grace_s: float) -> None:
+        dropped = self.drop_queue()
+        playing, current = self.playing, self.current
         if playing is not None and not playing.done():
+            if grace_s > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(playing), grace_s)
             playing.cancel()
             await asyncio.gather(playing, return_exceptions=True)
+        for utterance in ([current] if current is not None else []) + dropped:
+            if not utterance.ended:  # e.g. cancelled before its task ever ran
+                await self._finish(utterance, _Playback(), cancelled=True, completed=False)
 
     async def close(self) -> None:
+        """The socket is gone: stop everything, send nothing."""
         self.drop_queue()
         if self.playing is not None:
             self.playing.cancel()
@@ -97,7 +122,7 @@ class Speaker:
     async def _work(self) -> None:
         while True:
             utterance = await self.queue.get()
-            self.playing = asyncio.create_task(self._play(utterance))
+            self.current, self.playing = utterance, asyncio.create_task(self._play(utterance))
             try:
                 await asyncio.shield(self.playing)
             except asyncio.CancelledError:
@@ -136,9 +161,10 @@ class Speaker:
                 start(index + 1)  # look ahead one sentence: no gap between sentences
                 wait = admission_timeout
                 while True:
-                    try:
-                        item = await asyncio.wait_for(queues[index].get(), wait)
-                    except asyncio.TimeoutError:
+                    try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (a `cancel`
+                        async with asyncio.timeout(wait):  # message) when the queue already holds an item
+                            item = await queues[index].get()
+                    except TimeoutError:
                         raise TimeoutError(f"no audio for {wait:g} s") from None
                     wait = timeout
                     if item is _ADMITTED:
@@ -189,6 +215,13 @@ class Speaker:
         except TimeoutError as exc:
             cancelled, outcome = True, "failed"
             await self.out.send_message(Error.of(ErrorCode.TIMEOUT, str(exc), utterance.request_id))
+        except SessionClosed:
+            outcome = "cancelled"
+            raise
+        except Exception:  # a bug must cost this utterance only; it still ends with its end message
+            cancelled, outcome = True, "failed"
+            log.exception("session %s: utterance failed unexpectedly", self.session_id)
+            await self.out.send_message(Error.of(ErrorCode.SYNTHESIS_ERROR, "internal error", utterance.request_id))
         finally:
             metrics.UTTERANCES.labels(outcome).inc()
         await self._finish(utterance, playback, cancelled, completed=outcome == "completed")
@@ -211,6 +244,9 @@ class Speaker:
 
     async def _finish(self, utterance: Utterance, playback: _Playback, cancelled: bool, completed: bool) -> None:
         """Metrics, then the utterance's end message (complete, or audio_end for legacy clients)."""
+        if utterance.ended:
+            return
+        utterance.ended = True
         finished = time.monotonic()
         seconds = playback.samples / utterance.audio.sample_rate
         metrics.AUDIO_SECONDS.inc(seconds)

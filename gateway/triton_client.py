@@ -20,6 +20,11 @@ from . import metrics
 
 log = logging.getLogger("gateway.triton")
 REQUIRED_MODELS = (names.TTS, names.VOICE_ENCODER)
+# gRPC's default reconnect backoff grows to minutes (7.7 s was measured after a Triton restart); a restarted
+# Triton should be seen within about a second.
+CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class SynthesisFailed(Exception):
@@ -34,6 +39,15 @@ class SynthesisFailed(Exception):
         self.retry_after_ms = retry_after_ms
 
 
+def _engine_error(error) -> SynthesisFailed:
+    """A Triton error as the engine's code and message; text that is not the engine's own stays in the log."""
+    code, message = parse_wire(str(error))
+    if code == EngineCode.SYNTHESIS_ERROR:
+        log.warning("Triton error: %s", error)
+        message = "synthesis failed inside the speech server"
+    return SynthesisFailed(code, message)
+
+
 def _string(name: str, value: str) -> InferInput:
     tensor = InferInput(name, [1], "BYTES")
     tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
@@ -45,7 +59,7 @@ class TritonEndpoint:
 
     def __init__(self, url: str):
         self.url = url
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.ready = False
         self.in_flight = 0  # streams open on this endpoint now (counted by TritonPool)
         self.capacity = DEFAULT_ACTIVE_STREAMS  # the talker's max_active_streams, read when it is ready
@@ -76,13 +90,14 @@ class TritonEndpoint:
             return DEFAULT_ACTIVE_STREAMS
 
     def start_polling(self, interval: float, on_change=None) -> None:
+        """Check readiness every ``interval`` seconds, and at least twice a second while not ready."""
         async def poll():
             while True:
                 was = self.ready
                 await self.check_ready()
                 if on_change is not None and self.ready != was:
                     on_change()
-                await asyncio.sleep(interval)
+                await asyncio.sleep(interval if self.ready else min(interval, 0.5))
 
         self._poller = asyncio.create_task(poll())
 
@@ -110,8 +125,7 @@ class TritonEndpoint:
             async for result, error in responses:
                 if error is not None:
                     finished = True
-                    code, message = parse_wire(str(error))
-                    raise SynthesisFailed(code, message)
+                    raise _engine_error(error)
                 audio = result.as_numpy(names.AUDIO)
                 params = result.get_response().parameters
                 last = "triton_final_response" in params and params["triton_final_response"].bool_param
@@ -123,10 +137,11 @@ class TritonEndpoint:
             finished = True
         except SynthesisFailed:
             raise
-        except Exception as exc:  # connection loss, Triton crash
+        except Exception as exc:  # connection loss, Triton crash: the details go to the log, not to clients
             finished = True
             self.ready = False
-            raise SynthesisFailed(EngineCode.SYNTHESIS_ERROR, f"Triton at {self.url} failed: {exc}",
+            log.warning("stream to Triton at %s failed: %s", self.url, exc)
+            raise SynthesisFailed(EngineCode.SYNTHESIS_ERROR, "the speech server stopped responding; try again",
                                   transport=True) from None
         finally:
             if not finished:
@@ -142,8 +157,9 @@ class TritonEndpoint:
         try:
             result = await asyncio.wait_for(self.client.infer(names.VOICE_ENCODER, inputs), 120)
         except Exception as exc:
-            code, message = parse_wire(str(exc))
-            raise SynthesisFailed(code, message, transport=code == EngineCode.SYNTHESIS_ERROR) from None
+            failure = _engine_error(exc)
+            failure.transport = failure.code == EngineCode.SYNTHESIS_ERROR
+            raise failure from None
         return result.as_numpy(names.PROMPT)[0]
 
 
@@ -231,9 +247,10 @@ class TritonPool:
         self._waiters.append(waiter)
         metrics.QUEUED_REQUESTS.set(len(self._waiters))
         started = time.monotonic()
-        try:
-            endpoint = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
-        except asyncio.TimeoutError:
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for returns a just-granted slot to a cancelled waiter
+            async with asyncio.timeout(self.queue_timeout_s):
+                endpoint = await waiter
+        except TimeoutError:
             raise SynthesisFailed(EngineCode.OVERLOADED, f"every synthesis slot stayed busy for {self.queue_timeout_s:g} s",
                                   retry_after_ms=self._retry_after_ms()) from None
         finally:

@@ -15,7 +15,10 @@ from starlette.responses import JSONResponse, Response
 
 from tts_contract.errors import EngineCode
 from tts_contract.languages import UnknownLanguage, normalise_language
-from tts_contract.limits import MAX_REFERENCE_SECONDS, MIN_REFERENCE_SECONDS
+from tts_contract.limits import (
+    MAX_REFERENCE_SECONDS, MAX_TRANSCRIPT_CHARS, MAX_VOICE_DESCRIPTION_CHARS, MAX_VOICE_NAME_CHARS,
+    MIN_REFERENCE_SECONDS,
+)
 from tts_contract.voices import (
     METADATA_FILE, PROMPT_CACHE_FILE, REFERENCE_FILE, TRANSCRIPT_FILE, InvalidVoiceId, UndecodableAudio,
     VoiceDirectory, check_voice_id, read_audio, stamped_prompt,
@@ -54,11 +57,14 @@ class VoiceLibrary:
         return [info.to_json() for info in self.directory.list()]
 
     async def upload(self, triton: TritonPool, data: bytes, *, transcript: Optional[str], name: Optional[str],
-                     voice_id: Optional[str], language: Optional[str], max_bytes: int) -> dict:
+                     voice_id: Optional[str], language: Optional[str], description: Optional[str] = None) -> dict:
         if not data:
             raise VoiceApiError(400, "the 'audio' file is missing or empty")
-        if len(data) > max_bytes:
-            raise VoiceApiError(400, f"audio file is {len(data)} bytes; the limit is {max_bytes}")
+        for field_name, value, limit in (("transcript", transcript, MAX_TRANSCRIPT_CHARS),
+                                         ("name", name, MAX_VOICE_NAME_CHARS),
+                                         ("description", description, MAX_VOICE_DESCRIPTION_CHARS)):
+            if value is not None and len(value) > limit:
+                raise VoiceApiError(400, f"'{field_name}' has {len(value)} characters; the limit is {limit}")
         try:
             voice_id = check_voice_id(voice_id) if voice_id else _slug(name or "voice")
             language = normalise_language(language)
@@ -83,7 +89,7 @@ class VoiceLibrary:
             raise VoiceApiError(503, f"voice encoder unavailable: {exc.message}") from None
         return self._write(voice_id, audio, sample_rate, transcript, blob,
                            {"name": (name or voice_id).strip() or voice_id, "language": language,
-                            "description": "", "isDefault": False})
+                            "description": (description or "").strip(), "isDefault": False})
 
     def _write(self, voice_id: str, audio: np.ndarray, sample_rate: int, transcript: Optional[str],
                prompt: bytes, metadata: dict) -> dict:
@@ -129,16 +135,40 @@ async def list_voices(request: Request):
     return JSONResponse({"voices": request.app.state.services.voices.list()})
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+# Room for the multipart framing and the text fields around the audio file.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
 async def upload_voice(request: Request):
     services = request.app.state.services
-    limit = services.settings.max_upload_bytes
+    limit = services.settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return _too_large(services.settings.max_upload_bytes)  # refused before reading any of it
+    received = 0
+
+    async def receive():  # a body without a length is counted as it arrives, and cut at the limit
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _BodyTooLarge()
+        return message
+
     try:
-        async with request.form(max_files=1, max_fields=8, max_part_size=limit + 1) as form:
+        async with Request(request.scope, receive).form(max_files=1, max_fields=8, max_part_size=16 * 1024) as form:
             upload = form.get("audio")
             data = await upload.read() if hasattr(upload, "read") else b""
             entry = await services.voices.upload(
                 services.triton, data, transcript=_text(form.get("transcript")), name=_text(form.get("name")),
-                voice_id=_text(form.get("id")), language=_text(form.get("language")), max_bytes=limit)
+                voice_id=_text(form.get("id")), language=_text(form.get("language")),
+                description=_text(form.get("description")))
+    except _BodyTooLarge:
+        return _too_large(services.settings.max_upload_bytes)
     except VoiceApiError as exc:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
     except Exception as exc:  # malformed multipart and friends
@@ -146,6 +176,11 @@ async def upload_voice(request: Request):
             return JSONResponse({"error": f"bad upload: {exc}"}, status_code=400)
         raise
     return JSONResponse(entry, status_code=201)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"error": f"the upload is larger than {limit} bytes (GATEWAY_MAX_UPLOAD_BYTES)"},
+                        status_code=413)
 
 
 async def delete_voice(request: Request):

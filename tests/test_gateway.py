@@ -385,7 +385,7 @@ async def test_two_sentences_play_in_order_without_a_gap(gateway):
 
 
 async def test_high_priority_interrupts(gateway):
-    """A high-priority speak cancels the current utterance and the queue, then plays next."""
+    """A high-priority speak cancels the current utterance and the queue (each ends, cancelled), then plays."""
     async with open_session(gateway.ws) as ws:
         await start_session(ws)
         await send(ws, type="speak", text=LONG * 3, requestId="long")
@@ -393,11 +393,13 @@ async def test_high_priority_interrupts(gateway):
         assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
         await send(ws, type="speak", text="Urgent news.", priority="high", requestId="urgent")
         ends = []
-        while len(ends) < 2:
+        while len(ends) < 3:
             ends.append((await collect(ws)).end)
-        assert [(e["requestId"], e["cancelled"]) for e in ends] == [("long", True), ("urgent", False)]
+        # every speak ends exactly once: the one playing and the one queued, cancelled, then the urgent one
+        assert [(e["requestId"], e["cancelled"]) for e in ends] == [("long", True), ("queued", True),
+                                                                      ("urgent", False)]
         await send(ws, type="speak", text="After.", requestId="after")
-        assert (await collect(ws)).end["requestId"] == "after"  # the queued one was dropped
+        assert (await collect(ws)).end["requestId"] == "after"
 
 
 async def test_eight_concurrent_sessions_each_get_their_own_audio(gateway):
@@ -476,11 +478,11 @@ async def test_bad_uploads_are_refused(gateway, files, data, status, message):
 
 
 async def test_too_large_upload_is_refused(make_gateway):
-    """An upload above GATEWAY_MAX_UPLOAD_BYTES gets 400."""
+    """An upload above GATEWAY_MAX_UPLOAD_BYTES (plus room for the form) gets 413."""
     gateway = make_gateway(GATEWAY_MAX_UPLOAD_BYTES="50000")
     async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
         response = await http.post("/api/v1/voices", files={"audio": ("x.wav", wav_bytes(4.0), "audio/wav")})
-        assert response.status_code == 400 and "limit" in response.json()["error"]
+        assert response.status_code == 413 and "GATEWAY_MAX_UPLOAD_BYTES" in response.json()["error"]
 
 
 async def test_default_voice_cannot_be_deleted(gateway):

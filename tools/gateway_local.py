@@ -64,4 +64,6 @@ class GatewayProcess:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        self._log.close()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None

@@ -1,15 +1,18 @@
-"""`make run`: render the model repository, run tritonserver and the gateway until Ctrl-C.
+"""`make run`: render the model repository, then run and supervise tritonserver and the gateway.
 
 Uses QWEN_TTS_MODEL_DIR when set; otherwise the embedded tiny random-weight model, and says so loudly.
+When tritonserver dies it is restarted (with backoff) while the gateway stays up: sessions get
+MODEL_LOADING meanwhile and work again once Triton is back. Ctrl-C or SIGTERM drains the gateway (every
+utterance ends with its end message), then stops Triton.
 """
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
+from tools.gateway_local import GatewayProcess
 from tools.render_model_repository import ROOT, render, resolve
 from tools.triton_local import LocalTriton
 
@@ -20,9 +23,11 @@ TINY_BANNER = """
 #  to a local copy of Qwen3-TTS-12Hz-0.6B-Base (README: Getting the weights). #
 ###############################################################################
 """
+LOGS = ROOT / "build" / "logs"
 
 
-def main() -> int:
+def _values() -> dict:
+    """The rendered parameters; builds the tiny model when no model directory is configured."""
     model_dir = os.environ.get("QWEN_TTS_MODEL_DIR", "")
     if not model_dir:
         from tts_engine.tiny_model import build_tiny_model, is_current
@@ -31,65 +36,91 @@ def main() -> int:
         if not is_current(model_dir):
             build_tiny_model(model_dir)
         print(TINY_BANNER, file=sys.stderr, flush=True)
-    profile = os.environ.get("QWEN_TTS_PROFILE", "cpu")
-    try:
-        values = resolve(profile, {"MODEL_DIR": model_dir})
-        from tts_engine.loading import check_model_dir
+    values = resolve(os.environ.get("QWEN_TTS_PROFILE", "cpu"), {"MODEL_DIR": model_dir})
+    from tts_engine.loading import check_model_dir
 
-        check_model_dir(values["MODEL_DIR"])
-    except Exception as exc:  # RenderError or ModelDirError: one clear line, no traceback
-        print(f"make run: {exc}", file=sys.stderr)
-        return 2
-    repository = render(ROOT / "build" / "model_repository", values)
-    server = LocalTriton(repository, int(os.environ.get("TRITON_HTTP_PORT", 8000)),
-                         int(os.environ.get("TRITON_GRPC_PORT", 8001)),
-                         int(os.environ.get("TRITON_METRICS_PORT", 8002)),
-                         log_path=ROOT / "build" / "logs" / "tritonserver.log")
-    print(f"starting tritonserver (log: {server.log_path}) ...", flush=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    gateway_port = int(os.environ.get("GATEWAY_PORT", 8080))
-    gateway = None
-    server.start()
-    try:
-        server.wait_ready(timeout=float(os.environ.get("TRITON_START_TIMEOUT", 600)))
-        gateway_log = open(ROOT / "build" / "logs" / "gateway.log", "ab")
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
-            env={**os.environ, "TRITON_URL": server.grpc_url, "GATEWAY_PORT": str(gateway_port),
-                 "QWEN_TTS_VOICES_DIR": values["VOICES_DIR"]})
-        print(f"""
+    check_model_dir(values["MODEL_DIR"])
+    return values
+
+
+class Restarts:
+    """Backoff for a process that keeps dying: 1, 2, 4 ... 30 s; reset once it has run for a minute."""
+
+    def __init__(self, name: str):
+        self.name, self.delay, self.started = name, 1.0, time.monotonic()
+
+    def after_exit(self, code, log) -> float:
+        if time.monotonic() - self.started > 60:
+            self.delay = 1.0
+        delay, self.delay = self.delay, min(30.0, self.delay * 2)
+        print(f"{self.name} exited with code {code}; restarting it in {delay:.0f} s (log: {log})", file=sys.stderr,
+              flush=True)
+        return delay
+
+    def started_now(self) -> None:
+        self.started = time.monotonic()
+
+
+def _banner(server: LocalTriton, port: int) -> str:
+    return f"""
 Ready.
-  gateway  ws://127.0.0.1:{gateway_port}/api/v1/speak   http://127.0.0.1:{gateway_port}/api/v1/voices
+  gateway  ws://127.0.0.1:{port}/api/v1/speak   http://127.0.0.1:{port}/api/v1/voices
            /healthz /readyz /metrics   (log: build/logs/gateway.log)
   Triton   gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}
 Try it:
-  .venv/bin/python -m client.speak "Hello there. This is a test." -o hello.wav --url ws://127.0.0.1:{gateway_port}/api/v1/speak
+  .venv/bin/python -m client.speak "Hello there. This is a test." -o hello.wav --url ws://127.0.0.1:{port}/api/v1/speak
   .venv/bin/python -m client.triton_tts "Hello from Triton." -o hello.wav --url {server.grpc_url}
-  curl http://127.0.0.1:{gateway_port}/api/v1/voices
-Stop with Ctrl-C.
-""", flush=True)
-        while not stop and server.process.poll() is None and gateway.poll() is None:
-            time.sleep(0.5)
-        if server.process.poll() is not None:
-            print(f"tritonserver exited with code {server.process.returncode}; see {server.log_path}",
-                  file=sys.stderr)
-            return 1
-        if gateway.poll() is not None:
-            print(f"gateway exited with code {gateway.returncode}; see build/logs/gateway.log", file=sys.stderr)
-            return 1
+  curl http://127.0.0.1:{port}/api/v1/voices
+Stop with Ctrl-C. tritonserver and the gateway are restarted if they die.
+"""
+
+
+def supervise(server: LocalTriton, gateway: GatewayProcess, stop: list) -> None:
+    """Keep both processes up until ``stop`` is set."""
+    restarts = {"tritonserver": Restarts("tritonserver"), "gateway": Restarts("gateway")}
+    due: dict = {}
+    while not stop:
+        time.sleep(0.2)
+        now = time.monotonic()
+        for name, process, log in (("tritonserver", server.process, server.log_path),
+                                   ("gateway", gateway.process, gateway.log_path)):
+            if name not in due and process.poll() is not None:
+                due[name] = now + restarts[name].after_exit(process.returncode, log)
+            if due.get(name, float("inf")) <= now:
+                del due[name]
+                (server.start if name == "tritonserver" else gateway.start)()
+                restarts[name].started_now()
+                print(f"{name} restarted", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    try:
+        values = _values()
+    except Exception as exc:  # RenderError or ModelDirError: one clear line, no traceback
+        print(f"make run: {exc}", file=sys.stderr)
+        return 2
+    server = LocalTriton(render(ROOT / "build" / "model_repository", values),
+                         int(os.environ.get("TRITON_HTTP_PORT", 8000)), int(os.environ.get("TRITON_GRPC_PORT", 8001)),
+                         int(os.environ.get("TRITON_METRICS_PORT", 8002)), log_path=LOGS / "tritonserver.log")
+    port = int(os.environ.get("GATEWAY_PORT", 8080))
+    gateway = GatewayProcess(server.grpc_url, values["VOICES_DIR"], LOGS / "gateway.log", port=port,
+                             GATEWAY_HOST=os.environ.get("GATEWAY_HOST", "0.0.0.0"),
+                             GATEWAY_READY_POLL_S=os.environ.get("GATEWAY_READY_POLL_S", "2"))
+    stop: list = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    print(f"starting tritonserver (log: {server.log_path}) ...", flush=True)
+    try:
+        server.start().wait_ready(timeout=float(os.environ.get("TRITON_START_TIMEOUT", 600)))
+        gateway.start()
+        print(_banner(server, port), flush=True)
+        supervise(server, gateway, stop)
     except KeyboardInterrupt:
         pass
     except (RuntimeError, TimeoutError) as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 1
     finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            try:
-                gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+        gateway.stop()  # SIGTERM: the gateway drains its sessions first
         server.stop()
     return 0
 

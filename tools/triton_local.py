@@ -141,11 +141,28 @@ class LocalTriton:
             self._log_file.close()
             self._log_file = None
 
-    def kill(self) -> None:
-        """Hard kill (for failure tests)."""
+    def kill(self, server_only: bool = False) -> None:
+        """Hard kill (for failure tests): the whole process group, or only tritonserver itself, which is what
+        a crash looks like to its model processes."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            if server_only:
+                os.kill(self.process.pid, signal.SIGKILL)
+            else:
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
+
+    def model_processes(self) -> list[int]:
+        """PIDs of Python-backend stubs serving this server's model repository (alive or orphaned)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if "triton_python_backend_stub" in cmdline and str(self.model_repository) in cmdline:
+                    pids.append(int(entry.name))
+        return pids
 
     def __enter__(self):
         return self.start().wait_ready()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from typing import Optional
 
@@ -51,3 +52,17 @@ def setup_logging(model_name: str) -> logging.Logger:
     for name in ("tts_engine", model_name):
         logging.getLogger(name).setLevel(level)
     return logging.getLogger(model_name)
+
+
+def exit_with_parent(log: logging.Logger, interval_s: float = 1.0) -> None:
+    """Make this model process die within seconds of its tritonserver dying; an orphaned stub would otherwise
+    linger, holding its memory (GPU memory on a GPU node) and its shared-memory region.
+
+    The watcher is a tiny shell process, not a Python thread: a thread blocked in a call into the dead
+    server can hold the GIL and freeze every other thread of this process."""
+    server, me = os.getppid(), os.getpid()
+    script = (f"while kill -0 {server} 2>/dev/null && kill -0 {me} 2>/dev/null; do sleep {interval_s:g}; done; "
+              f"if kill -0 {me} 2>/dev/null; then echo 'tritonserver (pid {server}) is gone; killing model process "
+              f"{me}' >&2; kill -9 {me}; fi")
+    subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, close_fds=True)
+    log.debug("watching tritonserver (pid %d) from a separate process", server)

@@ -1,8 +1,9 @@
-"""The talker's side of a stream: ids that name it to the codec decoder, and the responses that carry its
-codes (each request ends exactly once with COMPLETE_FINAL)."""
+"""The talker's side of a stream: ids that name it to the codec decoder, cancellation watched off the serving
+loop, and the responses that carry its codes (each request ends exactly once with COMPLETE_FINAL)."""
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import threading
 
@@ -12,10 +13,12 @@ from tts_contract import tensors as names
 from tts_contract.audio import NUM_CODEBOOKS
 from tts_engine.errors import Cancelled
 from tts_engine.generation.scheduler import StreamJob
+from tts_engine.recent import RecentIds
 
 from .tensors import error_response
 
 EMPTY_CODES = np.zeros((0, NUM_CODEBOOKS), dtype=np.int32)
+log = logging.getLogger("triton_support")
 
 
 class StreamIds:
@@ -31,7 +34,48 @@ class StreamIds:
             return self._prefix | next(self._counter)
 
 
-def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, is_cancelled) -> StreamJob:
+class CancelWatcher:
+    """Which streams were cancelled. ``request.is_cancelled()`` is a call into the Triton parent process, so
+    this thread asks it for every active request a few times a second, and the serving loop only reads a set
+    (a dead parent then blocks this thread, never the loop). Control requests add ids directly."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.cancelled = RecentIds(4096)  # ids of ended streams are never checked again
+        self._requests: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="cancel-watcher", daemon=True).start()
+
+    def watch(self, stream_id: int, request) -> None:
+        with self._lock:
+            self._requests[stream_id] = request
+
+    def forget(self, stream_id: int) -> None:
+        with self._lock:
+            self._requests.pop(stream_id, None)
+
+    def is_cancelled(self, stream_id: int) -> bool:
+        return stream_id in self.cancelled
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                watched = list(self._requests.items())
+            for stream_id, request in watched:
+                try:
+                    if request.is_cancelled():
+                        self.cancelled.add(stream_id)
+                        self.forget(stream_id)
+                except Exception as exc:  # a request Triton no longer knows: stop asking about it
+                    log.warning("cannot ask Triton whether stream %x was cancelled: %s", stream_id, exc)
+                    self.forget(stream_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: CancelWatcher) -> StreamJob:
     """A scheduler job that streams ``codes`` responses for one talker request.
 
     The first response carries the voice's reference codes (ICL) for the decoder to prime with; the last
@@ -60,6 +104,7 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, is_cancell
     def on_end(error, job):
         # The decoder frees a stream on `final`; streams that end by cancellation or error are freed by
         # codec_decoder (its cancel, or its idle timeout).
+        watcher.forget(stream_id)
         if ended:
             return
         if error is None:
@@ -69,5 +114,6 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, is_cancell
         else:
             sender.send(error_response(pb_utils, error), flags=final_flag)
 
-    return StreamJob(request=synthesis, on_chunk=on_chunk, on_end=on_end, is_cancelled=is_cancelled,
-                     schedule=schedule, label=f"{stream_id:x}")
+    watcher.watch(stream_id, request)
+    return StreamJob(request=synthesis, on_chunk=on_chunk, on_end=on_end,
+                     is_cancelled=lambda: watcher.is_cancelled(stream_id), schedule=schedule, label=f"{stream_id:x}")

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Optional
 
 import numpy as np
 
+from tts_contract.errors import EngineCode, to_wire
 from tts_engine.errors import EngineError, InvalidRequest
+
+log = logging.getLogger("triton_support")
 
 
 def read_string(pb_utils, request, name: str, required: bool = False) -> Optional[str]:
@@ -48,6 +52,11 @@ def request_parameters(request) -> dict[str, Any]:
 
 
 def error_response(pb_utils, error: BaseException):
-    """An InferenceResponse carrying ``[CODE] message`` for engine errors, a generic one otherwise."""
-    message = error.wire() if isinstance(error, EngineError) else f"[SYNTHESIS_ERROR] {type(error).__name__}: {error}"
+    """An InferenceResponse carrying ``[CODE] message``; anything but an engine error is an internal error
+    whose details stay in the server log."""
+    if isinstance(error, EngineError):
+        message = error.wire()
+    else:
+        log.error("internal error: %s: %s", type(error).__name__, error)
+        message = to_wire(EngineCode.SYNTHESIS_ERROR, "internal error in the speech server")
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))

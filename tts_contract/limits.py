@@ -15,3 +15,7 @@ MAX_REFERENCE_SECONDS = 30.0
 DEFAULT_ACTIVE_STREAMS = 16
 # Frames per streamed chunk: small first chunks for a quick first sound, then larger ones.
 DEFAULT_CHUNK_SCHEDULE = (2, 4, 8, 16)
+# A voice's transcript (tokenised with its prompt), and its display metadata.
+MAX_TRANSCRIPT_CHARS = 1000
+MAX_VOICE_NAME_CHARS = 100
+MAX_VOICE_DESCRIPTION_CHARS = 500

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .limits import MAX_VOICE_DESCRIPTION_CHARS, MAX_VOICE_NAME_CHARS
+
 VOICE_ID = re.compile(r"^[a-z0-9_-]{1,64}$")
 REFERENCE_FILE = "reference.wav"
 TRANSCRIPT_FILE = "transcript.txt"  # absent: the voice is x-vector only
@@ -110,8 +112,10 @@ class VoiceDirectory:
     def info(self, voice_id: str, default_id: Optional[str] = None) -> VoiceInfo:
         folder = self.folder(voice_id)
         meta = _metadata(folder)
-        return VoiceInfo(id=voice_id, name=str(meta.get("name", voice_id)), language=str(meta.get("language", "Auto")),
-                         description=str(meta.get("description", "")),
+        # metadata.json may be edited by hand: what the API shows stays within the upload limits
+        return VoiceInfo(id=voice_id, name=str(meta.get("name", voice_id))[:MAX_VOICE_NAME_CHARS],
+                         language=str(meta.get("language", "Auto"))[:32],
+                         description=str(meta.get("description", ""))[:MAX_VOICE_DESCRIPTION_CHARS],
                          is_default=voice_id == (default_id or self.default_id()),
                          x_vector_only=not (folder / TRANSCRIPT_FILE).is_file())
 

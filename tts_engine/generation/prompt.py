@@ -59,7 +59,7 @@ def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
     item = request.prompt.to_item()
     prompt_dict = tts._prompt_items_to_voice_clone_prompt([item])
     input_ids = tts._tokenize_texts([tts._build_assistant_text(text)])
-    ref_ids = [tts._tokenize_texts([tts._build_ref_text(item.ref_text)])[0] if item.ref_text else None]
+    ref_ids = [request.prompt.ref_text_ids(tts)]
     model = tts.model
     try:  # sampling options do not shape the prompt; the engine applies them itself
         type(model).generate(_ModelView(model), input_ids=input_ids, ref_ids=ref_ids,

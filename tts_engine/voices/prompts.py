@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from tts_contract.limits import MAX_REFERENCE_SECONDS, MIN_REFERENCE_SECONDS
+from tts_contract.limits import MAX_REFERENCE_SECONDS, MAX_TRANSCRIPT_CHARS, MIN_REFERENCE_SECONDS
 from tts_contract.voices import PROMPT_FORMAT, UndecodableAudio, prompt_metadata, read_audio
 
-from ..errors import InvalidAudio
+from ..errors import InvalidAudio, InvalidRequest
 
 
 @dataclass
@@ -21,6 +21,13 @@ class VoicePrompt:
     spk_embedding: "object"  # torch.Tensor [hidden]
     ref_code: Optional["object"] = None  # torch.LongTensor [frames, 16]; None in x-vector-only mode
     ref_text: Optional[str] = None
+    _ref_text_ids: Optional["object"] = field(default=None, repr=False, compare=False)
+
+    def ref_text_ids(self, tts):
+        """The transcript tokenised as qwen-tts does it, once per prompt (not once per request)."""
+        if self.ref_text and self._ref_text_ids is None:
+            self._ref_text_ids = tts._tokenize_texts([tts._build_ref_text(self.ref_text)])[0]
+        return self._ref_text_ids
 
     @property
     def x_vector_only(self) -> bool:
@@ -95,6 +102,14 @@ def check_reference_audio(audio: np.ndarray, sample_rate: int, min_seconds: floa
     return audio
 
 
+def check_transcript(ref_text: Optional[str]) -> Optional[str]:
+    """The stripped transcript (None when empty: x-vector only), or InvalidRequest when it is too long."""
+    ref_text = (ref_text or "").strip() or None
+    if ref_text is not None and len(ref_text) > MAX_TRANSCRIPT_CHARS:
+        raise InvalidRequest(f"the transcript has {len(ref_text)} characters; the limit is {MAX_TRANSCRIPT_CHARS}")
+    return ref_text
+
+
 def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     """Decode an audio file (WAV, FLAC, OGG...) from bytes to mono float32."""
     try:
@@ -108,7 +123,7 @@ def build_prompt(tts, audio: np.ndarray, sample_rate: int, ref_text: Optional[st
     import torch
 
     audio = check_reference_audio(audio, sample_rate)
-    ref_text = (ref_text or "").strip() or None
+    ref_text = check_transcript(ref_text)
     with torch.inference_mode():
         items = tts.create_voice_clone_prompt(ref_audio=(audio, int(sample_rate)), ref_text=ref_text,
                                               x_vector_only_mode=ref_text is None)

@@ -15,7 +15,7 @@ from tts_contract.voices import (
 )
 
 from ..errors import InvalidRequest, VoiceNotFound
-from .prompts import VoicePrompt, read_wav
+from .prompts import VoicePrompt, check_transcript, read_wav
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ class VoiceStore(VoiceDirectory):
         folder = self.folder(voice_id)
         audio, sample_rate = read_wav((folder / REFERENCE_FILE).read_bytes())
         transcript = folder / TRANSCRIPT_FILE
-        ref_text = transcript.read_text(encoding="utf-8").strip() if transcript.is_file() else None
-        return audio, sample_rate, ref_text or None
+        return audio, sample_rate, check_transcript(transcript.read_text(encoding="utf-8") if transcript.is_file()
+                                                    else None)
 
     def _compute(self, voice_id: str, folder: Path, digest: str) -> VoicePrompt:
         if self.builder is None:

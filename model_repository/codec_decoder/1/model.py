@@ -34,6 +34,7 @@ FAMILIES = {
 class TritonPythonModel:
     def initialize(self, args):
         self.log = config.setup_logging("codec_decoder")
+        config.exit_with_parent(self.log)
         params = config.model_parameters(args)
         tokenizer = load_speech_tokenizer(*config.model_location(args, params))
         self.table = StreamTable(StreamingDecoder(tokenizer.model), idle_timeout=float(params["stream_idle_timeout_s"]),

@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from triton_support import params as config
 from triton_support.metrics import MetricsPublisher
-from triton_support.streaming import StreamIds, codes_job
+from triton_support.streaming import CancelWatcher, StreamIds, codes_job
 from triton_support.tensors import error_response, read_array, read_string, request_parameters
 from tts_contract import tensors as names
 from tts_contract.limits import PROMPT_TOKENS
@@ -18,7 +18,6 @@ from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import OUTCOMES, ChunkSchedule, StreamJob, StreamScheduler
 from tts_engine.generation.talker import BatchedTalker
 from tts_engine.loading import load_model
-from tts_engine.recent import RecentIds
 from tts_engine.voices.prompts import build_prompt
 from tts_engine.voices.store import VoiceStore
 
@@ -37,6 +36,7 @@ FAMILIES = {
 class TritonPythonModel:
     def initialize(self, args):
         self.log = config.setup_logging("talker")
+        config.exit_with_parent(self.log)
         params = config.model_parameters(args)
         self.loaded = load_model(*config.model_location(args, params))
         if self.loaded.is_tiny:
@@ -56,7 +56,7 @@ class TritonPythonModel:
                                          max_queue_wait_s=float(params["max_queue_wait_s"]))
         self.metrics = MetricsPublisher(pb_utils, FAMILIES, self._metrics)
         self.stream_ids = StreamIds()
-        self.cancelled = RecentIds(4096)  # ids of ended streams are never checked again
+        self.cancels = CancelWatcher()
         default = self.voices.default_id()
         try:
             if default:
@@ -106,14 +106,12 @@ class TritonPythonModel:
         for request in requests:
             cancel_id = read_array(pb_utils, request, names.CANCEL_STREAM_ID, required=False)
             if cancel_id is not None:  # control request (from codec_decoder): stop that stream, no response
-                self.cancelled.add(int(cancel_id.reshape(-1)[0]))
+                self.cancels.cancelled.add(int(cancel_id.reshape(-1)[0]))
                 request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             try:
-                stream_id = self.stream_ids.next()
-                self.scheduler.submit(codes_job(
-                    pb_utils, request, self._parse(request), stream_id, self.schedule,
-                    is_cancelled=lambda sid=stream_id, r=request: sid in self.cancelled or r.is_cancelled()))
+                self.scheduler.submit(codes_job(pb_utils, request, self._parse(request), self.stream_ids.next(),
+                                                self.schedule, self.cancels))
             except Exception as exc:  # bad input: one error response, the stream ends, the server goes on
                 if not isinstance(exc, (InvalidRequest, InvalidText)):
                     self.log.info("request refused: %s", exc)
@@ -123,4 +121,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.metrics.stop()
+        self.cancels.stop()
         self.scheduler.stop()

@@ -15,6 +15,7 @@ from tts_engine.voices.prompts import build_prompt
 class TritonPythonModel:
     def initialize(self, args):
         self.log = config.setup_logging("voice_encoder")
+        config.exit_with_parent(self.log)
         params = config.model_parameters(args)
         self.loaded = load_model(*config.model_location(args, params))
 

@@ -1,0 +1,87 @@
+"""Who may use the gateway: a bearer token on every route but health, readiness, metrics and the web page's
+static files (when GATEWAY_AUTH_TOKENS is set), and browsers' cross-origin requests and WebSocket upgrades
+only from GATEWAY_ALLOWED_ORIGINS (default: the gateway's own origin)."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Optional
+
+log = logging.getLogger("gateway.security")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics")  # no token needed
+OPEN_PREFIXES = ("/static/",)  # the web page's files
+CORS_HEADERS = [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                (b"access-control-allow-headers", b"authorization, content-type"),
+                (b"access-control-max-age", b"600"), (b"vary", b"Origin")]
+
+
+def token_ok(settings, token: Optional[str]) -> bool:
+    """True when ``token`` is one of the configured tokens (every token compared: no early exit on a match)."""
+    if not token:
+        return False
+    matches = [hmac.compare_digest(token.encode(), known.encode()) for known in settings.auth_tokens]
+    return any(matches)
+
+
+def bearer_token(headers: dict) -> Optional[str]:
+    header = headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path == "/" or path.startswith(OPEN_PREFIXES)
+
+
+class Guard:
+    """ASGI middleware enforcing origins (HTTP and WebSocket) and tokens (HTTP; the speak route also accepts
+    the token in its `start` message, so the connection checks WebSocket tokens itself)."""
+
+    def __init__(self, app, settings):
+        self.app, self.settings = app, settings
+        self.allow_any = "*" in settings.allowed_origins
+
+    def origin_allowed(self, origin: str, headers: dict, scope) -> bool:
+        if self.allow_any or origin in self.settings.allowed_origins:
+            return True
+        scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+        return origin == f"{scheme}://{headers.get('host', '')}"  # same origin
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin, headers, scope):
+            log.warning("refused a %s request to %s from origin %r", scope["type"], scope["path"], origin)
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+            return await _json(send, 403, {"error": f"requests from origin {origin!r} are not allowed; see "
+                                                    "GATEWAY_ALLOWED_ORIGINS"})
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, send)
+        cors = [(b"access-control-allow-origin", origin.encode("latin-1"))] + CORS_HEADERS if origin else []
+        if scope["method"] == "OPTIONS" and origin:  # a browser's preflight for an allowed origin
+            return await _respond(send, 204, cors, b"")
+        if self.settings.auth_tokens and not is_open(scope["path"]) and \
+                not token_ok(self.settings, bearer_token(headers)):
+            return await _json(send, 401, {"error": "missing or invalid bearer token"},
+                               [(b"www-authenticate", b"Bearer")] + cors)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start" and cors:
+                message = {**message, "headers": list(message.get("headers", [])) + cors}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+async def _json(send, status: int, body: dict, headers: Optional[list] = None) -> None:
+    await _respond(send, status, [(b"content-type", b"application/json")] + (headers or []),
+                   json.dumps(body).encode())
+
+
+async def _respond(send, status: int, headers: list, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,356 @@
+"""Reliability, tried as an attacker and as an operator would: malformed input, traversal, upload abuse, auth
+on every route, origins, Triton killed mid-stream, disconnect and cancel storms, and a graceful drain."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import socket
+import time
+from urllib.parse import quote
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conftest import render_cpu_repository
+from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
+from test_gateway import FAST, LONG, start_session, wav_bytes
+from tools.triton_local import LocalTriton
+from triton_helpers import scrape_metrics, wait_until
+from tts_contract.errors import ErrorCode
+
+PROTOCOL_CODES = {code.value for code in ErrorCode}
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def gateway_with(triton, voices_dir, tmp_path):
+    """Start gateways with extra settings; all are stopped after the test."""
+    started = []
+
+    def make(triton_url=None, **env) -> GatewayProcess:
+        process = GatewayProcess(triton_url or triton.grpc_url, voices_dir, tmp_path / f"gw-{len(started)}.log",
+                                 **{**FAST, **env}).start()
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.stop()
+
+
+# -- malformed messages -------------------------------------------------------------------------------------
+
+# Not one of these is a valid value for any field (a lone surrogate is the only string).
+WRONG_VALUES = [1, -7, 2.5, True, None, [], [1, "x"], {}, {"a": 1}, 10**30, "\ud800"]
+FIELDS = {"start": ["sampleRate", "encoding", "voice", "language", "authToken", "contractId", "audioTransport"],
+          "speak": ["text", "voice", "language", "priority", "requestId"], "stop": ["reason"]}
+VALID = {"start": {"type": "start"}, "speak": {"type": "speak", "text": "fine"}, "stop": {"type": "stop"}}
+
+
+def malformed_messages(count: int = 1100, seed: int = 7) -> dict[str, list[str]]:
+    """At least ``count`` malformed frames by kind: broken JSON, nesting, huge numbers, non-objects, bad types
+    for every field, unknown types, lone surrogates, oversize frames. None of them is a valid message."""
+    rng = random.Random(seed)
+    kinds: dict[str, list[str]] = {"broken JSON": [], "wrong field types": [], "not an object": [],
+                                   "bad type field": [], "deep nesting": [], "huge numbers": [],
+                                   "lone surrogates": [], "oversize": []}
+    valid_json = json.dumps({"type": "speak", "text": "Hello there."})
+    for _ in range(600):
+        cut = rng.randrange(1, len(valid_json) - 1)
+        kinds["broken JSON"].append(valid_json[:cut] + rng.choice(["", "}", "]]", "\\", "'", "\x00", ",,"]))
+    kinds["broken JSON"] += ["", " ", "nope", "{'type': 'speak'}", "{type: speak}", "[", "{", "NaN", "}{"]
+    for kind, fields in FIELDS.items():
+        for field in fields:
+            for value in WRONG_VALUES:
+                if value is None and (kind, field) != ("speak", "text"):
+                    continue  # null means "absent" for optional fields: valid
+                kinds["wrong field types"].append(json.dumps({**VALID[kind], field: value}))
+    for _ in range(400):  # valid-looking messages with one field of a random wrong type
+        kind = rng.choice(["start", "speak"])
+        field = rng.choice(FIELDS[kind])
+        value = rng.choice([v for v in WRONG_VALUES if v is not None and not isinstance(v, str)])
+        kinds["wrong field types"].append(json.dumps({**VALID[kind], field: value}))
+    kinds["not an object"] = [json.dumps(v) for v in (1, "speak", [1, 2], None, True, 2.5, [], [{"type": "speak"}])]
+    kinds["bad type field"] = [json.dumps({"type": t}) for t in
+                               (None, 1, "", "SPEAK", "speak ", "hello", "x" * 500, [], {}, True, "cancel!")]
+    kinds["bad type field"].append(json.dumps({"text": "no type at all"}))
+    kinds["deep nesting"] = ["[" * n + "]" * n for n in (1000, 5000, 20000)] + \
+        ['{"type": "speak", "text": "x", "extra": ' + "[" * 3000 + "]" * 3000 + "}"]
+    kinds["huge numbers"] = ['{"type": "start", "sampleRate": ' + "9" * n + "}" for n in (4301, 10000)] + \
+        ['{"type": "start", "sampleRate": 1e400}', '{"type": "start", "sampleRate": -0}']
+    for kind, fields in FIELDS.items():
+        for field in fields:
+            kinds["lone surrogates"].append(json.dumps({**VALID[kind], field: "Hello \ud800 there."}))
+    kinds["lone surrogates"].append('{"type": "speak", "text": "ok", "\\udc00": 1}')
+    kinds["oversize"] = [json.dumps({"type": "speak", "text": "x" * n}) for n in (70_000, 200_000)]
+    assert sum(len(v) for v in kinds.values()) >= count, {k: len(v) for k, v in kinds.items()}
+    return kinds
+
+
+async def test_a_thousand_malformed_messages_get_errors_and_the_session_stays_usable(gateway_with):
+    """Each malformed frame gets one `error` with a protocol code; after each kind the session still works."""
+    gateway = gateway_with()
+    gateway.wait_ready()
+    kinds = malformed_messages()
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        for kind, frames in kinds.items():
+            for frame in frames:
+                await ws.send(frame)
+                reply = await receive_json(ws)
+                assert reply["type"] == "error" and reply["code"] in PROTOCOL_CODES, (kind, frame[:80], reply)
+            await send(ws, type="start", sampleRate=16000)
+            assert (await receive_json(ws))["type"] == "started", kind
+        await send(ws, type="speak", text="Still here after all that.")
+        assert (await collect(ws)).end["cancelled"] is False
+    assert sum(len(v) for v in kinds.values()) >= 1000
+
+
+async def test_a_lone_surrogate_in_text_is_invalid_not_an_internal_error(gateway_with):
+    """Text that is not valid Unicode is refused as INVALID_MESSAGE (not SYNTHESIS_ERROR), counted as nothing."""
+    gateway = gateway_with()
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await ws.send('{"type": "speak", "text": "Hello \\ud800 there.", "requestId": "r"}')
+        reply = await receive_json(ws)
+        assert reply["code"] == "INVALID_MESSAGE" and reply["requestId"] == "r" and "Unicode" in reply["message"]
+
+
+async def test_invalid_utf8_closes_1007_and_oversize_frames_close_1009(gateway_with):
+    """Standard WebSocket behaviour: a text frame that is not UTF-8 closes 1007, one over the frame limit 1009."""
+    gateway = gateway_with()
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        await ws.send(b"\xff\xfe not utf-8", text=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd.code == 1007
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        await ws.send(json.dumps({"type": "speak", "text": "x" * 2_000_000}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd.code == 1009
+
+
+# -- traversal and uploads ----------------------------------------------------------------------------------
+
+TRAVERSALS = ["..", "../etc", "..%2F..%2Fetc", "%2e%2e", "a/../../b", "/etc/passwd", "..\\..\\x", "default/..",
+              ".hidden", "x" * 65, "UPPER", "sp ace", "nul\x00byte", "ｄｅｆａｕｌｔ", "default%00", "~root",
+              "%252e%252e", "voices/../..", "....//....//", "."]
+
+
+async def test_voice_ids_never_escape_the_voices_directory(gateway_with, voices_dir):
+    """Traversal-shaped ids on every route that takes one are refused, and nothing outside voices/ changes."""
+    gateway = gateway_with()
+    outside = voices_dir.parent / "outside.txt"
+    outside.write_text("untouched")
+    before = sorted(p.name for p in voices_dir.parent.iterdir())
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=30) as http:
+        for voice_id in TRAVERSALS:
+            deleted = await http.delete("/api/v1/voices/" + quote(voice_id, safe=""))
+            assert deleted.status_code in (400, 404, 405), (voice_id, deleted.status_code)
+            upload = await http.post("/api/v1/voices", files={"audio": ("a.wav", wav_bytes(3.2), "audio/wav")},
+                                     data={"id": voice_id})
+            assert upload.status_code == 400, (voice_id, upload.status_code, upload.text)
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        for voice_id in TRAVERSALS:
+            await send(ws, type="start", voice=voice_id)
+            messages = [await receive_json(ws), await receive_json(ws)]
+            assert messages[0]["code"] == "VOICE_NOT_FOUND" and messages[1]["voice"] == "default", voice_id
+    assert outside.read_text() == "untouched" and sorted(p.name for p in voices_dir.parent.iterdir()) == before
+
+
+async def test_an_upload_over_the_limit_is_refused_before_it_is_read(gateway_with):
+    """A 100 MB Content-Length gets 413 at once (the body is never sent); a body without a length is cut."""
+    gateway = gateway_with(GATEWAY_MAX_UPLOAD_BYTES="200000")
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/v1/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     b"boundary=x\r\nContent-Length: 104857600\r\n\r\n--x\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+
+    async def endless():
+        yield b"--x\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n\r\n"
+        for _ in range(100):
+            yield b"\0" * 65536
+
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=30) as http:
+        response = await http.post("/api/v1/voices", content=endless(),
+                                   headers={"content-type": "multipart/form-data; boundary=x"})
+        assert response.status_code == 413
+
+
+@pytest.mark.parametrize("field, length", [("transcript", 1001), ("name", 101), ("description", 501),
+                                           ("transcript", 10_000_000)])
+async def test_oversized_upload_fields_are_refused(gateway_with, field, length):
+    """Transcript, name and description have limits (1000, 100, 500 characters); beyond them: 400."""
+    gateway = gateway_with()
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
+        response = await http.post("/api/v1/voices", files={"audio": ("a.wav", wav_bytes(3.2), "audio/wav")},
+                                   data={field: "x" * length})
+        assert response.status_code in (400, 413), response.text
+
+
+# -- auth and origins ---------------------------------------------------------------------------------------
+
+async def test_every_route_but_health_needs_the_token(gateway_with):
+    """With GATEWAY_AUTH_TOKENS set, voices routes answer 401 without a valid bearer token; health,
+    readiness and metrics stay open."""
+    gateway = gateway_with(GATEWAY_AUTH_TOKENS=TOKEN)
+    gateway.wait_ready()
+    good, bad = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer wrong"}
+    upload = {"files": {"audio": ("a.wav", wav_bytes(3.2), "audio/wav")}, "data": {"id": "authz"}}
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
+        for headers in ({}, bad):
+            assert (await http.get("/api/v1/voices", headers=headers)).status_code == 401
+            assert (await http.post("/api/v1/voices", headers=headers, **upload)).status_code == 401
+            assert (await http.delete("/api/v1/voices/default", headers=headers)).status_code == 401
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await http.get(path)).status_code == 200, path
+        assert (await http.get("/api/v1/voices", headers=good)).status_code == 200
+        assert (await http.post("/api/v1/voices", headers=good, **upload)).status_code == 201
+        assert (await http.delete("/api/v1/voices/authz", headers=good)).status_code == 204
+
+
+async def test_unauthenticated_sockets_get_unauthorized_then_1008_and_take_no_slot(gateway_with):
+    """No token within the auth timeout: UNAUTHORIZED, close 1008. Waiting unauthenticated sockets do not
+    take session slots, so a real client still gets in."""
+    gateway = gateway_with(GATEWAY_AUTH_TOKENS=TOKEN, GATEWAY_MAX_SESSIONS="1", GATEWAY_IDLE_TIMEOUT_S="2")
+    async with open_session(gateway.ws) as idle_one, open_session(gateway.ws) as idle_two:
+        async with open_session(gateway.ws, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as real:
+            assert (await receive_json(real))["type"] == "ready"
+        for idle in (idle_one, idle_two):
+            error = await receive_json(idle, timeout=10)
+            assert error["code"] == "UNAUTHORIZED" and error["recoverable"] is False
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(idle.recv(), 10)
+            assert closed.value.rcvd.code == 1008
+
+
+async def test_cross_origin_requests_are_refused_unless_allowed(gateway_with):
+    """Browsers' cross-origin requests and upgrades are refused (403) unless the origin is allowed; allowed
+    origins get CORS headers; the gateway's own origin always works."""
+    gateway = gateway_with(GATEWAY_ALLOWED_ORIGINS="http://app.example")
+    evil, allowed, own = "http://evil.example", "http://app.example", f"http://127.0.0.1:{gateway.port}"
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
+        refused = await http.post("/api/v1/voices", headers={"Origin": evil},
+                                  files={"audio": ("a.wav", wav_bytes(3.2), "audio/wav")}, data={"id": "csrf"})
+        assert refused.status_code == 403
+        assert (await http.get("/api/v1/voices", headers={"Origin": evil})).status_code == 403
+        ok = await http.get("/api/v1/voices", headers={"Origin": allowed})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == allowed
+        preflight = await http.options("/api/v1/voices", headers={"Origin": allowed,
+                                                                   "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
+        assert (await http.get("/api/v1/voices", headers={"Origin": own})).status_code == 200
+    with pytest.raises(InvalidStatus) as rejected:
+        async with open_session(gateway.ws, origin=evil):
+            pass
+    assert rejected.value.response.status_code == 403
+    async with open_session(gateway.ws, origin=allowed) as ws:
+        assert (await receive_json(ws))["type"] == "ready"
+
+
+# -- faults --------------------------------------------------------------------------------------------------
+
+async def test_triton_killed_mid_stream_with_four_sessions(tiny_model_dir, voices_dir, tmp_path, gateway_with):
+    """Killing tritonserver (only the server: its model processes must follow) while four sessions speak:
+    each gets a recoverable error and its end message; no model process is left; once Triton is back the
+    same sessions speak again without restarting the gateway."""
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
+    server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
+    restarted = None
+    try:
+        gateway = gateway_with(triton_url=server.grpc_url, GATEWAY_READY_POLL_S="0.5")
+        gateway.wait_ready()
+        sessions = [await open_session(gateway.ws).__aenter__() for _ in range(4)]
+        for index, ws in enumerate(sessions):
+            await start_session(ws)
+            await send(ws, type="speak", text=(LONG.rstrip(".") + ", ") * 3 + "and on.", requestId=f"s{index}")
+        for ws in sessions:
+            assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+        killed_at = time.monotonic()
+        server.kill(server_only=True)
+        for ws in sessions:
+            result = await collect(ws, timeout=10)
+            errors = result.of_type("error")
+            assert errors and errors[0]["recoverable"] is True and result.end["cancelled"] is True
+        print(f"recoverable errors reached all 4 sessions {time.monotonic() - killed_at:.2f} s after the kill")
+        assert await wait_until(lambda: not server.model_processes(), timeout=15), \
+            f"orphaned model processes: {server.model_processes()}"
+        restarted = LocalTriton(repository, server.http_port, server.grpc_port, server.metrics_port,
+                                log_path=tmp_path / "triton-2.log").start().wait_ready(180)
+        async with httpx.AsyncClient(base_url=gateway.http, timeout=5) as http:
+            assert await wait_until(lambda: httpx.get(gateway.http + "/readyz").status_code == 200, timeout=10)
+        for ws in sessions:
+            await send(ws, type="speak", text="Back again.")
+            result = await collect(ws, timeout=60)
+            assert result.end["cancelled"] is False and result.audio and not result.of_type("error")
+        for ws in sessions:
+            await ws.close()
+    finally:
+        for process in (server, restarted):
+            if process is not None:
+                process.stop()
+
+
+async def test_disconnect_and_cancel_storms_leak_nothing(gateway_with, triton):
+    """Many sessions that speak and vanish, and many speak+cancel pairs: afterwards no stream, decoder state
+    or session is left, and the next utterance plays in full."""
+    gateway = gateway_with(GATEWAY_MAX_SESSIONS="128")
+    gateway.wait_ready()
+
+    async def speak_and_vanish(index: int):
+        ws = await open_session(gateway.ws).__aenter__()
+        await receive_json(ws)
+        await send(ws, type="speak", text=f"Gone in a moment, number {index}.")
+        if index % 2:
+            await asyncio.wait_for(ws.recv(), 30)  # some vanish after their first audio
+        ws.transport.abort()  # no close frame: the socket just dies
+
+    async def speak_and_cancel(ws, index: int):
+        await send(ws, type="speak", text=f"Cancelled at once, number {index}.")
+        await send(ws, type="cancel")
+        assert (await collect(ws, timeout=60)).end["cancelled"] is True
+
+    await asyncio.gather(*(speak_and_vanish(i) for i in range(40)))
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        for index in range(40):
+            await speak_and_cancel(ws, index)
+
+    def drained():
+        triton_now = scrape_metrics(triton.metrics_url)
+        gateway_now = scrape_metrics(gateway.http + "/metrics")
+        return triton_now["qwen_tts_talker_active_streams"] == 0 and triton_now["qwen_tts_talker_queued_streams"] == 0 \
+            and triton_now["qwen_tts_decoder_active_streams"] == 0 and gateway_now["tts_gateway_active_sessions"] == 0
+
+    assert await wait_until(drained, timeout=30)
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="speak", text="The next one plays in full.")
+        result = await collect(ws, timeout=60)
+        assert result.end["cancelled"] is False and len(result.audio) // 2 == round(result.end["audioLengthMs"] * 24)
+
+
+async def test_sigterm_drains_every_session(gateway_with):
+    """SIGTERM: the utterance playing ends with its end message, the queued one too (cancelled), then 1001."""
+    gateway = gateway_with(GATEWAY_DRAIN_S="0.5")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="speak", text=(LONG.rstrip(".") + ", ") * 3 + "and on.", requestId="playing")
+        await send(ws, type="speak", text="Never started.", requestId="queued")
+        assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+        gateway.process.send_signal(signal.SIGTERM)
+        ends = [await collect(ws, timeout=20) for _ in range(2)]
+        assert [r.end["requestId"] for r in ends] == ["playing", "queued"]
+        assert ends[1].end["cancelled"] is True and not ends[1].audio
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 20)
+        assert closed.value.rcvd.code == 1001
+    assert gateway.process.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
