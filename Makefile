@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench perf clean help
+.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench soak perf clean help
 
 help:
 	@echo "make setup      - virtualenv, pinned packages, tiny model (idempotent)"
@@ -16,6 +16,7 @@ help:
 	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
 	@echo "make test       - all tests (engine + real tritonserver)"
 	@echo "make bench      - benchmarks; numbers go to results/"
+	@echo "make soak       - load with faults (Triton killed and restarted, clients dropping); SOAK_SECONDS"
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
 
 $(STAMP): requirements.txt requirements-model.txt pyproject.toml scripts/setup.sh tts_engine/tiny_model.py
@@ -54,6 +55,9 @@ gateway: $(STAMP)
 
 perf: $(STAMP)
 	$(PY) -m tools.perf --url 127.0.0.1:$${TRITON_GRPC_PORT:-8001}
+
+soak: $(STAMP)
+	$(PY) -m bench.soak --seconds $${SOAK_SECONDS:-90}
 
 bench: $(STAMP)
 	$(PY) -m bench.core

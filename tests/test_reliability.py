@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import render_cpu_repository
+from conftest import ROOT, render_cpu_repository
 from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
 from test_gateway import FAST, LONG, start_session, wav_bytes
-from tools.triton_local import LocalTriton
+from tools.triton_local import LocalTriton, free_port
 from triton_helpers import scrape_metrics, wait_until
 from tts_contract.errors import ErrorCode
 
@@ -354,3 +358,59 @@ async def test_sigterm_drains_every_session(gateway_with):
             await asyncio.wait_for(ws.recv(), 20)
         assert closed.value.rcvd.code == 1001
     assert gateway.process.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
+
+
+def _processes(needle: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def test_make_run_restarts_a_dead_tritonserver_while_the_gateway_stays_up(tiny_model_dir):
+    """`make run` (tools.run_stack): kill tritonserver and the same session gets MODEL_LOADING while it is
+    down, then speaks again once the supervisor has restarted it; SIGTERM stops everything."""
+    ports = {name: str(free_port()) for name in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT",
+                                                  "GATEWAY_PORT")}
+    env = {**os.environ, **ports, "QWEN_TTS_MODEL_DIR": str(tiny_model_dir), "GATEWAY_READY_POLL_S": "0.5",
+           "GATEWAY_SYNTHESIS_PARAMETERS": FAST["GATEWAY_SYNTHESIS_PARAMETERS"], "GATEWAY_FRAMES_BASE": "4",
+           "GATEWAY_FRAMES_PER_CHAR": "1"}
+    stack = subprocess.Popen([sys.executable, "-m", "tools.run_stack"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    http = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
+    try:
+        assert await wait_until(lambda: _ready(http), timeout=240), "make run never became ready"
+        async with open_session(f"ws://127.0.0.1:{ports['GATEWAY_PORT']}/api/v1/speak") as ws:
+            await start_session(ws)
+            await send(ws, type="speak", text="Before the crash.")
+            assert (await collect(ws, timeout=60)).end["cancelled"] is False
+            server = _processes(f"--grpc-port={ports['TRITON_GRPC_PORT']}")
+            assert len(server) == 1
+            os.kill(server[0], signal.SIGKILL)
+            assert await wait_until(lambda: not _ready(http), timeout=10)
+            await send(ws, type="speak", text="During the outage.", requestId="down")
+            reply = await collect(ws, timeout=30, until=("complete", "error"))
+            assert reply.messages[-1]["code"] in ("MODEL_LOADING", "SYNTHESIS_ERROR")
+            assert reply.messages[-1]["recoverable"] is True
+            assert await wait_until(lambda: _ready(http), timeout=240), "tritonserver was not restarted"
+            await send(ws, type="speak", text="After the restart.", requestId="up")
+            result = await collect(ws, timeout=60, until=("complete",))
+            assert result.end["requestId"] == "up" and result.end["cancelled"] is False
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(60)
+    assert stack.returncode == 0, stack.stderr.read().decode()[-2000:]
+    assert not _processes(f"--grpc-port={ports['TRITON_GRPC_PORT']}")
+
+
+def _ready(http: str) -> bool:
+    try:
+        return httpx.get(http + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

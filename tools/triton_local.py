@@ -151,16 +151,19 @@ class LocalTriton:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
 
-    def model_processes(self) -> list[int]:
-        """PIDs of Python-backend stubs serving this server's model repository (alive or orphaned)."""
+    def model_processes(self, orphans_only: bool = False) -> list[int]:
+        """PIDs of Python-backend stubs serving this model repository; with ``orphans_only``, those whose
+        parent is not this server's current process (left behind by an earlier one)."""
         pids = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
                     cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
                     continue
-                if "triton_python_backend_stub" in cmdline and str(self.model_repository) in cmdline:
+                if "triton_python_backend_stub" in cmdline and str(self.model_repository) in cmdline and \
+                        not (orphans_only and self.process is not None and parent == self.process.pid):
                     pids.append(int(entry.name))
         return pids
 

@@ -61,15 +61,21 @@ class CancelWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             with self._lock:
-                watched = list(self._requests.items())
-            for stream_id, request in watched:
-                try:
-                    if request.is_cancelled():
+                stream_ids = list(self._requests)
+            for stream_id in stream_ids:
+                # Asked under the lock: once ``forget`` returns, this request is never asked about again, and
+                # it must not be once its final response is sent (Triton frees it: asking then crashes it).
+                with self._lock:
+                    request = self._requests.get(stream_id)
+                    try:
+                        cancelled = request is not None and request.is_cancelled()
+                    except Exception as exc:  # a request Triton no longer knows: stop asking about it
+                        log.warning("cannot ask Triton whether stream %x was cancelled: %s", stream_id, exc)
+                        cancelled = False
+                        self._requests.pop(stream_id, None)
+                    if cancelled:
                         self.cancelled.add(stream_id)
-                        self.forget(stream_id)
-                except Exception as exc:  # a request Triton no longer knows: stop asking about it
-                    log.warning("cannot ask Triton whether stream %x was cancelled: %s", stream_id, exc)
-                    self.forget(stream_id)
+                        self._requests.pop(stream_id, None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,6 +103,7 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
         response = respond(chunk.numpy().astype(np.int32), context_codes if index == 0 else EMPTY_CODES, is_last)
         if is_last:  # clients see the end with the last chunk, not in an extra message
             ended.append(True)
+            watcher.forget(stream_id)  # before the final response: Triton frees the request with it
             sender.send(response, flags=final_flag)
         else:
             sender.send(response)
