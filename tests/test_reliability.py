@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from client.triton_tts import synthesize
 from conftest import ROOT, render_cpu_repository
 from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
 from test_gateway import FAST, LONG, start_session, wav_bytes
@@ -300,6 +302,65 @@ async def test_triton_killed_mid_stream_with_four_sessions(tiny_model_dir, voice
         for process in (server, restarted):
             if process is not None:
                 process.stop()
+
+
+async def _stream_until_first_audio(server: LocalTriton, **parameters) -> asyncio.Task:
+    """A long ``tts`` stream straight to Triton, returned once its first audio has arrived."""
+    first_audio = asyncio.Event()
+    task = asyncio.create_task(synthesize(server.grpc_url, LONG, parameters={"min_new_tokens": 1500, **parameters},
+                                          on_chunk=lambda audio: first_audio.set()))
+    await asyncio.wait_for(first_audio.wait(), 60)
+    return task
+
+
+def _stop_group(server: LocalTriton, grace_s: float = 30) -> tuple[int, float]:
+    """Stop tritonserver as operators and orchestrators do: SIGTERM to its process group, then SIGKILL to the
+    server after ``grace_s``. Its exit code and the seconds it took."""
+    started = time.monotonic()
+    os.killpg(server.process.pid, signal.SIGTERM)
+    try:
+        code = server.process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.kill(server.process.pid, signal.SIGKILL)
+        code = server.process.wait(5)
+    return code, time.monotonic() - started
+
+
+async def test_cancelled_streams_leave_nothing_in_flight(tiny_model_dir, voices_dir, tmp_path):
+    """Streams their clients cancel mid-way leave no request in flight: tritonserver then stops gracefully,
+    at once, instead of waiting out its exit timeout for requests that never end."""
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
+    server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
+    try:
+        for _ in range(3):
+            task = await _stream_until_first_audio(server)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert await wait_until(lambda: scrape_metrics(server.metrics_url)["qwen_tts_talker_active_streams"] == 0,
+                                timeout=10)
+        code, seconds = _stop_group(server)
+        log = (tmp_path / "triton.log").read_text()
+        left_in_flight = re.findall(r"Model '\w+' \(version \d+\) has \d+ in-flight inferences", log)
+        assert not left_in_flight and code == 0, f"exit code {code} after {seconds:.1f} s; {left_in_flight[:1]}"
+    finally:
+        server.stop()
+
+
+async def test_model_processes_follow_a_server_stopped_mid_stream(tiny_model_dir, voices_dir, tmp_path):
+    """Stopping tritonserver while a long stream runs (it waits out its exit timeout, then exits at once;
+    2.51 may crash doing so, or hang in its crash handler until killed): its model processes do not outlive
+    it."""
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
+    server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
+    try:
+        task = await _stream_until_first_audio(server)
+        _stop_group(server, grace_s=15)
+        task.cancel()
+        assert await wait_until(lambda: not server.model_processes(), timeout=10), \
+            f"model processes left behind: {server.model_processes()}"
+    finally:
+        server.stop()
 
 
 async def test_disconnect_and_cancel_storms_leak_nothing(gateway_with, triton):

@@ -137,6 +137,8 @@ class LocalTriton:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
+        if self.process is not None:
+            self._sweep_group()
         if self._log_file:
             self._log_file.close()
             self._log_file = None
@@ -150,6 +152,14 @@ class LocalTriton:
             else:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
+
+    def _sweep_group(self) -> None:
+        """Kill whatever is left in the server's process group (model processes, their watchers) once the
+        server is gone, so no test or benchmark leaves memory behind."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def model_processes(self, orphans_only: bool = False) -> list[int]:
         """PIDs of Python-backend stubs serving this model repository; with ``orphans_only``, those whose

@@ -61,7 +61,10 @@ def exit_with_parent(log: logging.Logger, interval_s: float = 1.0) -> None:
     The watcher is a tiny shell process, not a Python thread: a thread blocked in a call into the dead
     server can hold the GIL and freeze every other thread of this process."""
     server, me = os.getppid(), os.getpid()
-    script = (f"while kill -0 {server} 2>/dev/null && kill -0 {me} 2>/dev/null; do sleep {interval_s:g}; done; "
+    # The watcher ignores the signals a group stop sends (killpg TERM from an operator or a test harness):
+    # the stub ignores them too, so a watcher that died of them would leave the stub behind after the server.
+    script = ("trap '' TERM INT HUP; "
+              f"while kill -0 {server} 2>/dev/null && kill -0 {me} 2>/dev/null; do sleep {interval_s:g}; done; "
               f"if kill -0 {me} 2>/dev/null; then echo 'tritonserver (pid {server}) is gone; killing model process "
               f"{me}' >&2; kill -9 {me}; fi")
     subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, close_fds=True)

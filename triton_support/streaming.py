@@ -86,7 +86,7 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
 
     The first response carries the voice's reference codes (ICL) for the decoder to prime with; the last
     carries ``final`` and COMPLETE_FINAL itself. A stream that ends before its first frame still gets one
-    (empty) final response; a cancelled one an empty COMPLETE_FINAL; a failed one an error."""
+    (empty) final response; so does a cancelled one; a failed one gets an error."""
     sender = request.get_response_sender()
     final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     context = synthesis.prompt.ref_code
@@ -114,10 +114,10 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
         watcher.forget(stream_id)
         if ended:
             return
-        if error is None:
+        if error is None or isinstance(error, Cancelled):
+            # A cancelled stream ends with an empty final chunk too: the decoder reports a failed stream's
+            # error on the chunk that ends it (Triton's ensemble cannot end a request on an earlier one).
             sender.send(respond(EMPTY_CODES, EMPTY_CODES, True), flags=final_flag)
-        elif isinstance(error, Cancelled):
-            sender.send(flags=final_flag)
         else:
             sender.send(error_response(pb_utils, error), flags=final_flag)
 

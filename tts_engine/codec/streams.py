@@ -142,6 +142,9 @@ class StreamTable:
                 self.freed["cancelled"] += 1
             return True
 
+    def was_cancelled(self, stream_id: int) -> bool:
+        return stream_id in self._cancelled
+
     def expire(self, now: Optional[float] = None) -> int:
         """Drop streams with no chunk for ``idle_timeout`` seconds (cancelled or failed upstream)."""
         now = time.monotonic() if now is None else now

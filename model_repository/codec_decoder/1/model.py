@@ -15,12 +15,13 @@ from triton_support.tensors import error_response, read_array
 from tts_contract import tensors as names
 from tts_engine.codec.decoder import StreamingDecoder
 from tts_engine.codec.streams import DecodeItem, StreamTable
-from tts_engine.errors import Cancelled
 from tts_engine.loading import load_speech_tokenizer
+from tts_engine.recent import RecentIds
 from tts_engine.voices.prompts import reference_codes
 from tts_engine.voices.store import VoiceStore
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+EMPTY_AUDIO = np.zeros(0, dtype=np.float32)
 FAMILIES = {
     "qwen_tts_decoder_active_streams": ("gauge", "Streams whose decoder state is held", None),
     "qwen_tts_decoder_streams_freed_total": ("counter", "Decoder states freed, by reason", "reason"),
@@ -40,6 +41,7 @@ class TritonPythonModel:
         self.table = StreamTable(StreamingDecoder(tokenizer.model), idle_timeout=float(params["stream_idle_timeout_s"]),
                                  primed_cache_size=int(params["primed_state_cache_size"]))
         self.counts = {"batches": 0, "chunks": 0}
+        self.failed = RecentIds(1024)  # streams whose decoding failed -> the error their last chunk reports
         self.worker = BatchingWorker(self._decode, self._fail, max_batch=int(params["max_batch_streams"]),
                                      name="codec-decoder")
         self._warm_up(tokenizer, params)
@@ -94,13 +96,23 @@ class TritonPythonModel:
         results = self.table.decode_many(items)
         self.counts["batches"] += len({len(item.codes) for item in items})
         self.counts["chunks"] += len(items)
-        for request, result in zip(senders, results):
+        for request, item, result in zip(senders, items, results):
             if isinstance(result, BaseException):
-                self.log.warning("decode failed: %s", result)
-                self._respond(request, error_response(pb_utils, result))
+                self.log.warning("decode of stream %x failed: %s", item.stream_id, result)
+                self._fail_stream(request, item, result)
             else:
-                self._respond(request, pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(names.AUDIO, result.astype(np.float32, copy=False))]))
+                self._respond(request, self._audio_response(result))
+
+    def _fail_stream(self, request, item: DecodeItem, error: BaseException) -> None:
+        """Report a failed stream on its last chunk. Triton 2.51's ensemble never completes a request whose
+        step fails while its first step still streams (it stays in flight for good and blocks a graceful
+        shutdown), so the talker is stopped first and the error waits for the chunk that ends the stream."""
+        if item.final:
+            self._respond(request, error_response(pb_utils, error))
+            return
+        self.failed.add(item.stream_id, error)
+        self._cancel_talker(item.stream_id)
+        self._respond(request, self._audio_response(EMPTY_AUDIO))
 
     def _item(self, request):
         """The request as a chunk to decode; None (answered already) when its tts request was cancelled."""
@@ -108,16 +120,28 @@ class TritonPythonModel:
         context = read_array(pb_utils, request, names.CONTEXT_CODES, required=False)
         stream_id = int(read_array(pb_utils, request, names.STREAM_ID).reshape(-1)[0])
         final = read_array(pb_utils, request, names.FINAL, required=False)
-        if request.is_cancelled():  # free this stream and stop the talker generating it
-            if self.table.cancel(stream_id):
+        if request.is_cancelled() or self.table.was_cancelled(stream_id):
+            if self.table.cancel(stream_id):  # free this stream and stop the talker generating it
                 self._cancel_talker(stream_id)
-            self._respond(request, error_response(pb_utils, Cancelled("stream cancelled")))
+            # Empty audio, not an error (see _fail_stream): the client is gone, the request must still end.
+            self._respond(request, self._audio_response(EMPTY_AUDIO))
             return None
-        return DecodeItem(stream_id, codes, context, bool(final.reshape(-1)[0]) if final is not None else False)
+        item = DecodeItem(stream_id, codes, context, bool(final.reshape(-1)[0]) if final is not None else False)
+        if stream_id in self.failed:  # the rest of a failed stream: nothing to decode, the error ends it
+            error = self.failed.pop(stream_id) if item.final else None
+            self._respond(request, self._audio_response(EMPTY_AUDIO) if error is None
+                          else error_response(pb_utils, error))
+            return None
+        return item
 
     def _fail(self, requests, error) -> None:
         for request in requests:
             self._respond(request, error_response(pb_utils, error))
+
+    @staticmethod
+    def _audio_response(audio: np.ndarray):
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(names.AUDIO, audio.astype(np.float32,
+                                                                                                   copy=False))])
 
     @staticmethod
     def _respond(request, response) -> None:
