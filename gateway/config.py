@@ -61,6 +61,7 @@ class Settings:
     streams_per_triton: int = 0  # slots per Triton endpoint; 0: the talker's own max_active_streams
     idle_timeout_s: float = 300.0
     drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
+    text_idle_s: float = 5.0  # buffered incremental text with no append for this long is spoken
     ready_poll_s: float = 2.0
     auth_tokens: tuple[str, ...] = field(default_factory=tuple)
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)  # besides the gateway's own; "*": any
@@ -93,6 +94,7 @@ class Settings:
             streams_per_triton=_int("GATEWAY_STREAMS_PER_TRITON", cls.streams_per_triton),
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
             drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
+            text_idle_s=_float("GATEWAY_TEXT_IDLE_S", cls.text_idle_s),
             ready_poll_s=_float("GATEWAY_READY_POLL_S", cls.ready_poll_s),
             auth_tokens=tokens,
             allowed_origins=tuple(o.strip().rstrip("/") for o in os.environ.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")

@@ -11,12 +11,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from . import metrics
 from .protocol import (
-    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES, TRANSPORTS, Cancel, Error, ErrorCode, ProtocolError, Ready,
-    Speak, Start, Started, Stop, Stopped, normalise_language, parse_client_message,
+    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES,
+    TRANSPORTS, Append, Cancel, End, Error, ErrorCode, Flush, ProtocolError, Ready, Speak, Start, Started, Stop,
+    Stopped, normalise_language, parse_client_message,
 )
 from .security import bearer_token, token_ok
 from .speaker import AudioFormat, SessionClosed, Speaker, Utterance
-from .text import split_sentences
+from .text import TextFeed, split_sentences
 
 log = logging.getLogger("gateway.connection")
 AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before its `start`
@@ -68,6 +69,7 @@ class Connection:
         self.legacy = True  # until a `start` arrives
         self.contract_id: Optional[str] = None
         self.speaker = Speaker(self, services.triton, self.settings, self.id)
+        self.open_stream: Optional[Utterance] = None  # the streamed utterance taking `append`s
         self._send_lock = asyncio.Lock()
         self.closed = False
 
@@ -188,10 +190,16 @@ class Connection:
                 await self._on_start(message)
             elif isinstance(message, Speak):
                 await self._on_speak(message)
+            elif isinstance(message, Append):
+                await self._on_append(message)
+            elif isinstance(message, Flush):
+                self._on_flush()
+            elif isinstance(message, End):
+                self._on_end()
             elif isinstance(message, Cancel):
-                await self.speaker.cancel_all()
+                await self.cancel_all()
             elif isinstance(message, Stop):
-                await self.speaker.cancel_all()
+                await self.cancel_all()
                 await self.send_message(Stopped(reason=message.reason))
                 await self.close(CLOSE_NORMAL, "stopped")
                 raise SessionClosed()
@@ -238,6 +246,41 @@ class Connection:
         if len(text) > self.settings.max_text_chars:
             raise ProtocolError(ErrorCode.INVALID_TEXT, f"text has {len(text)} characters; the limit is "
                                 f"{self.settings.max_text_chars}", rid)
+        sentences = split_sentences(text, self.settings.max_sentence_chars)
+        await self._accept(message, TextFeed(self.settings.max_sentence_chars, sentences), len(text))
+
+    async def _on_append(self, message: Append) -> None:
+        """Text for the open streamed utterance; the first append opens one (queued like a speak)."""
+        rid = message.requestId
+        if not message.text:
+            raise ProtocolError(ErrorCode.INVALID_TEXT, "'text' is missing or empty", rid)
+        utterance = self.open_stream
+        if utterance is not None and utterance.ended:
+            utterance = self.open_stream = None  # cancelled meanwhile
+        if utterance is None:
+            feed = TextFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
+            utterance = self.open_stream = await self._accept(message, feed, 0)
+            utterance.streamed = True
+        if utterance.characters + len(message.text) > self.settings.max_text_chars:
+            raise ProtocolError(ErrorCode.INVALID_TEXT, f"the streamed utterance would have "
+                                f"{utterance.characters + len(message.text)} characters; the limit is "
+                                f"{self.settings.max_text_chars} (it keeps what it has)", rid or utterance.request_id)
+        utterance.characters += len(message.text)
+        utterance.feed.append(message.text)
+
+    def _on_flush(self) -> None:
+        if self.open_stream is not None:
+            self.open_stream.feed.flush()
+
+    def _on_end(self) -> None:
+        if self.open_stream is not None:
+            self.open_stream.feed.close()
+            self.open_stream = None
+
+    async def _accept(self, message, feed: TextFeed, characters: int) -> Utterance:
+        """Checks shared by speak and a first append (priority, language, voice, readiness, queue), then the
+        utterance is queued."""
+        rid = message.requestId
         if message.priority not in ("normal", "high"):
             raise ProtocolError(ErrorCode.INVALID_MESSAGE,
                                 f"priority must be 'normal' or 'high', not {message.priority!r}", rid)
@@ -258,11 +301,16 @@ class Connection:
             raise ProtocolError(ErrorCode.MODEL_LOADING, "the speech model is not ready yet; try again shortly",
                                 rid)
         if message.priority == "high":
-            await self.speaker.cancel_all()
+            await self.cancel_all()
         elif self.speaker.accepted > self.settings.max_queued_utterances:  # waiting, besides the one playing
             raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
                                 f"(limit {self.settings.max_queued_utterances})", rid)
-        audio = AudioFormat() if self.legacy else self.audio
-        sentences = split_sentences(text, self.settings.max_sentence_chars)
-        self.speaker.enqueue(Utterance(sentences=sentences, characters=len(text), voice=voice, language=language,
-                                       audio=audio, legacy=self.legacy, request_id=rid))
+        utterance = Utterance(feed=feed, characters=characters, voice=voice, language=language,
+                              audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid)
+        self.speaker.enqueue(utterance)
+        return utterance
+
+    async def cancel_all(self) -> None:
+        """Cancel what plays and what waits (buffered incremental text included)."""
+        self.open_stream = None
+        await self.speaker.cancel_all()

@@ -58,6 +58,25 @@ class Speak(_ClientMessage):
     requestId: Optional[StrictStr] = None
 
 
+class Append(_ClientMessage):
+    """Text for the open streamed utterance (opening one when none is open)."""
+
+    type: Literal["append"]
+    text: Optional[StrictStr] = None
+    voice: Optional[StrictStr] = None
+    language: Optional[StrictStr] = None
+    priority: StrictStr = "normal"
+    requestId: Optional[StrictStr] = None
+
+
+class Flush(_ClientMessage):
+    type: Literal["flush"]
+
+
+class End(_ClientMessage):
+    type: Literal["end"]
+
+
 class Cancel(_ClientMessage):
     type: Literal["cancel"]
 
@@ -67,8 +86,9 @@ class Stop(_ClientMessage):
     reason: StrictStr = "user_requested"
 
 
-CLIENT_MESSAGES = {"start": Start, "speak": Speak, "cancel": Cancel, "stop": Stop}
-ClientMessage = Union[Start, Speak, Cancel, Stop]
+CLIENT_MESSAGES = {"start": Start, "speak": Speak, "append": Append, "flush": Flush, "end": End, "cancel": Cancel,
+                   "stop": Stop}
+ClientMessage = Union[Start, Speak, Append, Flush, End, Cancel, Stop]
 
 
 def parse_client_message(raw: str) -> ClientMessage:

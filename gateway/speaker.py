@@ -15,6 +15,7 @@ from tts_contract.errors import PROTOCOL_CODE
 from . import metrics
 from .audio import AudioConverter
 from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode
+from .text import TextFeed
 from .triton_client import SynthesisFailed
 
 log = logging.getLogger("gateway.speaker")
@@ -34,7 +35,7 @@ class AudioFormat:
 
 @dataclass
 class Utterance:
-    sentences: list[str]
+    feed: TextFeed  # its sentences: all known (speak), or arriving (append)
     characters: int
     voice: Optional[str]
     language: str
@@ -43,6 +44,7 @@ class Utterance:
     request_id: Optional[str]
     received_at: float = field(default_factory=time.monotonic)
     ended: bool = False  # its end message is sent (exactly once)
+    streamed: bool = False  # its text arrives with `append` (an LLM's pace, not ours)
 
 
 @dataclass
@@ -142,23 +144,30 @@ class Speaker:
                 return
 
     async def _sentence_audio(self, utterance: Utterance):
-        """Audio of all sentences in order; the next sentence is requested while the current one plays."""
+        """Audio of all sentences in order; the next sentence is requested while the current one plays. The
+        sentences may still be arriving (incremental text): waiting for them is not a timeout."""
         timeout = self.settings.synthesis_timeout_s
         # Before its slot is granted a sentence waits at most the queue timeout (then RATE_LIMITED, from the
         # pool); from then on, no audio within the synthesis timeout is a TIMEOUT.
         admission_timeout = self.settings.queue_timeout_s + 5.0
+        feed = utterance.feed
         producers: list[asyncio.Task] = []
         queues: list[asyncio.Queue] = []
 
-        def start(index: int) -> None:
-            if index < len(utterance.sentences) and index == len(producers):
+        def start(sentence: Optional[str]) -> None:
+            if sentence is not None:
                 queues.append(asyncio.Queue())
-                producers.append(asyncio.create_task(self._produce(utterance, index, queues[-1])))
+                producers.append(asyncio.create_task(self._produce(utterance, sentence, queues[-1])))
 
         try:
-            for index in range(len(utterance.sentences)):
-                start(index)
-                start(index + 1)  # look ahead one sentence: no gap between sentences
+            index = 0
+            while True:
+                if index == len(producers):
+                    start(await feed.next())
+                    if index == len(producers):
+                        return  # the feed is closed and every sentence played
+                if index + 1 == len(producers):
+                    start(feed.take_ready())  # look ahead one sentence: no gap between sentences
                 wait = admission_timeout
                 while True:
                     try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (a `cancel`
@@ -174,18 +183,20 @@ class Speaker:
                     if isinstance(item, BaseException):
                         raise item
                     yield item
+                    if index + 1 == len(producers):
+                        start(feed.take_ready())  # a sentence completed while this one plays
+                index += 1
         finally:
             for task in producers:
                 task.cancel()
             await asyncio.gather(*producers, return_exceptions=True)
 
-    async def _produce(self, utterance: Utterance, index: int, out: asyncio.Queue) -> None:
+    async def _produce(self, utterance: Utterance, sentence: str, out: asyncio.Queue) -> None:
         """One sentence's audio chunks into ``out``, then None (or the exception it failed with)."""
-        sentence = utterance.sentences[index]
         parameters = {"max_new_tokens": self.settings.max_new_tokens(sentence), **self.settings.synthesis_parameters}
         try:
             async for chunk in self.triton.synthesize(sentence, utterance.voice, utterance.language, parameters,
-                                                       admitted=lambda: out.put_nowait(_ADMITTED)):
+                                                      admitted=lambda: out.put_nowait(_ADMITTED)):
                 out.put_nowait(chunk)
             out.put_nowait(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -252,7 +263,7 @@ class Speaker:
         metrics.AUDIO_SECONDS.inc(seconds)
         if playback.first_audio is not None:
             metrics.TIME_TO_FIRST_AUDIO.observe(playback.first_audio - utterance.received_at)
-        if seconds > 0 and completed:
+        if seconds > 0 and completed and not utterance.streamed:
             metrics.REAL_TIME_FACTOR.observe((finished - utterance.received_at) / seconds)
         if utterance.legacy:
             await self.out.send_message(AudioEnd(cancelled=cancelled))

@@ -1,7 +1,10 @@
-"""Splitting long text into sentences, so each is synthesised as its own request."""
+"""Splitting text into sentences, so each is synthesised as its own request: all at once, or as it arrives."""
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import deque
+from typing import Optional
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;…。！？；])\s+|(?<=[。！？；])")
 _SOFT_BREAK = re.compile(r"(?<=[,:，、：])\s*|\s+")
@@ -43,3 +46,58 @@ def _hard_split(sentence: str, max_chars: int) -> list[str]:
     if current:
         parts.append(current)
     return parts
+
+
+class TextFeed:
+    """An utterance's sentences as they become available: all at once (``speak``), or as text is appended
+    (``append``/``flush``/``end``: an LLM writing its answer). A sentence is complete once its closing
+    punctuation is followed by more text; ``flush`` (or ``idle_s`` without an append) sends what is buffered,
+    ``close`` ends the feed."""
+
+    def __init__(self, max_sentence_chars: int = 400, sentences: Optional[list[str]] = None, idle_s: float = 5.0):
+        self.max_sentence_chars, self.idle_s = max_sentence_chars, idle_s
+        self._ready: deque[str] = deque(sentences or [])
+        self._buffer = ""
+        self.closed = sentences is not None
+        self._changed = asyncio.Event()
+
+    def append(self, text: str) -> None:
+        self._buffer += text
+        matches = list(_SENTENCE_END.finditer(self._buffer))
+        cut = matches[-1].end() if matches else 0
+        if not cut and len(self._buffer) > self.max_sentence_chars:  # no sentence end in sight: split softly
+            parts = _hard_split(self._buffer, self.max_sentence_chars)
+            cut = len(self._buffer) - len(parts[-1])
+        if cut:
+            self._emit(self._buffer[:cut])
+            self._buffer = self._buffer[cut:]
+
+    def flush(self) -> None:
+        self._emit(self._buffer)
+        self._buffer = ""
+
+    def close(self) -> None:
+        self.flush()
+        self.closed = True
+        self._changed.set()
+
+    def take_ready(self) -> Optional[str]:
+        """The next complete sentence if one is waiting, else None (never waits)."""
+        return self._ready.popleft() if self._ready else None
+
+    async def next(self) -> Optional[str]:
+        """The next sentence, waiting for text as long as it takes; None once the feed is closed and empty.
+        Buffered text with no append for ``idle_s`` is sent as if flushed."""
+        while not self._ready and not self.closed:
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(self.idle_s if self._buffer.strip() else None):
+                    await self._changed.wait()
+            except TimeoutError:
+                self.flush()
+        return self._ready.popleft() if self._ready else None
+
+    def _emit(self, text: str) -> None:
+        if text.strip():
+            self._ready.extend(split_sentences(text, self.max_sentence_chars))
+            self._changed.set()

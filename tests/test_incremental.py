@@ -1,0 +1,156 @@
+"""Incremental text: an LLM's answer appended word by word is spoken sentence by sentence as it is written."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+import soundfile as sf
+
+from conftest import ROOT
+
+from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
+from test_gateway import FAST, start_session
+
+PARAGRAPH = ("Streaming text to speech starts talking before the answer is finished. The first sentence plays "
+             "while the model is still writing the second one. Every sentence follows the previous one without a "
+             "gap, and the listener hears the whole answer in order. That is what a voice assistant needs.")
+
+
+@pytest.fixture(scope="module")
+def gateway(triton, voices_dir, tmp_path_factory):
+    process = GatewayProcess(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw") / "gateway.log",
+                             GATEWAY_TEXT_IDLE_S="0.5", **FAST).start()
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+async def append_words(ws, text: str, words_per_second: float = 15.0, **first) -> float:
+    """Send ``text`` word by word as `append` messages; returns when the last word went out."""
+    for index, word in enumerate(text.split(" ")):
+        await send(ws, type="append", text=("" if index == 0 else " ") + word, **(first if index == 0 else {}))
+        await asyncio.sleep(1 / words_per_second)
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("client", ["spec", "legacy"])
+async def test_words_at_fifteen_per_second_are_spoken_before_the_text_ends(gateway, client):
+    """First audio arrives before the last word is sent; the utterance ends once, after all its sentences,
+    and (spec) charactersProcessed counts every appended character."""
+    async with open_session(gateway.ws) as ws:
+        if client == "spec":
+            await start_session(ws)
+        else:
+            await receive_json(ws)
+        started = time.monotonic()
+        collecting = asyncio.create_task(collect(ws, timeout=120))
+        last_word = await append_words(ws, PARAGRAPH, requestId="llm")
+        await send(ws, type="end")
+        result = await collecting
+        assert result.first_audio_at is not None and started + result.first_audio_at < last_word
+        assert len(result.of_type("complete") + result.of_type("audio_end")) == 1
+        assert result.end["cancelled"] is False
+        if client == "spec":
+            assert result.end["charactersProcessed"] == len(PARAGRAPH) and result.end["requestId"] == "llm"
+            assert len(result.audio) // 2 == round(result.end["audioLengthMs"] * 24)
+        await send(ws, type="speak", text="And the session goes on.")
+        assert (await collect(ws)).end["cancelled"] is False
+
+
+async def test_flush_speaks_buffered_text_without_a_sentence_end(gateway):
+    """`flush` sends what is buffered now; the utterance stays open until `end`."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="No full stop yet")
+        await send(ws, type="flush")
+        assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+        await send(ws, type="append", text=" and then more.")
+        await send(ws, type="end")
+        result = await collect(ws)
+        assert result.end["charactersProcessed"] == len("No full stop yet and then more.")
+
+
+async def test_buffered_text_is_spoken_after_the_idle_time(gateway):
+    """Buffered text with no append for GATEWAY_TEXT_IDLE_S is spoken as if flushed."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="Waiting for more words")
+        assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+        await send(ws, type="end")
+        assert (await collect(ws)).end["cancelled"] is False
+
+
+async def test_cancel_drops_buffered_text_and_the_next_append_opens_a_new_utterance(gateway):
+    """`cancel` ends the streamed utterance (buffered text and all); a later append starts a new one."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="This sentence is complete. This one is not", requestId="a")
+        await send(ws, type="cancel")
+        first = await collect(ws)
+        assert first.end["requestId"] == "a" and first.end["cancelled"] is True
+        await send(ws, type="append", text="A fresh start.", requestId="b")
+        await send(ws, type="end")
+        second = await collect(ws)
+        assert second.end["requestId"] == "b" and second.end["cancelled"] is False
+
+
+async def test_text_over_the_limit_is_refused_and_the_utterance_keeps_what_it_had(triton, voices_dir, tmp_path):
+    """An append that would pass GATEWAY_MAX_TEXT_CHARS gets INVALID_TEXT; the utterance goes on."""
+    gateway = GatewayProcess(triton.grpc_url, voices_dir, tmp_path / "gw.log", GATEWAY_MAX_TEXT_CHARS="40",
+                             **FAST).start()
+    try:
+        gateway.wait_ready()
+        async with open_session(gateway.ws) as ws:
+            await start_session(ws)
+            await send(ws, type="append", text="Thirty characters of text.", requestId="s")
+            await send(ws, type="append", text=" And twenty more here.")
+            reply = await collect(ws, until=("error",))
+            error = reply.of_type("error")[0]
+            assert error["code"] == "INVALID_TEXT" and error["requestId"] == "s"
+            await send(ws, type="end")
+            result = await collect(ws)
+            assert result.end["cancelled"] is False and result.end["charactersProcessed"] == 26
+    finally:
+        gateway.stop()
+
+
+async def test_a_speak_during_a_streamed_utterance_plays_after_it(gateway):
+    """A `speak` arriving while a streamed utterance is open is queued after it."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="Streamed first.", requestId="streamed")
+        await send(ws, type="speak", text="Spoken second.", requestId="spoken")
+        await asyncio.sleep(0.3)
+        await send(ws, type="end")
+        ends = [(await collect(ws)).end["requestId"] for _ in range(2)]
+        assert ends == ["streamed", "spoken"]
+
+
+async def test_speak_cli_streams_stdin_as_it_is_written(gateway, tmp_path):
+    """`client.speak --stdin-stream` sends piped text as it is written: audio starts while the writer is still
+    writing, and the WAV holds the whole answer."""
+    output = tmp_path / "answer.wav"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client.speak", "--stdin-stream", "--url", gateway.ws, "-o", str(output),
+        cwd=ROOT, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stderr = bytearray()
+
+    async def read_stderr():
+        while chunk := await process.stderr.read(256):
+            stderr.extend(chunk)
+
+    reader = asyncio.create_task(read_stderr())
+    for word in PARAGRAPH.split(" "):
+        process.stdin.write(word.encode() + b" ")
+        await process.stdin.drain()
+        await asyncio.sleep(1 / 15)
+    audio_before_end = b"s of audio received" in stderr
+    process.stdin.close()
+    assert await asyncio.wait_for(process.wait(), 120) == 0, stderr.decode()
+    await reader
+    assert audio_before_end, stderr.decode()
+    assert b"time to first audio" in stderr and b"complete" in stderr
+    samples, rate = sf.read(output)
+    assert rate == 24000 and len(samples) > rate
