@@ -1,5 +1,5 @@
 """The gateway app's wiring: services created at start-up, and every route on one port (WebSocket
-/api/v1/speak, the voices API, health, readiness, metrics)."""
+/api/v1/speak, the voices API, OpenAI's speech API, health, readiness, metrics)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import metrics, voices
+from . import metrics, openai_api, voices
 from .config import Settings
 from .connection import speak
 from .security import Guard
@@ -82,6 +82,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/voices", voices.list_voices, methods=["GET"]),
         Route("/api/v1/voices", voices.upload_voice, methods=["POST"]),
         Route("/api/v1/voices/{voice_id}", voices.delete_voice, methods=["DELETE"]),
+        Route("/v1/audio/speech", openai_api.speech, methods=["POST"]),
+        Route("/v1/models", openai_api.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", openai_api.get_model, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),

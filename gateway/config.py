@@ -61,6 +61,7 @@ class Settings:
     streams_per_triton: int = 0  # slots per Triton endpoint; 0: the talker's own max_active_streams
     idle_timeout_s: float = 300.0
     drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
+    openai_model: str = "qwen3-tts"  # the model id GET /v1/models lists
     text_idle_s: float = 5.0  # buffered incremental text with no append for this long is spoken
     ready_poll_s: float = 2.0
     auth_tokens: tuple[str, ...] = field(default_factory=tuple)
@@ -95,6 +96,7 @@ class Settings:
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
             drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
             text_idle_s=_float("GATEWAY_TEXT_IDLE_S", cls.text_idle_s),
+            openai_model=os.environ.get("GATEWAY_OPENAI_MODEL", "").strip() or cls.openai_model,
             ready_poll_s=_float("GATEWAY_READY_POLL_S", cls.ready_poll_s),
             auth_tokens=tokens,
             allowed_origins=tuple(o.strip().rstrip("/") for o in os.environ.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")

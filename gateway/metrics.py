@@ -12,7 +12,7 @@ UTTERANCES = Counter("tts_gateway_utterances_total", "Utterances ended, by outco
 ERRORS = Counter("tts_gateway_errors_total", "Error messages sent to clients, by code", ["code"],
                  registry=REGISTRY)
 TIME_TO_FIRST_AUDIO = Histogram(
-    "tts_gateway_time_to_first_audio_seconds", "From speak received to first audio sent", registry=REGISTRY,
+    "tts_gateway_time_to_first_audio_seconds", "From text received (speak, first append, speech request) to first audio sent", registry=REGISTRY,
     buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0))
 REAL_TIME_FACTOR = Histogram(
     "tts_gateway_real_time_factor", "Utterance wall time over its audio duration (< 1 is faster than real time)",
@@ -23,11 +23,16 @@ QUEUED_REQUESTS = Gauge("tts_gateway_queued_requests",
                         "Synthesis requests waiting for a free slot on a Triton endpoint", registry=REGISTRY)
 QUEUE_WAIT = Histogram("tts_gateway_queue_wait_seconds", "Time requests waited for a slot (admitted or refused)",
                        registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+OPENAI_REQUESTS = Counter("tts_gateway_openai_speech_requests_total",
+                          "POST /v1/audio/speech requests, by outcome (refused: answered with an error status)",
+                          ["outcome"], registry=REGISTRY)
 TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when a Triton endpoint and its models are ready, by endpoint",
                      ["endpoint"], registry=REGISTRY)
 
 for _outcome in ("completed", "cancelled", "failed"):
     UTTERANCES.labels(_outcome)
+    OPENAI_REQUESTS.labels(_outcome)
+OPENAI_REQUESTS.labels("refused")
 
 
 def render() -> tuple[bytes, str]:

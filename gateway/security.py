@@ -8,6 +8,8 @@ import json
 import logging
 from typing import Optional
 
+from .openai_api import unauthorized_body
+
 log = logging.getLogger("gateway.security")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics")  # no token needed
 OPEN_PREFIXES = ("/static/",)  # the web page's files
@@ -65,8 +67,9 @@ class Guard:
             return await _respond(send, 204, cors, b"")
         if self.settings.auth_tokens and not is_open(scope["path"]) and \
                 not token_ok(self.settings, bearer_token(headers)):
-            return await _json(send, 401, {"error": "missing or invalid bearer token"},
-                               [(b"www-authenticate", b"Bearer")] + cors)
+            body = unauthorized_body() if scope["path"].startswith("/v1/") else \
+                {"error": "missing or invalid bearer token"}
+            return await _json(send, 401, body, [(b"www-authenticate", b"Bearer")] + cors)
 
         async def send_with_cors(message):
             if message["type"] == "http.response.start" and cors:

@@ -1,4 +1,5 @@
-"""One session's utterances: the queue, sentence pipelining, playback, and each utterance's end message."""
+"""One session's utterances: the queue, playback (sentences pipelined by ``synthesis``), and each utterance's
+end message."""
 from __future__ import annotations
 
 import asyncio
@@ -15,11 +16,11 @@ from tts_contract.errors import PROTOCOL_CODE
 from . import metrics
 from .audio import AudioConverter
 from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode
+from .synthesis import sentence_audio
 from .text import TextFeed
 from .triton_client import SynthesisFailed
 
 log = logging.getLogger("gateway.speaker")
-_ADMITTED = object()  # put in a sentence's audio queue when its request gets a synthesis slot
 
 
 class SessionClosed(Exception):
@@ -143,74 +144,14 @@ class Speaker:
             if self.out.closed:
                 return
 
-    async def _sentence_audio(self, utterance: Utterance):
-        """Audio of all sentences in order; the next sentence is requested while the current one plays. The
-        sentences may still be arriving (incremental text): waiting for them is not a timeout."""
-        timeout = self.settings.synthesis_timeout_s
-        # Before its slot is granted a sentence waits at most the queue timeout (then RATE_LIMITED, from the
-        # pool); from then on, no audio within the synthesis timeout is a TIMEOUT.
-        admission_timeout = self.settings.queue_timeout_s + 5.0
-        feed = utterance.feed
-        producers: list[asyncio.Task] = []
-        queues: list[asyncio.Queue] = []
-
-        def start(sentence: Optional[str]) -> None:
-            if sentence is not None:
-                queues.append(asyncio.Queue())
-                producers.append(asyncio.create_task(self._produce(utterance, sentence, queues[-1])))
-
-        try:
-            index = 0
-            while True:
-                if index == len(producers):
-                    start(await feed.next())
-                    if index == len(producers):
-                        return  # the feed is closed and every sentence played
-                if index + 1 == len(producers):
-                    start(feed.take_ready())  # look ahead one sentence: no gap between sentences
-                wait = admission_timeout
-                while True:
-                    try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (a `cancel`
-                        async with asyncio.timeout(wait):  # message) when the queue already holds an item
-                            item = await queues[index].get()
-                    except TimeoutError:
-                        raise TimeoutError(f"no audio for {wait:g} s") from None
-                    wait = timeout
-                    if item is _ADMITTED:
-                        continue
-                    if item is None:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if index + 1 == len(producers):
-                        start(feed.take_ready())  # a sentence completed while this one plays
-                index += 1
-        finally:
-            for task in producers:
-                task.cancel()
-            await asyncio.gather(*producers, return_exceptions=True)
-
-    async def _produce(self, utterance: Utterance, sentence: str, out: asyncio.Queue) -> None:
-        """One sentence's audio chunks into ``out``, then None (or the exception it failed with)."""
-        parameters = {"max_new_tokens": self.settings.max_new_tokens(sentence), **self.settings.synthesis_parameters}
-        try:
-            async for chunk in self.triton.synthesize(sentence, utterance.voice, utterance.language, parameters,
-                                                      admitted=lambda: out.put_nowait(_ADMITTED)):
-                out.put_nowait(chunk)
-            out.put_nowait(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            out.put_nowait(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-
     async def _play(self, utterance: Utterance) -> None:
         converter = AudioConverter(utterance.audio.sample_rate, utterance.audio.encoding)
         playback = _Playback()
         cancelled, outcome = False, "completed"
         try:
             # aclosing: however playback ends, the sentence requests still in flight are cancelled now.
-            async with contextlib.aclosing(self._sentence_audio(utterance)) as stream:
+            async with contextlib.aclosing(sentence_audio(self.triton, self.settings, utterance.feed, utterance.voice,
+                                                         utterance.language)) as stream:
                 async for chunk in stream:
                     await self._send_audio(utterance, converter, playback, converter.convert(chunk))
             await self._send_audio(utterance, converter, playback, converter.flush(), final=True)

@@ -177,7 +177,8 @@ class TritonPool:
         self.endpoints = [TritonEndpoint(url) for url in urls]
         self.queue_timeout_s = queue_timeout_s
         self.streams_per_endpoint = streams_per_endpoint  # 0: each endpoint's own talker capacity
-        self._waiters: "deque[asyncio.Future]" = deque()
+        self._waiters: "deque[asyncio.Future]" = deque()  # new utterances, first come first served
+        self._continuing: "deque[asyncio.Future]" = deque()  # later sentences of playing utterances: served first
         self._next = 0
         self._mean_request_s = 2.0  # a running mean of how long a request holds its slot
 
@@ -191,7 +192,7 @@ class TritonPool:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._waiters) + len(self._continuing)
 
     def status(self) -> dict[str, bool]:
         return {b.url: b.ready for b in self.endpoints}
@@ -221,34 +222,39 @@ class TritonPool:
         return min(free, key=lambda b: b.in_flight, default=None)
 
     def _wake(self) -> None:
-        while self._waiters:
+        while self._continuing or self._waiters:
             endpoint = self._free_endpoint()
             if endpoint is None:
-                return
-            waiter = self._waiters.popleft()
+                break
+            waiter = (self._continuing or self._waiters).popleft()
             if not waiter.done():
                 endpoint.in_flight += 1
                 waiter.set_result(endpoint)
-        metrics.QUEUED_REQUESTS.set(len(self._waiters))
+        metrics.QUEUED_REQUESTS.set(self.waiting)
 
     def _retry_after_ms(self) -> int:
         """When a slot is likely to be free for a request joining the line now."""
         slots = sum(self.capacity(b) for b in self.endpoints if b.ready) or 1
-        return int(min(30_000, max(250, 1000 * self._mean_request_s * (len(self._waiters) + 1) / slots)))
+        return int(min(30_000, max(250, 1000 * self._mean_request_s * (self.waiting + 1) / slots)))
 
-    async def _acquire(self, exclude=()) -> TritonEndpoint:
+    async def _acquire(self, exclude=(), continuing: bool = False) -> TritonEndpoint:
+        """A slot on a ready endpoint. New utterances wait in one line for at most the queue timeout (then
+        RATE_LIMITED); the later sentences of utterances already playing go first and are never refused
+        for capacity: an utterance that has started is not cut for load."""
         if not any(b.ready and b not in exclude for b in self.endpoints):
             raise SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is ready", transport=True)
-        endpoint = None if self._waiters else self._free_endpoint(exclude)
+        line = self._continuing if continuing else self._waiters
+        queued_ahead = self._continuing or (not continuing and self._waiters)
+        endpoint = None if queued_ahead else self._free_endpoint(exclude)
         if endpoint is not None:
             endpoint.in_flight += 1
             return endpoint
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        metrics.QUEUED_REQUESTS.set(len(self._waiters))
+        line.append(waiter)
+        metrics.QUEUED_REQUESTS.set(self.waiting)
         started = time.monotonic()
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for returns a just-granted slot to a cancelled waiter
-            async with asyncio.timeout(self.queue_timeout_s):
+            async with asyncio.timeout(None if continuing else self.queue_timeout_s):
                 endpoint = await waiter
         except TimeoutError:
             raise SynthesisFailed(EngineCode.OVERLOADED, f"every synthesis slot stayed busy for {self.queue_timeout_s:g} s",
@@ -258,9 +264,9 @@ class TritonPool:
                 waiter.cancel()
             elif endpoint is None and not waiter.cancelled():  # granted just as we gave up: hand it on
                 self._release(waiter.result())
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            metrics.QUEUED_REQUESTS.set(len(self._waiters))
+            if waiter in line:
+                line.remove(waiter)
+            metrics.QUEUED_REQUESTS.set(self.waiting)
             metrics.QUEUE_WAIT.observe(time.monotonic() - started)
         return endpoint
 
@@ -271,11 +277,13 @@ class TritonPool:
     # -- requests -----------------------------------------------------------------------------------------
 
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
-                         parameters: Optional[dict] = None, admitted=None) -> AsyncIterator[np.ndarray]:
-        """Yield float32 24 kHz chunks; ``admitted()`` is called once the request holds a slot."""
+                         parameters: Optional[dict] = None, admitted=None,
+                         continuing: bool = False) -> AsyncIterator[np.ndarray]:
+        """Yield float32 24 kHz chunks; ``admitted()`` is called once the request holds a slot. ``continuing``:
+        a later sentence of an utterance already playing (see ``_acquire``)."""
         tried: set = set()
         while True:
-            endpoint = await self._acquire(exclude=tried)
+            endpoint = await self._acquire(exclude=tried, continuing=continuing)
             if admitted is not None and not tried:
                 admitted()
             started, produced = time.monotonic(), False

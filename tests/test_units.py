@@ -354,3 +354,50 @@ def test_tiny_model_build_is_deterministic(tiny_model_dir, tmp_path):
     again = build_tiny_model(tmp_path / "tiny")
     for name in ("model.safetensors", "speech_tokenizer/model.safetensors", "tokenizer.json", "config.json"):
         assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+
+
+# -- gateway admission ----------------------------------------------------------------------------------------
+
+def _one_slot_pool(queue_timeout_s: float):
+    from gateway.triton_client import TritonPool
+
+    pool = TritonPool(["127.0.0.1:9"], queue_timeout_s=queue_timeout_s, streams_per_endpoint=1)
+    pool.endpoints[0].ready = True  # no server is asked: admission is pure bookkeeping
+    return pool
+
+
+async def test_later_sentences_of_playing_utterances_get_the_next_slot_first():
+    """A freed slot goes to a waiting later sentence of an utterance already playing before a new utterance
+    that queued earlier."""
+    import asyncio
+
+    pool = _one_slot_pool(queue_timeout_s=5)
+    held = await pool._acquire()
+    new = asyncio.create_task(pool._acquire())
+    await asyncio.sleep(0.01)
+    later = asyncio.create_task(pool._acquire(continuing=True))
+    await asyncio.sleep(0.01)
+    pool._release(held)
+    assert await asyncio.wait_for(later, 1) is held and not new.done()
+    pool._release(held)
+    assert await asyncio.wait_for(new, 1) is held
+
+
+async def test_later_sentences_are_never_refused_for_capacity():
+    """Past the queue timeout a new utterance is refused (OVERLOADED, with a retry hint); a later sentence of
+    a playing utterance keeps waiting and gets the slot when it frees."""
+    import asyncio
+
+    from gateway.triton_client import SynthesisFailed
+    from tts_contract.errors import EngineCode
+
+    pool = _one_slot_pool(queue_timeout_s=0.1)
+    held = await pool._acquire()
+    later = asyncio.create_task(pool._acquire(continuing=True))
+    with pytest.raises(SynthesisFailed) as refused:
+        await pool._acquire()
+    assert refused.value.code == EngineCode.OVERLOADED and refused.value.retry_after_ms > 0
+    await asyncio.sleep(0.2)
+    assert not later.done()
+    pool._release(held)
+    assert await asyncio.wait_for(later, 1) is held

@@ -1,0 +1,252 @@
+"""OpenAI's speech API on the gateway: ``POST /v1/audio/speech`` streams the audio as it is generated (chunked,
+in the requested format, or as server-sent events), ``GET /v1/models`` lists the model. Errors take OpenAI's
+shape, so the official SDKs work unchanged."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import math
+import time
+from typing import AsyncIterator, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from tts_contract.audio import FRAMES_PER_SECOND, SAMPLE_RATE
+from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
+from tts_contract.languages import UnknownLanguage, normalise_language
+
+from . import metrics
+from .formats import CONTENT_TYPES, MAX_SPEED, MIN_SPEED, SpeechEncoder, available_formats
+from .synthesis import sentence_audio
+from .text import TextFeed, split_sentences
+from .triton_client import SynthesisFailed
+
+log = logging.getLogger("gateway.openai")
+MODEL_OWNER = "qwen"
+STREAM_FORMATS = ("audio", "sse")
+_STARTED = time.time()
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
+                504: "server_error"}
+_ERROR_CODES = {ErrorCode.MODEL_LOADING: "model_loading", ErrorCode.RATE_LIMITED: "rate_limit_exceeded",
+                ErrorCode.TIMEOUT: "timeout", ErrorCode.SYNTHESIS_ERROR: "synthesis_error",
+                ErrorCode.VOICE_NOT_FOUND: "voice_not_found"}
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 retry_after_ms: Optional[int] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_ms = retry_after_ms
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {}
+        if self.retry_after_ms is not None:  # the SDKs honour retry-after-ms before retry-after
+            headers = {"retry-after-ms": str(self.retry_after_ms),
+                       "retry-after": str(max(1, math.ceil(self.retry_after_ms / 1000)))}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    @classmethod
+    def from_synthesis(cls, exc: SynthesisFailed) -> "OpenAIError":
+        code = PROTOCOL_CODE[exc.code]
+        return cls(HTTP_STATUS[code], exc.message, "voice" if code == ErrorCode.VOICE_NOT_FOUND else None,
+                   _ERROR_CODES.get(code, code.value.lower()), exc.retry_after_ms)
+
+
+def unauthorized_body() -> dict:
+    """What the auth guard answers on ``/v1/`` routes (as OpenAI does for a bad key)."""
+    return OpenAIError(401, "missing or invalid bearer token (Authorization: Bearer <token>)",
+                       code="invalid_api_key").body()
+
+
+class _VoiceRef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr
+
+
+class _SpeechBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    input: StrictStr
+    voice: Union[StrictStr, _VoiceRef, None] = None
+    instructions: Optional[StrictStr] = None  # accepted; the Base model takes no style instructions
+    response_format: StrictStr = "wav"
+    speed: Union[StrictInt, StrictFloat] = 1.0
+    stream_format: StrictStr = "audio"
+    language: Optional[StrictStr] = None  # not OpenAI's: the language of `input` (default Auto)
+
+
+class SpeechRequest:
+    """A validated speech request: each check names the offending parameter, as OpenAI's errors do."""
+
+    def __init__(self, body: object, services):
+        settings, voices = services.settings, services.voices
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "the request body must be a JSON object")
+        try:
+            parsed = _SpeechBody.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = str(first["loc"][0]) if first["loc"] else None
+            problem = "is required" if first["type"] == "missing" else f"has the wrong type ({first['msg']})"
+            raise OpenAIError(400, f"'{param}' {problem}", param) from None
+        self.model = parsed.model
+        self.input = parsed.input.strip()
+        if not self.input:
+            raise OpenAIError(400, "'input' is empty", "input")
+        if len(parsed.input) > settings.max_text_chars:
+            raise OpenAIError(400, f"'input' has {len(parsed.input)} characters; the limit is "
+                                   f"{settings.max_text_chars}", "input", "string_above_max_length")
+        formats = available_formats()
+        if parsed.response_format not in formats:
+            raise OpenAIError(400, f"response_format {parsed.response_format!r} is not supported; supported: "
+                                   f"{', '.join(formats)}", "response_format")
+        self.response_format = parsed.response_format
+        if not MIN_SPEED <= parsed.speed <= MAX_SPEED or not math.isfinite(parsed.speed):
+            raise OpenAIError(400, f"speed must be between {MIN_SPEED} and {MAX_SPEED}", "speed")
+        self.speed = float(parsed.speed)
+        if parsed.stream_format not in STREAM_FORMATS:
+            raise OpenAIError(400, f"stream_format must be one of {', '.join(STREAM_FORMATS)}", "stream_format")
+        self.sse = parsed.stream_format == "sse"
+        try:
+            self.language = normalise_language(parsed.language)
+        except UnknownLanguage as exc:
+            raise OpenAIError(400, str(exc), "language") from None
+        voice = parsed.voice.id if isinstance(parsed.voice, _VoiceRef) else parsed.voice
+        self.voice = voice or voices.default_id()
+        if self.voice is None or not voices.exists(self.voice):
+            known = ", ".join(v["id"] for v in voices.list()) or "none"
+            raise OpenAIError(404, f"voice {voice!r} not found; voices here: {known}", "voice", "voice_not_found")
+
+
+async def _read_json(request: Request, limit: int) -> object:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise OpenAIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise OpenAIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise OpenAIError(400, "the request body is not valid JSON") from None
+
+
+async def speech(request: Request):
+    """``POST /v1/audio/speech``: the first audio is awaited before answering, so a refusal (voice, capacity,
+    model loading) gets its HTTP status; from then on the audio streams as it is generated."""
+    services = request.app.state.services
+    received = time.monotonic()
+    try:
+        limit = 4 * services.settings.max_text_chars + 16384  # the longest input in any UTF-8, plus JSON
+        params = SpeechRequest(await _read_json(request, limit), services)
+        if not services.triton.ready:
+            raise OpenAIError(503, "the speech model is not ready yet; try again shortly", code="model_loading")
+        feed = TextFeed(services.settings.max_sentence_chars,
+                        split_sentences(params.input, services.settings.max_sentence_chars))
+        audio = sentence_audio(services.triton, services.settings, feed, params.voice, params.language)
+        first = await _first_chunk(audio)
+    except OpenAIError as exc:
+        metrics.OPENAI_REQUESTS.labels("refused").inc()
+        return exc.response()
+    metrics.TIME_TO_FIRST_AUDIO.observe(time.monotonic() - received)
+    body = _events(first, audio, params) if params.sse else _encoded(first, audio, params, {"samples": 0})
+    media_type = "text/event-stream" if params.sse else CONTENT_TYPES[params.response_format]
+    return StreamingResponse(body, media_type=media_type, headers={"cache-control": "no-cache"})
+
+
+async def _first_chunk(audio: AsyncIterator) -> object:
+    try:
+        return await anext(audio)
+    except StopAsyncIteration:  # nothing to say (the model ended at once): an empty body
+        return None
+    except SynthesisFailed as exc:
+        await audio.aclose()
+        raise OpenAIError.from_synthesis(exc) from None
+    except TimeoutError as exc:
+        await audio.aclose()
+        raise OpenAIError(504, str(exc), code="timeout") from None
+
+
+async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: dict) -> AsyncIterator[bytes]:
+    """The response format's bytes as the audio arrives; the Triton requests are cancelled when the client
+    goes away (the response stops being sent). Encoding runs off the event loop where ffmpeg does it.
+
+    A failure mid-stream raises: the headers are sent, so the body is cut short and the client sees an
+    incomplete response rather than a clean end."""
+    encoder = SpeechEncoder(params.response_format, params.speed)
+    off_loop = params.response_format not in ("wav", "pcm") or params.speed != 1.0
+    outcome = "failed"
+    try:
+        async with contextlib.aclosing(audio):
+            chunk = first
+            while chunk is not None:
+                stats["samples"] += len(chunk)
+                data = await asyncio.to_thread(encoder.encode, chunk) if off_loop else encoder.encode(chunk)
+                if data:
+                    yield data
+                chunk = await anext(audio, None)
+        yield await asyncio.to_thread(encoder.finish) if off_loop else encoder.finish()
+        outcome = "completed"
+    except (asyncio.CancelledError, GeneratorExit):
+        outcome = "cancelled"
+        raise
+    except (SynthesisFailed, TimeoutError) as exc:
+        log.warning("speech request failed mid-stream: %s", exc)
+        raise
+    finally:
+        metrics.OPENAI_REQUESTS.labels(outcome).inc()
+        metrics.AUDIO_SECONDS.inc(stats["samples"] / SAMPLE_RATE)
+
+
+async def _events(first, audio: AsyncIterator, params: SpeechRequest) -> AsyncIterator[bytes]:
+    """``speech.audio.delta`` events (base64 of the format's bytes), then ``speech.audio.done`` with usage
+    (input: characters; output: codec frames, 12.5 per second of audio); a failure mid-stream becomes an
+    ``error`` event."""
+    stats = {"samples": 0}
+    try:
+        async with contextlib.aclosing(_encoded(first, audio, params, stats)) as stream:
+            async for data in stream:
+                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+    except SynthesisFailed as exc:
+        yield _event({"type": "error", **OpenAIError.from_synthesis(exc).body()})
+        return
+    except TimeoutError as exc:
+        yield _event({"type": "error", **OpenAIError(504, str(exc), code="timeout").body()})
+        return
+    frames = round(stats["samples"] / SAMPLE_RATE * FRAMES_PER_SECOND)
+    yield _event({"type": "speech.audio.done", "usage": {"input_tokens": len(params.input), "output_tokens": frames,
+                                                          "total_tokens": len(params.input) + frames}})
+
+
+def _event(payload: dict) -> bytes:
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+async def list_models(request: Request):
+    return JSONResponse({"object": "list", "data": [_model(request.app.state.services.settings.openai_model)]})
+
+
+async def get_model(request: Request):
+    model_id = request.path_params["model"]
+    if model_id != request.app.state.services.settings.openai_model:
+        return OpenAIError(404, f"model {model_id!r} not found", "model", "model_not_found").response()
+    return JSONResponse(_model(model_id))
+
+
+def _model(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": int(_STARTED), "owned_by": MODEL_OWNER}
