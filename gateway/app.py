@@ -1,16 +1,18 @@
 """The gateway app's wiring: services created at start-up, and every route on one port (WebSocket
-/api/v1/speak, the voices API, OpenAI's speech API, health, readiness, metrics)."""
+/api/v1/speak, the voices API, OpenAI's speech API, the web page, health, readiness, metrics)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from . import metrics, openai_api, voices
 from .config import Settings
@@ -20,6 +22,10 @@ from .triton_client import TritonPool
 from .voices import VoiceLibrary
 
 log = logging.getLogger("gateway")
+STATIC_DIR = Path(__file__).parent / "static"
+# The page talks only to this server (its WebSocket included) and plays audio it made itself.
+PAGE_POLICY = ("default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; img-src 'self' data:; "
+               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
 @dataclass
@@ -32,6 +38,11 @@ class Services:
     sessions: int = 0
     connections: set = field(default_factory=set)  # the sessions open now (for draining)
     draining: bool = False  # shutting down: no new sessions
+
+
+async def web_page(request: Request):
+    return FileResponse(STATIC_DIR / "index.html", headers={"content-security-policy": PAGE_POLICY,
+                                                            "cache-control": "no-cache"})
 
 
 async def healthz(request: Request):
@@ -85,6 +96,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/audio/speech", openai_api.speech, methods=["POST"]),
         Route("/v1/models", openai_api.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", openai_api.get_model, methods=["GET"]),
+        Route("/", web_page),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),

@@ -30,6 +30,15 @@ quiet $PIP install -q --disable-pip-version-check -r requirements.txt
 quiet $PIP install -q --disable-pip-version-check --no-deps -e .
 "$VENV/bin/python" -m tools.fix_torchaudio
 "$VENV/bin/python" -c "import numpy; assert numpy.__version__ < '2', 'numpy must be < 2 for the Triton stub'"
+if ! command -v chromium >/dev/null 2>&1; then
+  # The web page's test drives Debian's chromium (Playwright's own browser download is not reachable).
+  echo "== installing chromium"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  export DEBIAN_FRONTEND=noninteractive
+  { $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }; } \
+    >/dev/null 2>&1 || echo "warning: could not install chromium (apt-get install chromium); the web page test will fail"
+fi
 echo "== building the tiny model"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model build/tiny-model 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
 echo "== setup done"

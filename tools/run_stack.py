@@ -68,9 +68,11 @@ Ready.
            /healthz /readyz /metrics   (log: build/logs/gateway.log)
   Triton   gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}
 Try it:
+  open http://127.0.0.1:{port}/ (the web page)
   .venv/bin/python -m client.speak "Hello there. This is a test." -o hello.wav --url ws://127.0.0.1:{port}/api/v1/speak
   .venv/bin/python -m client.triton_tts "Hello from Triton." -o hello.wav --url {server.grpc_url}
   curl http://127.0.0.1:{port}/api/v1/voices
+  curl -N http://127.0.0.1:{port}/v1/audio/speech -H 'Content-Type: application/json' -d '{{"model":"qwen3-tts","input":"Hi.","voice":"default","response_format":"mp3"}}' -o hi.mp3
 Stop with Ctrl-C. tritonserver and the gateway are restarted if they die.
 """
 

@@ -1,0 +1,339 @@
+// The try-it page: one speak session over the WebSocket, audio played while it streams, voices managed
+// through the REST API. No build step, no dependencies.
+import {Recorder, StreamPlayer} from "./player.js";
+import {wavBlob} from "./wav.js";
+
+const RATE = 24000;           // the session's rate = the AudioContext's: no resampling in the browser
+const MAX_RECORD_SECONDS = 30;
+const $ = (id) => document.getElementById(id);
+
+// What the page has done, for people curious in the console and for the browser test.
+const page = window.ttsPage = {
+  framesReceived: 0, samplesReceived: 0, utterances: 0, completes: [], errors: [], player: null, mode: null,
+};
+
+let token = localStorage.getItem("qwen-tts-token") || "";
+let context = null;
+let player = null;
+let socket = null;
+let sessionReady = null;      // resolves once the session answered `started`
+let pendingStart = null;      // {resolve, reject} while a `start` awaits its answer
+let configured = {};          // voice and language of the last `started`
+let current = null;           // the utterance playing: {requestId, sentAt, firstAudioAt, chunks}
+let lastDownload = null;
+let recorder = null;
+let recorded = null;          // the last recording, as WAV
+let utteranceCounter = 0;
+
+// -- small UI helpers ------------------------------------------------------------------------------------
+
+function say(element, text, kind = "info") {
+  element.textContent = text;
+  element.dataset.kind = kind;
+}
+
+function setConnection(state) {
+  const pill = $("connection");
+  pill.textContent = state;
+  pill.dataset.state = state;
+}
+
+function setBusy(busy) {
+  $("speak").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+function fillSelect(select, options, selected) {
+  select.replaceChildren(...options.map(({value, label}) => new Option(label, value, false, value === selected)));
+}
+
+function showAuth(reason) {
+  $("auth").hidden = false;
+  say($("message"), reason || "This server needs a token: enter it below.", "error");
+  $("token").focus();
+}
+
+async function api(path, options = {}) {
+  const headers = {...(options.headers || {})};
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(path, {...options, headers});
+  if (response.status === 401) {
+    showAuth();
+    throw new Error("a token is needed");
+  }
+  return response;
+}
+
+// -- voices -----------------------------------------------------------------------------------------------
+
+async function loadVoices(select = null) {
+  const response = await api("/api/v1/voices");
+  const {voices} = await response.json();
+  const chosen = select || $("voice").value || (voices.find((v) => v.isDefault) || voices[0] || {}).id;
+  fillSelect($("voice"), voices.map((v) => ({value: v.id, label: v.isDefault && v.name.toLowerCase() !== "default" ? `${v.name} (default)` : v.name})),
+             chosen);
+}
+
+function fillLanguages(languages) {
+  const options = languages.map((name) => ({value: name, label: name}));
+  fillSelect($("language"), options, $("language").value || "English");
+  fillSelect($("voice-language"), options, $("voice-language").value || "Auto");
+}
+
+// -- the session ------------------------------------------------------------------------------------------
+
+function startMessage() {
+  const message = {type: "start", sampleRate: RATE, encoding: "pcm32f"};
+  if ($("voice").value) message.voice = $("voice").value;
+  if ($("language").value) message.language = $("language").value;
+  if (token) message.authToken = token;
+  return message;
+}
+
+function awaitStarted() {
+  return new Promise((resolve, reject) => { pendingStart = {resolve, reject}; });
+}
+
+function connect() {
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/speak`;
+  socket = new WebSocket(url);
+  socket.binaryType = "arraybuffer";
+  setConnection("connecting…");
+  sessionReady = awaitStarted();
+  sessionReady.catch(() => {});
+  socket.onopen = () => socket.send(JSON.stringify(startMessage()));  // first: it may carry the token
+  socket.onmessage = ({data}) => (data instanceof ArrayBuffer ? onAudio(new Float32Array(data))
+                                                               : onMessage(JSON.parse(data)));
+  socket.onclose = ({code}) => {
+    setConnection("disconnected");
+    if (pendingStart) pendingStart.reject(new Error(`the session closed (${code})`));
+    pendingStart = null;
+    if (current) finish(null);
+    socket = null;
+  };
+  return sessionReady;
+}
+
+async function ensureSession() {
+  if (!socket || socket.readyState > WebSocket.OPEN) await connect();
+  else await sessionReady;
+  const wanted = startMessage();
+  if (wanted.voice !== configured.voice || wanted.language !== configured.language) {
+    sessionReady = awaitStarted();
+    socket.send(JSON.stringify(wanted));
+    await sessionReady;
+  }
+}
+
+function onMessage(message) {
+  switch (message.type) {
+    case "ready":
+      setConnection("connected");
+      fillLanguages(message.capabilities.languages);
+      break;
+    case "started":
+      configured = {voice: message.voice, language: message.language};
+      if (pendingStart) pendingStart.resolve(message);
+      pendingStart = null;
+      break;
+    case "complete":
+      finish(message);
+      break;
+    case "error":
+      page.errors.push(message);
+      say($("message"), `${message.code}: ${message.message}`, message.recoverable ? "warning" : "error");
+      if (message.code === "UNAUTHORIZED") showAuth(`${message.message}: enter a token below.`);
+      if (pendingStart && !message.requestId) {
+        pendingStart.reject(new Error(message.message));
+        pendingStart = null;
+      }
+      break;
+  }
+}
+
+function onAudio(samples) {
+  page.framesReceived += 1;
+  page.samplesReceived += samples.length;
+  if (!current) return;  // audio of an utterance stopped a moment ago
+  if (current.firstAudioAt === null) {
+    current.firstAudioAt = performance.now();
+    $("ttfa").textContent = `${Math.round(current.firstAudioAt - current.sentAt)} ms`;
+  }
+  current.chunks.push(samples.slice());  // the player takes ownership of `samples`
+  player.push(samples);
+}
+
+function finish(complete) {
+  const utterance = current;
+  current = null;
+  setBusy(false);
+  player.end();
+  if (!utterance) return;
+  const seconds = utterance.chunks.reduce((n, c) => n + c.length, 0) / RATE;
+  $("audio-seconds").textContent = `${seconds.toFixed(2)} s`;
+  if (complete) {
+    page.utterances += 1;
+    page.completes.push(complete);
+    const wall = (performance.now() - utterance.sentAt) / 1000;
+    $("rtf").textContent = seconds ? (wall / seconds).toFixed(2) : "–";
+    $("rtf").title = "generation time / audio duration: below 1 is faster than real time";
+    if (complete.firstAudioMs !== null) $("ttfa").title = `server: ${complete.firstAudioMs} ms`;
+    say($("message"), complete.cancelled ? "Stopped." : `Done: ${complete.charactersProcessed} characters.`);
+  }
+  if (seconds) {
+    if (lastDownload) URL.revokeObjectURL(lastDownload);
+    lastDownload = URL.createObjectURL(wavBlob(utterance.chunks, RATE));
+    $("download").href = lastDownload;
+    $("download").classList.remove("disabled");
+  }
+}
+
+async function ensureAudio() {
+  if (!context) {
+    context = new AudioContext({sampleRate: RATE});
+    player = page.player = await new StreamPlayer(context).init();
+    page.mode = player.mode;
+  }
+  if (context.state !== "running") await context.resume();
+}
+
+async function speak() {
+  const text = $("text").value.trim();
+  if (!text) {
+    say($("message"), "Type something to say first.", "warning");
+    return;
+  }
+  setBusy(true);
+  say($("message"), "");
+  try {
+    await ensureAudio();
+    await ensureSession();
+  } catch (error) {
+    setBusy(false);
+    say($("message"), `Cannot start: ${error.message}`, "error");
+    return;
+  }
+  player.clear();
+  for (const id of ["ttfa", "rtf", "audio-seconds"]) $(id).textContent = "…";
+  current = {requestId: `page-${++utteranceCounter}`, sentAt: performance.now(), firstAudioAt: null, chunks: []};
+  socket.send(JSON.stringify({type: "speak", text, requestId: current.requestId}));
+}
+
+function stop() {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({type: "cancel"}));
+  if (player) player.clear();
+}
+
+function drawMeter() {
+  const buffered = player ? player.stats.buffered / RATE : 0;
+  $("buffered").style.width = `${Math.min(100, buffered * 10)}%`;
+  $("buffered").title = `${buffered.toFixed(1)} s buffered`;
+  requestAnimationFrame(drawMeter);
+}
+
+// -- adding a voice ---------------------------------------------------------------------------------------
+
+async function toggleRecording() {
+  const button = $("record");
+  if (recorder) {
+    const chunks = recorder.stop();
+    recorded = wavBlob(chunks, context.sampleRate);
+    $("recorded").textContent = `recorded ${recorder.seconds.toFixed(1)} s`;
+    recorder = null;
+    button.textContent = "● Record";
+    button.classList.remove("recording");
+    return;
+  }
+  try {
+    await ensureAudio();
+    recorder = new Recorder(context);
+    await recorder.start();
+  } catch (error) {
+    recorder = null;
+    say($("voice-message"), `Cannot record: ${error.message}`, "error");
+    return;
+  }
+  $("voice-file").value = "";
+  button.textContent = "■ Stop recording";
+  button.classList.add("recording");
+  const tick = () => {
+    if (!recorder) return;
+    $("recorded").textContent = `recording… ${recorder.seconds.toFixed(1)} s`;
+    if (recorder.seconds >= MAX_RECORD_SECONDS) toggleRecording();
+    else setTimeout(tick, 200);
+  };
+  tick();
+}
+
+async function addVoice(event) {
+  event.preventDefault();
+  const file = $("voice-file").files[0];
+  const audio = file || recorded;
+  if (!audio) {
+    say($("voice-message"), "Choose an audio file or record a clip first.", "warning");
+    return;
+  }
+  const form = new FormData();
+  form.append("audio", audio, file ? file.name : "recording.wav");
+  form.append("name", $("voice-name").value.trim());
+  form.append("language", $("voice-language").value);
+  if ($("voice-transcript").value.trim()) form.append("transcript", $("voice-transcript").value.trim());
+  $("upload").disabled = true;
+  say($("voice-message"), "Computing the voice prompt…");
+  try {
+    const response = await api("/api/v1/voices", {method: "POST", body: form});
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error || response.statusText);
+    await loadVoices(body.id);
+    say($("voice-message"), `Added "${body.name}": it is selected above.`, "success");
+    $("voice-form").reset();
+    recorded = null;
+    $("recorded").textContent = "";
+  } catch (error) {
+    say($("voice-message"), `Not added: ${error.message}`, "error");
+  } finally {
+    $("upload").disabled = false;
+  }
+}
+
+// -- wiring -----------------------------------------------------------------------------------------------
+
+async function load() {
+  try {
+    await loadVoices();
+    if (socket) socket.close();
+    await connect();
+    $("speak").disabled = false;
+  } catch (error) {
+    say($("message"), `Not connected: ${error.message}`, "error");
+  }
+}
+
+function wire() {
+  $("speak").addEventListener("click", speak);
+  $("stop").addEventListener("click", stop);
+  $("text").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) speak();
+  });
+  $("voice-form").addEventListener("submit", addVoice);
+  $("record").addEventListener("click", toggleRecording);
+  $("download").addEventListener("click", (event) => {
+    if ($("download").classList.contains("disabled")) event.preventDefault();
+  });
+  $("auth-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    token = $("token").value.trim();
+    localStorage.setItem("qwen-tts-token", token);
+    $("auth").hidden = true;
+    say($("message"), "");
+    await load();
+  });
+  if (!window.isSecureContext) {
+    $("record").disabled = true;
+    $("record").title = "Recording needs https (or localhost)";
+  }
+  requestAnimationFrame(drawMeter);
+}
+
+wire();
+load();

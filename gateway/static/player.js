@@ -1,0 +1,101 @@
+// Gapless playback of streamed PCM, and microphone recording, at the AudioContext's rate.
+
+export class StreamPlayer {
+  constructor(context) {
+    this.context = context;
+    this.stats = {samplesScheduled: 0, samplesPlayed: 0, buffered: 0, underruns: 0};
+    this.node = null;        // the pcm-player worklet (secure contexts)
+    this.sources = new Set(); // scheduled buffers (the fallback elsewhere)
+    this.nextTime = 0;
+  }
+
+  async init() {
+    if (this.context.audioWorklet) {
+      await this.context.audioWorklet.addModule("/static/worklets.js");
+      this.node = new AudioWorkletNode(this.context, "pcm-player", {outputChannelCount: [1]});
+      this.node.port.onmessage = ({data}) => {
+        this.stats.samplesPlayed = data.played;
+        this.stats.buffered = data.buffered;
+        this.stats.underruns = data.underruns;
+      };
+      this.node.connect(this.context.destination);
+    }
+    return this;
+  }
+
+  get mode() { return this.node ? "worklet" : "scheduled buffers"; }
+
+  /** Queue a chunk right after the previous one. */
+  push(samples) {
+    this.stats.samplesScheduled += samples.length;
+    if (this.node) {
+      this.node.port.postMessage(samples, [samples.buffer]);
+      return;
+    }
+    // Without a worklet (plain http on another host): buffers scheduled back to back on the audio clock.
+    const buffer = this.context.createBuffer(1, samples.length, this.context.sampleRate);
+    buffer.copyToChannel(samples, 0);
+    const source = this.context.createBufferSource();
+    source.buffer = buffer;
+    source.connect(this.context.destination);
+    const now = this.context.currentTime;
+    if (this.nextTime < now) {
+      if (this.sources.size) this.stats.underruns += 1;
+      this.nextTime = now + 0.05;
+    }
+    source.start(this.nextTime);
+    this.nextTime += buffer.duration;
+    this.sources.add(source);
+    source.onended = () => {
+      this.sources.delete(source);
+      this.stats.samplesPlayed += samples.length;
+    };
+    this.stats.buffered = Math.round((this.nextTime - now) * this.context.sampleRate);
+  }
+
+  /** The utterance's audio is all queued: running dry from now on is the end, not an underrun. */
+  end() {
+    if (this.node) this.node.port.postMessage({type: "end"});
+  }
+
+  /** Silence now: drop what is queued. */
+  clear() {
+    if (this.node) this.node.port.postMessage({type: "clear"});
+    for (const source of this.sources) source.stop();
+    this.sources.clear();
+    this.nextTime = 0;
+    this.stats.buffered = 0;
+  }
+}
+
+export class Recorder {
+  constructor(context) {
+    this.context = context;
+    this.chunks = [];
+  }
+
+  static available(context) {
+    return Boolean(window.isSecureContext && navigator.mediaDevices && context.audioWorklet);
+  }
+
+  async start() {
+    this.stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: false}});
+    await this.context.audioWorklet.addModule("/static/worklets.js");
+    this.source = this.context.createMediaStreamSource(this.stream);
+    this.node = new AudioWorkletNode(this.context, "pcm-recorder");
+    this.node.port.onmessage = ({data}) => this.chunks.push(data);
+    this.source.connect(this.node);
+    this.chunks = [];
+  }
+
+  get seconds() {
+    return this.chunks.reduce((n, c) => n + c.length, 0) / this.context.sampleRate;
+  }
+
+  stop() {
+    this.source.disconnect();
+    this.node.port.onmessage = null;
+    for (const track of this.stream.getTracks()) track.stop();
+    return this.chunks;
+  }
+}

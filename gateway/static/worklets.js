@@ -1,0 +1,68 @@
+// Audio worklets: a gapless player fed with Float32 chunks, and a recorder for voice clips.
+
+class PcmPlayer extends AudioWorkletProcessor {
+  constructor() {
+    super();
+    this.chunks = [];      // Float32Arrays waiting to play
+    this.offset = 0;       // read position in chunks[0]
+    this.buffered = 0;     // samples waiting
+    this.played = 0;
+    this.underruns = 0;    // render quanta that ran dry while an utterance was still streaming
+    this.streaming = false;
+    this.sinceReport = 0;
+    this.port.onmessage = ({data}) => {
+      if (data instanceof Float32Array) {
+        this.chunks.push(data);
+        this.buffered += data.length;
+        this.streaming = true;
+      } else if (data.type === "end") {
+        this.streaming = false;
+      } else if (data.type === "clear") {
+        this.chunks = [];
+        this.offset = 0;
+        this.buffered = 0;
+        this.streaming = false;
+        this.report();
+      }
+    };
+  }
+
+  process(inputs, outputs) {
+    const out = outputs[0][0];
+    let written = 0;
+    while (written < out.length && this.chunks.length) {
+      const chunk = this.chunks[0];
+      const n = Math.min(out.length - written, chunk.length - this.offset);
+      out.set(chunk.subarray(this.offset, this.offset + n), written);
+      written += n;
+      this.offset += n;
+      if (this.offset === chunk.length) {
+        this.chunks.shift();
+        this.offset = 0;
+      }
+    }
+    out.fill(0, written);
+    this.buffered -= written;
+    this.played += written;
+    if (written < out.length && this.streaming) this.underruns += 1;
+    this.sinceReport += out.length;
+    if (this.sinceReport >= sampleRate / 20) this.report();
+    return true;
+  }
+
+  report() {
+    this.sinceReport = 0;
+    this.port.postMessage({played: this.played, buffered: this.buffered, underruns: this.underruns});
+  }
+}
+
+class PcmRecorder extends AudioWorkletProcessor {
+  process(inputs) {
+    const channel = inputs[0] && inputs[0][0];
+    if (channel && channel.length) this.port.postMessage(channel.slice());
+    return true;
+  }
+}
+
+registerProcessor("pcm-player", PcmPlayer);
+registerProcessor("pcm-recorder", PcmRecorder);

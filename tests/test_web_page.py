@@ -1,0 +1,179 @@
+"""The web page at `/`, in a real headless Chromium (Debian's `chromium`, driven by Playwright): it speaks with
+audio streaming into the player, stops, adds voices from a file and from the microphone, asks for a token
+when auth is on, and logs no errors."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from conftest import ROOT, synthetic_reference
+from gateway_helpers import GatewayProcess
+from test_gateway import FAST, LONG
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = ROOT / "results" / "web_page.png"
+TOKEN = "page-test-token"
+WAIT_MS = 60_000  # for Playwright's own waits
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed; `make setup` installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--disable-background-networking", "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        yield browser
+        browser.close()
+
+
+def start_gateway(triton, voices_dir: Path, tmp_path: Path, **env) -> GatewayProcess:
+    """A gateway over its own copy of the voices (the page adds voices)."""
+    voices = tmp_path / "voices"
+    shutil.copytree(voices_dir, voices, ignore=shutil.ignore_patterns("*.tmp"))
+    gateway = GatewayProcess(triton.grpc_url, voices, tmp_path / "gateway.log", **{**FAST, **env}).start()
+    gateway.wait_ready()
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(triton, voices_dir, tmp_path_factory):
+    process = start_gateway(triton, voices_dir, tmp_path_factory.mktemp("page"))
+    yield process
+    process.stop()
+
+
+class Page:
+    """A browser tab on the page, collecting console errors and uncaught exceptions."""
+
+    def __init__(self, browser, url: str):
+        self.context = browser.new_context(viewport={"width": 1100, "height": 900})
+        self.tab = self.context.new_page()
+        self.errors: list[str] = []
+        self.tab.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.tab.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.tab.goto(url)
+
+    def stats(self) -> dict:
+        return self.tab.evaluate("""() => ({...window.ttsPage, player: window.ttsPage.player &&
+                                             window.ttsPage.player.stats})""")
+
+    def wait_for(self, condition: str, timeout_s: float = 60.0) -> None:
+        """Poll a JavaScript condition from outside the page (the page's CSP forbids evaluating strings in it)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.tab.evaluate(f"() => Boolean({condition})"):
+            assert time.monotonic() < deadline, f"still false after {timeout_s:g} s: {condition}"
+            self.tab.wait_for_timeout(50)
+
+    def connected(self) -> "Page":
+        self.wait_for("document.getElementById('connection').dataset.state === 'connected' && "
+                      "!document.getElementById('speak').disabled")
+        return self
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def page(browser, gateway):
+    opened = Page(browser, gateway.http + "/").connected()
+    yield opened
+    opened.close()
+
+
+def test_speak_streams_audio_into_the_player(page):
+    """Typing text and clicking Speak: audio frames arrive, every sample is scheduled gaplessly in the worklet
+    and played, time to first audio and real-time factor are shown, the WAV download is ready, and the
+    console stays clean. The screenshot in results/ is the README's."""
+    page.tab.fill("#text", "Hello from the browser. This is the page speaking.")
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.utterances === 1")
+    page.wait_for("window.ttsPage.player.stats.samplesPlayed >= window.ttsPage.samplesReceived")
+    stats = page.stats()
+    assert stats["mode"] == "worklet" and stats["framesReceived"] > 1
+    assert stats["player"]["samplesScheduled"] == stats["samplesReceived"] > 24000
+    assert stats["completes"][0]["cancelled"] is False and not stats["errors"]
+    assert page.tab.inner_text("#ttfa").endswith(" ms") and float(page.tab.inner_text("#rtf")) > 0
+    assert page.tab.get_attribute("#download", "href").startswith("blob:")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.tab.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert not page.errors, page.errors
+
+
+def test_stop_ends_the_utterance_and_silences_the_player(page):
+    """Stop during a long utterance: it ends cancelled, the player's queue is dropped, Speak is available
+    again, and nothing is logged as an error."""
+    page.tab.fill("#text", " ".join([LONG] * 4))
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.framesReceived > 0")
+    page.tab.click("#stop")
+    page.wait_for("window.ttsPage.completes.length === 1")
+    page.wait_for("window.ttsPage.player.stats.buffered === 0")
+    stats = page.stats()
+    assert stats["completes"][0]["cancelled"] is True
+    assert page.tab.is_enabled("#speak") and not page.tab.is_enabled("#stop")
+    assert not page.errors, page.errors
+
+
+def test_a_voice_uploaded_from_a_file_is_added_and_selected(page, tmp_path):
+    """Choosing a clip, a name and a transcript adds the voice; the picker then selects it."""
+    clip = tmp_path / "me.wav"
+    sf.write(clip, synthetic_reference(4.0, seed=3), 24000)
+    page.tab.fill("#voice-name", "Page voice")
+    page.tab.fill("#voice-transcript", "A clip uploaded from the page.")
+    page.tab.set_input_files("#voice-file", str(clip))
+    page.tab.click("#upload")
+    page.wait_for("document.getElementById('voice-message').dataset.kind === 'success'")
+    selected = page.tab.eval_on_selector("#voice", "select => select.selectedOptions[0].textContent")
+    assert selected == "Page voice" and not page.errors, page.errors
+
+
+def test_a_voice_recorded_from_the_microphone_is_added(page):
+    """Record (Chromium's fake microphone), stop after a few seconds, add: the voice is added."""
+    page.tab.click("#record")
+    page.wait_for("/recording… [4-9]/.test(document.getElementById('recorded').textContent)")
+    page.tab.click("#record")
+    assert page.tab.inner_text("#recorded").startswith("recorded ")
+    page.tab.fill("#voice-name", "Microphone voice")
+    page.tab.click("#upload")
+    page.wait_for("['success', 'error'].includes(document.getElementById('voice-message').dataset.kind)")
+    assert page.tab.get_attribute("#voice-message", "data-kind") == "success", page.tab.inner_text("#voice-message")
+    assert not page.errors, page.errors
+
+
+def test_with_auth_on_the_page_asks_for_a_token_then_speaks(browser, triton, voices_dir, tmp_path):
+    """With GATEWAY_AUTH_TOKENS set the page shows the token field; once a token is entered it connects and
+    speaks."""
+    gateway = start_gateway(triton, voices_dir, tmp_path, GATEWAY_AUTH_TOKENS=TOKEN)
+    page = Page(browser, gateway.http + "/")
+    try:
+        page.tab.wait_for_selector("#auth:not([hidden])", timeout=WAIT_MS)
+        page.tab.fill("#token", TOKEN)
+        page.tab.click("#auth-form button")
+        page.connected()
+        page.tab.click("#speak")
+        page.wait_for("window.ttsPage.utterances === 1")
+        # what was logged before the token: the refused voices request (401) and nothing else
+        assert all("401" in error for error in page.errors), page.errors
+    finally:
+        page.close()
+        gateway.stop()
+
+
+def test_the_page_is_served_with_a_content_security_policy(gateway):
+    """`/` is HTML with a CSP that keeps the page to its own origin; its scripts and styles are served."""
+    import httpx
+
+    response = httpx.get(gateway.http + "/", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    for asset in ("app.js", "player.js", "worklets.js", "wav.js", "style.css"):
+        assert httpx.get(f"{gateway.http}/static/{asset}", timeout=10).status_code == 200
