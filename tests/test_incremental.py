@@ -96,6 +96,23 @@ async def test_cancel_drops_buffered_text_and_the_next_append_opens_a_new_uttera
         assert second.end["requestId"] == "b" and second.end["cancelled"] is False
 
 
+async def test_a_high_priority_speak_drops_the_streamed_utterance_and_its_buffered_text(gateway):
+    """A high-priority `speak` ends the open streamed utterance (cancelled), plays next, and later text opens a
+    new utterance instead of joining the dropped one."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="This sentence is complete. This one is not", requestId="streamed")
+        await send(ws, type="speak", text="Urgent news.", priority="high", requestId="urgent")
+        dropped = await collect(ws)
+        assert dropped.end["requestId"] == "streamed" and dropped.end["cancelled"] is True
+        urgent = await collect(ws)
+        assert urgent.end["requestId"] == "urgent" and urgent.end["cancelled"] is False
+        await send(ws, type="append", text=" finished later.", requestId="later")
+        await send(ws, type="end")
+        later = await collect(ws)
+        assert later.end["requestId"] == "later" and later.end["charactersProcessed"] == len(" finished later.")
+
+
 async def test_text_over_the_limit_is_refused_and_the_utterance_keeps_what_it_had(triton, voices_dir, tmp_path):
     """An append that would pass GATEWAY_MAX_TEXT_CHARS gets INVALID_TEXT; the utterance goes on."""
     gateway = GatewayProcess(triton.grpc_url, voices_dir, tmp_path / "gw.log", GATEWAY_MAX_TEXT_CHARS="40",
