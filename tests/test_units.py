@@ -210,6 +210,32 @@ def test_a_failing_step_ends_its_streams_and_the_loop_goes_on():
     assert ends == {"crash": "RuntimeError", "neighbour": "RuntimeError", "after": None}
 
 
+def test_the_serving_loop_and_the_decode_worker_run_with_their_configured_torch_threads():
+    """The talker's loop and codec_decoder's worker set torch's thread count in their own threads, leaving the
+    caller's setting alone (3 and 5: counts nothing else uses)."""
+    from triton_support.queueing import BatchingWorker
+
+    before, seen, done = torch.get_num_threads(), [], threading.Semaphore(0)
+    talker = _FakeTalker(slots=1)
+    step = talker.step
+    talker.step = lambda: (seen.append(torch.get_num_threads()), step())[1]
+    scheduler = StreamScheduler(talker, torch_threads=3)
+    try:
+        scheduler.submit(_job("one", _FakeRequest(1), [], done))
+        assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    worker = BatchingWorker(lambda batch: (seen.append(torch.get_num_threads()), done.release()),
+                            lambda batch, error: None, max_batch=4, name="test",
+                            on_start=lambda: torch.set_num_threads(5))
+    try:
+        worker.put("request")
+        assert done.acquire(timeout=10)
+    finally:
+        worker.stop()
+    assert seen == [3, 5] and torch.get_num_threads() == before
+
+
 def test_scheduler_limits_active_streams():
     """Beyond the talker's slots, jobs wait in line and start as others finish."""
     log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=1)

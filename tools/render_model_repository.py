@@ -27,6 +27,8 @@ PARAMETERS = {
     "DTYPE": ("fp32", "bf16", "weights dtype: bf16, fp16 or fp32"),
     "CHUNK_SCHEDULE": ("2,4,8,16", "2,4,8,16", "frames per streamed chunk: first, second, ... (last repeats)"),
     "MAX_ACTIVE_STREAMS": ("16", "64", "streams the talker advances together in one batched step (KV slots)"),
+    "TALKER_THREADS": ("1", "1", "CPU threads (torch intra-op) of the talker's serving loop"),
+    "DECODER_THREADS": ("1", "1", "CPU threads (torch intra-op) of codec_decoder's batching worker"),
     "MAX_QUEUED_STREAMS": ("64", "256", "requests that may wait for a free slot; more are refused (OVERLOADED)"),
     "MAX_QUEUE_WAIT_S": ("30", "30", "a request waiting longer than this for a slot is refused (OVERLOADED)"),
     "MAX_TEXT_CHARS": ("2000", "2000", "longest text a request may carry"),
@@ -34,8 +36,9 @@ PARAMETERS = {
     "DEFAULT_MAX_NEW_TOKENS": ("2048", "2048", "max_new_tokens when a request sets none"),
     "STREAM_IDLE_TIMEOUT_S": ("60", "60", "seconds before codec_decoder frees an abandoned stream's state"),
 }
-POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "MAX_ACTIVE_STREAMS", "MAX_QUEUED_STREAMS", "MAX_QUEUE_WAIT_S",
-                 "MAX_TEXT_CHARS", "MAX_NEW_TOKENS_LIMIT", "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
+POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "MAX_ACTIVE_STREAMS", "TALKER_THREADS", "DECODER_THREADS",
+                 "MAX_QUEUED_STREAMS", "MAX_QUEUE_WAIT_S", "MAX_TEXT_CHARS", "MAX_NEW_TOKENS_LIMIT",
+                 "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
 
 
 class RenderError(ValueError):

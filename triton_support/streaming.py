@@ -15,7 +15,7 @@ from tts_engine.errors import Cancelled
 from tts_engine.generation.scheduler import StreamJob
 from tts_engine.recent import RecentIds
 
-from .tensors import error_response
+from .tensors import error_response, response
 
 EMPTY_CODES = np.zeros((0, NUM_CODEBOOKS), dtype=np.int32)
 log = logging.getLogger("triton_support")
@@ -95,9 +95,8 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
     ended = []
 
     def respond(codes: np.ndarray, context_np: np.ndarray, final: bool):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(names.CODES, codes), pb_utils.Tensor(names.CONTEXT_CODES, context_np),
-            pb_utils.Tensor(names.STREAM_ID, id_tensor), pb_utils.Tensor(names.FINAL, np.array([final], dtype=bool))])
+        return response(pb_utils, {names.CODES: codes, names.CONTEXT_CODES: context_np, names.STREAM_ID: id_tensor,
+                                   names.FINAL: np.array([final], dtype=bool)})
 
     def on_chunk(chunk, index, is_last):
         response = respond(chunk.numpy().astype(np.int32), context_codes if index == 0 else EMPTY_CODES, is_last)
@@ -124,3 +123,16 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
     watcher.watch(stream_id, request)
     return StreamJob(request=synthesis, on_chunk=on_chunk, on_end=on_end,
                      is_cancelled=lambda: watcher.is_cancelled(stream_id), schedule=schedule, label=f"{stream_id:x}")
+
+
+def cancel_talker_stream(pb_utils, stream_id: int, log: logging.Logger) -> None:
+    """Ask the talker to stop generating ``stream_id``: Triton 2.51 does not cancel an ensemble's in-flight
+    first step, so codec_decoder does it when the tts request is cancelled or its decoding failed."""
+    request = pb_utils.InferenceRequest(
+        model_name=names.TALKER, requested_output_names=[],
+        inputs=[pb_utils.Tensor(names.CANCEL_STREAM_ID, np.array([stream_id], dtype=np.uint64))])
+    try:
+        for _ in request.exec(decoupled=True):
+            pass
+    except Exception as exc:  # the talker may be gone; the stream is freed regardless
+        log.warning("could not cancel talker stream %x: %s", stream_id, exc)

@@ -51,6 +51,11 @@ def request_parameters(request) -> dict[str, Any]:
     return values if isinstance(values, dict) else {}
 
 
+def response(pb_utils, outputs: dict[str, np.ndarray]):
+    """An InferenceResponse carrying these named output tensors."""
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
+
+
 def error_response(pb_utils, error: BaseException):
     """An InferenceResponse carrying ``[CODE] message``; anything but an engine error is an internal error
     whose details stay in the server log."""

@@ -52,6 +52,14 @@ class StreamingDecoder:
     def new_state(self) -> DecoderState:
         return DecoderState()
 
+    def warm_up(self, max_batch: int) -> None:
+        """Decode once in the shapes the first requests use (1, 2 and up to 4 streams of 2, 4 and 16 frames), so
+        that they find every code path and buffer ready."""
+        for batch in sorted({1, 2, min(4, max_batch)}):
+            for frames in (2, 4, 16):
+                self.decode_batch([self.new_state() for _ in range(batch)],
+                                  [np.zeros((frames, self.num_quantizers), dtype=np.int32)] * batch)
+
     def _codes_tensor(self, codes) -> torch.Tensor:
         codes = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes)
         if codes.ndim != 2 or codes.shape[1] != self.num_quantizers:

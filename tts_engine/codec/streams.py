@@ -44,6 +44,7 @@ class StreamTable:
         self._lock = threading.Lock()
         self.freed = {"final": 0, "cancelled": 0, "idle": 0}
         self.primings = 0  # decodes of reference codes (each voice once, while it stays cached)
+        self.batches = self.chunks = 0  # batched forwards, and the chunks they decoded
         self._cancelled = RecentIds(1024)  # recently cancelled ids, to act once
 
     def __len__(self) -> int:
@@ -119,6 +120,8 @@ class StreamTable:
 
     def _decode_group(self, items: list["DecodeItem"], members: list, results: list) -> None:
         """One batched forward for chunks of equal length; frees the streams that end here."""
+        self.batches += 1
+        self.chunks += len(members)
         try:
             audio = self.decoder.decode_batch([state for _, state in members],
                                               [items[index].codes for index, _ in members])

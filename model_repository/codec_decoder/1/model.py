@@ -6,12 +6,14 @@ length from different streams in one batched forward, and answers each request w
 from __future__ import annotations
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from triton_support import params as config
 from triton_support.metrics import MetricsPublisher
 from triton_support.queueing import BatchingWorker
-from triton_support.tensors import error_response, read_array
+from triton_support.streaming import cancel_talker_stream
+from triton_support.tensors import error_response, read_array, response
 from tts_contract import tensors as names
 from tts_engine.codec.decoder import StreamingDecoder
 from tts_engine.codec.streams import DecodeItem, StreamTable
@@ -40,10 +42,10 @@ class TritonPythonModel:
         tokenizer = load_speech_tokenizer(*config.model_location(args, params))
         self.table = StreamTable(StreamingDecoder(tokenizer.model), idle_timeout=float(params["stream_idle_timeout_s"]),
                                  primed_cache_size=int(params["primed_state_cache_size"]))
-        self.counts = {"batches": 0, "chunks": 0}
         self.failed = RecentIds(1024)  # streams whose decoding failed -> the error their last chunk reports
         self.worker = BatchingWorker(self._decode, self._fail, max_batch=int(params["max_batch_streams"]),
-                                     name="codec-decoder")
+                                     name="codec-decoder",
+                                     on_start=lambda: torch.set_num_threads(int(params["torch_threads"])))
         self._warm_up(tokenizer, params)
         self.metrics = MetricsPublisher(pb_utils, FAMILIES, self._metrics, interval_s=1.0,
                                         before_publish=self.table.expire)
@@ -53,11 +55,7 @@ class TritonPythonModel:
     def _warm_up(self, tokenizer, params) -> None:
         """Decode once in the batch shapes the first requests use, and prime the default voice's state (its
         reference codes, computed as the talker computes them), so the first stream is not slower."""
-        decoder = self.table.decoder
-        for batch in sorted({1, 2, min(4, self.worker.max_batch)}):
-            for frames in (2, 4, 16):
-                decoder.decode_batch([decoder.new_state() for _ in range(batch)],
-                                     [np.zeros((frames, 16), dtype=np.int32)] * batch)
+        self.table.decoder.warm_up(self.worker.max_batch)
         store = VoiceStore(params["voices_dir"] or "voices", default_voice=params["default_voice"] or None)
         voice = store.default_id()
         try:
@@ -71,8 +69,8 @@ class TritonPythonModel:
     def _metrics(self) -> dict:
         values = {("qwen_tts_decoder_active_streams", None): len(self.table),
                   ("qwen_tts_decoder_primings_total", None): self.table.primings,
-                  ("qwen_tts_decoder_batches_total", None): self.counts["batches"],
-                  ("qwen_tts_decoder_chunks_total", None): self.counts["chunks"]}
+                  ("qwen_tts_decoder_batches_total", None): self.table.batches,
+                  ("qwen_tts_decoder_chunks_total", None): self.table.chunks}
         values.update({("qwen_tts_decoder_streams_freed_total", reason): count
                        for reason, count in self.table.freed.items()})
         return values
@@ -94,8 +92,6 @@ class TritonPythonModel:
                 items.append(item)
                 senders.append(request)
         results = self.table.decode_many(items)
-        self.counts["batches"] += len({len(item.codes) for item in items})
-        self.counts["chunks"] += len(items)
         for request, item, result in zip(senders, items, results):
             if isinstance(result, BaseException):
                 self.log.warning("decode of stream %x failed: %s", item.stream_id, result)
@@ -140,23 +136,14 @@ class TritonPythonModel:
 
     @staticmethod
     def _audio_response(audio: np.ndarray):
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(names.AUDIO, audio.astype(np.float32,
-                                                                                                   copy=False))])
+        return response(pb_utils, {names.AUDIO: audio.astype(np.float32, copy=False)})
 
     @staticmethod
     def _respond(request, response) -> None:
         request.get_response_sender().send(response, flags=FINAL)
 
     def _cancel_talker(self, stream_id: int) -> None:
-        """Triton 2.51 does not cancel an ensemble's in-flight first step: tell the talker ourselves."""
-        request = pb_utils.InferenceRequest(
-            model_name=names.TALKER, requested_output_names=[],
-            inputs=[pb_utils.Tensor(names.CANCEL_STREAM_ID, np.array([stream_id], dtype=np.uint64))])
-        try:
-            for _ in request.exec(decoupled=True):
-                pass
-        except Exception as exc:  # the talker may be gone; the stream is freed here regardless
-            self.log.warning("could not cancel talker stream %x: %s", stream_id, exc)
+        cancel_talker_stream(pb_utils, stream_id, self.log)
 
     def finalize(self):
         self.metrics.stop()

@@ -53,7 +53,8 @@ class TritonPythonModel:
         talker = BatchedTalker(tts, slots=int(params["max_active_streams"]),
                                max_tokens=self.max_new_tokens_limit + PROMPT_TOKENS)
         self.scheduler = StreamScheduler(talker, max_queued=int(params["max_queued_streams"]),
-                                         max_queue_wait_s=float(params["max_queue_wait_s"]))
+                                         max_queue_wait_s=float(params["max_queue_wait_s"]),
+                                         torch_threads=int(params["torch_threads"]))
         self.metrics = MetricsPublisher(pb_utils, FAMILIES, self._metrics)
         self.stream_ids = StreamIds()
         self.cancels = CancelWatcher()

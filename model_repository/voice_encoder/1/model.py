@@ -5,7 +5,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_support import params as config
-from triton_support.tensors import error_response, read_array, read_string
+from triton_support.tensors import error_response, read_array, read_string, response
 from tts_contract import tensors as names
 from tts_contract.audio import NUM_CODEBOOKS
 from tts_engine.loading import load_model
@@ -30,11 +30,9 @@ class TritonPythonModel:
                 ref_code = (np.zeros((0, NUM_CODEBOOKS), np.int32) if prompt.ref_code is None
                             else prompt.ref_code.numpy().astype(np.int32))
                 blob = prompt.to_bytes({"model_fingerprint": self.loaded.fingerprint})
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(names.SPK_EMBEDDING, prompt.spk_embedding.numpy().astype(np.float32)),
-                    pb_utils.Tensor(names.REF_CODE, ref_code),
-                    pb_utils.Tensor(names.PROMPT, np.array([blob], dtype=np.object_)),
-                ]))
+                responses.append(response(pb_utils, {
+                    names.SPK_EMBEDDING: prompt.spk_embedding.numpy().astype(np.float32),
+                    names.REF_CODE: ref_code, names.PROMPT: np.array([blob], dtype=np.object_)}))
             except Exception as exc:
                 self.log.info("voice prompt refused: %s", exc)
                 responses.append(error_response(pb_utils, exc))
