@@ -49,8 +49,9 @@ class Start(_ClientMessage):
     audioTransport: StrictStr = "binary"
 
 
-class Speak(_ClientMessage):
-    type: Literal["speak"]
+class _TextMessage(_ClientMessage):
+    """Text to speak, with the utterance's overrides (speak, and the append that opens an utterance)."""
+
     text: Optional[StrictStr] = None
     voice: Optional[StrictStr] = None
     language: Optional[StrictStr] = None
@@ -58,15 +59,14 @@ class Speak(_ClientMessage):
     requestId: Optional[StrictStr] = None
 
 
-class Append(_ClientMessage):
+class Speak(_TextMessage):
+    type: Literal["speak"]
+
+
+class Append(_TextMessage):
     """Text for the open streamed utterance (opening one when none is open)."""
 
     type: Literal["append"]
-    text: Optional[StrictStr] = None
-    voice: Optional[StrictStr] = None
-    language: Optional[StrictStr] = None
-    priority: StrictStr = "normal"
-    requestId: Optional[StrictStr] = None
 
 
 class Flush(_ClientMessage):

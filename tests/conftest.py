@@ -117,3 +117,19 @@ def triton(tiny_model_dir, voices_dir, tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture
+def make_gateway(triton, voices_dir, tmp_path):
+    """Start gateways with their own settings (FAST unless overridden); all are stopped after the test."""
+    from gateway_helpers import FAST, GatewayProcess
+
+    started = []
+
+    def make(triton_url=None, voices=None, **env):
+        process = GatewayProcess(triton_url or triton.grpc_url, voices or voices_dir,
+                                 tmp_path / f"gateway-{len(started)}.log", **{**FAST, **env}).start()
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.stop()

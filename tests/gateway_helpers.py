@@ -9,9 +9,22 @@ from typing import Optional
 
 from websockets.asyncio.client import connect
 
-from tools.gateway_local import GatewayProcess  # noqa: F401  (the tests' way to start gateways)
+from tools.gateway_local import GatewayProcess
 
 END_TYPES = ("complete", "audio_end")
+# Greedy and short: each sentence gets 4 + one frame per character, so tests know its length.
+FAST = {"GATEWAY_SYNTHESIS_PARAMETERS": json.dumps({"greedy": True}), "GATEWAY_FRAMES_BASE": "4",
+        "GATEWAY_FRAMES_PER_CHAR": "1"}
+
+
+def serve_gateway(triton_url: str, voices_dir, log_dir, **env: str):
+    """A ready gateway (FAST settings unless ``env`` overrides them) for a fixture to yield, stopped after."""
+    process = GatewayProcess(triton_url, voices_dir, log_dir / "gateway.log", **{**FAST, **env}).start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
 
 
 @dataclass

@@ -14,11 +14,9 @@ import soxr
 from websockets.exceptions import ConnectionClosed
 
 from conftest import SAMPLE_RATE, render_cpu_repository, synthetic_reference
-from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
+from gateway_helpers import collect, open_session, receive_json, send, serve_gateway
 from triton_helpers import scrape_metrics, wait_until
 
-FAST = {"GATEWAY_SYNTHESIS_PARAMETERS": json.dumps({"greedy": True}), "GATEWAY_FRAMES_BASE": "4",
-        "GATEWAY_FRAMES_PER_CHAR": "1"}
 LONG = "This sentence is long enough to keep the model busy for a while, which is what a cancel test needs."
 
 
@@ -29,28 +27,7 @@ def frames_for(text: str) -> int:
 
 @pytest.fixture(scope="module")
 def gateway(triton, voices_dir, tmp_path_factory):
-    process = GatewayProcess(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw") / "gateway.log",
-                             GATEWAY_MAX_TEXT_CHARS="3000", **FAST).start()
-    process.wait_ready()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def make_gateway(triton, voices_dir, tmp_path):
-    """Start extra gateways with their own settings; all are stopped after the test."""
-    started = []
-
-    def make(**env) -> GatewayProcess:
-        env = {**FAST, **env}
-        url = env.pop("TRITON_URL", triton.grpc_url)
-        process = GatewayProcess(url, voices_dir, tmp_path / f"gateway-{len(started)}.log", **env).start()
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.stop()
+    yield from serve_gateway(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw"), GATEWAY_MAX_TEXT_CHARS="3000")
 
 
 async def start_session(ws, **start) -> dict:
@@ -200,7 +177,7 @@ async def test_model_loading_while_triton_is_unreachable(make_gateway):
     """With no Triton behind it, readyz is 503 and speak gets MODEL_LOADING (recoverable)."""
     from tools.triton_local import free_port
 
-    gateway = make_gateway(TRITON_URL=f"127.0.0.1:{free_port()}")
+    gateway = make_gateway(triton_url=f"127.0.0.1:{free_port()}")
     async with httpx.AsyncClient(timeout=10) as http:
         assert (await http.get(gateway.http + "/readyz")).status_code == 503
         assert (await http.get(gateway.http + "/healthz")).status_code == 200
@@ -513,7 +490,7 @@ async def test_triton_killed_mid_session_then_back(tiny_model_dir, voices_dir, t
     repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
     server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
     try:
-        gateway = make_gateway(TRITON_URL=server.grpc_url)
+        gateway = make_gateway(triton_url=server.grpc_url)
         gateway.wait_ready()
         async with open_session(gateway.ws) as ws:
             await start_session(ws)

@@ -10,8 +10,8 @@ import soundfile as sf
 
 from conftest import ROOT
 
-from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
-from test_gateway import FAST, start_session
+from gateway_helpers import collect, open_session, receive_json, send, serve_gateway
+from test_gateway import start_session
 
 PARAGRAPH = ("Streaming text to speech starts talking before the answer is finished. The first sentence plays "
              "while the model is still writing the second one. Every sentence follows the previous one without a "
@@ -20,11 +20,7 @@ PARAGRAPH = ("Streaming text to speech starts talking before the answer is finis
 
 @pytest.fixture(scope="module")
 def gateway(triton, voices_dir, tmp_path_factory):
-    process = GatewayProcess(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw") / "gateway.log",
-                             GATEWAY_TEXT_IDLE_S="0.5", **FAST).start()
-    process.wait_ready()
-    yield process
-    process.stop()
+    yield from serve_gateway(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw"), GATEWAY_TEXT_IDLE_S="0.5")
 
 
 async def append_words(ws, text: str, words_per_second: float = 15.0, **first) -> float:
@@ -113,24 +109,20 @@ async def test_a_high_priority_speak_drops_the_streamed_utterance_and_its_buffer
         assert later.end["requestId"] == "later" and later.end["charactersProcessed"] == len(" finished later.")
 
 
-async def test_text_over_the_limit_is_refused_and_the_utterance_keeps_what_it_had(triton, voices_dir, tmp_path):
+async def test_text_over_the_limit_is_refused_and_the_utterance_keeps_what_it_had(make_gateway):
     """An append that would pass GATEWAY_MAX_TEXT_CHARS gets INVALID_TEXT; the utterance goes on."""
-    gateway = GatewayProcess(triton.grpc_url, voices_dir, tmp_path / "gw.log", GATEWAY_MAX_TEXT_CHARS="40",
-                             **FAST).start()
-    try:
-        gateway.wait_ready()
-        async with open_session(gateway.ws) as ws:
-            await start_session(ws)
-            await send(ws, type="append", text="Thirty characters of text.", requestId="s")
-            await send(ws, type="append", text=" And twenty more here.")
-            reply = await collect(ws, until=("error",))
-            error = reply.of_type("error")[0]
-            assert error["code"] == "INVALID_TEXT" and error["requestId"] == "s"
-            await send(ws, type="end")
-            result = await collect(ws)
-            assert result.end["cancelled"] is False and result.end["charactersProcessed"] == 26
-    finally:
-        gateway.stop()
+    gateway = make_gateway(GATEWAY_MAX_TEXT_CHARS="40")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="Thirty characters of text.", requestId="s")
+        await send(ws, type="append", text=" And twenty more here.")
+        reply = await collect(ws, until=("error",))
+        error = reply.of_type("error")[0]
+        assert error["code"] == "INVALID_TEXT" and error["requestId"] == "s"
+        await send(ws, type="end")
+        result = await collect(ws)
+        assert result.end["cancelled"] is False and result.end["charactersProcessed"] == 26
 
 
 async def test_a_speak_during_a_streamed_utterance_plays_after_it(gateway):

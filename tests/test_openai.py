@@ -14,8 +14,8 @@ import numpy as np
 import openai
 import pytest
 
-from gateway_helpers import GatewayProcess, collect, open_session, send
-from test_gateway import FAST, LONG, start_session
+from gateway_helpers import collect, open_session, send, serve_gateway
+from test_gateway import LONG, start_session
 from triton_helpers import scrape_metrics, wait_until
 
 TOKEN = "openai-test-token"
@@ -25,11 +25,7 @@ TEXT = "Hello from the OpenAI endpoint. It streams while it speaks."
 
 @pytest.fixture(scope="module")
 def gateway(triton, voices_dir, tmp_path_factory):
-    process = GatewayProcess(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw") / "gateway.log",
-                             **FAST).start()
-    process.wait_ready()
-    yield process
-    process.stop()
+    yield from serve_gateway(triton.grpc_url, voices_dir, tmp_path_factory.mktemp("gw"))
 
 
 @pytest.fixture
@@ -179,54 +175,43 @@ def test_an_oversized_body_is_refused_before_it_is_read(gateway):
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
-def test_a_token_is_required_when_auth_is_on(triton, voices_dir, tmp_path):
+def test_a_token_is_required_when_auth_is_on(make_gateway):
     """With auth on, a wrong key is the SDK's AuthenticationError (OpenAI's 401 body); the right one speaks."""
-    gateway = GatewayProcess(triton.grpc_url, voices_dir, tmp_path / "gateway.log", GATEWAY_AUTH_TOKENS=TOKEN,
-                             **FAST).start()
-    try:
-        gateway.wait_ready()
-        with openai.OpenAI(base_url=gateway.http + "/v1", api_key="wrong", max_retries=0) as sdk:
-            with pytest.raises(openai.AuthenticationError) as raised:
-                speech(sdk)
-            assert raised.value.body["code"] == "invalid_api_key"
-            with pytest.raises(openai.AuthenticationError):
-                sdk.models.list()
-        with openai.OpenAI(base_url=gateway.http + "/v1", api_key=TOKEN, max_retries=0) as sdk:
-            assert len(speech(sdk, response_format="pcm")) > 24000
-    finally:
-        gateway.stop()
+    gateway = make_gateway(GATEWAY_AUTH_TOKENS=TOKEN)
+    gateway.wait_ready()
+    with openai.OpenAI(base_url=gateway.http + "/v1", api_key="wrong", max_retries=0) as sdk:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            speech(sdk)
+        assert raised.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            sdk.models.list()
+    with openai.OpenAI(base_url=gateway.http + "/v1", api_key=TOKEN, max_retries=0) as sdk:
+        assert len(speech(sdk, response_format="pcm")) > 24000
 
 
-def test_a_full_server_answers_429_with_retry_after(triton, voices_dir, tmp_path):
+def test_a_full_server_answers_429_with_retry_after(make_gateway):
     """With every slot held past the queue timeout, the next request is a RateLimitError carrying
     retry-after-ms (which the SDK's own retries honour)."""
-    gateway = GatewayProcess(triton.grpc_url, voices_dir, tmp_path / "gateway.log", GATEWAY_STREAMS_PER_TRITON="1",
-                             GATEWAY_QUEUE_TIMEOUT_S="0.5", **FAST).start()
-    try:
-        gateway.wait_ready()
-        with openai.OpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
-            with sdk.audio.speech.with_streaming_response.create(model=MODEL, voice="default", input=LONG * 3,
-                                                                 response_format="pcm") as holding:
-                chunks = holding.iter_bytes()  # kept: a dropped iterator closes the response
-                next(chunks)  # the one slot is taken
-                with pytest.raises(openai.RateLimitError) as raised:
-                    speech(sdk)
-            assert int(raised.value.response.headers["retry-after-ms"]) > 0
-            assert raised.value.body["code"] == "rate_limit_exceeded"
-    finally:
-        gateway.stop()
-
-
-def test_model_loading_is_503(voices_dir, tmp_path):
-    """Without a ready Triton the endpoint answers 503 (an InternalServerError to the SDK), code model_loading."""
-    gateway = GatewayProcess("127.0.0.1:9", voices_dir, tmp_path / "gateway.log", **FAST).start()
-    try:
-        with openai.OpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0) as sdk:
-            with pytest.raises(openai.InternalServerError) as raised:
+    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="0.5")
+    gateway.wait_ready()
+    with openai.OpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
+        with sdk.audio.speech.with_streaming_response.create(model=MODEL, voice="default", input=LONG * 3,
+                                                             response_format="pcm") as holding:
+            chunks = holding.iter_bytes()  # kept: a dropped iterator closes the response
+            next(chunks)  # the one slot is taken
+            with pytest.raises(openai.RateLimitError) as raised:
                 speech(sdk)
-        assert raised.value.status_code == 503 and raised.value.body["code"] == "model_loading"
-    finally:
-        gateway.stop()
+        assert int(raised.value.response.headers["retry-after-ms"]) > 0
+        assert raised.value.body["code"] == "rate_limit_exceeded"
+
+
+def test_model_loading_is_503(make_gateway):
+    """Without a ready Triton the endpoint answers 503 (an InternalServerError to the SDK), code model_loading."""
+    gateway = make_gateway(triton_url="127.0.0.1:9")
+    with openai.OpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0) as sdk:
+        with pytest.raises(openai.InternalServerError) as raised:
+            speech(sdk)
+    assert raised.value.status_code == 503 and raised.value.body["code"] == "model_loading"
 
 
 async def test_a_client_that_goes_away_cancels_its_synthesis(gateway, triton):

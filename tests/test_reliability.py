@@ -21,30 +21,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from client.triton_tts import synthesize
 from conftest import ROOT, render_cpu_repository
-from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
-from test_gateway import FAST, LONG, start_session, wav_bytes
+from gateway_helpers import FAST, collect, open_session, receive_json, send
+from test_gateway import LONG, start_session, wav_bytes
 from tools.triton_local import LocalTriton, free_port
 from triton_helpers import scrape_metrics, wait_until
 from tts_contract.errors import ErrorCode
 
 PROTOCOL_CODES = {code.value for code in ErrorCode}
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture
-def gateway_with(triton, voices_dir, tmp_path):
-    """Start gateways with extra settings; all are stopped after the test."""
-    started = []
-
-    def make(triton_url=None, **env) -> GatewayProcess:
-        process = GatewayProcess(triton_url or triton.grpc_url, voices_dir, tmp_path / f"gw-{len(started)}.log",
-                                 **{**FAST, **env}).start()
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.stop()
 
 
 # -- malformed messages -------------------------------------------------------------------------------------
@@ -96,9 +80,9 @@ def malformed_messages(count: int = 1100, seed: int = 7) -> dict[str, list[str]]
     return kinds
 
 
-async def test_a_thousand_malformed_messages_get_errors_and_the_session_stays_usable(gateway_with):
+async def test_a_thousand_malformed_messages_get_errors_and_the_session_stays_usable(make_gateway):
     """Each malformed frame gets one `error` with a protocol code; after each kind the session still works."""
-    gateway = gateway_with()
+    gateway = make_gateway()
     gateway.wait_ready()
     kinds = malformed_messages()
     async with open_session(gateway.ws) as ws:
@@ -115,9 +99,9 @@ async def test_a_thousand_malformed_messages_get_errors_and_the_session_stays_us
     assert sum(len(v) for v in kinds.values()) >= 1000
 
 
-async def test_a_lone_surrogate_in_text_is_invalid_not_an_internal_error(gateway_with):
+async def test_a_lone_surrogate_in_text_is_invalid_not_an_internal_error(make_gateway):
     """Text that is not valid Unicode is refused as INVALID_MESSAGE (not SYNTHESIS_ERROR), counted as nothing."""
-    gateway = gateway_with()
+    gateway = make_gateway()
     async with open_session(gateway.ws) as ws:
         await start_session(ws)
         await ws.send('{"type": "speak", "text": "Hello \\ud800 there.", "requestId": "r"}')
@@ -125,9 +109,9 @@ async def test_a_lone_surrogate_in_text_is_invalid_not_an_internal_error(gateway
         assert reply["code"] == "INVALID_MESSAGE" and reply["requestId"] == "r" and "Unicode" in reply["message"]
 
 
-async def test_invalid_utf8_closes_1007_and_oversize_frames_close_1009(gateway_with):
+async def test_invalid_utf8_closes_1007_and_oversize_frames_close_1009(make_gateway):
     """Standard WebSocket behaviour: a text frame that is not UTF-8 closes 1007, one over the frame limit 1009."""
-    gateway = gateway_with()
+    gateway = make_gateway()
     async with open_session(gateway.ws) as ws:
         await receive_json(ws)
         await ws.send(b"\xff\xfe not utf-8", text=True)
@@ -149,9 +133,9 @@ TRAVERSALS = ["..", "../etc", "..%2F..%2Fetc", "%2e%2e", "a/../../b", "/etc/pass
               "%252e%252e", "voices/../..", "....//....//", "."]
 
 
-async def test_voice_ids_never_escape_the_voices_directory(gateway_with, voices_dir):
+async def test_voice_ids_never_escape_the_voices_directory(make_gateway, voices_dir):
     """Traversal-shaped ids on every route that takes one are refused, and nothing outside voices/ changes."""
-    gateway = gateway_with()
+    gateway = make_gateway()
     outside = voices_dir.parent / "outside.txt"
     outside.write_text("untouched")
     before = sorted(p.name for p in voices_dir.parent.iterdir())
@@ -171,9 +155,9 @@ async def test_voice_ids_never_escape_the_voices_directory(gateway_with, voices_
     assert outside.read_text() == "untouched" and sorted(p.name for p in voices_dir.parent.iterdir()) == before
 
 
-async def test_an_upload_over_the_limit_is_refused_before_it_is_read(gateway_with):
+async def test_an_upload_over_the_limit_is_refused_before_it_is_read(make_gateway):
     """A 100 MB Content-Length gets 413 at once (the body is never sent); a body without a length is cut."""
-    gateway = gateway_with(GATEWAY_MAX_UPLOAD_BYTES="200000")
+    gateway = make_gateway(GATEWAY_MAX_UPLOAD_BYTES="200000")
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
         sock.sendall(b"POST /api/v1/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
                      b"boundary=x\r\nContent-Length: 104857600\r\n\r\n--x\r\n")
@@ -192,9 +176,9 @@ async def test_an_upload_over_the_limit_is_refused_before_it_is_read(gateway_wit
 
 @pytest.mark.parametrize("field, length", [("transcript", 1001), ("name", 101), ("description", 501),
                                            ("transcript", 10_000_000)])
-async def test_oversized_upload_fields_are_refused(gateway_with, field, length):
+async def test_oversized_upload_fields_are_refused(make_gateway, field, length):
     """Transcript, name and description have limits (1000, 100, 500 characters); beyond them: 400."""
-    gateway = gateway_with()
+    gateway = make_gateway()
     async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
         response = await http.post("/api/v1/voices", files={"audio": ("a.wav", wav_bytes(3.2), "audio/wav")},
                                    data={field: "x" * length})
@@ -203,10 +187,10 @@ async def test_oversized_upload_fields_are_refused(gateway_with, field, length):
 
 # -- auth and origins ---------------------------------------------------------------------------------------
 
-async def test_every_route_but_health_needs_the_token(gateway_with):
+async def test_every_route_but_health_needs_the_token(make_gateway):
     """With GATEWAY_AUTH_TOKENS set, voices routes answer 401 without a valid bearer token; health,
     readiness and metrics stay open."""
-    gateway = gateway_with(GATEWAY_AUTH_TOKENS=TOKEN)
+    gateway = make_gateway(GATEWAY_AUTH_TOKENS=TOKEN)
     gateway.wait_ready()
     good, bad = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer wrong"}
     upload = {"files": {"audio": ("a.wav", wav_bytes(3.2), "audio/wav")}, "data": {"id": "authz"}}
@@ -222,10 +206,10 @@ async def test_every_route_but_health_needs_the_token(gateway_with):
         assert (await http.delete("/api/v1/voices/authz", headers=good)).status_code == 204
 
 
-async def test_unauthenticated_sockets_get_unauthorized_then_1008_and_take_no_slot(gateway_with):
+async def test_unauthenticated_sockets_get_unauthorized_then_1008_and_take_no_slot(make_gateway):
     """No token within the auth timeout: UNAUTHORIZED, close 1008. Waiting unauthenticated sockets do not
     take session slots, so a real client still gets in."""
-    gateway = gateway_with(GATEWAY_AUTH_TOKENS=TOKEN, GATEWAY_MAX_SESSIONS="1", GATEWAY_IDLE_TIMEOUT_S="2")
+    gateway = make_gateway(GATEWAY_AUTH_TOKENS=TOKEN, GATEWAY_MAX_SESSIONS="1", GATEWAY_IDLE_TIMEOUT_S="2")
     async with open_session(gateway.ws) as idle_one, open_session(gateway.ws) as idle_two:
         async with open_session(gateway.ws, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as real:
             assert (await receive_json(real))["type"] == "ready"
@@ -237,10 +221,10 @@ async def test_unauthenticated_sockets_get_unauthorized_then_1008_and_take_no_sl
             assert closed.value.rcvd.code == 1008
 
 
-async def test_cross_origin_requests_are_refused_unless_allowed(gateway_with):
+async def test_cross_origin_requests_are_refused_unless_allowed(make_gateway):
     """Browsers' cross-origin requests and upgrades are refused (403) unless the origin is allowed; allowed
     origins get CORS headers; the gateway's own origin always works."""
-    gateway = gateway_with(GATEWAY_ALLOWED_ORIGINS="http://app.example")
+    gateway = make_gateway(GATEWAY_ALLOWED_ORIGINS="http://app.example")
     evil, allowed, own = "http://evil.example", "http://app.example", f"http://127.0.0.1:{gateway.port}"
     async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
         refused = await http.post("/api/v1/voices", headers={"Origin": evil},
@@ -263,7 +247,7 @@ async def test_cross_origin_requests_are_refused_unless_allowed(gateway_with):
 
 # -- faults --------------------------------------------------------------------------------------------------
 
-async def test_triton_killed_mid_stream_with_four_sessions(tiny_model_dir, voices_dir, tmp_path, gateway_with):
+async def test_triton_killed_mid_stream_with_four_sessions(tiny_model_dir, voices_dir, tmp_path, make_gateway):
     """Killing tritonserver (only the server: its model processes must follow) while four sessions speak:
     each gets a recoverable error and its end message; no model process is left; once Triton is back the
     same sessions speak again without restarting the gateway."""
@@ -271,7 +255,7 @@ async def test_triton_killed_mid_stream_with_four_sessions(tiny_model_dir, voice
     server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
     restarted = None
     try:
-        gateway = gateway_with(triton_url=server.grpc_url, GATEWAY_READY_POLL_S="0.5")
+        gateway = make_gateway(triton_url=server.grpc_url, GATEWAY_READY_POLL_S="0.5")
         gateway.wait_ready()
         sessions = [await open_session(gateway.ws).__aenter__() for _ in range(4)]
         for index, ws in enumerate(sessions):
@@ -290,8 +274,7 @@ async def test_triton_killed_mid_stream_with_four_sessions(tiny_model_dir, voice
             f"orphaned model processes: {server.model_processes()}"
         restarted = LocalTriton(repository, server.http_port, server.grpc_port, server.metrics_port,
                                 log_path=tmp_path / "triton-2.log").start().wait_ready(180)
-        async with httpx.AsyncClient(base_url=gateway.http, timeout=5) as http:
-            assert await wait_until(lambda: httpx.get(gateway.http + "/readyz").status_code == 200, timeout=10)
+        assert await wait_until(lambda: httpx.get(gateway.http + "/readyz", timeout=5).status_code == 200, timeout=10)
         for ws in sessions:
             await send(ws, type="speak", text="Back again.")
             result = await collect(ws, timeout=60)
@@ -363,10 +346,10 @@ async def test_model_processes_follow_a_server_stopped_mid_stream(tiny_model_dir
         server.stop()
 
 
-async def test_disconnect_and_cancel_storms_leak_nothing(gateway_with, triton):
+async def test_disconnect_and_cancel_storms_leak_nothing(make_gateway, triton):
     """Many sessions that speak and vanish, and many speak+cancel pairs: afterwards no stream, decoder state
     or session is left, and the next utterance plays in full."""
-    gateway = gateway_with(GATEWAY_MAX_SESSIONS="128")
+    gateway = make_gateway(GATEWAY_MAX_SESSIONS="128")
     gateway.wait_ready()
 
     async def speak_and_vanish(index: int):
@@ -402,9 +385,9 @@ async def test_disconnect_and_cancel_storms_leak_nothing(gateway_with, triton):
         assert result.end["cancelled"] is False and len(result.audio) // 2 == round(result.end["audioLengthMs"] * 24)
 
 
-async def test_sigterm_drains_every_session(gateway_with):
+async def test_sigterm_drains_every_session(make_gateway):
     """SIGTERM: the utterance playing ends with its end message, the queued one too (cancelled), then 1001."""
-    gateway = gateway_with(GATEWAY_DRAIN_S="0.5")
+    gateway = make_gateway(GATEWAY_DRAIN_S="0.5")
     gateway.wait_ready()
     async with open_session(gateway.ws) as ws:
         await start_session(ws)

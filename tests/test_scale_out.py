@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from conftest import render_cpu_repository
-from gateway_helpers import GatewayProcess, collect, open_session, receive_json, send
-from test_gateway import FAST, LONG, start_session
+from gateway_helpers import FAST, GatewayProcess, collect, open_session, receive_json, send
+from test_gateway import LONG, start_session
 from triton_helpers import scrape_metrics, wait_until
 from tools.triton_local import LocalTriton
 

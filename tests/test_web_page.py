@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 
 from conftest import ROOT, synthetic_reference
-from gateway_helpers import GatewayProcess
-from test_gateway import FAST, LONG
+from gateway_helpers import serve_gateway
+from test_gateway import LONG
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = ROOT / "results" / "web_page.png"
@@ -35,20 +35,15 @@ def browser():
         browser.close()
 
 
-def start_gateway(triton, voices_dir: Path, tmp_path: Path, **env) -> GatewayProcess:
-    """A gateway over its own copy of the voices (the page adds voices)."""
-    voices = tmp_path / "voices"
-    shutil.copytree(voices_dir, voices, ignore=shutil.ignore_patterns("*.tmp"))
-    gateway = GatewayProcess(triton.grpc_url, voices, tmp_path / "gateway.log", **{**FAST, **env}).start()
-    gateway.wait_ready()
-    return gateway
+def copy_voices(voices_dir: Path, work: Path) -> Path:
+    """A copy of the voices for one gateway (the page adds voices)."""
+    return Path(shutil.copytree(voices_dir, work / "voices", ignore=shutil.ignore_patterns("*.tmp")))
 
 
 @pytest.fixture(scope="module")
 def gateway(triton, voices_dir, tmp_path_factory):
-    process = start_gateway(triton, voices_dir, tmp_path_factory.mktemp("page"))
-    yield process
-    process.stop()
+    work = tmp_path_factory.mktemp("page")
+    yield from serve_gateway(triton.grpc_url, copy_voices(voices_dir, work), work)
 
 
 class Page:
@@ -149,10 +144,11 @@ def test_a_voice_recorded_from_the_microphone_is_added(page):
     assert not page.errors, page.errors
 
 
-def test_with_auth_on_the_page_asks_for_a_token_then_speaks(browser, triton, voices_dir, tmp_path):
+def test_with_auth_on_the_page_asks_for_a_token_then_speaks(browser, make_gateway, voices_dir, tmp_path):
     """With GATEWAY_AUTH_TOKENS set the page shows the token field; once a token is entered it connects and
     speaks."""
-    gateway = start_gateway(triton, voices_dir, tmp_path, GATEWAY_AUTH_TOKENS=TOKEN)
+    gateway = make_gateway(voices=copy_voices(voices_dir, tmp_path), GATEWAY_AUTH_TOKENS=TOKEN)
+    gateway.wait_ready()
     page = Page(browser, gateway.http + "/")
     try:
         page.tab.wait_for_selector("#auth:not([hidden])", timeout=WAIT_MS)
@@ -165,7 +161,6 @@ def test_with_auth_on_the_page_asks_for_a_token_then_speaks(browser, triton, voi
         assert all("401" in error for error in page.errors), page.errors
     finally:
         page.close()
-        gateway.stop()
 
 
 def test_the_page_is_served_with_a_content_security_policy(gateway):

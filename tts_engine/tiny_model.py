@@ -28,7 +28,7 @@ QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-FORMAT_VERSION = "6"  # bump when the recipe changes so stale builds are rebuilt
+FORMAT_VERSION = "7"  # bump when the recipe changes so stale builds are rebuilt
 
 
 # Real Qwen3-TTS-12Hz-0.6B-Base dimensions, for timing the full-size architecture with random weights.
@@ -227,13 +227,20 @@ def _wake_decoder(decoder, generator) -> None:
                 module.weight.uniform_(0.6, 1.4, generator=generator)
         # Calibrate the last convolution on random codes: remove the DC offset (SnakeBeta adds a positive
         # sin^2 term everywhere) and scale to speech-like loudness, far from the [-1, 1] clamp.
+        # Measured in float64 and rounded, so that the build does not depend on how many threads (or which
+        # kernels) computed the forward: float32 sums differ in their last bits between thread counts.
         codes = torch.randint(0, decoder.config.codebook_size, (1, decoder.config.num_quantizers, 60),
                               generator=generator)
         last = decoder.decoder[-1].conv
-        wav = decoder(codes)[0, 0]
-        last.weight.mul_(0.2 / float(wav.std()))
+        decoder.double()
+        last.weight.mul_(_rounded(0.2 / float(decoder(codes)[0, 0].std())))
         last.bias.zero_()
-        last.bias.sub_(float(decoder(codes)[0, 0].mean()))
+        last.bias.sub_(_rounded(float(decoder(codes)[0, 0].mean())))
+        decoder.float()
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.6g}")
 
 
 # The tiny talker stops where the text has this character: its text embedding drives one channel of the
