@@ -124,10 +124,11 @@ async def faults(server, tally: Tally, every: float, stop: asyncio.Event, gatewa
         while not _ready(gateway_http) and time.monotonic() - triton_ready < 60:
             await asyncio.sleep(0.05)
         gateway_ready = time.monotonic()
-        while tally.last_success < triton_ready and time.monotonic() - triton_ready < 60:
+        while tally.last_success < triton_ready and time.monotonic() - triton_ready < 60 and not stop.is_set():
             await asyncio.sleep(0.05)
+        recovered = tally.last_success >= triton_ready  # else none completed before the soak ended (or in 60 s)
         recoveries.append({"down_s": triton_ready - killed, "gateway_ready_after_triton_s": gateway_ready - triton_ready,
-                           "first_success_after_triton_s": tally.last_success - triton_ready,
+                           "first_success_after_triton_s": tally.last_success - triton_ready if recovered else None,
                            "orphans": len(fresh.model_processes(orphans_only=True))})
         server.process, server._log_file = fresh.process, fresh._log_file
     return recoveries
@@ -186,6 +187,10 @@ async def soak(seconds: float, sessions: int, fault_every: float) -> dict:
             "first_audio_ms": {f"p{q}": 1000 * percentile(tally.first_audio, q) for q in (50, 95, 99)}}
 
 
+def _seconds(value) -> str:
+    return "none" if value is None else f"{value:.2f} s"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=90)
@@ -205,7 +210,7 @@ def main(argv=None) -> int:
     print("first audio: " + ", ".join(f"{k} {v:.0f} ms" for k, v in results["first_audio_ms"].items()))
     for index, r in enumerate(results["recoveries"], 1):
         print(f"fault {index}: Triton down {r['down_s']:.1f} s; gateway ready {r['gateway_ready_after_triton_s']:.2f} s "
-              f"and first completed utterance {r['first_success_after_triton_s']:.2f} s after Triton was ready; "
+              f"and first completed utterance {_seconds(r['first_success_after_triton_s'])} after Triton was ready; "
               f"orphaned model processes {r['orphans']}")
     print(f"written to {args.output}")
     return 0
