@@ -91,7 +91,10 @@ class TritonPythonModel:
             if item is not None:
                 items.append(item)
                 senders.append(request)
-        results = self.table.decode_many(items)
+        try:
+            results = self.table.decode_many(items)
+        except Exception as exc:  # a bug: each stream still ends on its last chunk, never left in flight
+            results = [exc] * len(items)
         for request, item, result in zip(senders, items, results):
             if isinstance(result, BaseException):
                 self.log.warning("decode of stream %x failed: %s", item.stream_id, result)
@@ -107,7 +110,7 @@ class TritonPythonModel:
             self._respond(request, error_response(pb_utils, error))
             return
         self.failed.add(item.stream_id, error)
-        self._cancel_talker(item.stream_id)
+        cancel_talker_stream(pb_utils, item.stream_id, self.log)
         self._respond(request, self._audio_response(EMPTY_AUDIO))
 
     def _item(self, request):
@@ -118,7 +121,7 @@ class TritonPythonModel:
         final = read_array(pb_utils, request, names.FINAL, required=False)
         if request.is_cancelled() or self.table.was_cancelled(stream_id):
             if self.table.cancel(stream_id):  # free this stream and stop the talker generating it
-                self._cancel_talker(stream_id)
+                cancel_talker_stream(pb_utils, stream_id, self.log)
             # Empty audio, not an error (see _fail_stream): the client is gone, the request must still end.
             self._respond(request, self._audio_response(EMPTY_AUDIO))
             return None
@@ -141,9 +144,6 @@ class TritonPythonModel:
     @staticmethod
     def _respond(request, response) -> None:
         request.get_response_sender().send(response, flags=FINAL)
-
-    def _cancel_talker(self, stream_id: int) -> None:
-        cancel_talker_stream(pb_utils, stream_id, self.log)
 
     def finalize(self):
         self.metrics.stop()
