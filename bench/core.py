@@ -45,15 +45,16 @@ def _setup(model_dir: str, device: str, dtype):
     return loaded, store.get_prompt(None)[1]
 
 
-def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bool) -> dict:
+def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bool,
+                      fixed_shapes: bool = False) -> dict:
     """Aggregate frames/s of the serving loop with n streams submitted at once (talker only)."""
     from tts_engine.generation.sampling import SamplingParams
     from tts_engine.generation.scheduler import StreamJob, StreamScheduler
     from tts_engine.generation.talker import BatchedTalker
     from tts_engine.generation.prompt import SynthesisRequest
 
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=max(counts), max_tokens=frames + 1024),
-                                max_queued=max(counts), name="bench")
+    talker = BatchedTalker(loaded.tts, slots=max(counts), max_tokens=frames + 1024, fixed_shapes=fixed_shapes)
+    scheduler = StreamScheduler(talker, max_queued=max(counts), name="bench")
     rows = {}
     try:
         for n in [1] + counts:  # the first run warms up
@@ -200,6 +201,9 @@ def main(argv=None) -> int:
     parser.add_argument("--streams", default="1,4,16,32", help="in-process concurrency sweep")
     parser.add_argument("--triton-streams", default="1,4,16", help="through-Triton concurrency sweep")
     parser.add_argument("--skip-triton", action="store_true")
+    parser.add_argument("--fixed-shapes", action="store_true",
+                        help="in-process sweeps pad each step to a batch bucket over the whole KV arena "
+                             "(the shapes a CUDA graph per bucket needs) instead of the batch's own shapes")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_core.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -208,8 +212,9 @@ def main(argv=None) -> int:
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
                "cpus": os.cpu_count(), "model_dir": args.model_dir, "device": args.device, "frames": args.frames,
                "single_stream": single_stream(loaded, prompt, args.frames, args.runs),
-               "engine_sampled": engine_throughput(loaded, prompt, counts, args.frames, greedy=False),
-               "engine_greedy": engine_throughput(loaded, prompt, counts, args.frames, greedy=True),
+               "fixed_shapes": args.fixed_shapes,
+               "engine_sampled": engine_throughput(loaded, prompt, counts, args.frames, False, args.fixed_shapes),
+               "engine_greedy": engine_throughput(loaded, prompt, counts, args.frames, True, args.fixed_shapes),
                "decoder": decoder_cost(loaded)}
     del loaded
     if not args.skip_triton:

@@ -1,5 +1,6 @@
 """In-flight batching changes nothing a listener can hear: every stream of a batch gets its solo run's codes,
-whoever joins, leaves, ends at EOS or is cancelled beside it (fp32, CPU)."""
+whoever joins, leaves, ends at EOS or is cancelled beside it (fp32, CPU), with the batch's own shapes or
+padded to fixed shapes (what a CUDA graph per batch bucket needs)."""
 from __future__ import annotations
 
 import threading
@@ -11,7 +12,7 @@ from conftest import SAMPLE_RATE, synthetic_reference
 from tts_engine.errors import Cancelled
 from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import StreamJob, StreamScheduler
-from tts_engine.generation.talker import BatchedTalker
+from tts_engine.generation.talker import BatchedTalker, batch_buckets
 from tts_engine.generation.prompt import SynthesisRequest
 from tts_engine.generation.scheduler import ChunkSchedule
 from tts_engine.tiny_model import EOS_MARKER
@@ -49,16 +50,21 @@ def requests(icl_prompt, xvector_prompt, short_icl_prompt):
 
 
 @pytest.fixture(scope="module")
-def scheduler(loaded):
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=8, max_tokens=1024), cancel_check_interval_s=0)
+def solo(loaded, requests):
+    """Each request run alone, in its own shapes: the reference every batched run must reproduce."""
+    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=1, max_tokens=1024))
+    try:
+        return {name: scheduler.generate(request) for name, request in requests.items()}
+    finally:
+        scheduler.stop()
+
+
+@pytest.fixture(scope="module", params=["own shapes", "fixed shapes"])
+def scheduler(loaded, request):
+    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, fixed_shapes=request.param == "fixed shapes")
+    scheduler = StreamScheduler(talker, cancel_check_interval_s=0)
     yield scheduler
     scheduler.stop()
-
-
-@pytest.fixture(scope="module")
-def solo(scheduler, requests):
-    """Each request run alone: the reference its batched run must reproduce."""
-    return {name: scheduler.generate(request) for name, request in requests.items()}
 
 
 def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, requests, solo):
@@ -113,6 +119,22 @@ def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, request
     assert solo["short ICL, ends at EOS"].finish_reason == "eos"
     assert len(solo["x-vector, EOS after 6 frames"].codes) == 6
     assert len(scheduler.talker) == 0
+
+
+def test_fixed_shapes_pad_each_batch_to_a_bucket_and_attend_over_the_whole_arena(loaded, requests):
+    """With fixed shapes, 3 streams run as a batch of 4 rows over all 1024 cached positions."""
+    assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(12) == (1, 2, 4, 8, 12)
+    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, fixed_shapes=True)
+    for name in ("icl greedy", "x-vector seeded", "x-vector top_p"):
+        talker.add(requests[name])
+    seen = []
+    forward = talker.talker.model.forward
+    talker.talker.model.forward = lambda **kw: (seen.append(tuple(kw["attention_mask"].shape)), forward(**kw))[1]
+    try:
+        assert len(talker.step()) == 3
+    finally:
+        talker.talker.model.forward = forward
+    assert seen == [(4, 1024)]
 
 
 def test_the_same_request_twice_in_one_batch_gives_the_same_codes(scheduler, requests):

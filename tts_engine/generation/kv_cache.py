@@ -65,11 +65,12 @@ class SlotKVCache(Cache):
         self.view_length = 0
         self.nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
 
-    def begin_step(self, lengths: torch.Tensor) -> None:
-        """Next forward: row r writes at ``lengths[r]`` and attends to keys 0..lengths[r]."""
+    def begin_step(self, lengths: torch.Tensor, whole_arena: bool = False) -> None:
+        """Next forward: row r writes at ``lengths[r]`` and attends to keys 0..lengths[r]. Attention reads
+        keys up to the longest row, or the whole arena (``whole_arena``: the same shapes at every step)."""
         self.rows = self._all_rows[: lengths.shape[0]]
         self.positions = lengths
-        self.view_length = int(lengths.max()) + 1
+        self.view_length = self.max_tokens if whole_arena else int(lengths.max()) + 1
 
     def store(self, row: int, cache: Cache) -> None:
         """Copy a prefilled batch-1 cache (HF DynamicCache) into ``row``."""

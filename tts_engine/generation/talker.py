@@ -66,11 +66,21 @@ def _warp(do_sample: bool, temperature: float, top_k: int, top_p: float) -> Opti
     return Warp(temperature, top_k, top_p) if do_sample else None
 
 
+def batch_buckets(slots: int) -> tuple[int, ...]:
+    """The batch sizes a fixed-shape step pads to: powers of two below ``slots``, then ``slots``."""
+    return tuple(sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots}))
+
+
 class BatchedTalker:
     """The talker and code predictor over up to ``slots`` streams: ``add`` prefills one stream, ``step``
-    advances all of them by one frame, ``remove`` frees a row. Not thread-safe: one thread drives it."""
+    advances all of them by one frame, ``remove`` frees a row. Not thread-safe: one thread drives it.
 
-    def __init__(self, tts, slots: int = 16, max_tokens: int = 5120):
+    With ``fixed_shapes`` a step pads the batch to the next of ``batch_buckets(slots)`` and attends over the
+    whole KV arena (masked), so every step of a bucket has the same tensor shapes: what capturing the step
+    as a CUDA graph per bucket needs. Padding rows compute and are discarded; a stream's codes are the same
+    either way. Off by default: on a CPU the padding is pure cost."""
+
+    def __init__(self, tts, slots: int = 16, max_tokens: int = 5120, fixed_shapes: bool = False):
         model = tts.model
         self.tts = tts
         self.talker = model.talker
@@ -78,6 +88,7 @@ class BatchedTalker:
         self.device = self.talker.device
         config = self.talker.config
         self.slots, self.max_tokens = slots, max_tokens
+        self.buckets = batch_buckets(slots) if fixed_shapes else None
         self.vocab = config.vocab_size
         self.sub_vocab = self.predictor.config.vocab_size
         self.eos = config.codec_eos_token_id
@@ -162,26 +173,29 @@ class BatchedTalker:
         if len(streams) != len(self.active):
             raise RuntimeError("finished streams must be removed before the next step")
         batch = len(streams)
+        rows = batch if self.buckets is None else next(size for size in self.buckets if size >= batch)
         draws = [s.uniforms(True, True, self.sub_vocab, self.vocab) for s in streams]
-        tokens = self.next_tokens[:batch]
-        last_id_hidden = self.talker.get_input_embeddings()(tokens[:, None])  # [B, 1, H]
-        subcodes = self._predict_subcodes(self.past_hidden[:batch, None], last_id_hidden, streams,
-                                          [d[0] for d in draws])  # [B, 15]
-        frames = torch.cat([tokens[:, None], subcodes], dim=-1)  # [B, 16]
+        tokens = self.next_tokens[:rows]  # rows past the batch (padding) hold stale ids: computed, discarded
+        last_id_hidden = self.talker.get_input_embeddings()(tokens[:, None])  # [R, 1, H]
+        subcodes = self._predict_subcodes(self.past_hidden[:rows, None], last_id_hidden, streams,
+                                          [d[0] for d in draws])  # [R, 15]
+        frames = torch.cat([tokens[:, None], subcodes], dim=-1)[:batch]  # [B, 16]
         tables = self.predictor.get_input_embeddings()
         embeds = torch.cat([last_id_hidden] + [tables[i](subcodes[:, i:i + 1]) for i in range(NUM_CODEBOOKS - 1)],
                            dim=1).sum(1, keepdim=True)
-        embeds = embeds + torch.stack([s.text_input() for s in streams])[:, None, :]
-        lengths = torch.tensor([s.length for s in streams], device=self.device)
-        self.cache.begin_step(lengths)
+        text = torch.stack([s.text_input() for s in streams])
+        embeds = embeds + torch.nn.functional.pad(text, (0, 0, 0, rows - batch))[:, None, :]
+        # Padding rows are free arena rows: they write at position 0, which the next prefill there replaces.
+        lengths = torch.tensor([s.length for s in streams] + [0] * (rows - batch), device=self.device)
+        self.cache.begin_step(lengths, whole_arena=self.buckets is not None)
         view = self.cache.view_length
         mask = (torch.arange(view, device=self.device)[None, :] <= lengths[:, None]).long()
         out = self.talker.model(inputs_embeds=embeds, attention_mask=mask,
-                                position_ids=lengths.view(1, batch, 1).expand(3, batch, 1), past_key_values=self.cache,
+                                position_ids=lengths.view(1, rows, 1).expand(3, rows, 1), past_key_values=self.cache,
                                 cache_position=torch.tensor([view - 1], device=self.device), use_cache=True)
         hidden = out.last_hidden_state
-        self.past_hidden[:batch] = hidden[:, -1]
-        logits = self.talker.codec_head(hidden)[:, -1, :].to(dtype=torch.float32)
+        self.past_hidden[:rows] = hidden[:, -1]
+        logits = self.talker.codec_head(hidden[:batch])[:, -1, :].to(dtype=torch.float32)
         new_tokens = self._choose_code0(logits, streams, [d[1] for d in draws], rows=slice(0, batch)).tolist()
         frames = frames.cpu()
         for stream, token in zip(streams, new_tokens):
@@ -207,8 +221,10 @@ class BatchedTalker:
                                   position_ids=positions.unsqueeze(0), past_key_values=cache, cache_position=positions,
                                   use_cache=True)
             seq_len += new
-            logits = predictor.lm_head[group](out.last_hidden_state)[:, -1, :].to(dtype=torch.float32)
+            logits = predictor.lm_head[group](out.last_hidden_state[:len(streams)])[:, -1, :].to(dtype=torch.float32)
             token = choose_tokens(logits, warps, [u[group] if u is not None else None for u in uniforms])
+            if batch > len(streams):  # padding rows (fixed shapes) go on with code 0
+                token = torch.nn.functional.pad(token, (0, batch - len(streams)))
             codes.append(token)
             if group < NUM_CODEBOOKS - 2:
                 embeds = predictor.small_to_mtp_projection(tables[group](token[:, None]))
