@@ -146,6 +146,9 @@ class Connection:
             while True:
                 raw = await self._receive(self.settings.idle_timeout_s)
                 if raw is None:
+                    if self.open_stream is not None:  # no text for a whole idle period: as if `end` came
+                        self._on_end()
+                        continue
                     if self.speaker.busy:
                         continue  # busy: not idle
                     log.info("session %s idle for %.0f s; closing", self.id, self.settings.idle_timeout_s)
@@ -257,14 +260,16 @@ class Connection:
         utterance = self.open_stream
         if utterance is not None and utterance.ended:
             utterance = self.open_stream = None  # cancelled meanwhile
+        total = (utterance.characters if utterance else 0) + len(message.text)
+        if total > self.settings.max_text_chars:  # checked first: a refused first append opens nothing
+            kept = " (it keeps what it has)" if utterance else ""
+            raise ProtocolError(ErrorCode.INVALID_TEXT, f"the streamed utterance would have {total} characters; "
+                                f"the limit is {self.settings.max_text_chars}{kept}",
+                                rid or (utterance.request_id if utterance else None))
         if utterance is None:
             feed = TextFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
             utterance = self.open_stream = await self._accept(message, feed, 0)
             utterance.streamed = True
-        if utterance.characters + len(message.text) > self.settings.max_text_chars:
-            raise ProtocolError(ErrorCode.INVALID_TEXT, f"the streamed utterance would have "
-                                f"{utterance.characters + len(message.text)} characters; the limit is "
-                                f"{self.settings.max_text_chars} (it keeps what it has)", rid or utterance.request_id)
         utterance.characters += len(message.text)
         utterance.feed.append(message.text)
 

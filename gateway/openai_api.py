@@ -21,6 +21,7 @@ from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
 from tts_contract.languages import UnknownLanguage, normalise_language
 
 from . import metrics
+from .protocol import invalid_unicode
 from .formats import CONTENT_TYPES, MAX_SPEED, MIN_SPEED, SpeechEncoder, available_formats
 from .synthesis import sentence_audio
 from .text import TextFeed, split_sentences
@@ -65,6 +66,10 @@ class OpenAIError(Exception):
                    _ERROR_CODES.get(code, code.value.lower()), exc.retry_after_ms)
 
 
+CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never seen by anyone
+DISCONNECT_POLL_S = 0.25
+
+
 def unauthorized_body() -> dict:
     """What the auth guard answers on ``/v1/`` routes (as OpenAI does for a bad key)."""
     return OpenAIError(401, "missing or invalid bearer token (Authorization: Bearer <token>)",
@@ -95,6 +100,9 @@ class SpeechRequest:
         settings, voices = services.settings, services.voices
         if not isinstance(body, dict):
             raise OpenAIError(400, "the request body must be a JSON object")
+        bad_string = invalid_unicode(body)
+        if bad_string is not None:
+            raise OpenAIError(400, f"'{bad_string}' is not valid Unicode (a lone surrogate)", bad_string.split(".")[0])
         try:
             parsed = _SpeechBody.model_validate(body)
         except ValidationError as exc:
@@ -159,27 +167,56 @@ async def speech(request: Request):
         feed = TextFeed(services.settings.max_sentence_chars,
                         split_sentences(params.input, services.settings.max_sentence_chars))
         audio = sentence_audio(services.triton, services.settings, feed, params.voice, params.language)
-        first = await _first_chunk(audio)
+        first = await _first_chunk(audio, request)
     except OpenAIError as exc:
-        metrics.OPENAI_REQUESTS.labels("refused").inc()
+        metrics.OPENAI_REQUESTS.labels("refused" if exc.status != CLIENT_GONE else "cancelled").inc()
         return exc.response()
     metrics.TIME_TO_FIRST_AUDIO.observe(time.monotonic() - received)
     body = _events(first, audio, params) if params.sse else _encoded(first, audio, params, {"samples": 0})
     media_type = "text/event-stream" if params.sse else CONTENT_TYPES[params.response_format]
-    return StreamingResponse(body, media_type=media_type, headers={"cache-control": "no-cache"})
+    return _ClosingStream(body, media_type=media_type, headers={"cache-control": "no-cache"})
 
 
-async def _first_chunk(audio: AsyncIterator) -> object:
+class _ClosingStream(StreamingResponse):
+    """Closes its body when the response ends for any reason: Starlette cancels the sending task when the
+    client goes away but leaves the generator suspended, and with it the Triton requests, until garbage
+    collection gets to it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _first_chunk(audio: AsyncIterator, request: Request) -> object:
+    """The first audio, while watching the client: one that leaves while the request waits for a slot or
+    its first frame cancels it."""
+    first = asyncio.ensure_future(anext(audio))
     try:
-        return await anext(audio)
+        while not (await asyncio.wait({first}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                first.cancel()
+                raise OpenAIError(CLIENT_GONE, "the client went away before the first audio")
+        return first.result()
     except StopAsyncIteration:  # nothing to say (the model ended at once): an empty body
         return None
     except SynthesisFailed as exc:
-        await audio.aclose()
         raise OpenAIError.from_synthesis(exc) from None
     except TimeoutError as exc:
-        await audio.aclose()
         raise OpenAIError(504, str(exc), code="timeout") from None
+    except OpenAIError:
+        raise
+    except Exception:
+        log.exception("speech request failed before its first audio")
+        raise OpenAIError(500, "internal error in the speech gateway") from None
+    finally:
+        if not first.done():
+            first.cancel()
+        if not first.done() or first.cancelled() or first.exception() is not None:  # no stream to answer with
+            with contextlib.suppress(BaseException):
+                await first
+            await audio.aclose()
 
 
 async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: dict) -> AsyncIterator[bytes]:

@@ -103,7 +103,7 @@ def parse_client_message(raw: str) -> ClientMessage:
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "message must be a JSON object")
     request_id = data.get("requestId") if isinstance(data.get("requestId"), str) else None
-    bad_string = _invalid_unicode(data)
+    bad_string = invalid_unicode(data)
     if bad_string is not None:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{bad_string}' is not valid Unicode (a lone surrogate)",
                             None if bad_string == "requestId" else request_id)
@@ -122,7 +122,7 @@ def parse_client_message(raw: str) -> ClientMessage:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"invalid '{kind}' message: {problems}", request_id) from None
 
 
-def _invalid_unicode(value, path: str = "") -> Optional[str]:
+def invalid_unicode(value, path: str = "") -> Optional[str]:
     """The path of the first string (or key) that cannot be encoded as UTF-8, or None."""
     if isinstance(value, str):
         try:
@@ -133,8 +133,8 @@ def _invalid_unicode(value, path: str = "") -> Optional[str]:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         inner = f"{path}.{key}" if path else str(key)
-        found = _invalid_unicode(key, inner) if isinstance(key, str) else None
-        found = found or _invalid_unicode(item, inner)
+        found = invalid_unicode(key, inner) if isinstance(key, str) else None
+        found = found or invalid_unicode(item, inner)
         if found:
             return found
     return None

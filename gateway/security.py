@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 from typing import Optional
+from urllib.parse import urlsplit
 
 from .openai_api import unauthorized_body
 
@@ -46,8 +47,11 @@ class Guard:
     def origin_allowed(self, origin: str, headers: dict, scope) -> bool:
         if self.allow_any or origin in self.settings.allowed_origins:
             return True
-        scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
-        return origin == f"{scheme}://{headers.get('host', '')}"  # same origin
+        # Same origin: the page's host is the one the browser asked for. The scheme is not compared (TLS often
+        # ends at a proxy), and a proxy may rewrite Host (then X-Forwarded-Host has it); a page can set neither.
+        asked = {headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0].strip()}
+        netloc = urlsplit(origin).netloc
+        return bool(netloc) and netloc.lower() in {host.lower() for host in asked if host}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):

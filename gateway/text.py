@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import deque
 from typing import Optional
 
@@ -60,14 +61,17 @@ class TextFeed:
         self._buffer = ""
         self.closed = sentences is not None
         self._changed = asyncio.Event()
+        self._last_append = time.monotonic()
 
     def append(self, text: str) -> None:
         self._buffer += text
+        self._last_append = time.monotonic()
+        self._changed.set()  # restarts the idle wait
         matches = list(_SENTENCE_END.finditer(self._buffer))
         cut = matches[-1].end() if matches else 0
-        if not cut and len(self._buffer) > self.max_sentence_chars:  # no sentence end in sight: split softly
-            parts = _hard_split(self._buffer, self.max_sentence_chars)
-            cut = len(self._buffer) - len(parts[-1])
+        if not cut and len(self._buffer) > self.max_sentence_chars:  # no sentence end in sight: split softly,
+            breaks = list(_SOFT_BREAK.finditer(self._buffer))  # keeping the last (maybe unfinished) word
+            cut = breaks[-1].end() if breaks and breaks[-1].end() > 0 else len(self._buffer)
         if cut:
             self._emit(self._buffer[:cut])
             self._buffer = self._buffer[cut:]
@@ -90,11 +94,15 @@ class TextFeed:
         Buffered text with no append for ``idle_s`` is sent as if flushed."""
         while not self._ready and not self.closed:
             self._changed.clear()
+            idle_left = self._last_append + self.idle_s - time.monotonic() if self._buffer.strip() else None
+            if idle_left is not None and idle_left <= 0:
+                self.flush()
+                continue
             try:
-                async with asyncio.timeout(self.idle_s if self._buffer.strip() else None):
+                async with asyncio.timeout(idle_left):
                     await self._changed.wait()
             except TimeoutError:
-                self.flush()
+                pass  # the loop flushes if no append came meanwhile
         return self._ready.popleft() if self._ready else None
 
     def _emit(self, text: str) -> None:

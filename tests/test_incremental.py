@@ -7,6 +7,7 @@ import time
 
 import pytest
 import soundfile as sf
+from websockets.exceptions import ConnectionClosed
 
 from conftest import ROOT
 
@@ -123,6 +124,34 @@ async def test_text_over_the_limit_is_refused_and_the_utterance_keeps_what_it_ha
         await send(ws, type="end")
         result = await collect(ws)
         assert result.end["cancelled"] is False and result.end["charactersProcessed"] == 26
+
+
+async def test_a_first_append_over_the_limit_opens_nothing(make_gateway):
+    """A refused first append leaves no empty utterance behind: a speak right after plays without an `end`."""
+    gateway = make_gateway(GATEWAY_MAX_TEXT_CHARS="40")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="x" * 41, requestId="too-long")
+        error = (await collect(ws, until=("error",))).of_type("error")[0]
+        assert error["code"] == "INVALID_TEXT" and error["requestId"] == "too-long"
+        await send(ws, type="speak", text="Short.", requestId="next")
+        result = await collect(ws, timeout=30)
+        assert result.end["requestId"] == "next" and result.end["cancelled"] is False
+
+
+async def test_a_streamed_utterance_left_open_ends_after_the_idle_timeout(make_gateway):
+    """With no message for GATEWAY_IDLE_TIMEOUT_S an open streamed utterance ends as if `end` came (it
+    completes), and then the idle session is closed: a forgotten stream never holds its session."""
+    gateway = make_gateway(GATEWAY_IDLE_TIMEOUT_S="2", GATEWAY_TEXT_IDLE_S="0.3")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="append", text="Nobody ends this.", requestId="open")
+        result = await collect(ws, timeout=30)
+        assert result.end["requestId"] == "open" and result.end["cancelled"] is False
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
 
 
 async def test_a_speak_during_a_streamed_utterance_plays_after_it(gateway):

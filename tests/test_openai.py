@@ -168,6 +168,13 @@ def test_malformed_bodies_get_openai_shaped_400s(gateway, body):
     assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_a_lone_surrogate_in_the_input_is_a_bad_request(gateway):
+    """Text that cannot be UTF-8 (a lone surrogate, which JSON can carry) is a 400 naming `input`."""
+    response = httpx.post(gateway.http + "/v1/audio/speech", timeout=10, headers={"content-type": "application/json"},
+                          content=b'{"model": "m", "voice": "default", "input": "Hello \\ud800 there."}')
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+
+
 def test_an_oversized_body_is_refused_before_it_is_read(gateway):
     """A body over the limit is a 413 (decided from its Content-Length)."""
     response = httpx.post(gateway.http + "/v1/audio/speech", timeout=10, headers={"content-type": "application/json"},
@@ -212,6 +219,26 @@ def test_model_loading_is_503(make_gateway):
         with pytest.raises(openai.InternalServerError) as raised:
             speech(sdk)
     assert raised.value.status_code == 503 and raised.value.body["code"] == "model_loading"
+
+
+async def test_a_client_that_leaves_while_waiting_for_a_slot_never_starts(make_gateway):
+    """A request queued behind a busy slot whose client goes away leaves the line at once (counted as
+    cancelled), without waiting for its turn."""
+    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="60",
+                           GATEWAY_MAX_SENTENCE_CHARS="2000", GATEWAY_MAX_TEXT_CHARS="2000")
+    gateway.wait_ready()
+    async with openai.AsyncOpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
+        async with sdk.audio.speech.with_streaming_response.create(
+                model=MODEL, voice="default", input=LONG * 12, response_format="pcm") as holding:
+            chunks = holding.iter_bytes()  # kept: a dropped iterator closes the response
+            await anext(chunks)  # the one slot is taken (one 1200-character sentence: over 10 s)
+            async with httpx.AsyncClient(base_url=gateway.http, timeout=1.0) as http:
+                with pytest.raises(httpx.ReadTimeout):  # waiting in line; then this client leaves
+                    await http.post("/v1/audio/speech", json={"model": MODEL, "input": "Hi.", "voice": "default"})
+            queued = lambda: scrape_metrics(gateway.http + "/metrics").get("tts_gateway_queued_requests")  # noqa: E731
+            assert await wait_until(lambda: queued() == 0, timeout=3)
+            metrics = scrape_metrics(gateway.http + "/metrics")
+            assert metrics['tts_gateway_openai_speech_requests_total{outcome="cancelled"}'] == 1
 
 
 async def test_a_client_that_goes_away_cancels_its_synthesis(gateway, triton):

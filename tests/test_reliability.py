@@ -223,7 +223,8 @@ async def test_unauthenticated_sockets_get_unauthorized_then_1008_and_take_no_sl
 
 async def test_cross_origin_requests_are_refused_unless_allowed(make_gateway):
     """Browsers' cross-origin requests and upgrades are refused (403) unless the origin is allowed; allowed
-    origins get CORS headers; the gateway's own origin always works."""
+    origins get CORS headers; the gateway's own origin always works, also behind a TLS proxy or one that
+    rewrites Host."""
     gateway = make_gateway(GATEWAY_ALLOWED_ORIGINS="http://app.example")
     evil, allowed, own = "http://evil.example", "http://app.example", f"http://127.0.0.1:{gateway.port}"
     async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
@@ -237,6 +238,12 @@ async def test_cross_origin_requests_are_refused_unless_allowed(make_gateway):
                                                                    "Access-Control-Request-Method": "POST"})
         assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
         assert (await http.get("/api/v1/voices", headers={"Origin": own})).status_code == 200
+        behind_tls_proxy = {"Origin": "https://tts.example", "Host": "tts.example"}
+        assert (await http.get("/api/v1/voices", headers=behind_tls_proxy)).status_code == 200
+        host_rewritten = {"Origin": "https://tts.example", "X-Forwarded-Host": "tts.example"}
+        assert (await http.get("/api/v1/voices", headers=host_rewritten)).status_code == 200
+        assert (await http.get("/api/v1/voices", headers={"Origin": "https://evil.example",
+                                                          "X-Forwarded-Host": "tts.example"})).status_code == 403
     with pytest.raises(InvalidStatus) as rejected:
         async with open_session(gateway.ws, origin=evil):
             pass

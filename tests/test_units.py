@@ -427,3 +427,50 @@ async def test_later_sentences_are_never_refused_for_capacity():
     assert not later.done()
     pool._release(held)
     assert await asyncio.wait_for(later, 1) is held
+
+
+# -- incremental text ---------------------------------------------------------------------------------------
+
+async def test_buffered_text_waits_until_appends_pause_for_the_idle_time():
+    """The idle flush counts from the last append: words arriving every 0.1 s are never cut mid-sentence."""
+    import asyncio
+
+    from gateway.text import TextFeed
+
+    feed = TextFeed(idle_s=0.3)
+    sentence = asyncio.create_task(feed.next())
+    words = "a slow writer takes its time with this sentence".split()
+    for word in words:
+        feed.append(word + " ")
+        await asyncio.sleep(0.1)
+        assert not sentence.done()
+    assert await asyncio.wait_for(sentence, 2) == " ".join(words)
+
+
+async def test_a_fragment_after_blank_text_is_flushed_when_idle():
+    """Text that arrives after a blank append (an LLM's newlines) is still spoken after the idle time."""
+    import asyncio
+
+    from gateway.text import TextFeed
+
+    feed = TextFeed(idle_s=0.2)
+    feed.append("Hello there.\n")
+    assert await feed.next() == "Hello there."
+    feed.append("\n\n")
+    waiting = asyncio.create_task(feed.next())
+    await asyncio.sleep(0.05)
+    feed.append("And then")
+    assert await asyncio.wait_for(waiting, 2) == "And then"
+
+
+def test_a_long_text_without_sentence_ends_is_split_between_words():
+    """Past the sentence limit with no sentence end, buffered text is cut at its last break: no word is split,
+    and the unfinished last word waits for more text."""
+    from gateway.text import TextFeed
+
+    feed = TextFeed(max_sentence_chars=400)
+    feed.append("x" * 390 + " aa  bb   cc")
+    assert feed.take_ready().endswith(" aa  bb") and feed.take_ready() is None
+    feed.append("c done.")
+    feed.close()
+    assert feed.take_ready() == "ccc done."
