@@ -43,7 +43,7 @@ def copy_voices(voices_dir: Path, work: Path) -> Path:
 @pytest.fixture(scope="module")
 def gateway(triton, voices_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("page")
-    yield from serve_gateway(triton.grpc_url, copy_voices(voices_dir, work), work)
+    yield from serve_gateway(triton.grpc_url, copy_voices(voices_dir, work), work, GATEWAY_MAX_TEXT_CHARS="2000")
 
 
 class Page:
@@ -91,7 +91,12 @@ def test_speak_streams_audio_into_the_player(page):
     page.tab.fill("#text", "Hello from the browser. This is the page speaking.")
     page.tab.click("#speak")
     page.wait_for("window.ttsPage.utterances === 1")
+    # the text is all spoken, much of it not yet heard: Stop is still offered
+    buffered, stop_enabled = page.tab.evaluate(
+        "() => [window.ttsPage.player.stats.buffered, !document.getElementById('stop').disabled]")
+    assert stop_enabled or buffered < 12000, buffered
     page.wait_for("window.ttsPage.player.stats.samplesPlayed >= window.ttsPage.samplesReceived")
+    page.wait_for("document.getElementById('stop').disabled")
     stats = page.stats()
     assert stats["mode"] == "worklet" and stats["framesReceived"] > 1
     assert stats["player"]["samplesScheduled"] == stats["samplesReceived"] > 24000
@@ -111,10 +116,25 @@ def test_stop_ends_the_utterance_and_silences_the_player(page):
     page.wait_for("window.ttsPage.framesReceived > 0")
     page.tab.click("#stop")
     page.wait_for("window.ttsPage.completes.length === 1")
-    page.wait_for("window.ttsPage.player.stats.buffered === 0")
+    page.wait_for("window.ttsPage.player.stats.buffered === 0 && document.getElementById('stop').disabled")
     stats = page.stats()
     assert stats["completes"][0]["cancelled"] is True
-    assert page.tab.is_enabled("#speak") and not page.tab.is_enabled("#stop")
+    assert stats["player"]["samplesScheduled"] <= stats["samplesReceived"]
+    assert page.tab.is_enabled("#speak")
+    assert not page.errors, page.errors
+
+
+def test_a_refused_speak_leaves_the_page_ready_to_speak_again(page):
+    """Text over the server's limit is refused (INVALID_TEXT, no `complete`): the page shows why and Speak
+    works again at once."""
+    page.tab.fill("#text", "x" * 2100)
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.errors.length === 1 && !document.getElementById('speak').disabled")
+    assert page.stats()["errors"][0]["code"] == "INVALID_TEXT"
+    assert "INVALID_TEXT" in page.tab.inner_text("#message")
+    page.tab.fill("#text", "Short and fine.")
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.utterances === 1")
     assert not page.errors, page.errors
 
 

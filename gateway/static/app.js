@@ -4,7 +4,7 @@ import {Recorder, StreamPlayer} from "./player.js";
 import {wavBlob} from "./wav.js";
 
 const RATE = 24000;           // the session's rate = the AudioContext's: no resampling in the browser
-const MAX_RECORD_SECONDS = 30;
+const MAX_RECORD_SECONDS = 29.5;  // under the server's 30 s limit, with room for the timer's 200 ms
 const $ = (id) => document.getElementById(id);
 
 // What the page has done, for people curious in the console and for the browser test.
@@ -19,7 +19,7 @@ let socket = null;
 let sessionReady = null;      // resolves once the session answered `started`
 let pendingStart = null;      // {resolve, reject} while a `start` awaits its answer
 let configured = {};          // voice and language of the last `started`
-let current = null;           // the utterance playing: {requestId, sentAt, firstAudioAt, chunks}
+let current = null;           // the utterance playing: {requestId, sentAt, firstAudioAt, chunks, stopped}
 let lastDownload = null;
 let recorder = null;
 let recorded = null;          // the last recording, as WAV
@@ -40,7 +40,11 @@ function setConnection(state) {
 
 function setBusy(busy) {
   $("speak").disabled = busy;
-  $("stop").disabled = !busy;
+  updateStop();
+}
+
+function updateStop() {  // Stop stays useful while audio plays, after the utterance's last bytes arrived too
+  $("stop").disabled = !current && !(player && player.stats.buffered > 0);
 }
 
 function fillSelect(select, options, selected) {
@@ -96,15 +100,20 @@ function awaitStarted() {
 
 function connect() {
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/speak`;
-  socket = new WebSocket(url);
-  socket.binaryType = "arraybuffer";
+  const ws = socket = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
   setConnection("connecting…");
   sessionReady = awaitStarted();
   sessionReady.catch(() => {});
-  socket.onopen = () => socket.send(JSON.stringify(startMessage()));  // first: it may carry the token
-  socket.onmessage = ({data}) => (data instanceof ArrayBuffer ? onAudio(new Float32Array(data))
-                                                               : onMessage(JSON.parse(data)));
-  socket.onclose = ({code}) => {
+  // A replaced socket (a reconnect, a new token) must not touch the state of the one that replaced it.
+  ws.onopen = () => ws.send(JSON.stringify(startMessage()));  // first: it may carry the token
+  ws.onmessage = ({data}) => {
+    if (ws !== socket) return;
+    if (data instanceof ArrayBuffer) onAudio(new Float32Array(data));
+    else onMessage(JSON.parse(data));
+  };
+  ws.onclose = ({code}) => {
+    if (ws !== socket) return;
     setConnection("disconnected");
     if (pendingStart) pendingStart.reject(new Error(`the session closed (${code})`));
     pendingStart = null;
@@ -143,10 +152,14 @@ function onMessage(message) {
       page.errors.push(message);
       say($("message"), `${message.code}: ${message.message}`, message.recoverable ? "warning" : "error");
       if (message.code === "UNAUTHORIZED") showAuth(`${message.message}: enter a token below.`);
-      if (pendingStart && !message.requestId) {
+      if (message.code === "VOICE_NOT_FOUND") {  // a warning: the session goes on with another voice
+        loadVoices().catch(() => {});
+      } else if (pendingStart && !message.requestId) {
         pendingStart.reject(new Error(message.message));
         pendingStart = null;
       }
+      // A speak refused before it started (model loading, text too long, too busy) gets no `complete`.
+      if (current && message.requestId === current.requestId && current.firstAudioAt === null) finish(null);
       break;
   }
 }
@@ -154,7 +167,7 @@ function onMessage(message) {
 function onAudio(samples) {
   page.framesReceived += 1;
   page.samplesReceived += samples.length;
-  if (!current) return;  // audio of an utterance stopped a moment ago
+  if (!current || current.stopped) return;  // audio of an utterance stopped a moment ago
   if (current.firstAudioAt === null) {
     current.firstAudioAt = performance.now();
     $("ttfa").textContent = `${Math.round(current.firstAudioAt - current.sentAt)} ms`;
@@ -215,16 +228,20 @@ async function speak() {
   }
   player.clear();
   for (const id of ["ttfa", "rtf", "audio-seconds"]) $(id).textContent = "…";
-  current = {requestId: `page-${++utteranceCounter}`, sentAt: performance.now(), firstAudioAt: null, chunks: []};
+  current = {requestId: `page-${++utteranceCounter}`, sentAt: performance.now(), firstAudioAt: null, chunks: [],
+             stopped: false};
   socket.send(JSON.stringify({type: "speak", text, requestId: current.requestId}));
 }
 
 function stop() {
+  if (current) current.stopped = true;
   if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({type: "cancel"}));
   if (player) player.clear();
+  updateStop();
 }
 
 function drawMeter() {
+  updateStop();
   const buffered = player ? player.stats.buffered / RATE : 0;
   $("buffered").style.width = `${Math.min(100, buffered * 10)}%`;
   $("buffered").title = `${buffered.toFixed(1)} s buffered`;

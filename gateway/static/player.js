@@ -95,6 +95,7 @@ export class Recorder {
   stop() {
     this.source.disconnect();
     this.node.port.onmessage = null;
+    this.node.port.postMessage("stop");  // the processor then ends, and the node can be collected
     for (const track of this.stream.getTracks()) track.stop();
     return this.chunks;
   }

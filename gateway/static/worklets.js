@@ -57,10 +57,16 @@ class PcmPlayer extends AudioWorkletProcessor {
 }
 
 class PcmRecorder extends AudioWorkletProcessor {
+  constructor() {
+    super();
+    this.recording = true;
+    this.port.onmessage = () => { this.recording = false; };
+  }
+
   process(inputs) {
     const channel = inputs[0] && inputs[0][0];
-    if (channel && channel.length) this.port.postMessage(channel.slice());
-    return true;
+    if (this.recording && channel && channel.length) this.port.postMessage(channel.slice());
+    return this.recording;
   }
 }
 
