@@ -253,8 +253,9 @@ function drawMeter() {
 async function toggleRecording() {
   const button = $("record");
   if (recorder) {
+    const sampleRate = recorder.sampleRate;
     const chunks = recorder.stop();
-    recorded = wavBlob(chunks, context.sampleRate);
+    recorded = wavBlob(chunks, sampleRate);
     $("recorded").textContent = `recorded ${recorder.seconds.toFixed(1)} s`;
     recorder = null;
     button.textContent = "● Record";
@@ -262,8 +263,7 @@ async function toggleRecording() {
     return;
   }
   try {
-    await ensureAudio();
-    recorder = new Recorder(context);
+    recorder = new Recorder();
     await recorder.start();
   } catch (error) {
     recorder = null;

@@ -69,20 +69,33 @@ export class StreamPlayer {
 }
 
 export class Recorder {
-  constructor(context) {
-    this.context = context;
+  // Its own AudioContext at the device's rate: some browsers (Firefox) refuse to connect a microphone to a
+  // context running at another rate (the player's is 24 kHz). The server resamples uploads.
+  constructor() {
+    this.context = null;
     this.chunks = [];
   }
 
-  static available(context) {
-    return Boolean(window.isSecureContext && navigator.mediaDevices && context.audioWorklet);
+  static available() {
+    return Boolean(window.isSecureContext && navigator.mediaDevices && window.AudioWorkletNode);
+  }
+
+  get sampleRate() {
+    return this.context.sampleRate;
   }
 
   async start() {
-    this.stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: false}});
-    await this.context.audioWorklet.addModule("/static/worklets.js");
-    this.source = this.context.createMediaStreamSource(this.stream);
-    this.node = new AudioWorkletNode(this.context, "pcm-recorder");
+    this.context = new AudioContext();
+    try {
+      this.stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: false}});
+      await this.context.audioWorklet.addModule("/static/worklets.js");
+      this.source = this.context.createMediaStreamSource(this.stream);
+      this.node = new AudioWorkletNode(this.context, "pcm-recorder");
+    } catch (error) {  // no microphone, or no permission: nothing stays open
+      if (this.stream) for (const track of this.stream.getTracks()) track.stop();
+      this.context.close();
+      throw error;
+    }
     this.node.port.onmessage = ({data}) => this.chunks.push(data);
     this.source.connect(this.node);
     this.chunks = [];
@@ -97,6 +110,7 @@ export class Recorder {
     this.node.port.onmessage = null;
     this.node.port.postMessage("stop");  // the processor then ends, and the node can be collected
     for (const track of this.stream.getTracks()) track.stop();
+    this.context.close();
     return this.chunks;
   }
 }
