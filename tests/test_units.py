@@ -301,6 +301,28 @@ def test_a_job_cancelled_while_waiting_never_starts():
     assert ("waiting", "end", "Cancelled") in log and waiting not in talker.added
 
 
+def test_waiting_jobs_leave_the_line_while_every_row_stays_busy():
+    """With the only row busy for good, a waiting job that is cancelled and one that waits past
+    max_queue_wait_s both end at once, not when a row frees up."""
+    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=1)
+    running_cancelled, gone = threading.Event(), threading.Event()
+    scheduler = StreamScheduler(talker, max_queue_wait_s=0.5)
+    try:
+        scheduler.submit(_job("running", _FakeRequest(10**9), log, done, cancelled=running_cancelled.is_set))
+        scheduler.submit(_job("cancelled", _FakeRequest(2), log, done, cancelled=gone.is_set))
+        scheduler.submit(_job("expired", _FakeRequest(2), log, done))
+        gone.set()
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+        assert "running" not in _ends(log)
+    finally:
+        running_cancelled.set()
+        done.acquire(timeout=10)
+        scheduler.stop()
+    ends = {entry[0]: entry[2] for entry in log if entry[1] == "end"}
+    assert ends["cancelled"] == "Cancelled" and ends["expired"] == "Overloaded"
+    assert len(talker.added) == 1
+
+
 # -- decoder stream table ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -320,7 +342,7 @@ def test_stream_table_frees_state_on_final_cancel_and_idle(stream_table_decoder)
     assert table.cancel(2) and not table.cancel(2)
     assert len(table) == 1
     assert table.expire(now=time.monotonic() + 11) == 1 and len(table) == 0
-    assert table.freed == {"final": 1, "cancelled": 1, "idle": 1}
+    assert table.freed == {"final": 1, "cancelled": 1, "failed": 0, "idle": 1}
 
 
 def test_stream_table_refuses_bad_codes_and_late_context(stream_table_decoder):
@@ -333,6 +355,22 @@ def test_stream_table_refuses_bad_codes_and_late_context(stream_table_decoder):
     table.decode(8, np.zeros((1, 16), dtype=np.int32), None, False)
     with pytest.raises(InvalidRequest):
         table.decode(8, np.zeros((1, 16), dtype=np.int32), np.zeros((2, 16), dtype=np.int32), False)
+    assert len(table) == 0 and table.freed["failed"] == 1  # a stream that failed holds no state
+    with pytest.raises(InvalidRequest, match="context codes out of the codebook range"):
+        table.decode(9, np.zeros((1, 16), dtype=np.int32), np.full((2, 16), 5000, dtype=np.int32), False)
+
+
+def test_a_failed_stream_is_never_decoded_again_from_a_fresh_state(stream_table_decoder):
+    """Two chunks of one stream in one batch: when the first fails, the second fails with it (decoding it
+    from a fresh state would send wrong audio as if nothing happened); other streams are unaffected."""
+    from tts_engine.codec.streams import DecodeItem
+
+    table = StreamTable(stream_table_decoder)
+    good = np.zeros((2, 16), dtype=np.int32)
+    results = table.decode_many([DecodeItem(1, np.full((2, 16), 5000, dtype=np.int32)), DecodeItem(2, good),
+                                 DecodeItem(1, good, final=True)])
+    assert isinstance(results[0], InvalidRequest) and results[2] is results[0]
+    assert isinstance(results[1], np.ndarray) and len(table) == 1
 
 
 # -- render tool -------------------------------------------------------------------------------------------

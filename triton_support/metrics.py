@@ -4,8 +4,11 @@ Serving loops only update plain numbers; a publisher thread reads them a few tim
 them to Triton, so no hot loop ever calls into the Triton parent process."""
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Optional
+
+log = logging.getLogger("triton_support")
 
 
 class MetricsPublisher:
@@ -47,9 +50,12 @@ class MetricsPublisher:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            if self._before is not None:
-                self._before()
-            self.publish()
+            try:  # the thread must outlive any failure: ``before_publish`` frees expired decoder state
+                if self._before is not None:
+                    self._before()
+                self.publish()
+            except Exception:
+                log.exception("metrics publishing failed; trying again")
 
     def stop(self) -> None:
         self._stop.set()

@@ -43,7 +43,10 @@ class BatchingWorker:
                 self._handle(batch)
             except Exception as exc:  # a bug must fail this batch's requests, never the worker
                 log.exception("batch of %d requests failed", len(batch))
-                self._fail(batch, exc)
+                try:
+                    self._fail(batch, exc)
+                except Exception:
+                    log.exception("could not fail the batch's requests")
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import secrets
 import threading
 
@@ -11,11 +12,12 @@ import numpy as np
 
 from tts_contract import tensors as names
 from tts_contract.audio import NUM_CODEBOOKS
+from tts_engine.codec.streams import DecodeItem
 from tts_engine.errors import Cancelled
 from tts_engine.generation.scheduler import StreamJob
 from tts_engine.recent import RecentIds
 
-from .tensors import error_response, response
+from .tensors import error_response, read_array, response
 
 EMPTY_CODES = np.zeros((0, NUM_CODEBOOKS), dtype=np.int32)
 log = logging.getLogger("triton_support")
@@ -101,9 +103,9 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
     def on_chunk(chunk, index, is_last):
         response = respond(chunk.numpy().astype(np.int32), context_codes if index == 0 else EMPTY_CODES, is_last)
         if is_last:  # clients see the end with the last chunk, not in an extra message
-            ended.append(True)
             watcher.forget(stream_id)  # before the final response: Triton frees the request with it
             sender.send(response, flags=final_flag)
+            ended.append(True)  # (if that send failed, on_end still tries to end the request)
         else:
             sender.send(response)
 
@@ -125,14 +127,46 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
                      is_cancelled=lambda: watcher.is_cancelled(stream_id), schedule=schedule, label=f"{stream_id:x}")
 
 
-def cancel_talker_stream(pb_utils, stream_id: int, log: logging.Logger) -> None:
-    """Ask the talker to stop generating ``stream_id``: Triton 2.51 does not cancel an ensemble's in-flight
-    first step, so codec_decoder does it when the tts request is cancelled or its decoding failed."""
-    request = pb_utils.InferenceRequest(
-        model_name=names.TALKER, requested_output_names=[],
-        inputs=[pb_utils.Tensor(names.CANCEL_STREAM_ID, np.array([stream_id], dtype=np.uint64))])
+def read_decode_item(pb_utils, request) -> DecodeItem:
+    """A codec_decoder request's chunk: its codes, the voice's reference codes (first chunk), stream and end."""
+    final = read_array(pb_utils, request, names.FINAL, required=False)
+    return DecodeItem(int(read_array(pb_utils, request, names.STREAM_ID).reshape(-1)[0]),
+                      read_array(pb_utils, request, names.CODES),
+                      read_array(pb_utils, request, names.CONTEXT_CODES, required=False),
+                      bool(final.reshape(-1)[0]) if final is not None else False)
+
+
+class TalkerCanceller:
+    """Tells the talker to stop streams, from its own thread: Triton 2.51 does not cancel an ensemble's
+    in-flight first step, so codec_decoder does it, and a busy talker must not hold up decoding meanwhile."""
+
+    def __init__(self, pb_utils, log: logging.Logger, limit: int = 4096):
+        self._pb_utils, self._log = pb_utils, log
+        self._ids: "queue.Queue[int]" = queue.Queue(limit)
+        threading.Thread(target=self._run, name="talker-canceller", daemon=True).start()
+
+    def cancel(self, stream_id: int) -> None:
+        try:
+            self._ids.put_nowait(stream_id)
+        except queue.Full:  # thousands pending: the talker is gone or stuck; its streams end anyway
+            self._log.warning("too many talker cancels pending; stream %x is not told", stream_id)
+
+    def _run(self) -> None:
+        while True:
+            stream_id = self._ids.get()
+            request = self._pb_utils.InferenceRequest(
+                model_name=names.TALKER, requested_output_names=[],
+                inputs=[self._pb_utils.Tensor(names.CANCEL_STREAM_ID, np.array([stream_id], dtype=np.uint64))])
+            try:
+                for _ in request.exec(decoupled=True):
+                    pass
+            except Exception as exc:  # the talker may be gone; the stream is freed regardless
+                self._log.warning("could not cancel talker stream %x: %s", stream_id, exc)
+
+
+def send_final(pb_utils, request, response, log: logging.Logger) -> None:
+    """End a request with ``response``; a failure to send is logged (the request is gone), never raised."""
     try:
-        for _ in request.exec(decoupled=True):
-            pass
-    except Exception as exc:  # the talker may be gone; the stream is freed regardless
-        log.warning("could not cancel talker stream %x: %s", stream_id, exc)
+        request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception as exc:
+        log.warning("could not send a final response: %s", exc)

@@ -42,7 +42,7 @@ class StreamTable:
         self._primed: "OrderedDict[str, DecoderState]" = OrderedDict()
         self._primed_cache_size = primed_cache_size
         self._lock = threading.Lock()
-        self.freed = {"final": 0, "cancelled": 0, "idle": 0}
+        self.freed = {"final": 0, "cancelled": 0, "failed": 0, "idle": 0}
         self.primings = 0  # decodes of reference codes (each voice once, while it stays cached)
         self.batches = self.chunks = 0  # batched forwards, and the chunks they decoded
         self._cancelled = RecentIds(1024)  # recently cancelled ids, to act once
@@ -81,9 +81,11 @@ class StreamTable:
         """Decode chunks of many streams, batching the chunks that have the same frame count into one forward.
 
         Returns, per item, its audio or the exception that item failed with. Two chunks of one stream are
-        decoded in order (the second in a later round)."""
+        decoded in order (the second in a later round); once a stream failed, its later chunks fail with it
+        (they are never decoded from a fresh state)."""
         results: list = [None] * len(items)
         pending = list(range(len(items)))
+        failed: dict[int, BaseException] = {}
         while pending:
             round_, later, seen = [], [], set()
             for index in pending:
@@ -91,23 +93,38 @@ class StreamTable:
                 seen.add(items[index].stream_id)
             groups: dict[int, list[tuple[int, DecoderState]]] = {}
             for index in round_:
+                stream_id = items[index].stream_id
                 try:
+                    if stream_id in failed:
+                        raise failed[stream_id]
                     state = self._state_for(items[index])
                 except Exception as exc:
                     results[index] = exc
+                    self._drop_failed(stream_id)
                     continue
                 groups.setdefault(len(items[index].codes), []).append((index, state))
             for frames, members in groups.items():
                 self._decode_group(items, members, results)
+            failed.update((items[i].stream_id, results[i]) for i in round_ if isinstance(results[i], BaseException))
             pending = later
         return results
 
+    def _drop_failed(self, stream_id: int) -> None:
+        with self._lock:
+            if self._streams.pop(stream_id, None) is not None:
+                self.freed["failed"] += 1
+
+    def _check_codes(self, name: str, codes: np.ndarray) -> None:
+        if codes.ndim != 2 or codes.shape[1] != self.decoder.num_quantizers:
+            raise InvalidRequest(f"{name} must be [frames, {self.decoder.num_quantizers}], got {list(codes.shape)}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.decoder.decoder.config.codebook_size):
+            raise InvalidRequest(f"{name} out of the codebook range")
+
     def _state_for(self, item: "DecodeItem") -> DecoderState:
         codes, context = item.codes, item.context
-        if codes.ndim != 2 or codes.shape[1] != self.decoder.num_quantizers:
-            raise InvalidRequest(f"codes must be [frames, {self.decoder.num_quantizers}], got {list(codes.shape)}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.decoder.decoder.config.codebook_size):
-            raise InvalidRequest("codes out of the codebook range")
+        self._check_codes("codes", codes)
+        if context is not None and len(context):
+            self._check_codes("context codes", context)  # before priming: a bad index breaks a GPU for good
         with self._lock:
             stream = self._streams.get(item.stream_id)
             if stream is None:
@@ -132,7 +149,8 @@ class StreamTable:
                 results[index] = result
                 item = items[index]
                 if isinstance(result, BaseException):
-                    self._streams.pop(item.stream_id, None)
+                    if self._streams.pop(item.stream_id, None) is not None:
+                        self.freed["failed"] += 1
                 elif item.final and self._streams.pop(item.stream_id, None) is not None:
                     self.freed["final"] += 1
 

@@ -124,6 +124,7 @@ class StreamScheduler:
         self.cancel_check_interval_s = cancel_check_interval_s
         self.stats = SchedulerStats()
         self._incoming: "queue.Queue[Optional[StreamJob]]" = queue.Queue()
+        self._swept = 0.0  # when the waiting line was last checked for cancelled and expired jobs
         self._jobs: dict[TalkerStream, StreamJob] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{name}-scheduler", daemon=True)
@@ -177,6 +178,7 @@ class StreamScheduler:
         while not self._stopping.is_set():
             try:
                 self._admit()
+                self._sweep_waiting()
                 self._drop_cancelled()
                 if self.talker.active:
                     self._step()
@@ -226,6 +228,27 @@ class StreamScheduler:
         self.stats.queued = self._incoming.qsize()
         self.stats.active = len(self.talker)
 
+    def _sweep_waiting(self, interval_s: float = 0.25) -> None:
+        """While every row is busy, end the waiting jobs that were cancelled or waited too long, so that they
+        neither hold places in line nor wait past ``max_queue_wait_s`` for a slot to free."""
+        now = time.monotonic()
+        if len(self.talker) < self.talker.slots or now - self._swept < interval_s:
+            return
+        self._swept = now
+        with self._incoming.mutex:  # in place, under the queue's own lock: the line keeps its order
+            waiting = [job for job in self._incoming.queue if job is not None]
+        for job in waiting:
+            if self._check_cancelled(job, force=True):
+                error: BaseException = Cancelled("cancelled before it started")
+            elif now - job.submitted > self.max_queue_wait_s:
+                error = Overloaded(f"waited {now - job.submitted:.0f} s for a free talker slot; try again shortly")
+            else:
+                continue
+            with self._incoming.mutex:
+                self._incoming.queue.remove(job)
+            self._end(job, error)
+        self.stats.queued = self._incoming.qsize()
+
     def _check_cancelled(self, job: StreamJob, force: bool = False) -> bool:
         """Ask the job (at most every ``cancel_check_interval_s``: the check may be a call to another process)."""
         now = time.monotonic()
@@ -265,7 +288,10 @@ class StreamScheduler:
         job.ended = True
         stream = job.stream
         if stream is not None and self._jobs.pop(stream, None) is not None:
-            self.talker.remove(stream)
+            try:
+                self.talker.remove(stream)
+            except Exception:  # the job must still end (exactly once), and the loop go on
+                log.exception("stream %s: could not free its talker row", job.label)
         self.stats.active = len(self.talker)
         if error is None:
             outcome = stream.finish_reason if stream else "eos"

@@ -5,6 +5,8 @@ length from different streams in one batched forward, and answers each request w
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -12,8 +14,8 @@ import triton_python_backend_utils as pb_utils
 from triton_support import params as config
 from triton_support.metrics import MetricsPublisher
 from triton_support.queueing import BatchingWorker
-from triton_support.streaming import cancel_talker_stream
-from triton_support.tensors import error_response, read_array, response
+from triton_support.streaming import TalkerCanceller, read_decode_item, send_final
+from triton_support.tensors import error_response, response
 from tts_contract import tensors as names
 from tts_engine.codec.decoder import StreamingDecoder
 from tts_engine.codec.streams import DecodeItem, StreamTable
@@ -22,7 +24,6 @@ from tts_engine.recent import RecentIds
 from tts_engine.voices.prompts import reference_codes
 from tts_engine.voices.store import VoiceStore
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 EMPTY_AUDIO = np.zeros(0, dtype=np.float32)
 FAMILIES = {
     "qwen_tts_decoder_active_streams": ("gauge", "Streams whose decoder state is held", None),
@@ -43,6 +44,7 @@ class TritonPythonModel:
         self.table = StreamTable(StreamingDecoder(tokenizer.model), idle_timeout=float(params["stream_idle_timeout_s"]),
                                  primed_cache_size=int(params["primed_state_cache_size"]))
         self.failed = RecentIds(1024)  # streams whose decoding failed -> the error their last chunk reports
+        self.canceller = TalkerCanceller(pb_utils, self.log)
         self.worker = BatchingWorker(self._decode, self._fail, max_batch=int(params["max_batch_streams"]),
                                      name="codec-decoder",
                                      on_start=lambda: torch.set_num_threads(int(params["torch_threads"])))
@@ -84,13 +86,18 @@ class TritonPythonModel:
         items, senders = [], []
         for request in requests:
             try:
-                item = self._item(request)
-            except Exception as exc:
+                item = read_decode_item(pb_utils, request)
+            except Exception as exc:  # unreadable tensors: no stream to follow, the request just ends
                 self._respond(request, error_response(pb_utils, exc))
                 continue
-            if item is not None:
-                items.append(item)
-                senders.append(request)
+            try:
+                if self._answered_without_decoding(request, item):
+                    continue
+            except Exception as exc:
+                self._fail_stream(request, item, exc)
+                continue
+            items.append(item)
+            senders.append(request)
         try:
             results = self.table.decode_many(items)
         except Exception as exc:  # a bug: each stream still ends on its last chunk, never left in flight
@@ -102,36 +109,30 @@ class TritonPythonModel:
             else:
                 self._respond(request, self._audio_response(result))
 
-    def _fail_stream(self, request, item: DecodeItem, error: BaseException) -> None:
+    def _fail_stream(self, request, item: DecodeItem, error: Optional[BaseException] = None) -> None:
         """Report a failed stream on its last chunk. Triton 2.51's ensemble never completes a request whose
         step fails while its first step still streams (it stays in flight for good and blocks a graceful
         shutdown), so the talker is stopped first and the error waits for the chunk that ends the stream."""
-        if item.final:
-            self._respond(request, error_response(pb_utils, error))
+        if item.final:  # the error that failed the stream first, if it failed before
+            self._respond(request, error_response(pb_utils, self.failed.pop(item.stream_id) or error))
             return
-        self.failed.add(item.stream_id, error)
-        cancel_talker_stream(pb_utils, item.stream_id, self.log)
+        if item.stream_id not in self.failed:
+            self.failed.add(item.stream_id, error)
+            self.canceller.cancel(item.stream_id)
         self._respond(request, self._audio_response(EMPTY_AUDIO))
 
-    def _item(self, request):
-        """The request as a chunk to decode; None (answered already) when its tts request was cancelled."""
-        codes = read_array(pb_utils, request, names.CODES)
-        context = read_array(pb_utils, request, names.CONTEXT_CODES, required=False)
-        stream_id = int(read_array(pb_utils, request, names.STREAM_ID).reshape(-1)[0])
-        final = read_array(pb_utils, request, names.FINAL, required=False)
-        if request.is_cancelled() or self.table.was_cancelled(stream_id):
-            if self.table.cancel(stream_id):  # free this stream and stop the talker generating it
-                cancel_talker_stream(pb_utils, stream_id, self.log)
-            # Empty audio, not an error (see _fail_stream): the client is gone, the request must still end.
+    def _answered_without_decoding(self, request, item: DecodeItem) -> bool:
+        """Chunks of cancelled tts requests get empty audio (see _fail_stream: the client is gone, the request
+        must still end); those of failed streams too, and the last one the stream's error."""
+        if item.stream_id in self.failed:
+            self._fail_stream(request, item)
+            return True
+        if request.is_cancelled() or self.table.was_cancelled(item.stream_id):
+            if self.table.cancel(item.stream_id):  # free this stream and stop the talker generating it
+                self.canceller.cancel(item.stream_id)
             self._respond(request, self._audio_response(EMPTY_AUDIO))
-            return None
-        item = DecodeItem(stream_id, codes, context, bool(final.reshape(-1)[0]) if final is not None else False)
-        if stream_id in self.failed:  # the rest of a failed stream: nothing to decode, the error ends it
-            error = self.failed.pop(stream_id) if item.final else None
-            self._respond(request, self._audio_response(EMPTY_AUDIO) if error is None
-                          else error_response(pb_utils, error))
-            return None
-        return item
+            return True
+        return False
 
     def _fail(self, requests, error) -> None:
         for request in requests:
@@ -141,9 +142,8 @@ class TritonPythonModel:
     def _audio_response(audio: np.ndarray):
         return response(pb_utils, {names.AUDIO: audio.astype(np.float32, copy=False)})
 
-    @staticmethod
-    def _respond(request, response) -> None:
-        request.get_response_sender().send(response, flags=FINAL)
+    def _respond(self, request, response) -> None:
+        send_final(pb_utils, request, response, self.log)
 
     def finalize(self):
         self.metrics.stop()

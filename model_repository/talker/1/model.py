@@ -110,10 +110,12 @@ class TritonPythonModel:
                 self.cancels.cancelled.add(int(cancel_id.reshape(-1)[0]))
                 request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
+            stream_id = self.stream_ids.next()
             try:
-                self.scheduler.submit(codes_job(pb_utils, request, self._parse(request), self.stream_ids.next(),
-                                                self.schedule, self.cancels))
-            except Exception as exc:  # bad input: one error response, the stream ends, the server goes on
+                self.scheduler.submit(codes_job(pb_utils, request, self._parse(request), stream_id, self.schedule,
+                                                self.cancels))
+            except Exception as exc:  # bad input or a full queue: one error response, the server goes on
+                self.cancels.forget(stream_id)  # watched from codes_job on: never ask about a freed request
                 if not isinstance(exc, (InvalidRequest, InvalidText)):
                     self.log.info("request refused: %s", exc)
                 request.get_response_sender().send(error_response(pb_utils, exc),
