@@ -248,7 +248,7 @@ async def test_a_client_that_goes_away_cancels_its_synthesis(gateway, triton):
                 model=MODEL, voice="default", input=(LONG + " ") * 4, response_format="pcm") as response:
             async for _ in response.iter_bytes():
                 break
+        cancelled = 'tts_gateway_openai_speech_requests_total{outcome="cancelled"}'
+        assert await wait_until(lambda: scrape_metrics(gateway.http + "/metrics")[cancelled] >= 1, timeout=5)
         assert await wait_until(lambda: scrape_metrics(triton.metrics_url)["qwen_tts_talker_active_streams"] == 0,
                                 timeout=5)
-    metrics = scrape_metrics(gateway.http + "/metrics")
-    assert metrics['tts_gateway_openai_speech_requests_total{outcome="cancelled"}'] >= 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import secrets
 import threading
 
@@ -136,32 +135,19 @@ def read_decode_item(pb_utils, request) -> DecodeItem:
                       bool(final.reshape(-1)[0]) if final is not None else False)
 
 
-class TalkerCanceller:
-    """Tells the talker to stop streams, from its own thread: Triton 2.51 does not cancel an ensemble's
-    in-flight first step, so codec_decoder does it, and a busy talker must not hold up decoding meanwhile."""
-
-    def __init__(self, pb_utils, log: logging.Logger, limit: int = 4096):
-        self._pb_utils, self._log = pb_utils, log
-        self._ids: "queue.Queue[int]" = queue.Queue(limit)
-        threading.Thread(target=self._run, name="talker-canceller", daemon=True).start()
-
-    def cancel(self, stream_id: int) -> None:
-        try:
-            self._ids.put_nowait(stream_id)
-        except queue.Full:  # thousands pending: the talker is gone or stuck; its streams end anyway
-            self._log.warning("too many talker cancels pending; stream %x is not told", stream_id)
-
-    def _run(self) -> None:
-        while True:
-            stream_id = self._ids.get()
-            request = self._pb_utils.InferenceRequest(
-                model_name=names.TALKER, requested_output_names=[],
-                inputs=[self._pb_utils.Tensor(names.CANCEL_STREAM_ID, np.array([stream_id], dtype=np.uint64))])
-            try:
-                for _ in request.exec(decoupled=True):
-                    pass
-            except Exception as exc:  # the talker may be gone; the stream is freed regardless
-                self._log.warning("could not cancel talker stream %x: %s", stream_id, exc)
+def cancel_talker_stream(pb_utils, stream_id: int, log: logging.Logger) -> None:
+    """Ask the talker to stop generating ``stream_id``: Triton 2.51 does not cancel an ensemble's in-flight
+    first step, so codec_decoder does it when the tts request is cancelled or its decoding failed. Called on
+    the decoder's worker thread (sent from a thread of its own instead, one full test run left ensemble
+    requests in flight at shutdown)."""
+    request = pb_utils.InferenceRequest(
+        model_name=names.TALKER, requested_output_names=[],
+        inputs=[pb_utils.Tensor(names.CANCEL_STREAM_ID, np.array([stream_id], dtype=np.uint64))])
+    try:
+        for _ in request.exec(decoupled=True):
+            pass
+    except Exception as exc:  # the talker may be gone; the stream is freed regardless
+        log.warning("could not cancel talker stream %x: %s", stream_id, exc)
 
 
 def send_final(pb_utils, request, response, log: logging.Logger) -> None:

@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from triton_support import params as config
 from triton_support.metrics import MetricsPublisher
 from triton_support.queueing import BatchingWorker
-from triton_support.streaming import TalkerCanceller, read_decode_item, send_final
+from triton_support.streaming import cancel_talker_stream, read_decode_item, send_final
 from triton_support.tensors import error_response, response
 from tts_contract import tensors as names
 from tts_engine.codec.decoder import StreamingDecoder
@@ -44,7 +44,6 @@ class TritonPythonModel:
         self.table = StreamTable(StreamingDecoder(tokenizer.model), idle_timeout=float(params["stream_idle_timeout_s"]),
                                  primed_cache_size=int(params["primed_state_cache_size"]))
         self.failed = RecentIds(1024)  # streams whose decoding failed -> the error their last chunk reports
-        self.canceller = TalkerCanceller(pb_utils, self.log)
         self.worker = BatchingWorker(self._decode, self._fail, max_batch=int(params["max_batch_streams"]),
                                      name="codec-decoder",
                                      on_start=lambda: torch.set_num_threads(int(params["torch_threads"])))
@@ -118,7 +117,7 @@ class TritonPythonModel:
             return
         if item.stream_id not in self.failed:
             self.failed.add(item.stream_id, error)
-            self.canceller.cancel(item.stream_id)
+            cancel_talker_stream(pb_utils, item.stream_id, self.log)
         self._respond(request, self._audio_response(EMPTY_AUDIO))
 
     def _answered_without_decoding(self, request, item: DecodeItem) -> bool:
@@ -129,7 +128,7 @@ class TritonPythonModel:
             return True
         if request.is_cancelled() or self.table.was_cancelled(item.stream_id):
             if self.table.cancel(item.stream_id):  # free this stream and stop the talker generating it
-                self.canceller.cancel(item.stream_id)
+                cancel_talker_stream(pb_utils, item.stream_id, self.log)
             self._respond(request, self._audio_response(EMPTY_AUDIO))
             return True
         return False
