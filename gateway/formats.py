@@ -2,6 +2,7 @@
 mp3, opus, flac and aac by ffmpeg's encoders through PyAV) and its speed (ffmpeg's atempo filter)."""
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Optional
 
@@ -20,8 +21,9 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 _UNKNOWN_SIZE = 0xFFFFFFFF  # a streamed WAV's sizes: unknown when the header is sent
 
 
+@functools.cache
 def available_formats() -> tuple[str, ...]:
-    """wav and pcm always; the others where PyAV and its encoder are installed."""
+    """wav and pcm always; the others where PyAV and its encoder are installed (looked up once)."""
     found = ["wav", "pcm"]
     try:
         import av

@@ -21,8 +21,8 @@ from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
 from tts_contract.languages import UnknownLanguage, normalise_language
 
 from . import metrics
-from .protocol import invalid_unicode
 from .formats import CONTENT_TYPES, MAX_SPEED, MIN_SPEED, SpeechEncoder, available_formats
+from .protocol import invalid_unicode
 from .synthesis import sentence_audio
 from .text import TextFeed, split_sentences
 from .triton_client import SynthesisFailed

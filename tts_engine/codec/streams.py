@@ -100,7 +100,8 @@ class StreamTable:
                     state = self._state_for(items[index])
                 except Exception as exc:
                     results[index] = exc
-                    self._drop_failed(stream_id)
+                    with self._lock:
+                        self._free(stream_id, "failed")
                     continue
                 groups.setdefault(len(items[index].codes), []).append((index, state))
             for frames, members in groups.items():
@@ -109,10 +110,10 @@ class StreamTable:
             pending = later
         return results
 
-    def _drop_failed(self, stream_id: int) -> None:
-        with self._lock:
-            if self._streams.pop(stream_id, None) is not None:
-                self.freed["failed"] += 1
+    def _free(self, stream_id: int, reason: str) -> None:
+        """Drop a stream's state, counting why (the caller holds the lock)."""
+        if self._streams.pop(stream_id, None) is not None:
+            self.freed[reason] += 1
 
     def _check_codes(self, name: str, codes: np.ndarray) -> None:
         if codes.ndim != 2 or codes.shape[1] != self.decoder.num_quantizers:
@@ -149,18 +150,16 @@ class StreamTable:
                 results[index] = result
                 item = items[index]
                 if isinstance(result, BaseException):
-                    if self._streams.pop(item.stream_id, None) is not None:
-                        self.freed["failed"] += 1
-                elif item.final and self._streams.pop(item.stream_id, None) is not None:
-                    self.freed["final"] += 1
+                    self._free(item.stream_id, "failed")
+                elif item.final:
+                    self._free(item.stream_id, "final")
 
     def cancel(self, stream_id: int) -> bool:
         """Free a cancelled stream; True the first time this id is cancelled."""
         if not self._cancelled.add(stream_id):
             return False
         with self._lock:
-            if self._streams.pop(stream_id, None) is not None:
-                self.freed["cancelled"] += 1
+            self._free(stream_id, "cancelled")
             return True
 
     def was_cancelled(self, stream_id: int) -> bool:

@@ -208,12 +208,9 @@ class StreamScheduler:
             if job is None:
                 break
             block = False
-            if self._check_cancelled(job, force=True):
-                self._end(job, Cancelled("cancelled before it started"))
-                continue
-            waited = time.monotonic() - job.submitted
-            if waited > self.max_queue_wait_s:
-                self._end(job, Overloaded(f"waited {waited:.0f} s for a free talker slot; try again shortly"))
+            refusal = self._refusal(job)
+            if refusal is not None:
+                self._end(job, refusal)
                 continue
             try:
                 job.stream = self.talker.add(job.request)
@@ -238,16 +235,22 @@ class StreamScheduler:
         with self._incoming.mutex:  # in place, under the queue's own lock: the line keeps its order
             waiting = [job for job in self._incoming.queue if job is not None]
         for job in waiting:
-            if self._check_cancelled(job, force=True):
-                error: BaseException = Cancelled("cancelled before it started")
-            elif now - job.submitted > self.max_queue_wait_s:
-                error = Overloaded(f"waited {now - job.submitted:.0f} s for a free talker slot; try again shortly")
-            else:
+            refusal = self._refusal(job)
+            if refusal is None:
                 continue
             with self._incoming.mutex:
                 self._incoming.queue.remove(job)
-            self._end(job, error)
+            self._end(job, refusal)
         self.stats.queued = self._incoming.qsize()
+
+    def _refusal(self, job: StreamJob) -> Optional[EngineError]:
+        """Why a waiting job must not start (cancelled, or waited too long), or None."""
+        if self._check_cancelled(job, force=True):
+            return Cancelled("cancelled before it started")
+        waited = time.monotonic() - job.submitted
+        if waited > self.max_queue_wait_s:
+            return Overloaded(f"waited {waited:.0f} s for a free talker slot; try again shortly")
+        return None
 
     def _check_cancelled(self, job: StreamJob, force: bool = False) -> bool:
         """Ask the job (at most every ``cancel_check_interval_s``: the check may be a call to another process)."""

@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from triton_support import params as config
 from triton_support.metrics import MetricsPublisher
-from triton_support.streaming import CancelWatcher, StreamIds, codes_job
+from triton_support.streaming import CancelWatcher, StreamIds, codes_job, send_final
 from triton_support.tensors import error_response, read_array, read_string, request_parameters
 from tts_contract import tensors as names
 from tts_contract.limits import PROMPT_TOKENS
@@ -118,8 +118,7 @@ class TritonPythonModel:
                 self.cancels.forget(stream_id)  # watched from codes_job on: never ask about a freed request
                 if not isinstance(exc, (InvalidRequest, InvalidText)):
                     self.log.info("request refused: %s", exc)
-                request.get_response_sender().send(error_response(pb_utils, exc),
-                                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                send_final(pb_utils, request, error_response(pb_utils, exc), self.log)
         return None
 
     def finalize(self):
