@@ -91,7 +91,7 @@ def single_stream(loaded, prompt, frames: int, runs: int) -> dict:
     from tts_engine.generation.scheduler import StreamJob, StreamScheduler
     from tts_engine.generation.talker import BatchedTalker
     from tts_engine.generation.prompt import SynthesisRequest
-    from tts_engine.generation.scheduler import ChunkSchedule
+    from tts_engine.generation.pacing import FixedChunks
 
     decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
     primed = prime(decoder, prompt.ref_code)  # the server primes the default voice at load
@@ -109,7 +109,7 @@ def single_stream(loaded, prompt, frames: int, runs: int) -> dict:
             start = time.perf_counter()
             scheduler.submit(StreamJob(request=request, on_chunk=lambda chunk, index, last: chunks.put(chunk),
                                        on_end=lambda error, job: chunks.put(error or job.stream.frames),
-                                       schedule=ChunkSchedule(), label="bench"))
+                                       policy=FixedChunks(), label="bench"))
             state, first = primed.clone(), None
             while torch.is_tensor(item := chunks.get(timeout=600)):
                 decoder.decode(state, item)

@@ -52,7 +52,8 @@ async def healthz(request: Request):
 async def readyz(request: Request):
     triton = request.app.state.services.triton
     ready = await triton.check_ready()
-    return JSONResponse({"ready": ready, "triton": triton.status()}, status_code=200 if ready else 503)
+    return JSONResponse({"ready": ready, "triton": triton.status(), "capacity": triton.headroom()},
+                        status_code=200 if ready else 503)
 
 
 async def metrics_endpoint(request: Request):
@@ -77,7 +78,8 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         triton = TritonPool(list(settings.triton_urls), queue_timeout_s=settings.queue_timeout_s,
-                            streams_per_endpoint=settings.streams_per_triton)
+                            streams_per_endpoint=settings.streams_per_triton,
+                            first_audio_budget_s=settings.first_audio_budget_ms / 1000)
         app.state.services = Services(settings, triton, VoiceLibrary(settings.voices_dir, settings.default_voice))
         await triton.check_ready()
         triton.start_polling(settings.ready_poll_s)

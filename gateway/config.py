@@ -5,6 +5,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from tts_contract.delivery import DEFAULT_FIRST_AUDIO_BUDGET_MS
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
@@ -57,7 +59,8 @@ class Settings:
     max_message_bytes: int = 65536
     max_upload_bytes: int = 10 * 1024 * 1024
     synthesis_timeout_s: float = 20.0
-    queue_timeout_s: float = 10.0  # longest wait for a free synthesis slot before RATE_LIMITED
+    queue_timeout_s: float = 10.0  # the longest any request may wait for a synthesis slot (maxWaitMs is capped)
+    first_audio_budget_ms: int = DEFAULT_FIRST_AUDIO_BUDGET_MS  # refuse at once unless first audio can come by then
     streams_per_triton: int = 0  # slots per Triton endpoint; 0: the talker's own max_active_streams
     idle_timeout_s: float = 300.0
     drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
@@ -92,6 +95,7 @@ class Settings:
             max_upload_bytes=_int("GATEWAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             synthesis_timeout_s=_float("GATEWAY_SYNTHESIS_TIMEOUT_S", cls.synthesis_timeout_s),
             queue_timeout_s=_float("GATEWAY_QUEUE_TIMEOUT_S", cls.queue_timeout_s),
+            first_audio_budget_ms=_int("GATEWAY_FIRST_AUDIO_BUDGET_MS", cls.first_audio_budget_ms),
             streams_per_triton=_int("GATEWAY_STREAMS_PER_TRITON", cls.streams_per_triton),
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
             drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
@@ -107,7 +111,7 @@ class Settings:
             synthesis_parameters=_json_object("GATEWAY_SYNTHESIS_PARAMETERS"),
         )
         for name in ("max_sessions", "max_queued_utterances", "max_text_chars", "max_message_bytes",
-                     "max_upload_bytes", "max_sentence_chars"):
+                     "max_upload_bytes", "max_sentence_chars", "first_audio_budget_ms"):
             if getattr(settings, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if settings.streams_per_triton < 0 or settings.queue_timeout_s <= 0:

@@ -68,6 +68,7 @@ class Connection:
         self.audio = AudioFormat()
         self.legacy = True  # until a `start` arrives
         self.contract_id: Optional[str] = None
+        self.max_wait_s = 0.0  # how long this session's utterances may queue for capacity (start.maxWaitMs)
         self.speaker = Speaker(self, services.triton, self.settings, self.id)
         self.open_stream: Optional[Utterance] = None  # the streamed utterance taking `append`s
         self._send_lock = asyncio.Lock()
@@ -229,6 +230,7 @@ class Connection:
         self.language = language
         self.legacy = False
         self.contract_id = message.contractId or self.contract_id
+        self.max_wait_s = self._max_wait_s(message.maxWaitMs)
         if message.voice is not None:
             if self._known_voice(message.voice):
                 self.voice = message.voice
@@ -310,10 +312,16 @@ class Connection:
         elif self.speaker.accepted > self.settings.max_queued_utterances:  # waiting, besides the one playing
             raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
                                 f"(limit {self.settings.max_queued_utterances})", rid)
+        max_wait_s = self.max_wait_s if message.maxWaitMs is None else self._max_wait_s(message.maxWaitMs)
         utterance = Utterance(feed=feed, characters=characters, voice=voice, language=language,
-                              audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid)
+                              audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid,
+                              max_wait_s=max_wait_s)
         self.speaker.enqueue(utterance)
         return utterance
+
+    def _max_wait_s(self, max_wait_ms: int) -> float:
+        """A client's wait for capacity, at most GATEWAY_QUEUE_TIMEOUT_S."""
+        return min(max_wait_ms / 1000, self.settings.queue_timeout_s)
 
     async def cancel_all(self) -> None:
         """Cancel what plays and what waits (buffered incremental text included)."""

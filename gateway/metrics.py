@@ -26,6 +26,18 @@ QUEUE_WAIT = Histogram("tts_gateway_queue_wait_seconds", "Time requests waited f
 OPENAI_REQUESTS = Counter("tts_gateway_openai_speech_requests_total",
                           "POST /v1/audio/speech requests, by outcome (refused: answered with an error status)",
                           ["outcome"], registry=REGISTRY)
+UNDERRUNS = Counter("tts_gateway_underruns_total", "Times a listener's buffer ran dry within an utterance (audio "
+                    "sent later than real-time playback from its first audio needed it)", registry=REGISTRY)
+STALL_SECONDS = Counter("tts_gateway_stall_seconds_total", "Seconds listeners waited with an empty buffer within "
+                        "utterances", registry=REGISTRY)
+LEAD = Histogram("tts_gateway_lead_seconds", "Audio a listener still had buffered when the next chunk was sent",
+                 registry=REGISTRY, buckets=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0))
+CHUNK_SECONDS = Histogram("tts_gateway_chunk_audio_seconds", "Audio per chunk sent to clients", registry=REGISTRY,
+                          buckets=(0.08, 0.16, 0.24, 0.32, 0.48, 0.64, 0.96, 1.28, 2.0))
+ENDPOINT_HEADROOM = Gauge("tts_gateway_endpoint_headroom_streams", "New streams a Triton endpoint's talker could "
+                          "start now, as it last reported", ["endpoint"], registry=REGISTRY)
+ENDPOINT_REALTIME = Gauge("tts_gateway_endpoint_realtime_streams", "Streams a Triton endpoint's talker can step "
+                          "together and stay ahead of real time, as it last reported", ["endpoint"], registry=REGISTRY)
 TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when a Triton endpoint and its models are ready, by endpoint",
                      ["endpoint"], registry=REGISTRY)
 

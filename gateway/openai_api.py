@@ -17,13 +17,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from tts_contract.audio import FRAMES_PER_SECOND, SAMPLE_RATE
+from tts_contract.delivery import MAX_WAIT_LIMIT_MS
 from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
 from tts_contract.languages import UnknownLanguage, normalise_language
 
 from . import metrics
 from .formats import CONTENT_TYPES, MAX_SPEED, MIN_SPEED, SpeechEncoder, available_formats
 from .protocol import invalid_unicode
-from .synthesis import sentence_audio
+from .delivery import PlaybackClock, hear
+from .synthesis import Timing, sentence_audio
 from .text import TextFeed, split_sentences
 from .triton_client import SynthesisFailed
 
@@ -91,6 +93,7 @@ class _SpeechBody(BaseModel):
     speed: Union[StrictInt, StrictFloat] = 1.0
     stream_format: StrictStr = "audio"
     language: Optional[StrictStr] = None  # not OpenAI's: the language of `input` (default Auto)
+    max_wait_ms: Optional[StrictInt] = None  # not OpenAI's: queue this long for capacity instead of a 429
 
 
 class SpeechRequest:
@@ -132,6 +135,9 @@ class SpeechRequest:
             self.language = normalise_language(parsed.language)
         except UnknownLanguage as exc:
             raise OpenAIError(400, str(exc), "language") from None
+        if parsed.max_wait_ms is not None and not 0 <= parsed.max_wait_ms <= MAX_WAIT_LIMIT_MS:
+            raise OpenAIError(400, f"max_wait_ms must be between 0 and {MAX_WAIT_LIMIT_MS}", "max_wait_ms")
+        self.max_wait_s = min((parsed.max_wait_ms or 0) / 1000, settings.queue_timeout_s)
         voice = parsed.voice.id if isinstance(parsed.voice, _VoiceRef) else parsed.voice
         self.voice = voice or voices.default_id()
         if self.voice is None or not voices.exists(self.voice):
@@ -166,13 +172,16 @@ async def speech(request: Request):
             raise OpenAIError(503, "the speech model is not ready yet; try again shortly", code="model_loading")
         feed = TextFeed(services.settings.max_sentence_chars,
                         split_sentences(params.input, services.settings.max_sentence_chars))
-        audio = sentence_audio(services.triton, services.settings, feed, params.voice, params.language)
+        listener = PlaybackClock()
+        audio = sentence_audio(services.triton, services.settings, feed, params.voice, params.language, listener,
+                               Timing(max_wait_s=params.max_wait_s))
         first = await _first_chunk(audio, request)
     except OpenAIError as exc:
         metrics.OPENAI_REQUESTS.labels("refused" if exc.status != CLIENT_GONE else "cancelled").inc()
         return exc.response()
     metrics.TIME_TO_FIRST_AUDIO.observe(time.monotonic() - received)
-    body = _events(first, audio, params) if params.sse else _encoded(first, audio, params, {"samples": 0})
+    body = _events(first, audio, params, listener) if params.sse else \
+        _encoded(first, audio, params, {"samples": 0}, listener)
     media_type = "text/event-stream" if params.sse else CONTENT_TYPES[params.response_format]
     return _ClosingStream(body, media_type=media_type, headers={"cache-control": "no-cache"})
 
@@ -219,7 +228,8 @@ async def _first_chunk(audio: AsyncIterator, request: Request) -> object:
             await audio.aclose()
 
 
-async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: dict) -> AsyncIterator[bytes]:
+async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: dict,
+                   listener: PlaybackClock) -> AsyncIterator[bytes]:
     """The response format's bytes as the audio arrives; the Triton requests are cancelled when the client
     goes away (the response stops being sent). Encoding runs off the event loop where ffmpeg does it.
 
@@ -236,6 +246,7 @@ async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: di
                 data = await asyncio.to_thread(encoder.encode, chunk) if off_loop else encoder.encode(chunk)
                 if data:
                     yield data
+                hear(listener, len(chunk) / SAMPLE_RATE / params.speed, time.monotonic())
                 chunk = await anext(audio, None)
         yield await asyncio.to_thread(encoder.finish) if off_loop else encoder.finish()
         outcome = "completed"
@@ -250,13 +261,13 @@ async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: di
         metrics.AUDIO_SECONDS.inc(stats["samples"] / SAMPLE_RATE)
 
 
-async def _events(first, audio: AsyncIterator, params: SpeechRequest) -> AsyncIterator[bytes]:
+async def _events(first, audio: AsyncIterator, params: SpeechRequest, listener: PlaybackClock) -> AsyncIterator[bytes]:
     """``speech.audio.delta`` events (base64 of the format's bytes), then ``speech.audio.done`` with usage
     (input: characters; output: codec frames, 12.5 per second of audio); a failure mid-stream becomes an
     ``error`` event."""
     stats = {"samples": 0}
     try:
-        async with contextlib.aclosing(_encoded(first, audio, params, stats)) as stream:
+        async with contextlib.aclosing(_encoded(first, audio, params, stats, listener)) as stream:
             async for data in stream:
                 yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
     except SynthesisFailed as exc:

@@ -8,9 +8,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from tts_contract.audio import SAMPLE_RATE
+from tts_contract.delivery import MAX_WAIT_LIMIT_MS
 from tts_contract.errors import RECOVERABLE, ErrorCode
 from tts_contract.languages import AUTO, LANGUAGES, UnknownLanguage
 from tts_contract.languages import normalise_language as _normalise_language
@@ -47,6 +48,7 @@ class Start(_ClientMessage):
     authToken: Optional[StrictStr] = None
     contractId: Optional[StrictStr] = None
     audioTransport: StrictStr = "binary"
+    maxWaitMs: StrictInt = Field(0, ge=0, le=MAX_WAIT_LIMIT_MS)  # this session's utterances may queue this long
 
 
 class _TextMessage(_ClientMessage):
@@ -57,6 +59,7 @@ class _TextMessage(_ClientMessage):
     language: Optional[StrictStr] = None
     priority: StrictStr = "normal"
     requestId: Optional[StrictStr] = None
+    maxWaitMs: Optional[StrictInt] = Field(None, ge=0, le=MAX_WAIT_LIMIT_MS)  # None: the session's
 
 
 class Speak(_TextMessage):
@@ -198,6 +201,8 @@ class Complete(_ServerMessage):
     firstAudioMs: Optional[int]
     cancelled: bool
     requestId: Optional[str] = None
+    underruns: int = 0  # times the audio came later than real-time playback from its first audio needed it
+    stallMs: int = 0  # how long a listener playing at real time would have waited, in all
     type = "complete"
     _keep_none = ("firstAudioMs",)
 

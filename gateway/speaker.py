@@ -15,8 +15,9 @@ from tts_contract.errors import PROTOCOL_CODE
 
 from . import metrics
 from .audio import AudioConverter
+from .delivery import PlaybackClock, hear
 from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode
-from .synthesis import sentence_audio
+from .synthesis import Timing, sentence_audio
 from .text import TextFeed
 from .triton_client import SynthesisFailed
 
@@ -46,15 +47,17 @@ class Utterance:
     received_at: float = field(default_factory=time.monotonic)
     ended: bool = False  # its end message is sent (exactly once)
     streamed: bool = False  # its text arrives with `append` (an LLM's pace, not ours)
+    max_wait_s: float = 0.0  # may queue this long for capacity instead of being refused
 
 
 @dataclass
 class _Playback:
-    """What one utterance has sent so far."""
+    """What one utterance has sent so far, and what its listener heard of it (playing at real time)."""
 
     samples: int = 0
     sequence: int = 0
     first_audio: Optional[float] = None
+    listener: PlaybackClock = field(default_factory=PlaybackClock)
 
 
 class Speaker:
@@ -67,6 +70,7 @@ class Speaker:
         self.queue: "asyncio.Queue[Utterance]" = asyncio.Queue()
         self.playing: Optional[asyncio.Task] = None
         self.current: Optional[Utterance] = None  # the utterance of ``playing``
+        self.listening_until = 0.0  # when the listener finishes playing what this session has sent
         self._worker: Optional[asyncio.Task] = None
 
     @property
@@ -148,10 +152,12 @@ class Speaker:
         converter = AudioConverter(utterance.audio.sample_rate, utterance.audio.encoding)
         playback = _Playback()
         cancelled, outcome = False, "completed"
+        # The listener still plays the session's previous utterance: this one's first audio is due after it.
+        timing = Timing(max(0.0, self.listening_until - time.monotonic()), utterance.max_wait_s)
         try:
             # aclosing: however playback ends, the sentence requests still in flight are cancelled now.
             async with contextlib.aclosing(sentence_audio(self.triton, self.settings, utterance.feed, utterance.voice,
-                                                         utterance.language)) as stream:
+                                                         utterance.language, playback.listener, timing)) as stream:
                 async for chunk in stream:
                     await self._send_audio(utterance, converter, playback, converter.convert(chunk))
             await self._send_audio(utterance, converter, playback, converter.flush(), final=True)
@@ -176,6 +182,7 @@ class Speaker:
             await self.out.send_message(Error.of(ErrorCode.SYNTHESIS_ERROR, "internal error", utterance.request_id))
         finally:
             metrics.UTTERANCES.labels(outcome).inc()
+            self.listening_until = playback.listener.playing_until or self.listening_until
         await self._finish(utterance, playback, cancelled, completed=outcome == "completed")
 
     async def _send_audio(self, utterance: Utterance, converter: AudioConverter, playback: _Playback, data: bytes,
@@ -190,9 +197,13 @@ class Speaker:
         else:
             await self.out.send_audio(data)
         playback.sequence += 1
+        now = time.monotonic()
         if data and playback.first_audio is None:
-            playback.first_audio = time.monotonic()
-        playback.samples += len(data) // converter.bytes_per_sample
+            playback.first_audio = now
+        samples = len(data) // converter.bytes_per_sample
+        playback.samples += samples
+        if samples:
+            hear(playback.listener, samples / utterance.audio.sample_rate, now)
 
     async def _finish(self, utterance: Utterance, playback: _Playback, cancelled: bool, completed: bool) -> None:
         """Metrics, then the utterance's end message (complete, or audio_end for legacy clients)."""
@@ -214,4 +225,6 @@ class Speaker:
             durationMs=int((finished - utterance.received_at) * 1000), charactersProcessed=utterance.characters,
             audioLengthMs=int(round(seconds * 1000)),
             firstAudioMs=None if first is None else int((first - utterance.received_at) * 1000),
-            cancelled=cancelled, requestId=utterance.request_id))
+            cancelled=cancelled, requestId=utterance.request_id, underruns=playback.listener.underruns,
+            stallMs=int(round(1000 * playback.listener.stalled_s))))
+

@@ -3,9 +3,11 @@ readiness tracking, and routing across several Triton endpoints."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import json
 import logging
 import time
-from collections import deque
 from typing import AsyncIterator, Optional
 
 import numpy as np
@@ -13,6 +15,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from tts_contract import tensors as names
+from tts_contract.delivery import retry_after_ms
 from tts_contract.errors import EngineCode, parse_wire
 from tts_contract.limits import DEFAULT_ACTIVE_STREAMS
 
@@ -40,12 +43,13 @@ class SynthesisFailed(Exception):
 
 
 def _engine_error(error) -> SynthesisFailed:
-    """A Triton error as the engine's code and message; text that is not the engine's own stays in the log."""
+    """A Triton error as the engine's code and message (with its retry hint, for a refusal); text that is not
+    the engine's own stays in the log."""
     code, message = parse_wire(str(error))
     if code == EngineCode.SYNTHESIS_ERROR:
         log.warning("Triton error: %s", error)
         message = "synthesis failed inside the speech server"
-    return SynthesisFailed(code, message)
+    return SynthesisFailed(code, message, retry_after_ms=retry_after_ms(message))
 
 
 def _string(name: str, value: str) -> InferInput:
@@ -63,6 +67,8 @@ class TritonEndpoint:
         self.ready = False
         self.in_flight = 0  # streams open on this endpoint now (counted by TritonPool)
         self.capacity = DEFAULT_ACTIVE_STREAMS  # the talker's max_active_streams, read when it is ready
+        self.status: dict = {}  # the talker's last answer to a status query (real-time capacity, headroom)
+        self.started: dict[int, float] = {}  # when each stream open on this endpoint took its slot
         self._poller: Optional[asyncio.Task] = None
 
     async def check_ready(self) -> bool:
@@ -73,6 +79,8 @@ class TritonEndpoint:
             ready = False
         if ready and not self.ready:
             self.capacity = await self._talker_capacity()
+        if ready:
+            await self._refresh_status()
         if ready != self.ready:
             log.warning("Triton at %s is %s%s", self.url, "ready" if ready else "NOT ready",
                         f" ({self.capacity} streams at once)" if ready else "")
@@ -88,6 +96,31 @@ class TritonEndpoint:
             log.warning("cannot read the talker's capacity at %s (%s); assuming %d", self.url, exc,
                         DEFAULT_ACTIVE_STREAMS)
             return DEFAULT_ACTIVE_STREAMS
+
+    async def _refresh_status(self) -> None:
+        """Ask the talker for its capacity now (a status control request); kept as ``status``."""
+        flag = InferInput(names.STATUS_QUERY, [1], "BOOL")
+        flag.set_data_from_numpy(np.array([True]))
+
+        async def requests():
+            yield {"model_name": names.TALKER, "inputs": [flag], "outputs": [InferRequestedOutput(names.STATUS)]}
+
+        try:
+            async with asyncio.timeout(2.0):
+                async for result, error in self.client.stream_infer(requests()):
+                    if error is not None:
+                        raise error
+                    status = result.as_numpy(names.STATUS)
+                    if status is not None:
+                        self.status = {**json.loads(status[0]), "at": time.monotonic()}
+                    params = result.get_response().parameters
+                    if "triton_final_response" in params and params["triton_final_response"].bool_param:
+                        break
+        except Exception as exc:  # an older talker, or a busy one: readiness does not depend on it
+            log.debug("no status from the talker at %s: %s", self.url, exc)
+            return
+        metrics.ENDPOINT_HEADROOM.labels(self.url).set(self.status.get("headroom", 0))
+        metrics.ENDPOINT_REALTIME.labels(self.url).set(self.status.get("realtime_batch", 0))
 
     def start_polling(self, interval: float, on_change=None) -> None:
         """Check readiness every ``interval`` seconds, and at least twice a second while not ready."""
@@ -164,23 +197,29 @@ class TritonEndpoint:
 
 
 class TritonPool:
-    """Several Triton endpoints behind one interface, with admission control.
+    """Several Triton endpoints behind one interface, with admission by deadline.
 
-    A request takes a slot on a ready endpoint with free capacity (the talker's max_active_streams), the
-    least busy one first; when every slot is taken it waits in one FIFO line, and after ``queue_timeout_s``
-    it is refused with RATE_LIMITED. Waiting requests that are cancelled simply leave the line: nothing
-    reaches Triton. A request whose endpoint fails before any audio moves to another endpoint."""
+    A request takes a slot on a ready endpoint with free capacity (the talker's max_active_streams: its KV
+    memory), the one with the most real-time headroom first. The talker itself decides whether a stream can
+    start in time and refuses at once when it cannot (then the next endpoint is tried). When every slot is
+    taken: a later sentence of a playing utterance waits, earliest deadline (its listener's buffer) first, and
+    is never refused; a new utterance waits only if a slot should free within its first-audio budget, or if
+    its client said it can wait (``max_wait_s``); otherwise it is refused at once with RATE_LIMITED and an
+    estimate of when a slot frees. A request whose endpoint fails before any audio moves to another one."""
 
-    def __init__(self, urls: list[str], queue_timeout_s: float = 10.0, streams_per_endpoint: int = 0):
+    def __init__(self, urls: list[str], queue_timeout_s: float = 10.0, streams_per_endpoint: int = 0,
+                 first_audio_budget_s: float = 1.0):
         if not urls:
             raise ValueError("no Triton endpoint configured")
         self.endpoints = [TritonEndpoint(url) for url in urls]
-        self.queue_timeout_s = queue_timeout_s
+        self.queue_timeout_s = queue_timeout_s  # the longest any request may wait for a slot
         self.streams_per_endpoint = streams_per_endpoint  # 0: each endpoint's own talker capacity
-        self._waiters: "deque[asyncio.Future]" = deque()  # new utterances, first come first served
-        self._continuing: "deque[asyncio.Future]" = deque()  # later sentences of playing utterances: served first
+        self.first_audio_budget_s = first_audio_budget_s
+        self._line: list = []  # waiting requests: a heap of (deadline, sequence, future)
+        self._sequence = itertools.count()
         self._next = 0
         self._mean_request_s = 2.0  # a running mean of how long a request holds its slot
+        self._mean_first_audio_s = 0.2  # a running mean of slot to first audio
 
     @property
     def url(self) -> str:
@@ -192,10 +231,16 @@ class TritonPool:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters) + len(self._continuing)
+        return len(self._line)
 
     def status(self) -> dict[str, bool]:
         return {b.url: b.ready for b in self.endpoints}
+
+    def headroom(self) -> dict[str, dict]:
+        """Each endpoint's capacity as its talker last reported it, and the streams this gateway has there."""
+        return {b.url: {"ready": b.ready, "slots": self.capacity(b), "in_flight": b.in_flight,
+                        **{k: v for k, v in b.status.items() if k in ("realtime_batch", "headroom", "step_ms")}}
+                for b in self.endpoints}
 
     async def check_ready(self) -> bool:
         await asyncio.gather(*(b.check_ready() for b in self.endpoints))
@@ -215,93 +260,130 @@ class TritonPool:
         return self.streams_per_endpoint or endpoint.capacity
 
     def _free_endpoint(self, exclude=()) -> Optional[TritonEndpoint]:
-        """A ready endpoint with a free slot, the least busy first (round-robin among equals)."""
+        """A ready endpoint with a free slot: the most real-time headroom first, then the least busy (round-robin
+        among equals)."""
         self._next = (self._next + 1) % len(self.endpoints)
         rotated = self.endpoints[self._next:] + self.endpoints[:self._next]
         free = [b for b in rotated if b.ready and b not in exclude and b.in_flight < self.capacity(b)]
-        return min(free, key=lambda b: b.in_flight, default=None)
+        return min(free, key=lambda b: (-b.status.get("headroom", 0), b.in_flight), default=None)
+
+    def _take(self, endpoint: TritonEndpoint, token: int) -> TritonEndpoint:
+        endpoint.in_flight += 1
+        endpoint.started[token] = time.monotonic()
+        return endpoint
 
     def _wake(self) -> None:
-        while self._continuing or self._waiters:
+        while self._line:
             endpoint = self._free_endpoint()
             if endpoint is None:
                 break
-            waiter = (self._continuing or self._waiters).popleft()
+            _, token, waiter = heapq.heappop(self._line)
             if not waiter.done():
-                endpoint.in_flight += 1
-                waiter.set_result(endpoint)
+                waiter.set_result(self._take(endpoint, token))
         metrics.QUEUED_REQUESTS.set(self.waiting)
 
-    def _retry_after_ms(self) -> int:
-        """When a slot is likely to be free for a request joining the line now."""
-        slots = sum(self.capacity(b) for b in self.endpoints if b.ready) or 1
-        return int(min(30_000, max(250, 1000 * self._mean_request_s * (self.waiting + 1) / slots)))
+    def _slot_free_in_s(self, exclude=()) -> float:
+        """When the next slot should free: the stream open longest should end after a mean hold."""
+        now = time.monotonic()
+        elapsed = [now - started for b in self.endpoints if b.ready and b not in exclude
+                   for started in b.started.values()]
+        return max(0.05, self._mean_request_s - max(elapsed, default=0.0))
 
-    async def _acquire(self, exclude=(), continuing: bool = False) -> TritonEndpoint:
-        """A slot on a ready endpoint. New utterances wait in one line for at most the queue timeout (then
-        RATE_LIMITED); the later sentences of utterances already playing go first and are never refused
-        for capacity: an utterance that has started is not cut for load."""
+    def _retry_after_ms(self, exclude=()) -> int:
+        """When a request refused now should try again: once a slot frees and its first audio could follow."""
+        ahead = self.waiting / max(1, sum(self.capacity(b) for b in self.endpoints if b.ready))
+        wait = self._slot_free_in_s(exclude) + ahead * self._mean_request_s
+        return int(min(30_000, max(100, 1000 * wait)))
+
+    async def _acquire(self, exclude=(), continuing: bool = False, lead_s: float = 0.0,
+                       max_wait_s: float = 0.0) -> tuple[TritonEndpoint, int]:
+        """A slot on a ready endpoint, and the token that releases it (see the class)."""
         if not any(b.ready and b not in exclude for b in self.endpoints):
             raise SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is ready", transport=True)
-        line = self._continuing if continuing else self._waiters
-        queued_ahead = self._continuing or (not continuing and self._waiters)
-        endpoint = None if queued_ahead else self._free_endpoint(exclude)
+        token = next(self._sequence)
+        endpoint = None if self._line else self._free_endpoint(exclude)
         if endpoint is not None:
-            endpoint.in_flight += 1
-            return endpoint
+            return self._take(endpoint, token), token
+        if continuing:
+            patience, deadline = None, lead_s
+        else:
+            in_budget = self.first_audio_budget_s - self._mean_first_audio_s
+            patience = min(self.queue_timeout_s, max(max_wait_s, in_budget if self._slot_free_in_s(exclude)
+                                                     <= in_budget else 0.0))
+            if patience <= 0:
+                raise SynthesisFailed(EngineCode.OVERLOADED, "every synthesis slot is busy",
+                                      retry_after_ms=self._retry_after_ms(exclude))
+            deadline = patience
         waiter = asyncio.get_running_loop().create_future()
-        line.append(waiter)
+        heapq.heappush(self._line, (time.monotonic() + deadline, token, waiter))
         metrics.QUEUED_REQUESTS.set(self.waiting)
         started = time.monotonic()
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for returns a just-granted slot to a cancelled waiter
-            async with asyncio.timeout(None if continuing else self.queue_timeout_s):
+            async with asyncio.timeout(patience):
                 endpoint = await waiter
         except TimeoutError:
-            raise SynthesisFailed(EngineCode.OVERLOADED, f"every synthesis slot stayed busy for {self.queue_timeout_s:g} s",
-                                  retry_after_ms=self._retry_after_ms()) from None
+            raise SynthesisFailed(EngineCode.OVERLOADED, f"no synthesis slot freed within {patience:g} s",
+                                  retry_after_ms=self._retry_after_ms(exclude)) from None
         finally:
             if not waiter.done():
                 waiter.cancel()
             elif endpoint is None and not waiter.cancelled():  # granted just as we gave up: hand it on
-                self._release(waiter.result())
-            if waiter in line:
-                line.remove(waiter)
+                self._release(waiter.result(), token)
+            self._line = [entry for entry in self._line if entry[2] is not waiter]
+            heapq.heapify(self._line)
             metrics.QUEUED_REQUESTS.set(self.waiting)
             metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-        return endpoint
+        return endpoint, token
 
-    def _release(self, endpoint: TritonEndpoint) -> None:
+    def _release(self, endpoint: TritonEndpoint, token: int) -> None:
         endpoint.in_flight -= 1
+        endpoint.started.pop(token, None)
         self._wake()
 
     # -- requests -----------------------------------------------------------------------------------------
 
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
-                         parameters: Optional[dict] = None, admitted=None,
-                         continuing: bool = False) -> AsyncIterator[np.ndarray]:
+                         parameters: Optional[dict] = None, admitted=None, continuing: bool = False,
+                         lead_s: float = 0.0, max_wait_s: float = 0.0) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks; ``admitted()`` is called once the request holds a slot. ``continuing``:
-        a later sentence of an utterance already playing (see ``_acquire``)."""
+        a later sentence of an utterance already playing, whose listener has ``lead_s`` of audio; ``max_wait_s``:
+        how long a new request may wait for capacity (see the class)."""
         tried: set = set()
+        refusal: Optional[SynthesisFailed] = None
         while True:
-            endpoint = await self._acquire(exclude=tried, continuing=continuing)
+            try:
+                endpoint, token = await self._acquire(tried, continuing, lead_s, max_wait_s)
+            except SynthesisFailed as exc:
+                if refusal is not None and exc.code in (EngineCode.OVERLOADED, EngineCode.MODEL_LOADING):
+                    raise refusal from None  # every endpoint refused: the talkers' own retry hint
+                raise
             if admitted is not None and not tried:
                 admitted()
             started, produced = time.monotonic(), False
             stream = endpoint.synthesize(text, voice, language, parameters)
             try:
                 async for chunk in stream:
-                    produced = True
+                    if not produced:
+                        produced = True
+                        self._mean_first_audio_s += 0.1 * (time.monotonic() - started - self._mean_first_audio_s)
                     yield chunk
                 return
             except SynthesisFailed as exc:
-                if produced or not exc.transport:
+                if produced or not (exc.transport or exc.code == EngineCode.OVERLOADED):
                     raise
-                log.warning("Triton at %s failed before any audio; trying the next endpoint", endpoint.url)
+                if exc.code == EngineCode.OVERLOADED:  # the talker cannot start it in time: another may
+                    if refusal is None or (exc.retry_after_ms or 0) < (refusal.retry_after_ms or 0):
+                        refusal = exc
+                else:
+                    log.warning("Triton at %s failed before any audio; trying the next endpoint", endpoint.url)
                 tried.add(endpoint)
+                if refusal is not None and not any(b.ready and b not in tried for b in self.endpoints):
+                    raise refusal from None
             finally:
                 await stream.aclose()
-                self._mean_request_s += 0.1 * (time.monotonic() - started - self._mean_request_s)
-                self._release(endpoint)
+                if produced:
+                    self._mean_request_s += 0.1 * (time.monotonic() - started - self._mean_request_s)
+                self._release(endpoint, token)
 
     async def encode_voice(self, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
         last_error: Optional[SynthesisFailed] = None

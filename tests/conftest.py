@@ -56,12 +56,12 @@ def engine(loaded):
     scheduler.stop()
 
 
-def generate(loaded, engine, prompt, text: str, language: str = "English", schedule=None, **params):
+def generate(loaded, engine, prompt, text: str, language: str = "English", policy=None, **params):
     """One utterance through the serving loop: the chunks and finish reason the talker would stream."""
     from tts_engine.generation.sampling import SamplingParams
     from tts_engine.generation.prompt import SynthesisRequest
 
-    return engine.generate(SynthesisRequest(text, prompt, language, SamplingParams(**params)), schedule)
+    return engine.generate(SynthesisRequest(text, prompt, language, SamplingParams(**params)), policy)
 
 
 @pytest.fixture(scope="session")

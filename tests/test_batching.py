@@ -10,13 +10,15 @@ import torch
 
 from conftest import SAMPLE_RATE, synthetic_reference
 from tts_engine.errors import Cancelled
+from tts_engine.generation.admission import Delivery
 from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import StreamJob, StreamScheduler
 from tts_engine.generation.talker import BatchedTalker, batch_buckets
 from tts_engine.generation.prompt import SynthesisRequest
-from tts_engine.generation.scheduler import ChunkSchedule
+from tts_engine.generation.pacing import FixedChunks
 from tts_engine.tiny_model import EOS_MARKER
 
+PATIENT = Delivery(max_wait_s=120)  # these tests check codes, not deadlines: no job is refused for load
 LONG = "Streaming speech arrives in pieces, and the first piece should come quickly to the listener."
 SHORT = "Hi there."
 
@@ -76,8 +78,8 @@ def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, request
     batches = []
     step = scheduler.talker.step
 
-    def recording_step():
-        results = step()
+    def recording_step(streams=None):
+        results = step(streams)
         batches.append(len(results))
         return results
 
@@ -95,7 +97,7 @@ def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, request
 
         cancelled = (lambda: len(codes[name]) >= cancel_after) if cancel_after else (lambda: False)
         return StreamJob(request=requests[name], on_chunk=on_chunk, on_end=on_end, is_cancelled=cancelled,
-                         schedule=ChunkSchedule(), label=name)
+                         policy=FixedChunks(), label=name, delivery=PATIENT)
 
     scheduler.talker.step = recording_step
     try:
@@ -119,6 +121,29 @@ def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, request
     assert solo["short ICL, ends at EOS"].finish_reason == "eos"
     assert len(solo["x-vector, EOS after 6 frames"].codes) == 6
     assert len(scheduler.talker) == 0
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["own shapes", "fixed shapes"])
+def test_streams_stepped_in_any_subsets_equal_their_solo_runs(loaded, requests, solo, fixed_shapes):
+    """Rows that sit out steps (waiting for their deadline) keep their state untouched: stepping random
+    subsets of the batch gives every stream its solo codes, and padding rows never touch a waiting row."""
+    import random
+
+    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, fixed_shapes=fixed_shapes)
+    names = [name for name in requests if not name.endswith("cancelled mid-way")]
+    streams = {talker.add(requests[name]): name for name in names}
+    frames = {name: [] for name in names}
+    rng = random.Random(7)
+    while talker.active:
+        running = [s for s in talker.active if not s.finished]
+        chosen = [s for s in running if rng.random() < 0.5] or running[:1]
+        for stream, frame in talker.step(chosen):
+            frames[streams[stream]].append(frame)
+        for stream in [s for s in talker.active if s.finished]:
+            talker.remove(stream)
+    for name in names:
+        got = torch.stack(frames[name]) if frames[name] else torch.zeros((0, 16), dtype=torch.long)
+        assert torch.equal(got, solo[name].codes), name
 
 
 def test_fixed_shapes_pad_each_batch_to_a_bucket_and_attend_over_the_whole_arena(loaded, requests):
@@ -145,6 +170,6 @@ def test_the_same_request_twice_in_one_batch_gives_the_same_codes(scheduler, req
         chunks = []
         results.append(chunks)
         scheduler.submit(StreamJob(request=request, on_chunk=lambda chunk, i, last, chunks=chunks: chunks.append(chunk),
-                                   on_end=lambda error, job: done.release()))
+                                   on_end=lambda error, job: done.release(), delivery=PATIENT))
     assert done.acquire(timeout=60) and done.acquire(timeout=60)
     assert torch.equal(torch.cat(results[0]), torch.cat(results[1]))

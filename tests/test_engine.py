@@ -14,7 +14,7 @@ from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import StreamJob, StreamScheduler
 from tts_engine.generation.talker import BatchedTalker
 from tts_engine.generation.prompt import SynthesisRequest, build_talker_inputs
-from tts_engine.generation.scheduler import ChunkSchedule
+from tts_engine.generation.pacing import DeadlinePacing, FixedChunks
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -40,7 +40,7 @@ def test_cancellation_stops_generation_between_steps(loaded, xvector_prompt):
     try:
         job = StreamJob(request=request, on_chunk=lambda chunk, index, last: received.append(chunk),
                         on_end=lambda error, job: ended.append((error, job.stream.frames)),
-                        is_cancelled=lambda: len(received) >= 3, schedule=ChunkSchedule((1,)))
+                        is_cancelled=lambda: len(received) >= 3, policy=FixedChunks((1,)))
         scheduler.submit(job)
         deadline = time.monotonic() + 30
         while not ended and time.monotonic() < deadline:
@@ -102,11 +102,13 @@ def test_missing_model_dir_names_the_problem(tmp_path):
         check_model_dir(tmp_path)
 
 
-def test_chunk_schedule_parsing():
-    """Chunk schedules parse from comma lists and reject nonsense."""
-    assert ChunkSchedule.parse("2, 4,8").sizes == (2, 4, 8)
-    assert ChunkSchedule.parse("2,4").size(10) == 4
+def test_chunk_policies_reject_nonsense():
+    """A policy with impossible chunk sizes or margins is refused."""
     with pytest.raises(ValueError):
-        ChunkSchedule.parse("0")
+        FixedChunks((0,))
     with pytest.raises(ValueError):
-        ChunkSchedule.parse("a,b")
+        DeadlinePacing(first_chunk_frames=4, max_chunk_frames=2)
+    with pytest.raises(ValueError):
+        DeadlinePacing(margin_s=-0.1)
+
+

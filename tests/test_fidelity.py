@@ -13,7 +13,7 @@ import torch
 from conftest import SAMPLE_RATE, generate, synthetic_reference
 from reference import EXACT_TOLERANCE, FLOAT32_TOLERANCE, float64_codec, qwen_kwargs, reference_generation, rms
 from tts_engine.codec.decoder import StreamingDecoder, prime
-from tts_engine.generation.scheduler import ChunkSchedule
+from tts_engine.generation.pacing import FixedChunks
 from tts_engine.tiny_model import EOS_MARKER
 
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -26,11 +26,11 @@ def random_codes(frames: int, seed: int) -> torch.Tensor:
 def stream_decode(decoder: StreamingDecoder, codes: torch.Tensor, sizes, state=None, corrupt=None) -> np.ndarray:
     """Decode ``codes`` in chunks of ``sizes`` (the last size repeats); ``corrupt(state)`` runs before chunk 3."""
     state = state if state is not None else decoder.new_state()
-    schedule, pieces, start, index = ChunkSchedule(tuple(sizes)), [], 0, 0
+    pieces, start, index = [], 0, 0
     while start < len(codes):
         if corrupt is not None and index == 3:
             corrupt(state)
-        size = schedule.size(index)
+        size = sizes[min(index, len(sizes) - 1)]
         pieces.append(decoder.decode(state, codes[start:start + size]))
         start, index = start + size, index + 1
     return np.concatenate(pieces)
@@ -290,7 +290,7 @@ def test_streamed_audio_equals_generate_voice_clone_audio(loaded, engine, decode
     prompt = icl_prompt if mode == "icl" else xvector_prompt
     _, expected = reference_generation(loaded.tts, prompt, TEXT, do_sample=False, subtalker_dosample=False,
                                        max_new_tokens=40)
-    generated = generate(loaded, engine, prompt, TEXT, schedule=ChunkSchedule((1, 3)), greedy=True,
+    generated = generate(loaded, engine, prompt, TEXT, policy=FixedChunks((1, 3)), greedy=True,
                          max_new_tokens=40)
     state = prime(decoder, prompt.ref_code)
     audio = np.concatenate([decoder.decode(state, chunk) for chunk in generated.chunks])
@@ -298,9 +298,9 @@ def test_streamed_audio_equals_generate_voice_clone_audio(loaded, engine, decode
     assert np.abs(audio - expected).max() <= FLOAT32_TOLERANCE * rms(expected)
 
 
-def test_chunks_follow_the_schedule(loaded, engine, xvector_prompt):
+def test_chunks_follow_a_fixed_schedule(loaded, engine, xvector_prompt):
     """The serving loop's chunks have the scheduled sizes; the last chunk carries the remainder."""
-    generated = generate(loaded, engine, xvector_prompt, TEXT, schedule=ChunkSchedule((2, 4, 8)), greedy=True,
+    generated = generate(loaded, engine, xvector_prompt, TEXT, policy=FixedChunks((2, 4, 8)), greedy=True,
                          max_new_tokens=21)
     assert [len(chunk) for chunk in generated.chunks] == [2, 4, 8, 6]
     assert generated.finish_reason == "max_new_tokens"

@@ -222,8 +222,8 @@ def test_model_loading_is_503(make_gateway):
 
 
 async def test_a_client_that_leaves_while_waiting_for_a_slot_never_starts(make_gateway):
-    """A request queued behind a busy slot whose client goes away leaves the line at once (counted as
-    cancelled), without waiting for its turn."""
+    """A request that said it can wait (max_wait_ms), queued behind a busy slot, whose client goes away leaves
+    the line at once (counted as cancelled), without waiting for its turn."""
     gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="60",
                            GATEWAY_MAX_SENTENCE_CHARS="2000", GATEWAY_MAX_TEXT_CHARS="2000")
     gateway.wait_ready()
@@ -234,7 +234,8 @@ async def test_a_client_that_leaves_while_waiting_for_a_slot_never_starts(make_g
             await anext(chunks)  # the one slot is taken (one 1200-character sentence: over 10 s)
             async with httpx.AsyncClient(base_url=gateway.http, timeout=1.0) as http:
                 with pytest.raises(httpx.ReadTimeout):  # waiting in line; then this client leaves
-                    await http.post("/v1/audio/speech", json={"model": MODEL, "input": "Hi.", "voice": "default"})
+                    await http.post("/v1/audio/speech", json={"model": MODEL, "input": "Hi.", "voice": "default",
+                                                              "max_wait_ms": 30000})
             queued = lambda: scrape_metrics(gateway.http + "/metrics").get("tts_gateway_queued_requests")  # noqa: E731
             assert await wait_until(lambda: queued() == 0, timeout=3)
             metrics = scrape_metrics(gateway.http + "/metrics")

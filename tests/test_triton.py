@@ -154,13 +154,14 @@ async def test_talker_streams_codes_with_stream_control(client, reference_voices
                           outputs=("codes", "context_codes", "stream_id", "final"))
     assert result.error is None
     codes = result.arrays("codes")
-    assert [c.shape[0] for c in codes] == [2, 4, 8, 5]
+    sizes = [c.shape[0] for c in codes]
+    assert sum(sizes) == 19 and len(sizes) >= 2 and all(1 <= n <= 16 for n in sizes), sizes  # paced chunks
     assert all(c.shape[1] == 16 and c.dtype == np.int32 for c in codes)
     context = result.arrays("context_codes")
     assert context[0].shape == tuple(reference_voices["default"].ref_code.shape)
     assert all(c.shape == (0, 16) for c in context[1:])
     assert len({int(s[0]) for s in result.arrays("stream_id")}) == 1
-    assert [bool(f[0]) for f in result.arrays("final")] == [False, False, False, True]
+    assert [bool(f[0]) for f in result.arrays("final")] == [False] * (len(sizes) - 1) + [True]
 
 
 async def test_cancelling_tts_stops_generation_and_frees_decoder_state(client, triton):

@@ -14,7 +14,9 @@ from conftest import SAMPLE_RATE, synthetic_reference
 from tools.render_model_repository import RenderError, render, resolve
 from tts_engine.codec.streams import StreamTable
 from tts_engine.errors import InvalidRequest, Overloaded, VoiceNotFound
-from tts_engine.generation.scheduler import ChunkSchedule, StreamJob, StreamScheduler
+from tts_engine.generation.pacing import FixedChunks
+from tts_engine.generation.sampling import SamplingParams
+from tts_engine.generation.scheduler import StreamJob, StreamScheduler
 from tts_engine.voices.prompts import VoicePrompt
 from tts_engine.voices.store import VoiceStore, checked_voice_id
 
@@ -105,12 +107,21 @@ class _FakeStream:
     finished: bool = False
     finish_reason: str = None
 
+    @property
+    def params(self):
+        return self.request.params
+
 
 @dataclass
 class _FakeRequest:
     frames: int
     fail_at_frame: int = None  # the whole batched step fails when this stream reaches that frame
     start_error: Exception = None
+    text: str = "fake"
+
+    @property
+    def params(self):
+        return SamplingParams(max_new_tokens=self.frames + 1)
 
 
 class _FakeTalker:
@@ -133,10 +144,11 @@ class _FakeTalker:
     def remove(self, stream):
         self.active.remove(stream)
 
-    def step(self):
-        self.batches.append(len(self.active))
+    def step(self, streams=None):
+        streams = self.active if streams is None else streams
+        self.batches.append(len(streams))
         results = []
-        for stream in self.active:
+        for stream in streams:
             if stream.request.fail_at_frame == stream.frames:
                 raise RuntimeError("boom")
             stream.frames += 1
@@ -152,7 +164,7 @@ def _job(name, request, log, done, cancelled=lambda: False):
         done.release()
 
     return StreamJob(request=request, on_chunk=lambda chunk, i, last: log.append((name, len(chunk), last)),
-                     on_end=on_end, is_cancelled=cancelled, schedule=ChunkSchedule((2, 4)), label=name)
+                     on_end=on_end, is_cancelled=cancelled, policy=FixedChunks((2, 4)), label=name)
 
 
 def _ends(log):
@@ -218,7 +230,7 @@ def test_the_serving_loop_and_the_decode_worker_run_with_their_configured_torch_
     before, seen, done = torch.get_num_threads(), [], threading.Semaphore(0)
     talker = _FakeTalker(slots=1)
     step = talker.step
-    talker.step = lambda: (seen.append(torch.get_num_threads()), step())[1]
+    talker.step = lambda streams=None: (seen.append(torch.get_num_threads()), step(streams))[1]
     scheduler = StreamScheduler(talker, torch_threads=3)
     try:
         scheduler.submit(_job("one", _FakeRequest(1), [], done))
@@ -425,46 +437,76 @@ def test_tiny_model_build_is_deterministic(tiny_model_dir, tmp_path):
 def _one_slot_pool(queue_timeout_s: float):
     from gateway.triton_client import TritonPool
 
-    pool = TritonPool(["127.0.0.1:9"], queue_timeout_s=queue_timeout_s, streams_per_endpoint=1)
+    pool = TritonPool(["127.0.0.1:9"], queue_timeout_s=queue_timeout_s, streams_per_endpoint=1,
+                      first_audio_budget_s=1.0)
     pool.endpoints[0].ready = True  # no server is asked: admission is pure bookkeeping
     return pool
 
 
-async def test_later_sentences_of_playing_utterances_get_the_next_slot_first():
-    """A freed slot goes to a waiting later sentence of an utterance already playing before a new utterance
-    that queued earlier."""
+async def test_a_freed_slot_goes_to_the_waiting_request_whose_listener_needs_audio_first():
+    """Waiting requests are served earliest deadline first: a later sentence whose listener runs dry in 0.3 s
+    goes before one whose listener has 2 s, and both before a new request that said it can wait 5 s."""
     import asyncio
 
-    pool = _one_slot_pool(queue_timeout_s=5)
-    held = await pool._acquire()
-    new = asyncio.create_task(pool._acquire())
+    pool = _one_slot_pool(queue_timeout_s=10)
+    held, token = await pool._acquire()
+    patient = asyncio.create_task(pool._acquire(max_wait_s=5))
     await asyncio.sleep(0.01)
-    later = asyncio.create_task(pool._acquire(continuing=True))
+    relaxed = asyncio.create_task(pool._acquire(continuing=True, lead_s=2.0))
     await asyncio.sleep(0.01)
-    pool._release(held)
-    assert await asyncio.wait_for(later, 1) is held and not new.done()
-    pool._release(held)
-    assert await asyncio.wait_for(new, 1) is held
+    urgent = asyncio.create_task(pool._acquire(continuing=True, lead_s=0.3))
+    await asyncio.sleep(0.01)
+    order = []
+    for _ in range(3):
+        pool._release(held, token)
+        done, _ = await asyncio.wait({patient, relaxed, urgent} - set(order), timeout=1,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        order.append(done.pop())
+        held, token = order[-1].result()
+    assert order == [urgent, relaxed, patient]
 
 
-async def test_later_sentences_are_never_refused_for_capacity():
-    """Past the queue timeout a new utterance is refused (OVERLOADED, with a retry hint); a later sentence of
-    a playing utterance keeps waiting and gets the slot when it frees."""
+async def test_a_new_utterance_is_refused_at_once_when_no_slot_frees_within_its_budget():
+    """With the only slot taken for longer than the first-audio budget, a new utterance is refused at once with
+    a retry hint, while a later sentence of a playing utterance waits and gets the slot when it frees."""
     import asyncio
 
     from gateway.triton_client import SynthesisFailed
     from tts_contract.errors import EngineCode
 
-    pool = _one_slot_pool(queue_timeout_s=0.1)
-    held = await pool._acquire()
-    later = asyncio.create_task(pool._acquire(continuing=True))
+    pool = _one_slot_pool(queue_timeout_s=10)
+    held, token = await pool._acquire()
+    later = asyncio.create_task(pool._acquire(continuing=True, lead_s=1.0))
+    started = time.monotonic()
     with pytest.raises(SynthesisFailed) as refused:
         await pool._acquire()
-    assert refused.value.code == EngineCode.OVERLOADED and refused.value.retry_after_ms > 0
+    assert time.monotonic() - started < 0.05
+    assert refused.value.code == EngineCode.OVERLOADED and refused.value.retry_after_ms >= 100
     await asyncio.sleep(0.2)
     assert not later.done()
-    pool._release(held)
-    assert await asyncio.wait_for(later, 1) is held
+    pool._release(held, token)
+    assert (await asyncio.wait_for(later, 1))[0] is held
+
+
+async def test_a_request_that_can_wait_queues_until_its_max_wait():
+    """A new request with max_wait_s waits for a slot instead of being refused, and is refused once that
+    wait is over."""
+    import asyncio
+
+    from gateway.triton_client import SynthesisFailed
+
+    pool = _one_slot_pool(queue_timeout_s=10)
+    held, token = await pool._acquire()
+    waiting = asyncio.create_task(pool._acquire(max_wait_s=2))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    pool._release(held, token)
+    held, token = await asyncio.wait_for(waiting, 1)
+    started = time.monotonic()
+    with pytest.raises(SynthesisFailed):
+        await pool._acquire(max_wait_s=0.2)
+    assert 0.15 < time.monotonic() - started < 1.0
 
 
 # -- incremental text ---------------------------------------------------------------------------------------

@@ -25,7 +25,13 @@ PARAMETERS = {
     "DEFAULT_VOICE": ("", "", "default voice id (empty: the voice marked isDefault)"),
     "DEVICE": ("cpu", "cuda", "torch device: cpu, cuda, cuda:N or auto"),
     "DTYPE": ("fp32", "bf16", "weights dtype: bf16, fp16 or fp32"),
-    "CHUNK_SCHEDULE": ("2,4,8,16", "2,4,8,16", "frames per streamed chunk: first, second, ... (last repeats)"),
+    "FIRST_CHUNK_FRAMES": ("1", "1", "smallest first chunk (frames); pacing may make it larger to cover the next step"),
+    "MAX_CHUNK_FRAMES": ("16", "12", "largest chunk (frames): bounds the decode time of one chunk"),
+    "PACING_MARGIN_MS": ("150", "80", "audio a listener should still have when its next chunk is sent"),
+    "REALTIME_SPEED": ("1.5", "1.5", "each stepped stream must run this many times faster than real time: the "
+                       "real-time batch is the largest whose measured step allows it"),
+    "FIRST_AUDIO_BUDGET_MS": ("1000", "1000", "refuse a new request at once unless its first audio can come "
+                              "within this (requests may set their own)"),
     "MAX_ACTIVE_STREAMS": ("16", "64", "streams the talker advances together in one batched step (KV slots)"),
     "TALKER_THREADS": ("1", "1", "CPU threads (torch intra-op) of the talker's serving loop"),
     "DECODER_THREADS": ("1", "1", "CPU threads (torch intra-op) of codec_decoder's batching worker"),
@@ -36,7 +42,8 @@ PARAMETERS = {
     "DEFAULT_MAX_NEW_TOKENS": ("2048", "2048", "max_new_tokens when a request sets none"),
     "STREAM_IDLE_TIMEOUT_S": ("60", "60", "seconds before codec_decoder frees an abandoned stream's state"),
 }
-POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "MAX_ACTIVE_STREAMS", "TALKER_THREADS", "DECODER_THREADS",
+POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "FIRST_CHUNK_FRAMES", "MAX_CHUNK_FRAMES", "PACING_MARGIN_MS",
+                 "FIRST_AUDIO_BUDGET_MS", "MAX_ACTIVE_STREAMS", "TALKER_THREADS", "DECODER_THREADS",
                  "MAX_QUEUED_STREAMS", "MAX_QUEUE_WAIT_S", "MAX_TEXT_CHARS", "MAX_NEW_TOKENS_LIMIT",
                  "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
 
@@ -59,6 +66,14 @@ def resolve(profile: str, overrides: dict[str, str], environ=os.environ) -> dict
     for name in POSITIVE_INTS:
         if not values[name].isdigit() or int(values[name]) < 1:
             raise RenderError(f"{name} must be a positive integer, not {values[name]!r}")
+    try:
+        speed_ok = 0.5 <= float(values["REALTIME_SPEED"]) <= 10
+    except ValueError:
+        speed_ok = False
+    if not speed_ok:
+        raise RenderError(f"REALTIME_SPEED must be a number within 0.5..10, not {values['REALTIME_SPEED']!r}")
+    if int(values["FIRST_CHUNK_FRAMES"]) > int(values["MAX_CHUNK_FRAMES"]):
+        raise RenderError("FIRST_CHUNK_FRAMES must not exceed MAX_CHUNK_FRAMES")
     if not values["MODEL_DIR"]:
         raise RenderError("MODEL_DIR is empty: set QWEN_TTS_MODEL_DIR or --set MODEL_DIR=/path/to/model")
     for name, value in values.items():

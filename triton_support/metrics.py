@@ -9,21 +9,26 @@ import threading
 from typing import Callable, Optional
 
 log = logging.getLogger("triton_support")
+# Seconds of audio a listener still had when a chunk was sent.
+LEAD_BUCKETS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
 
 
 class MetricsPublisher:
-    """``read()`` returns {(metric name, label value or None): number}; counters are published as increments
-    of the total, gauges as set. ``families`` maps each name to (kind, description, label name or None)."""
+    """``families`` maps each metric name to (kind, description, label name or None, read), where ``read``
+    takes ``source()`` and returns the value (a {label value: value} dict for a labelled family; a list of
+    new observations for a histogram). Counters are published as increments of the total, gauges as set."""
 
-    def __init__(self, pb_utils, families: dict, read: Callable[[], dict], interval_s: float = 0.25,
-                 before_publish: Optional[Callable[[], None]] = None):
-        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
-        self._families = {name: (kind, label, pb_utils.MetricFamily(name=name, description=description,
-                                                                    kind=kinds[kind]))
-                          for name, (kind, description, label) in families.items()}
+    def __init__(self, pb_utils, families: dict, source: Callable[[], object], interval_s: float = 0.25,
+                 before_publish: Optional[Callable[[], None]] = None, buckets: Optional[list] = None):
+        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE,
+                 "histogram": pb_utils.MetricFamily.HISTOGRAM}
+        self._families = {name: (kind, label, read, pb_utils.MetricFamily(name=name, description=description,
+                                                                          kind=kinds[kind]))
+                          for name, (kind, description, label, read) in families.items()}
+        self._buckets = buckets or [0.1, 0.5, 1.0]
         self._metrics: dict = {}
         self._reported: dict = {}
-        self._read, self._before = read, before_publish
+        self._source, self._before = source, before_publish
         self._interval = interval_s
         self._stop = threading.Event()
         self.publish()
@@ -33,20 +38,28 @@ class MetricsPublisher:
     def _metric(self, name: str, label_value):
         key = (name, label_value)
         if key not in self._metrics:
-            kind, label, family = self._families[name]
-            self._metrics[key] = family.Metric(labels={label: label_value} if label else {})
+            kind, label, _, family = self._families[name]
+            labels = {label: label_value} if label else {}
+            self._metrics[key] = family.Metric(labels=labels, buckets=self._buckets) if kind == "histogram" \
+                else family.Metric(labels=labels)
         return self._metrics[key]
 
     def publish(self) -> None:
-        for (name, label_value), value in self._read().items():
-            metric = self._metric(name, label_value)
-            if self._families[name][0] == "gauge":
-                metric.set(value)
-                continue
-            delta = value - self._reported.get((name, label_value), 0)
-            if delta:
-                metric.increment(delta)
-                self._reported[(name, label_value)] = value
+        source = self._source()
+        for name, (kind, label, read, _) in self._families.items():
+            value = read(source)
+            for label_value, number in (value.items() if label else [(None, value)]):
+                metric = self._metric(name, label_value)
+                if kind == "gauge":
+                    metric.set(number)
+                elif kind == "histogram":
+                    for observation in number:
+                        metric.observe(observation)
+                else:
+                    delta = number - self._reported.get((name, label_value), 0)
+                    if delta:
+                        metric.increment(delta)
+                        self._reported[(name, label_value)] = number
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -82,8 +82,9 @@ class CancelWatcher:
         self._stop.set()
 
 
-def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: CancelWatcher) -> StreamJob:
-    """A scheduler job that streams ``codes`` responses for one talker request.
+def codes_job(pb_utils, request, synthesis, delivery, stream_id: int, watcher: CancelWatcher) -> StreamJob:
+    """A scheduler job that streams ``codes`` responses for one talker request, paced for its listener
+    (``delivery``: when the listener needs its audio).
 
     The first response carries the voice's reference codes (ICL) for the decoder to prime with; the last
     carries ``final`` and COMPLETE_FINAL itself. A stream that ends before its first frame still gets one
@@ -123,7 +124,7 @@ def codes_job(pb_utils, request, synthesis, stream_id: int, schedule, watcher: C
 
     watcher.watch(stream_id, request)
     return StreamJob(request=synthesis, on_chunk=on_chunk, on_end=on_end,
-                     is_cancelled=lambda: watcher.is_cancelled(stream_id), schedule=schedule, label=f"{stream_id:x}")
+                     is_cancelled=lambda: watcher.is_cancelled(stream_id), delivery=delivery, label=f"{stream_id:x}")
 
 
 def read_decode_item(pb_utils, request) -> DecodeItem:

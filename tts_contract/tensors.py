@@ -20,6 +20,8 @@ TEXT = "text"  # BYTES [1], UTF-8
 VOICE = "voice"  # BYTES [1], a voice id
 LANGUAGE = "language"  # BYTES [1], a language name or Auto
 CANCEL_STREAM_ID = "cancel_stream_id"  # UINT64 [1], talker control input
+STATUS_QUERY = "status_query"  # BOOL [1], talker control input: answer with `status` instead of synthesising
+STATUS = "status"  # BYTES [1], JSON: the talker's capacity now (slots, active, realtime_batch, headroom, ...)
 CODES = "codes"  # INT32 [frames, 16]
 CONTEXT_CODES = "context_codes"  # INT32 [frames, 16], an ICL voice's reference frames (first chunk only)
 STREAM_ID = "stream_id"  # UINT64 [1]
@@ -66,11 +68,12 @@ MODELS = {
     TTS: Model(TTS, inputs=(_string(TEXT), _string(VOICE, True), _string(LANGUAGE, True)),
                outputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)),), decoupled=True),
     TALKER: Model(TALKER,
-                  # text is required for synthesis; only a cancel control request comes without it
+                  # text is required for synthesis; only control requests (cancel, status) come without it
                   inputs=(_string(TEXT, True), _string(VOICE, True), _string(LANGUAGE, True),
-                          Tensor(CANCEL_STREAM_ID, "TYPE_UINT64", (1,), True)),
+                          Tensor(CANCEL_STREAM_ID, "TYPE_UINT64", (1,), True),
+                          Tensor(STATUS_QUERY, "TYPE_BOOL", (1,), True)),
                   outputs=(_codes(CODES), _codes(CONTEXT_CODES), Tensor(STREAM_ID, "TYPE_UINT64", (1,)),
-                           Tensor(FINAL, "TYPE_BOOL", (1,))),
+                           Tensor(FINAL, "TYPE_BOOL", (1,)), _string(STATUS)),
                   decoupled=True),
     CODEC_DECODER: Model(CODEC_DECODER,
                          inputs=(_codes(CODES), _codes(CONTEXT_CODES, True), Tensor(STREAM_ID, "TYPE_UINT64", (1,)),

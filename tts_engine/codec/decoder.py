@@ -53,12 +53,31 @@ class StreamingDecoder:
         return DecoderState()
 
     def warm_up(self, max_batch: int) -> None:
-        """Decode once in the shapes the first requests use (1, 2 and up to 4 streams of 2, 4 and 16 frames), so
+        """Decode once in the shapes the first requests use (1, 2 and up to 4 streams of 1 to 16 frames), so
         that they find every code path and buffer ready."""
         for batch in sorted({1, 2, min(4, max_batch)}):
-            for frames in (2, 4, 16):
+            for frames in (1, 2, 3, 4, 8, 16):
                 self.decode_batch([self.new_state() for _ in range(batch)],
                                   [np.zeros((frames, self.num_quantizers), dtype=np.int32)] * batch)
+
+    def chunk_costs(self, sizes=(1, 2, 4, 8, 16), rounds: int = 5) -> dict[int, float]:
+        """Seconds to decode one chunk of each size for a stream past its attention window (the fastest of
+        ``rounds``: measured while other models load): what sending a chunk of that size costs, for pacing."""
+        import time
+
+        state = self.new_state()
+        self.decode(state, np.zeros((self.window, self.num_quantizers), dtype=np.int32))
+        costs = {}
+        for frames in sizes:
+            chunk = np.zeros((frames, self.num_quantizers), dtype=np.int32)
+            timings = []
+            for _ in range(rounds):
+                trial = state.clone()
+                started = time.perf_counter()
+                self.decode(trial, chunk)
+                timings.append(time.perf_counter() - started)
+            costs[frames] = min(timings)
+        return costs
 
     def _codes_tensor(self, codes) -> torch.Tensor:
         codes = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes)

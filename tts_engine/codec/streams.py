@@ -44,7 +44,7 @@ class StreamTable:
         self._lock = threading.Lock()
         self.freed = {"final": 0, "cancelled": 0, "failed": 0, "idle": 0}
         self.primings = 0  # decodes of reference codes (each voice once, while it stays cached)
-        self.batches = self.chunks = 0  # batched forwards, and the chunks they decoded
+        self.batches = self.chunks = self.frames = 0  # batched forwards, the chunks and frames they decoded
         self._cancelled = RecentIds(1024)  # recently cancelled ids, to act once
 
     def __len__(self) -> int:
@@ -140,6 +140,7 @@ class StreamTable:
         """One batched forward for chunks of equal length; frees the streams that end here."""
         self.batches += 1
         self.chunks += len(members)
+        self.frames += len(members) * len(items[members[0][0]].codes)
         try:
             audio = self.decoder.decode_batch([state for _, state in members],
                                               [items[index].codes for index, _ in members])

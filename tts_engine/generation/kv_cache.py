@@ -34,10 +34,10 @@ class _SlotLayer(CacheLayerMixin):
                cache_kwargs: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write each row's one new key/value at its own length; return the rows' keys up to the view length."""
         rows, positions, length = self.arena.rows, self.arena.positions, self.arena.view_length
-        self.keys[rows, :, positions] = key_states[:, :, 0]
-        self.values[rows, :, positions] = value_states[:, :, 0]
-        batch = key_states.shape[0]
-        return self.keys[:batch, :, :length], self.values[:batch, :, :length]
+        written = self.arena.row_index
+        self.keys[written, :, positions] = key_states[:, :, 0]
+        self.values[written, :, positions] = value_states[:, :, 0]
+        return self.keys[rows, :, :length], self.values[rows, :, :length]  # a view for a slice, a copy for an index
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         return self.arena.view_length, 0
@@ -60,15 +60,17 @@ class SlotKVCache(Cache):
         super().__init__(layers=layers)
         self.slots, self.max_tokens = slots, max_tokens
         self._all_rows = torch.arange(slots, device=device)
-        self.rows = self._all_rows[:0]
+        self.rows, self.row_index = slice(0, 0), self._all_rows[:0]
         self.positions = torch.zeros(0, dtype=torch.long, device=device)
         self.view_length = 0
         self.nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
 
-    def begin_step(self, lengths: torch.Tensor, whole_arena: bool = False) -> None:
-        """Next forward: row r writes at ``lengths[r]`` and attends to keys 0..lengths[r]. Attention reads
-        keys up to the longest row, or the whole arena (``whole_arena``: the same shapes at every step)."""
-        self.rows = self._all_rows[: lengths.shape[0]]
+    def begin_step(self, lengths: torch.Tensor, rows=None, whole_arena: bool = False) -> None:
+        """Next forward over ``rows`` (a slice or an index of arena rows; default 0..B-1): the i-th writes at
+        ``lengths[i]`` and attends to keys 0..lengths[i]. Attention reads keys up to the longest row, or the
+        whole arena (``whole_arena``: the same shapes at every step)."""
+        self.rows = slice(0, lengths.shape[0]) if rows is None else rows
+        self.row_index = self._all_rows[self.rows] if isinstance(self.rows, slice) else self.rows
         self.positions = lengths
         self.view_length = self.max_tokens if whole_arena else int(lengths.max()) + 1
 

@@ -1,87 +1,57 @@
-"""The serving loop: admits queued requests into the batched talker and steps every active stream at once.
+"""The serving loop: admits waiting requests into the batched talker by deadline, steps the streams whose
+listeners need audio, and hands each stream's frames to its pacer, which sends them as chunks in time.
 
-One thread owns the talker. Each iteration it admits waiting jobs (bounded prefill work, so running streams
-never stall for long), drops cancelled ones, runs one batched step, and hands each stream's frames to its
-chunker. A new stream's first chunk therefore comes a couple of steps after its prefill, whatever else
-runs. Requests beyond capacity wait in a bounded FIFO queue; a full queue or a too-long wait is refused.
+One thread owns the talker. Each pass it takes new requests and commands, admits waiting jobs earliest
+deadline first (bounded prefill work, so running streams never stall for long) within the real-time
+capacity, refuses at once those that could not get their first audio within their budget, drops cancelled
+ones, and runs one batched step. When more streams are active than the real-time batch (continuations that
+came due), the step advances those closest to their deadlines and the others wait a step.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
 from tts_contract.audio import NUM_CODEBOOKS
-from tts_contract.limits import DEFAULT_CHUNK_SCHEDULE
+from tts_contract.delivery import DEFAULT_FIRST_AUDIO_BUDGET_MS, with_retry_after
 
 from ..errors import Cancelled, EngineError, Overloaded
+from .admission import CostCurve, Delivery, place_free_times, realtime_batch
+from .pacing import ChunkPolicy, DeadlinePacing, Pacer, most_urgent
 from .prompt import SynthesisRequest
 from .talker import BatchedTalker, TalkerStream
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("eos", "max_new_tokens", "cancelled", "rejected", "error")
-
-
-@dataclass(frozen=True)
-class ChunkSchedule:
-    """How many frames go into each streamed chunk: small first chunks for latency, then larger ones."""
-
-    sizes: tuple[int, ...] = DEFAULT_CHUNK_SCHEDULE
-
-    def size(self, chunk_index: int) -> int:
-        return self.sizes[min(chunk_index, len(self.sizes) - 1)]
-
-    @classmethod
-    def parse(cls, text: str) -> "ChunkSchedule":
-        """Parse ``"2,4,8,16"``: chunk i has sizes[i] frames, the last size repeats."""
-        try:
-            sizes = tuple(int(part) for part in str(text).split(",") if part.strip())
-        except ValueError:
-            raise ValueError(f"chunk schedule {text!r} must be comma-separated integers") from None
-        if not sizes or any(not 1 <= s <= 512 for s in sizes):
-            raise ValueError(f"chunk schedule {text!r}: every size must be within 1..512")
-        return cls(sizes)
-
-
-class Chunker:
-    """Groups one stream's frames into chunks of the scheduled sizes; the last chunk takes the remainder."""
-
-    def __init__(self, schedule: ChunkSchedule):
-        self.schedule = schedule
-        self.pending: list[torch.Tensor] = []
-        self.chunks_sent = 0
-
-    def add(self, frame: Optional[torch.Tensor], finished: bool) -> Optional[torch.Tensor]:
-        """Take the step's frame (None when the step produced none); returns a [n,16] chunk when one is due."""
-        if frame is not None:
-            self.pending.append(frame)
-        if self.pending and (finished or len(self.pending) >= self.schedule.size(self.chunks_sent)):
-            chunk = torch.stack(self.pending)
-            self.pending = []
-            self.chunks_sent += 1
-            return chunk
-        return None
+# A stream's expected length when it has no frame cap of its own: about a frame per character, and more
+# (the model says each text token over several frames) for short texts.
+EXPECTED_FRAMES_PER_CHAR = 1.2
+EXPECTED_FRAMES_BASE = 12
 
 
 @dataclass(eq=False)
 class StreamJob:
-    """One request: what to synthesise, and where its chunks and its end go."""
+    """One request: what to synthesise, when its listener needs it, and where its chunks and its end go."""
 
     request: SynthesisRequest
     on_chunk: Callable[[torch.Tensor, int, bool], None]  # (codes [n,16], chunk index, is_last)
     on_end: Callable[[Optional[BaseException], "StreamJob"], None]  # called exactly once
     is_cancelled: Callable[[], bool] = lambda: False
-    schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
+    policy: Optional[ChunkPolicy] = None  # None: the scheduler's
+    delivery: Delivery = field(default_factory=Delivery)
     label: str = ""
     submitted: float = field(default_factory=time.monotonic)
     stream: Optional[TalkerStream] = None
-    chunker: Optional[Chunker] = None
+    pacer: Optional[Pacer] = None
     cancel_checked: float = 0.0
     ended: bool = False
 
@@ -101,7 +71,7 @@ class Generation:
 
 @dataclass
 class SchedulerStats:
-    """Plain counters the loop updates; a metrics thread reads them (no call leaves the loop)."""
+    """Plain numbers the loop updates; a metrics thread reads them (no call leaves the loop)."""
 
     frames: int = 0
     steps: int = 0
@@ -109,22 +79,58 @@ class SchedulerStats:
     step_seconds: float = 0.0
     active: int = 0
     queued: int = 0
+    realtime_batch: int = 0  # streams that can step together and stay ahead of real time
+    headroom: int = 0  # new streams that could start now
+    step_s: float = 0.0  # the predicted step time at the current batch
+    retry_after_s: float = 0.0  # when a place is expected to free (0: one is free now)
+    chunks: int = 0
+    chunk_frames: int = 0
+    underruns: int = 0  # chunks sent after their listener ran dry (this process's view)
+    stalled_s: float = 0.0
+    skipped_rows: int = 0  # active streams that waited a step because their listeners had audio enough
+    leads: list = field(default_factory=list)  # lead at each chunk, drained by the metrics publisher
     outcomes: Counter = field(default_factory=Counter)
+
+    def take_leads(self) -> list:
+        """The leads recorded since the last call (for a histogram)."""
+        taken, self.leads = self.leads, []
+        return taken
+
+    def status(self, slots: int) -> dict:
+        """What a load balancer or the gateway needs to know, as plain JSON-able values."""
+        return {"slots": slots, "active": self.active, "queued": self.queued, "realtime_batch": self.realtime_batch,
+                "headroom": self.headroom, "step_ms": round(1000 * self.step_s, 2),
+                "retry_after_ms": int(1000 * self.retry_after_s)}
 
 
 class StreamScheduler:
+    """The talker's serving loop. ``speed``: how much faster than real time every stepped stream must run
+    (the real-time batch is the largest whose measured step allows it); ``first_audio_budget_s``: the default
+    budget of a request's first audio; ``decode_cost(frames)``: seconds to decode a chunk (pacing)."""
+
     def __init__(self, talker: BatchedTalker, max_queued: int = 64, max_queue_wait_s: float = 30.0,
                  prefill_tokens_per_step: int = 512, cancel_check_interval_s: float = 0.05, name: str = "talker",
-                 torch_threads: Optional[int] = 1):
+                 torch_threads: Optional[int] = 1, policy: Optional[ChunkPolicy] = None, speed: float = 1.5,
+                 first_audio_budget_s: float = DEFAULT_FIRST_AUDIO_BUDGET_MS / 1000,
+                 decode_cost: Optional[Callable[[int], float]] = None):
         self.talker = talker
         self.torch_threads = torch_threads
         self.max_queued = max_queued
         self.max_queue_wait_s = max_queue_wait_s
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.cancel_check_interval_s = cancel_check_interval_s
+        self.policy = policy or DeadlinePacing()
+        self.margin_s = getattr(self.policy, "margin_s", 0.0)
+        self.speed = speed
+        self.first_audio_budget_s = first_audio_budget_s
+        self.decode_cost = decode_cost or CostCurve()  # empty: decoding assumed free until measured
+        self.step_times = CostCurve()
+        self.prefill_s = 0.0  # moving average of one prefill
         self.stats = SchedulerStats()
         self._incoming: "queue.Queue[Optional[StreamJob]]" = queue.Queue()
-        self._swept = 0.0  # when the waiting line was last checked for cancelled and expired jobs
+        self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self._line: list = []  # waiting jobs: a heap of (admit_by, sequence, job)
+        self._sequence = itertools.count()
         self._jobs: dict[TalkerStream, StreamJob] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{name}-scheduler", daemon=True)
@@ -138,13 +144,13 @@ class StreamScheduler:
         """Queue a job; raises Overloaded when ``max_queued`` jobs are already waiting."""
         if self._stopping.is_set():
             raise EngineError("server is shutting down")
-        if self._incoming.qsize() >= self.max_queued:
-            raise Overloaded(f"{self.max_queued} requests are already waiting for the talker; try again shortly")
+        if self._incoming.qsize() + len(self._line) >= self.max_queued:
+            raise Overloaded(with_retry_after(f"{self.max_queued} requests are already waiting for the talker",
+                                              max(100, int(1000 * self.stats.retry_after_s))))
         self._incoming.put(job)
-        self.stats.queued = self._incoming.qsize()
 
-    def generate(self, request: SynthesisRequest, schedule: Optional[ChunkSchedule] = None,
-                 timeout: float = 300.0, is_cancelled: Callable[[], bool] = lambda: False) -> Generation:
+    def generate(self, request: SynthesisRequest, policy: Optional[ChunkPolicy] = None, timeout: float = 300.0,
+                 is_cancelled: Callable[[], bool] = lambda: False, delivery: Optional[Delivery] = None) -> Generation:
         """Run one request to its end through this serving loop and collect its chunks (tests, bench,
         warm-up). Raises the error the stream ended with."""
         result, ended, failure = Generation(), threading.Event(), []
@@ -155,13 +161,61 @@ class StreamScheduler:
             ended.set()
 
         self.submit(StreamJob(request=request, on_chunk=lambda chunk, index, last: result.chunks.append(chunk),
-                              on_end=on_end, is_cancelled=is_cancelled, schedule=schedule or ChunkSchedule(),
-                              label="generate"))
+                              on_end=on_end, is_cancelled=is_cancelled, policy=policy,
+                              delivery=delivery or Delivery(max_wait_s=timeout), label="generate"))
         if not ended.wait(timeout):
             raise TimeoutError(f"generation did not end within {timeout:g} s")
         if failure[0] is not None:
             raise failure[0]
         return result
+
+    def call(self, command: Callable[[], object], timeout: float = 600.0):
+        """Run ``command`` on the serving loop's thread between two passes and return its result."""
+        done, outcome = threading.Event(), []
+
+        def run():
+            try:
+                outcome.append((command(), None))
+            except BaseException as exc:
+                outcome.append((None, exc))
+            done.set()
+
+        self._commands.put(run)
+        self._incoming.put(None)  # wake an idle loop
+        if not done.wait(timeout):
+            raise TimeoutError(f"the serving loop did not run the command within {timeout:g} s")
+        value, error = outcome[0]
+        if error is not None:
+            raise error
+        return value
+
+    def calibrate(self, request: SynthesisRequest, sizes=None, steps: int = 8) -> dict[int, float]:
+        """Measure the step time at each batch size (the talker's buckets up to its slots) with copies of
+        ``request``, before serving: the real-time capacity starts from these numbers. The fastest of
+        ``steps`` counts (the other models load at the same time; real steps correct it once serving)."""
+        sizes = sizes or self.talker.buckets_up_to_slots()
+        frames = steps + 2  # EOS suppressed throughout: every stream steps every time
+        request = replace(request, params=replace(request.params, min_new_tokens=frames, max_new_tokens=frames))
+
+        def measure():
+            measured = {}
+            for size in sizes:
+                streams = [self.talker.add(request) for _ in range(size)]
+                timings = []
+                try:
+                    for _ in range(steps):
+                        started = time.perf_counter()
+                        self.talker.step(streams)
+                        timings.append(time.perf_counter() - started)
+                finally:
+                    for stream in streams:
+                        self.talker.remove(stream)
+                measured[size] = min(timings[1:])  # the first step of a new batch shape allocates
+            self.step_times.update(measured)
+            self._update_capacity()
+            return self.step_times.snapshot()
+
+        return self.call(measure)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -177,8 +231,9 @@ class StreamScheduler:
             torch.set_num_threads(self.torch_threads)
         while not self._stopping.is_set():
             try:
+                self._take_incoming()
+                self._run_commands()
                 self._admit()
-                self._sweep_waiting()
                 self._drop_cancelled()
                 if self.talker.active:
                     self._step()
@@ -188,68 +243,144 @@ class StreamScheduler:
                     self._end(job, exc)
         for job in list(self._jobs.values()):
             self._end(job, EngineError("server is shutting down"))
-        while True:  # fail jobs that were never admitted
-            try:
-                job = self._incoming.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                self._end(job, EngineError("server is shutting down"))
+        self._take_incoming(block=False)
+        for _, _, job in self._line:  # fail jobs that were never admitted
+            self._end(job, EngineError("server is shutting down"))
+        self._line.clear()
 
-    def _admit(self) -> None:
-        """Start waiting jobs while rows are free, within this step's prefill budget (at least one job)."""
-        budget = self.prefill_tokens_per_step
-        block = not self.talker.active
-        while len(self.talker) < self.talker.slots and budget > 0:
+    def _take_incoming(self, block: Optional[bool] = None) -> None:
+        """Move submitted jobs into the waiting line (waiting for one while there is nothing else to do)."""
+        if block is None:
+            block = not self.talker.active and not self._line and self._commands.empty()
+        while True:
             try:
                 job = self._incoming.get(block=block, timeout=0.2 if block else None)
             except queue.Empty:
                 break
-            if job is None:
-                break
             block = False
-            refusal = self._refusal(job)
+            if job is not None:
+                heapq.heappush(self._line, (self._admit_by(job), next(self._sequence), job))
+        self.stats.queued = len(self._line)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _budget_s(self, job: StreamJob) -> float:
+        """How long after submission a job may wait for its first audio."""
+        budget = job.delivery.first_audio_budget_s or self.first_audio_budget_s
+        return max(budget, job.delivery.max_wait_s)
+
+    def _admit_by(self, job: StreamJob) -> float:
+        """The job's place in line: when its listener needs its first chunk (earliest deadline first)."""
+        if job.delivery.continuation:
+            return job.submitted + job.delivery.lead_s - self.margin_s
+        return job.submitted + self._budget_s(job)
+
+    def _first_audio_s(self, batch: int) -> float:
+        """Expected time from admission to a new stream's first chunk at this batch size."""
+        frames = getattr(self.policy, "first_chunk_frames", 2)
+        return self.prefill_s + (frames + 1) * self.step_times.predict(batch) + self.decode_cost(frames)
+
+    def _update_capacity(self) -> int:
+        slots = self.talker.slots
+        self.stats.realtime_batch = realtime_batch(self.step_times, self.speed, slots)
+        limit = min(slots, self.stats.realtime_batch)
+        self.stats.headroom = max(0, limit - len(self.talker) - len(self._line))
+        self.stats.step_s = self.step_times.predict(max(1, len(self.talker)))
+        self.stats.active = len(self.talker)
+        return limit
+
+    def _remaining_s(self) -> list[float]:
+        """Each active stream's expected remaining generation time at the current step time."""
+        step = self.step_times.predict(max(1, len(self.talker)))
+        remaining = []
+        for stream in self.talker.active:
+            params, text = stream.params, stream.request.text
+            expected = min(params.max_new_tokens - 1,
+                           EXPECTED_FRAMES_BASE + EXPECTED_FRAMES_PER_CHAR * len(text))
+            remaining.append(max(4.0, expected - stream.frames) * step)
+        return remaining
+
+    def _admit(self) -> None:
+        """Start waiting jobs earliest deadline first: within the real-time batch, or beyond it (up to the
+        slots) for continuations whose listeners need them now; within this pass's prefill budget. Then refuse
+        the new requests that can no longer get their first audio in time."""
+        limit = self._update_capacity()
+        budget = self.prefill_tokens_per_step
+        now = time.monotonic()
+        while self._line and len(self.talker) < self.talker.slots and budget > 0:
+            admit_by, _, job = self._line[0]
+            refusal = self._refusal(job, now)
             if refusal is not None:
+                heapq.heappop(self._line)
                 self._end(job, refusal)
                 continue
+            due = job.delivery.continuation and admit_by <= now + self._first_audio_s(len(self.talker) + 1)
+            if len(self.talker) >= limit and not due:
+                break
+            heapq.heappop(self._line)
+            started = time.perf_counter()
             try:
                 job.stream = self.talker.add(job.request)
             except BaseException as exc:
                 self._end(job, exc)
                 continue
+            elapsed = time.perf_counter() - started
+            self.prefill_s = elapsed if not self.prefill_s else self.prefill_s + 0.1 * (elapsed - self.prefill_s)
             budget -= job.stream.length
-            job.chunker = Chunker(job.schedule)
+            job.pacer = Pacer.start(job.policy or self.policy, time.monotonic(), job.delivery.lead_s)
             self._jobs[job.stream] = job
             if job.stream.finished:  # EOS or max_new_tokens before any frame
                 self._end(job, None)
-        self.stats.queued = self._incoming.qsize()
-        self.stats.active = len(self.talker)
+        self._refuse_late(now, limit)
+        self._update_capacity()
+        self.stats.queued = len(self._line)
 
-    def _sweep_waiting(self, interval_s: float = 0.25) -> None:
-        """While every row is busy, end the waiting jobs that were cancelled or waited too long, so that they
-        neither hold places in line nor wait past ``max_queue_wait_s`` for a slot to free."""
-        now = time.monotonic()
-        if len(self.talker) < self.talker.slots or now - self._swept < interval_s:
+    def _refuse_late(self, now: float, limit: int) -> None:
+        """Refuse, at once, each waiting new request whose place in line would not free before its first audio
+        is due (continuations wait: their utterance is playing). Cancelled ones leave the line."""
+        if not self._line:
+            self.stats.retry_after_s = 0.0
             return
-        self._swept = now
-        with self._incoming.mutex:  # in place, under the queue's own lock: the line keeps its order
-            waiting = [job for job in self._incoming.queue if job is not None]
+        waiting = [entry[2] for entry in sorted(self._line)]
+        free_now = max(0, limit - len(self.talker))
+        frees = place_free_times(self._remaining_s(), free_now, len(waiting))
+        first_audio = self._first_audio_s(limit)
+        self.stats.retry_after_s = frees[0] + first_audio
+        refused, place = [], 0
         for job in waiting:
-            refusal = self._refusal(job)
-            if refusal is None:
-                continue
-            with self._incoming.mutex:
-                self._incoming.queue.remove(job)
-            self._end(job, refusal)
-        self.stats.queued = self._incoming.qsize()
+            refusal = self._refusal(job, now)
+            if refusal is None and not job.delivery.continuation:
+                start = now + frees[min(place, len(frees) - 1)]
+                if start + first_audio > job.submitted + self._budget_s(job):
+                    retry_ms = max(100, int(1000 * (frees[min(place, len(frees) - 1)] + first_audio)))
+                    refusal = Overloaded(with_retry_after(
+                        "the talker cannot start this stream in time for its first audio (at real-time capacity)",
+                        retry_ms))
+            if refusal is not None:
+                refused.append((job, refusal))
+            else:
+                place += 1
+        if refused:
+            gone = {id(job) for job, _ in refused}
+            self._line = [entry for entry in self._line if id(entry[2]) not in gone]
+            heapq.heapify(self._line)
+            for job, refusal in refused:
+                self._end(job, refusal)
 
-    def _refusal(self, job: StreamJob) -> Optional[EngineError]:
+    def _refusal(self, job: StreamJob, now: float) -> Optional[EngineError]:
         """Why a waiting job must not start (cancelled, or waited too long), or None."""
-        if self._check_cancelled(job, force=True):
+        if self._check_cancelled(job, force=False):
             return Cancelled("cancelled before it started")
-        waited = time.monotonic() - job.submitted
+        waited = now - job.submitted
         if waited > self.max_queue_wait_s:
-            return Overloaded(f"waited {waited:.0f} s for a free talker slot; try again shortly")
+            return Overloaded(with_retry_after(f"waited {waited:.0f} s for a free talker slot",
+                                               max(100, int(1000 * self.stats.retry_after_s))))
         return None
 
     def _check_cancelled(self, job: StreamJob, force: bool = False) -> bool:
@@ -266,19 +397,40 @@ class StreamScheduler:
                 self._end(job, Cancelled(f"cancelled after {job.stream.frames} frames"))
 
     def _step(self) -> None:
+        now = time.monotonic()
+        active = [s for s in self.talker.active if not s.finished]
+        limit = max(1, self.stats.realtime_batch or len(active))
+        chosen = active
+        if len(active) > limit:  # the streams closest to their deadlines step; the others wait this step
+            urgent = most_urgent([self._jobs[s].pacer for s in active], now, limit)
+            chosen = [active[i] for i in sorted(urgent)]
+            self.stats.skipped_rows += len(active) - len(chosen)
         started = time.perf_counter()
-        results = self.talker.step()
+        results = self.talker.step(chosen)
+        elapsed = time.perf_counter() - started
+        self.step_times.observe(len(chosen), elapsed)
         stats = self.stats
-        stats.step_seconds += time.perf_counter() - started
+        stats.step_seconds += elapsed
         stats.steps += 1
         stats.step_rows += len(results)
         stats.frames += len(results)
-        for stream, frame in results:
+        now = time.monotonic()
+        next_step = self.step_times.predict(len(active))
+        stepped = {stream for stream, _ in results}
+        for stream, frame in results + [(s, None) for s in active if s not in stepped]:
             job = self._jobs[stream]
-            chunk = job.chunker.add(frame, stream.finished)
+            held = len(job.pacer.pending) + (frame is not None)
+            chunk = job.pacer.add(frame, stream.finished, now, next_step, self.decode_cost(held + 1))
             if chunk is not None:
+                stats.chunks += 1
+                stats.chunk_frames += len(chunk)
+                stats.leads.append(job.pacer.last_lead)
+                del stats.leads[:-4096]  # bounded if nobody reads them
+                if job.pacer.last_stall:
+                    stats.underruns += 1
+                    stats.stalled_s += job.pacer.last_stall
                 try:
-                    job.on_chunk(chunk, job.chunker.chunks_sent - 1, stream.finished)
+                    job.on_chunk(chunk, job.pacer.chunks - 1, stream.finished)
                 except BaseException as exc:  # a failing consumer ends its own stream only
                     self._end(job, exc)
                     continue

@@ -92,10 +92,13 @@ class BatchedTalker:
         self.vocab = config.vocab_size
         self.sub_vocab = self.predictor.config.vocab_size
         self.eos = config.codec_eos_token_id
-        self.cache = SlotKVCache(config, slots, max_tokens, self.device, self.talker.dtype)
-        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.past_hidden = torch.zeros(slots, config.hidden_size, dtype=self.talker.dtype, device=self.device)
-        self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)  # code-0 tokens so far
+        # Row ``slots`` is scratch: padding rows of a fixed-shape step write there, never into a stream's row.
+        rows = slots + 1
+        self.scratch_row = slots
+        self.cache = SlotKVCache(config, rows, max_tokens, self.device, self.talker.dtype)
+        self.next_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.past_hidden = torch.zeros(rows, config.hidden_size, dtype=self.talker.dtype, device=self.device)
+        self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=self.device)  # code-0 tokens so far
         suppressed = [i for i in range(self.vocab - 1024, self.vocab) if i != self.eos]  # as qwen-tts generate
         self.suppress = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
         self.suppress[suppressed] = True
@@ -105,6 +108,9 @@ class BatchedTalker:
 
     def __len__(self) -> int:
         return len(self.active)
+
+    def buckets_up_to_slots(self) -> tuple[int, ...]:
+        return batch_buckets(self.slots)
 
     # -- admission ------------------------------------------------------------------------------------------
 
@@ -165,44 +171,58 @@ class BatchedTalker:
     # -- one step for every active stream -------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[TalkerStream, torch.Tensor]]:
-        """Advance every unfinished active stream by one frame: [(stream, its 16 codes on the CPU)]."""
-        streams = [s for s in self.active if not s.finished]
+    def step(self, streams: Optional[list[TalkerStream]] = None) -> list[tuple[TalkerStream, torch.Tensor]]:
+        """Advance ``streams`` (default: every active stream) by one frame: [(stream, its 16 codes on the CPU)].
+        Streams left out keep their state untouched (a row waiting for its deadline or its text)."""
+        streams = self.active if streams is None else streams
         if not streams:
             return []
-        if len(streams) != len(self.active):
+        if any(s.finished for s in streams):
             raise RuntimeError("finished streams must be removed before the next step")
         batch = len(streams)
-        rows = batch if self.buckets is None else next(size for size in self.buckets if size >= batch)
+        padded = batch if self.buckets is None else next(size for size in self.buckets if size >= batch)
+        rows = self._rows(streams, padded)
         draws = [s.uniforms(True, True, self.sub_vocab, self.vocab) for s in streams]
-        tokens = self.next_tokens[:rows]  # rows past the batch (padding) hold stale ids: computed, discarded
+        tokens = self.next_tokens[rows]  # padding rows hold stale ids: computed, discarded
         last_id_hidden = self.talker.get_input_embeddings()(tokens[:, None])  # [R, 1, H]
-        subcodes = self._predict_subcodes(self.past_hidden[:rows, None], last_id_hidden, streams,
+        subcodes = self._predict_subcodes(self.past_hidden[rows][:, None], last_id_hidden, streams,
                                           [d[0] for d in draws])  # [R, 15]
         frames = torch.cat([tokens[:, None], subcodes], dim=-1)[:batch]  # [B, 16]
         tables = self.predictor.get_input_embeddings()
         embeds = torch.cat([last_id_hidden] + [tables[i](subcodes[:, i:i + 1]) for i in range(NUM_CODEBOOKS - 1)],
                            dim=1).sum(1, keepdim=True)
         text = torch.stack([s.text_input() for s in streams])
-        embeds = embeds + torch.nn.functional.pad(text, (0, 0, 0, rows - batch))[:, None, :]
-        # Padding rows are free arena rows: they write at position 0, which the next prefill there replaces.
-        lengths = torch.tensor([s.length for s in streams] + [0] * (rows - batch), device=self.device)
-        self.cache.begin_step(lengths, whole_arena=self.buckets is not None)
+        embeds = embeds + torch.nn.functional.pad(text, (0, 0, 0, padded - batch))[:, None, :]
+        # Padding rows write at position 0 of a free row or the scratch row, which no stream reads.
+        lengths = torch.tensor([s.length for s in streams] + [0] * (padded - batch), device=self.device)
+        self.cache.begin_step(lengths, rows, whole_arena=self.buckets is not None)
         view = self.cache.view_length
         mask = (torch.arange(view, device=self.device)[None, :] <= lengths[:, None]).long()
         out = self.talker.model(inputs_embeds=embeds, attention_mask=mask,
-                                position_ids=lengths.view(1, rows, 1).expand(3, rows, 1), past_key_values=self.cache,
-                                cache_position=torch.tensor([view - 1], device=self.device), use_cache=True)
+                                position_ids=lengths.view(1, padded, 1).expand(3, padded, 1),
+                                past_key_values=self.cache, cache_position=torch.tensor([view - 1], device=self.device),
+                                use_cache=True)
         hidden = out.last_hidden_state
-        self.past_hidden[:rows] = hidden[:, -1]
+        self.past_hidden[rows] = hidden[:, -1]
         logits = self.talker.codec_head(hidden[:batch])[:, -1, :].to(dtype=torch.float32)
-        new_tokens = self._choose_code0(logits, streams, [d[1] for d in draws], rows=slice(0, batch)).tolist()
+        stepped = rows if isinstance(rows, slice) and padded == batch else torch.tensor(
+            [s.row for s in streams], device=self.device)
+        new_tokens = self._choose_code0(logits, streams, [d[1] for d in draws], rows=stepped).tolist()
         frames = frames.cpu()
         for stream, token in zip(streams, new_tokens):
             stream.length += 1
             stream.frames += 1
             self._record(stream, token)
         return list(zip(streams, frames))
+
+    def _rows(self, streams: list[TalkerStream], padded: int):
+        """The arena rows of a step: a slice when the streams are rows 0..B-1 and any padding lands on free
+        rows (a view, no copy), else an index (padding on the scratch row)."""
+        prefix = all(stream.row == i for i, stream in enumerate(streams))
+        if prefix and (padded == len(streams) or (len(streams) == len(self.active) and padded <= self.slots)):
+            return slice(0, padded)
+        return torch.tensor([s.row for s in streams] + [self.scratch_row] * (padded - len(streams)),
+                            device=self.device)
 
     def _predict_subcodes(self, past_hidden, last_id_hidden, streams, uniforms) -> torch.Tensor:
         """Codes 1..15 of the current frames: the code predictor's own small loop, all rows in lockstep."""

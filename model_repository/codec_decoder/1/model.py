@@ -26,12 +26,16 @@ from tts_engine.voices.store import VoiceStore
 
 EMPTY_AUDIO = np.zeros(0, dtype=np.float32)
 FAMILIES = {
-    "qwen_tts_decoder_active_streams": ("gauge", "Streams whose decoder state is held", None),
-    "qwen_tts_decoder_streams_freed_total": ("counter", "Decoder states freed, by reason", "reason"),
+    "qwen_tts_decoder_active_streams": ("gauge", "Streams whose decoder state is held", None, len),
+    "qwen_tts_decoder_streams_freed_total": ("counter", "Decoder states freed, by reason", "reason",
+                                             lambda table: dict(table.freed)),
     "qwen_tts_decoder_primings_total": ("counter", "Voices whose reference codes were decoded to prime streams",
-                                        None),
-    "qwen_tts_decoder_batches_total": ("counter", "Batched decoder forwards", None),
-    "qwen_tts_decoder_chunks_total": ("counter", "Chunks decoded (/ batches = mean batch size)", None),
+                                        None, lambda table: table.primings),
+    "qwen_tts_decoder_batches_total": ("counter", "Batched decoder forwards", None, lambda table: table.batches),
+    "qwen_tts_decoder_chunks_total": ("counter", "Chunks decoded (/ batches = mean batch size)", None,
+                                      lambda table: table.chunks),
+    "qwen_tts_decoder_frames_total": ("counter", "Frames decoded (/ chunks = mean chunk)", None,
+                                      lambda table: table.frames),
 }
 
 
@@ -48,7 +52,7 @@ class TritonPythonModel:
                                      name="codec-decoder",
                                      on_start=lambda: torch.set_num_threads(int(params["torch_threads"])))
         self._warm_up(tokenizer, params)
-        self.metrics = MetricsPublisher(pb_utils, FAMILIES, self._metrics, interval_s=1.0,
+        self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.table, interval_s=1.0,
                                         before_publish=self.table.expire)
         self.log.info("codec_decoder ready (batches of up to %d chunks, idle timeout %.0f s)",
                       self.worker.max_batch, self.table.idle_timeout)
@@ -66,15 +70,6 @@ class TritonPythonModel:
                 self.log.info("primed the decoder state of the default voice '%s'", voice)
         except Exception as exc:  # a broken voice must not keep the server from starting
             self.log.error("cannot prime the default voice '%s': %s", voice, exc)
-
-    def _metrics(self) -> dict:
-        values = {("qwen_tts_decoder_active_streams", None): len(self.table),
-                  ("qwen_tts_decoder_primings_total", None): self.table.primings,
-                  ("qwen_tts_decoder_batches_total", None): self.table.batches,
-                  ("qwen_tts_decoder_chunks_total", None): self.table.chunks}
-        values.update({("qwen_tts_decoder_streams_freed_total", reason): count
-                       for reason, count in self.table.freed.items()})
-        return values
 
     def execute(self, requests):
         for request in requests:

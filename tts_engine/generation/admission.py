@@ -1,0 +1,143 @@
+"""Admission by deadline and real-time capacity.
+
+A request says when its listener needs audio (``Delivery``): a new utterance needs its first audio within a
+budget; a continuation (the next sentence of an utterance that is playing) only once its listener's buffer
+runs out. Waiting requests are served earliest deadline first. How many streams step together comes from
+measured step times (``CostCurve``): the largest batch whose step keeps every stream ahead of real time by
+``speed``; the slot count (KV memory) stays the upper bound. A new request that could not get its first audio
+within its budget is refused at once, with an estimate of when to retry.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from tts_contract import delivery as names
+from tts_contract.audio import FRAME_SECONDS
+
+from ..errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """When a request's listener needs its audio (request parameters; see tts_contract.delivery)."""
+
+    lead_s: float = 0.0  # audio the listener already has ahead of this request's first audio
+    continuation: bool = False  # a later sentence of an utterance that is playing: never refused for load
+    first_audio_budget_s: Optional[float] = None  # None: the server's default
+    max_wait_s: float = 0.0  # may wait this long for capacity instead of being refused
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "Delivery":
+        """The delivery parameters among a request's parameters; bad values are InvalidRequest."""
+        def number(name: str, low: float, high: float) -> Optional[float]:
+            raw = values.get(name)
+            if raw is None:
+                return None
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if isinstance(raw, bool) or not low <= value <= high:
+                raise InvalidRequest(f"parameter '{name}'={raw!r} must be a number within {low:g}..{high:g}")
+            return value
+
+        continuation = values.get(names.CONTINUATION, False)
+        if isinstance(continuation, str) and continuation.lower() in ("true", "false", "1", "0"):
+            continuation = continuation.lower() in ("true", "1")
+        if not isinstance(continuation, bool):
+            raise InvalidRequest(f"parameter '{names.CONTINUATION}'={continuation!r} must be a boolean")
+        lead = number(names.LEAD_MS, 0, names.MAX_LEAD_MS)
+        budget = number(names.FIRST_AUDIO_BUDGET_MS, 1, names.MAX_WAIT_LIMIT_MS)
+        wait = number(names.MAX_WAIT_MS, 0, names.MAX_WAIT_LIMIT_MS)
+        return cls(lead_s=(lead or 0.0) / 1000, continuation=continuation,
+                   first_audio_budget_s=None if budget is None else budget / 1000,
+                   max_wait_s=(wait or 0.0) / 1000)
+
+
+class CostCurve:
+    """Seconds an operation takes by its size (a step by its batch, a decode by its frames).
+
+    ``update`` sets a baseline (measured at start-up); ``observe`` records real runs, and the median of a
+    size's recent runs (at least ``min_runs`` of them, none older than ``max_age_s``) replaces its baseline:
+    the curve follows what the machine gives now, contention included, while one cold start or pause does not
+    count and a size not run for a while goes back to its baseline (so a pessimistic moment cannot keep a
+    size unused for good). Predictions are monotone in the size and interpolated between known sizes."""
+
+    def __init__(self, window: int = 15, min_runs: int = 3, max_age_s: float = 20.0):
+        self.window, self.min_runs, self.max_age_s = window, min_runs, max_age_s
+        self._baseline: dict[int, float] = {}
+        self._runs: dict[int, deque] = {}
+        self._sizes: list[int] = []
+        self._envelope: list[float] = []
+        self._computed = -1e9
+
+    def update(self, measured: dict[int, float]) -> None:
+        """Baselines: what each size costs on an idle machine."""
+        self._baseline.update(measured)
+        self._recompute()
+
+    def observe(self, size: int, seconds: float) -> None:
+        self._runs.setdefault(size, deque(maxlen=self.window)).append((time.monotonic(), seconds))
+        self._recompute()
+
+    def _recompute(self) -> None:
+        now = time.monotonic()
+        known = dict(self._baseline)
+        for size, runs in self._runs.items():
+            fresh = sorted(seconds for at, seconds in runs if now - at <= self.max_age_s)
+            if len(fresh) >= self.min_runs:
+                known[size] = fresh[len(fresh) // 2]
+        self._sizes = sorted(known)
+        self._envelope, worst = [], 0.0
+        for size in self._sizes:  # a larger size never takes less than a smaller one
+            worst = max(worst, known[size])
+            self._envelope.append(worst)
+        self._computed = now
+
+    def __call__(self, size: int) -> float:
+        return self.predict(size)
+
+    def predict(self, size: int) -> float:
+        """Seconds at this size (0.0 before anything was measured)."""
+        if time.monotonic() - self._computed > 1.0:  # let old runs expire
+            self._recompute()
+        sizes, envelope = self._sizes, self._envelope
+        if not sizes or size < 1:
+            return 0.0
+        at = bisect.bisect_left(sizes, size)
+        if at < len(sizes) and sizes[at] == size:
+            return envelope[at]
+        if at == 0:
+            return envelope[0]
+        if at == len(sizes):  # beyond the largest known: grow in proportion (an upper bound for batched work)
+            return envelope[-1] * size / sizes[-1]
+        low, high = sizes[at - 1], sizes[at]
+        return envelope[at - 1] + (envelope[at] - envelope[at - 1]) * (size - low) / (high - low)
+
+    def snapshot(self) -> dict[int, float]:
+        return {size: self.predict(size) for size in self._sizes}
+
+
+def realtime_batch(step_times: CostCurve, speed: float, slots: int) -> int:
+    """The largest batch (1..slots) whose step leaves each stream ``speed`` times faster than real time."""
+    best = 1
+    for batch in range(1, slots + 1):
+        if step_times(batch) * speed <= FRAME_SECONDS:
+            best = batch
+    return best
+
+
+def place_free_times(remaining_s: list[float], free_now: int, count: int) -> list[float]:
+    """When each of the next ``count`` places frees, seconds from now: ``free_now`` are free at once, then
+    one more each time a running stream finishes (``remaining_s``: their expected remaining times)."""
+    ordered = sorted(max(0.0, r) for r in remaining_s)
+    times = [0.0] * min(max(free_now, 0), count)
+    times += ordered[:count - len(times)]
+    if len(times) < count:  # more waiting than streams to finish: each later place waits one more round
+        last = ordered[-1] if ordered else 0.0
+        times += [last * (2 + i // max(1, len(ordered))) for i in range(count - len(times))]
+    return times
