@@ -1,9 +1,12 @@
 """Gateway benchmark: time to first audio through the gateway vs straight to Triton, and under load.
 
-    python -m bench.gateway [--runs 10] [--sessions 1,8,32] [--utterances 2]
+    python -m bench.gateway [--runs 10] [--sessions 1,8,16x3,32x2] [--utterances 2]
 
-Under load, each of N sessions is one WebSocket that speaks U utterances one after another, all sessions at
-once; errors are counted by code. Prints numbers and writes results/bench_gateway.json; nothing is asserted.
+Under load (closed loop), each of N sessions is one legacy client (no `start`) that speaks U utterances one
+after another, all sessions at once, and honours RATE_LIMITED (waits `retryAfterMs`, then speaks the same text
+again): utterances served and lost, refusals and how soon they came, retries served, first audio, and what a
+listener playing each utterance at real time hears. Prints numbers and writes results/bench_gateway.json;
+nothing is asserted.
 """
 from __future__ import annotations
 
@@ -35,33 +38,53 @@ async def via_gateway(url: str) -> float:
     return result["first_audio_s"]
 
 
-async def session(url: str, utterances: int) -> tuple[list[float], list[str]]:
-    """One WebSocket session speaking ``utterances`` utterances in turn: their first-audio times and error codes."""
+async def session(url: str, utterances: int, max_retries: int = 20) -> dict:
+    """One legacy client (no `start`: `speak`, PCM16 frames, `audio_end`) speaking ``utterances`` utterances in
+    turn, honouring RATE_LIMITED: it waits ``retryAfterMs`` and speaks the same text again. Its listener plays
+    each utterance at real time from its first byte."""
     from websockets.asyncio.client import connect
 
-    firsts, errors = [], []
+    from gateway.delivery import PlaybackClock
+
+    out = {"firsts": [], "errors": [], "refusals": [], "retry_after_ms": [], "retries_served": 0, "lost": 0,
+           "underruns": 0, "stall_s": 0.0}
     async with connect(url, max_size=None, open_timeout=30) as ws:
         ready = json.loads(await ws.recv())
         if ready["type"] == "error":
-            return firsts, [ready["code"]]
-        await ws.send(json.dumps({"type": "start", "language": "English"}))
-        json.loads(await ws.recv())
+            out["errors"].append(ready["code"])
+            out["lost"] = utterances
+            return out
         for index in range(utterances):
-            started, first = time.monotonic(), None
-            await ws.send(json.dumps({"type": "speak", "text": TEXT, "requestId": str(index)}))
-            while True:
-                frame = await asyncio.wait_for(ws.recv(), 120)
-                if isinstance(frame, bytes):
-                    first = first if first is not None else time.monotonic() - started
-                    continue
-                message = json.loads(frame)
-                if message["type"] == "error":
-                    errors.append(message["code"])
-                elif message["type"] == "complete":
+            for attempt in range(max_retries + 1):
+                started, first, refused, listener = time.monotonic(), None, None, PlaybackClock()
+                await ws.send(json.dumps({"type": "speak", "text": TEXT, "requestId": str(index)}))
+                while True:
+                    frame = await asyncio.wait_for(ws.recv(), 120)
+                    now = time.monotonic()
+                    if isinstance(frame, bytes):
+                        first = first if first is not None else now - started
+                        listener.add(len(frame) / 2 / 24000, now)
+                        continue
+                    message = json.loads(frame)
+                    if message["type"] == "error":
+                        out["errors"].append(message["code"])
+                        if message["code"] == "RATE_LIMITED" and first is None:
+                            refused = message.get("retryAfterMs") or 1000
+                            out["refusals"].append(now - started)
+                            out["retry_after_ms"].append(refused)
+                    elif message["type"] == "audio_end":
+                        break
+                if refused is None:
+                    if first is not None:
+                        out["firsts"].append(first)
+                        out["retries_served"] += attempt > 0
+                        out["underruns"] += listener.underruns
+                        out["stall_s"] += listener.stalled_s
                     break
-            if first is not None:
-                firsts.append(first)
-    return firsts, errors
+                await asyncio.sleep(refused / 1000)
+            else:
+                out["lost"] += 1
+    return out
 
 
 async def via_triton(url: str) -> float:
@@ -72,7 +95,7 @@ async def via_triton(url: str) -> float:
     return result["first_audio_s"]
 
 
-def measure(ws_url: str, triton_url: str, runs: int, sessions: list[int], utterances: int) -> dict:
+def measure(ws_url: str, triton_url: str, runs: int, loads: list[tuple[int, int]]) -> dict:
     asyncio.run(via_gateway(ws_url))  # warm both paths
     asyncio.run(via_triton(triton_url))
     direct, gated = [], []
@@ -82,20 +105,27 @@ def measure(ws_url: str, triton_url: str, runs: int, sessions: list[int], uttera
     results = {"text_chars": len(TEXT), "runs": runs, "ttfa_direct_ms_p50": 1000 * statistics.median(direct),
                "ttfa_gateway_ms_p50": 1000 * statistics.median(gated), "sessions": {}}
     results["gateway_overhead_ms_p50"] = results["ttfa_gateway_ms_p50"] - results["ttfa_direct_ms_p50"]
-    for n in sessions:
+    for n, utterances in loads:
         async def load():
             started = time.monotonic()
             outcomes = await asyncio.gather(*(session(ws_url, utterances) for _ in range(n)))
             return outcomes, time.monotonic() - started
 
         outcomes, wall = asyncio.run(load())
-        firsts = [t for f, _ in outcomes for t in f]
+        firsts = [t for o in outcomes for t in o["firsts"]]
+        refusals = [t for o in outcomes for t in o["refusals"]]
         errors: dict = {}
-        for _, codes in outcomes:
-            for code in codes:
+        for o in outcomes:
+            for code in o["errors"]:
                 errors[code] = errors.get(code, 0) + 1
-        results["sessions"][str(n)] = {
-            "utterances": n * utterances, "completed_with_audio": len(firsts), "errors": errors, "wall_s": wall,
+        results["sessions"][f"{n}x{utterances}"] = {
+            "utterances": n * utterances, "served": len(firsts), "lost": sum(o["lost"] for o in outcomes),
+            "refusals": len(refusals), "refused_after_ms_max": round(1000 * max(refusals)) if refusals else None,
+            "retry_after_ms_p50": percentile([r for o in outcomes for r in o["retry_after_ms"]], 50)
+            if refusals else None,
+            "served_after_a_retry": sum(o["retries_served"] for o in outcomes), "errors": errors, "wall_s": wall,
+            "underruns": sum(o["underruns"] for o in outcomes),
+            "stall_s": round(sum(o["stall_s"] for o in outcomes), 3),
             "ttfa_p50_ms": 1000 * percentile(firsts, 50) if firsts else None,
             "ttfa_p95_ms": 1000 * percentile(firsts, 95) if firsts else None}
     return results
@@ -106,7 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default=os.environ.get("QWEN_TTS_MODEL_DIR") or str(ROOT / "build" / "tiny-model"))
     parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--sessions", default="1,8,32")
+    parser.add_argument("--sessions", default="1,8,16x3,32x2",
+                        help="loads: N (sessions, --utterances each) or NxU (N sessions of U utterances)")
     parser.add_argument("--utterances", type=int, default=2, help="utterances per session under load")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_gateway.json")
     args = parser.parse_args(argv)
@@ -123,8 +154,9 @@ def main(argv=None) -> int:
         gateway = GatewayProcess(server.grpc_url, values["VOICES_DIR"], work / "gateway.log", GATEWAY_LOG_LEVEL="WARNING",
                                  GATEWAY_FRAMES_BASE=str(FRAMES_BASE), GATEWAY_FRAMES_PER_CHAR=str(FRAMES_PER_CHAR))
         gateway.start().wait_ready()
-        results = measure(gateway.ws, server.grpc_url, args.runs, [int(x) for x in args.sessions.split(",")],
-                          args.utterances)
+        loads = [(int(x.split("x")[0]), int(x.split("x")[1]) if "x" in x else args.utterances)
+                 for x in args.sessions.split(",")]
+        results = measure(gateway.ws, server.grpc_url, args.runs, loads)
     finally:
         if gateway is not None:
             gateway.stop()
@@ -134,10 +166,12 @@ def main(argv=None) -> int:
     args.output.write_text(json.dumps(results, indent=2))
     print(f"TTFA straight to Triton p50 {results['ttfa_direct_ms_p50']:.0f} ms; through the gateway p50 "
           f"{results['ttfa_gateway_ms_p50']:.0f} ms; gateway overhead {results['gateway_overhead_ms_p50']:+.1f} ms")
-    for n, row in results["sessions"].items():
-        print(f"{n:>2} sessions x {args.utterances}: {row['completed_with_audio']}/{row['utterances']} with audio, "
-              f"errors {row['errors'] or 'none'}, TTFA p50 {row['ttfa_p50_ms'] or 0:.0f} ms, "
-              f"p95 {row['ttfa_p95_ms'] or 0:.0f} ms, {row['wall_s']:.1f} s")
+    for load, row in results["sessions"].items():
+        print(f"{load:>5}: {row['served']}/{row['utterances']} served, {row['lost']} lost; {row['refusals']} refusals "
+              f"(latest {row['refused_after_ms_max']} ms after the speak, retry hint p50 {row['retry_after_ms_p50']} "
+              f"ms; {row['served_after_a_retry']} served after a retry); TTFA p50 {row['ttfa_p50_ms'] or 0:.0f} ms, "
+              f"p95 {row['ttfa_p95_ms'] or 0:.0f} ms; underruns {row['underruns']} ({row['stall_s']} s); "
+              f"{row['wall_s']:.1f} s")
     print(f"written to {args.output}")
     return 0
 

@@ -38,6 +38,8 @@ ENDPOINT_HEADROOM = Gauge("tts_gateway_endpoint_headroom_streams", "New streams 
                           "start now, as it last reported", ["endpoint"], registry=REGISTRY)
 ENDPOINT_REALTIME = Gauge("tts_gateway_endpoint_realtime_streams", "Streams a Triton endpoint's talker can step "
                           "together and stay ahead of real time, as it last reported", ["endpoint"], registry=REGISTRY)
+ENDPOINT_BEHIND = Gauge("tts_gateway_endpoint_behind_streams", "Utterances on a Triton endpoint whose listeners are "
+                        "about to run dry (no new utterance starts there meanwhile)", ["endpoint"], registry=REGISTRY)
 TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when a Triton endpoint and its models are ready, by endpoint",
                      ["endpoint"], registry=REGISTRY)
 

@@ -1,10 +1,11 @@
-"""Text to audio through Triton, sentence by sentence: each sentence is its own request, requested as soon as
-the one before is generated, with the audio its listener then has buffered as its deadline (``lead_ms``), so
-sentences follow each other with no gap and an utterance holds one talker stream at a time. Shared by the
-speak sessions and the OpenAI endpoint."""
+"""Text to audio through Triton, sentence by sentence: an utterance takes one seat (a slot on a Triton endpoint)
+for all its sentences; each sentence is its own request, sent as soon as the one before is generated, with the
+audio its listener then has buffered as its deadline (``lead_ms``), so sentences follow each other with no gap
+and an utterance holds one talker stream at a time. Shared by the speak sessions and the OpenAI endpoint."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
@@ -72,8 +73,9 @@ async def sentence_audio(triton, settings, feed: TextFeed, voice: Optional[str],
 
 async def _plan(triton, settings, feed: TextFeed, voice, language, listener: PlaybackClock, timing: Timing,
                 sentences: asyncio.Queue, unplayed: list) -> None:
-    """Request the sentences one after another, each once the one before is generated."""
-    continuing = False
+    """Request the sentences one after another on one seat, each once the one before is generated."""
+    seat = None
+    first_audio_by = time.monotonic() + timing.lead_s + settings.first_audio_budget_ms / 1000
     try:
         while True:
             sentence = feed.take_ready()
@@ -86,37 +88,32 @@ async def _plan(triton, settings, feed: TextFeed, voice, language, listener: Pla
                 break
             audio: asyncio.Queue = asyncio.Queue()
             sentences.put_nowait(audio)
+            continuing = seat is not None
             lead = listener.lead() + unplayed[0] if continuing else timing.lead_s
-            if not await _produce(triton, settings, sentence, voice, language, audio, unplayed, continuing, lead,
-                                  timing.max_wait_s):
+            try:
+                if seat is None:
+                    seat = await triton.seat(timing.max_wait_s)
+                    seat.listener = listener
+                audio.put_nowait((_ADMITTED, lead))
+                seat.generating = True
+                parameters = {"max_new_tokens": settings.max_new_tokens(sentence), **settings.synthesis_parameters,
+                              delivery.LEAD_MS: int(1000 * lead)}
+                if continuing:
+                    parameters[delivery.CONTINUATION] = True
+                elif timing.max_wait_s:
+                    parameters[delivery.MAX_WAIT_MS] = int(1000 * timing.max_wait_s)
+                async for chunk in seat.synthesize(sentence, voice, language, parameters, continuing, lead,
+                                                   None if continuing else first_audio_by + timing.max_wait_s):
+                    unplayed[0] += chunk.size / SAMPLE_RATE
+                    audio.put_nowait(chunk)
+                seat.generating = False
+                audio.put_nowait(None)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                audio.put_nowait(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 return
-            continuing = True
     finally:
+        if seat is not None:
+            seat.release()
         sentences.put_nowait(None)
-
-
-async def _produce(triton, settings, sentence: str, voice: Optional[str], language: Optional[str],
-                   out: asyncio.Queue, unplayed: list, continuing: bool, lead_s: float, max_wait_s: float) -> bool:
-    """One sentence's audio chunks into ``out``, then None (or the exception it failed with); True when it
-    was generated to its end."""
-    parameters = {"max_new_tokens": settings.max_new_tokens(sentence), **settings.synthesis_parameters,
-                  delivery.LEAD_MS: int(1000 * lead_s)}
-    if continuing:
-        parameters[delivery.CONTINUATION] = True
-    else:
-        parameters[delivery.FIRST_AUDIO_BUDGET_MS] = int(settings.first_audio_budget_ms + 1000 * lead_s)
-        if max_wait_s:
-            parameters[delivery.MAX_WAIT_MS] = int(1000 * max_wait_s)
-    try:
-        async for chunk in triton.synthesize(sentence, voice, language, parameters,
-                                             admitted=lambda: out.put_nowait((_ADMITTED, lead_s)),
-                                             continuing=continuing, lead_s=lead_s, max_wait_s=max_wait_s):
-            unplayed[0] += chunk.size / SAMPLE_RATE
-            out.put_nowait(chunk)
-        out.put_nowait(None)
-        return True
-    except BaseException as exc:  # handed to the consumer, which re-raises it
-        out.put_nowait(exc)
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return False

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import time
+from collections import deque
 from typing import AsyncIterator, Optional
 
 import numpy as np
@@ -15,7 +16,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from tts_contract import tensors as names
-from tts_contract.delivery import retry_after_ms
+from tts_contract.delivery import FIRST_AUDIO_BUDGET_MS, retry_after_ms
 from tts_contract.errors import EngineCode, parse_wire
 from tts_contract.limits import DEFAULT_ACTIVE_STREAMS
 
@@ -68,7 +69,8 @@ class TritonEndpoint:
         self.in_flight = 0  # streams open on this endpoint now (counted by TritonPool)
         self.capacity = DEFAULT_ACTIVE_STREAMS  # the talker's max_active_streams, read when it is ready
         self.status: dict = {}  # the talker's last answer to a status query (real-time capacity, headroom)
-        self.started: dict[int, float] = {}  # when each stream open on this endpoint took its slot
+        self.started: dict[int, float] = {}  # when each seat on this endpoint took its slot
+        self.seats: dict[int, "Seat"] = {}  # the utterances holding them
         self._poller: Optional[asyncio.Task] = None
 
     async def check_ready(self) -> bool:
@@ -199,27 +201,30 @@ class TritonEndpoint:
 class TritonPool:
     """Several Triton endpoints behind one interface, with admission by deadline.
 
-    A request takes a slot on a ready endpoint with free capacity (the talker's max_active_streams: its KV
-    memory), the one with the most real-time headroom first. The talker itself decides whether a stream can
-    start in time and refuses at once when it cannot (then the next endpoint is tried). When every slot is
-    taken: a later sentence of a playing utterance waits, earliest deadline (its listener's buffer) first, and
-    is never refused; a new utterance waits only if a slot should free within its first-audio budget, or if
-    its client said it can wait (``max_wait_s``); otherwise it is refused at once with RATE_LIMITED and an
-    estimate of when a slot frees. A request whose endpoint fails before any audio moves to another one."""
+    An utterance takes a slot (a ``Seat``) on a ready endpoint with free capacity (the talker's
+    max_active_streams: its KV memory), the one with the most real-time headroom first, and keeps it until its
+    last sentence is generated, so its later sentences never wait for capacity. The talker itself decides
+    whether a stream can start in time and refuses at once when it cannot (then the next endpoint is tried).
+    When every slot is taken, or a playing utterance there is about to run dry, a new utterance is refused at
+    once with RATE_LIMITED and an estimate of when a slot frees, unless its client said it can wait
+    (``max_wait_s``). Waiting requests are served earliest deadline first; a seat moving to
+    another endpoint after a failure (a playing utterance: its deadline is its listener's buffer) is never
+    refused."""
 
     def __init__(self, urls: list[str], queue_timeout_s: float = 10.0, streams_per_endpoint: int = 0,
-                 first_audio_budget_s: float = 1.0):
+                 first_audio_budget_s: float = 1.0, lead_floor_s: float = 0.075):
         if not urls:
             raise ValueError("no Triton endpoint configured")
         self.endpoints = [TritonEndpoint(url) for url in urls]
         self.queue_timeout_s = queue_timeout_s  # the longest any request may wait for a slot
         self.streams_per_endpoint = streams_per_endpoint  # 0: each endpoint's own talker capacity
         self.first_audio_budget_s = first_audio_budget_s
+        self.lead_floor_s = lead_floor_s  # (until a talker says its margin) less audio ahead is falling behind
         self._line: list = []  # waiting requests: a heap of (deadline, sequence, future)
         self._sequence = itertools.count()
         self._next = 0
-        self._mean_request_s = 2.0  # a running mean of how long a request holds its slot
-        self._mean_first_audio_s = 0.2  # a running mean of slot to first audio
+        self._mean_request_s = 2.0  # a running mean of how long an utterance holds its slot
+        self._refused: deque = deque()  # when recent requests were refused (they come back about together)
 
     @property
     def url(self) -> str:
@@ -264,8 +269,19 @@ class TritonPool:
         among equals)."""
         self._next = (self._next + 1) % len(self.endpoints)
         rotated = self.endpoints[self._next:] + self.endpoints[:self._next]
-        free = [b for b in rotated if b.ready and b not in exclude and b.in_flight < self.capacity(b)]
+        free = [b for b in rotated if b.ready and b not in exclude and b.in_flight < self.capacity(b)
+                and not self.behind(b)]
         return min(free, key=lambda b: (-b.status.get("headroom", 0), b.in_flight), default=None)
+
+    def behind(self, endpoint: TritonEndpoint) -> int:
+        """Utterances on this endpoint being generated whose listeners are about to run dry: the whole path
+        (talker, decoder, this gateway) gives less than it should, so no new utterance starts there for now."""
+        now = time.monotonic()
+        floor = endpoint.status.get("margin_ms", 1000 * self.lead_floor_s * 2) / 2000  # half the talker's margin
+        count = sum(1 for seat in endpoint.seats.values() if seat.generating and seat.listener is not None
+                    and seat.listener.started is not None and seat.listener.lead(now) < floor)
+        metrics.ENDPOINT_BEHIND.labels(endpoint.url).set(count)
+        return count
 
     def _take(self, endpoint: TritonEndpoint, token: int) -> TritonEndpoint:
         endpoint.in_flight += 1
@@ -282,18 +298,22 @@ class TritonPool:
                 waiter.set_result(self._take(endpoint, token))
         metrics.QUEUED_REQUESTS.set(self.waiting)
 
-    def _slot_free_in_s(self, exclude=()) -> float:
-        """When the next slot should free: the stream open longest should end after a mean hold."""
-        now = time.monotonic()
-        elapsed = [now - started for b in self.endpoints if b.ready and b not in exclude
-                   for started in b.started.values()]
-        return max(0.05, self._mean_request_s - max(elapsed, default=0.0))
-
     def _retry_after_ms(self, exclude=()) -> int:
-        """When a request refused now should try again: once a slot frees and its first audio could follow."""
-        ahead = self.waiting / max(1, sum(self.capacity(b) for b in self.endpoints if b.ready))
-        wait = self._slot_free_in_s(exclude) + ahead * self._mean_request_s
-        return int(min(30_000, max(100, 1000 * wait)))
+        """When a request refused now should try again: when the slot it would get frees. Each open seat should
+        end a mean hold after it was taken (or soon, if it is past that); the requests waiting and those refused
+        within the last mean hold (they will be back about then) go first, so each refusal names a later slot."""
+        now = time.monotonic()
+        hold = self._mean_request_s
+        ends = sorted(max(hold - (now - started), hold / 4) for b in self.endpoints if b.ready and b not in exclude
+                      for started in b.started.values())
+        while self._refused and now - self._refused[0] > hold:
+            self._refused.popleft()
+        place = self.waiting + len(self._refused)
+        self._refused.append(now)
+        if not ends:
+            return 100
+        rounds, index = divmod(place, len(ends))  # past every open seat: each takes another hold
+        return int(min(30_000, max(100, 1000 * (ends[index] + rounds * hold))))
 
     async def _acquire(self, exclude=(), continuing: bool = False, lead_s: float = 0.0,
                        max_wait_s: float = 0.0) -> tuple[TritonEndpoint, int]:
@@ -306,12 +326,10 @@ class TritonPool:
             return self._take(endpoint, token), token
         if continuing:
             patience, deadline = None, lead_s
-        else:
-            in_budget = self.first_audio_budget_s - self._mean_first_audio_s
-            patience = min(self.queue_timeout_s, max(max_wait_s, in_budget if self._slot_free_in_s(exclude)
-                                                     <= in_budget else 0.0))
+        else:  # a listener wants audio now or an honest "busy": only a client that said it can wait waits
+            patience = min(self.queue_timeout_s, max_wait_s)
             if patience <= 0:
-                raise SynthesisFailed(EngineCode.OVERLOADED, "every synthesis slot is busy",
+                raise SynthesisFailed(EngineCode.OVERLOADED, "the speech servers are at their real-time capacity",
                                       retry_after_ms=self._retry_after_ms(exclude))
             deadline = patience
         waiter = asyncio.get_running_loop().create_future()
@@ -338,52 +356,15 @@ class TritonPool:
     def _release(self, endpoint: TritonEndpoint, token: int) -> None:
         endpoint.in_flight -= 1
         endpoint.started.pop(token, None)
+        endpoint.seats.pop(token, None)
         self._wake()
 
     # -- requests -----------------------------------------------------------------------------------------
 
-    async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
-                         parameters: Optional[dict] = None, admitted=None, continuing: bool = False,
-                         lead_s: float = 0.0, max_wait_s: float = 0.0) -> AsyncIterator[np.ndarray]:
-        """Yield float32 24 kHz chunks; ``admitted()`` is called once the request holds a slot. ``continuing``:
-        a later sentence of an utterance already playing, whose listener has ``lead_s`` of audio; ``max_wait_s``:
-        how long a new request may wait for capacity (see the class)."""
-        tried: set = set()
-        refusal: Optional[SynthesisFailed] = None
-        while True:
-            try:
-                endpoint, token = await self._acquire(tried, continuing, lead_s, max_wait_s)
-            except SynthesisFailed as exc:
-                if refusal is not None and exc.code in (EngineCode.OVERLOADED, EngineCode.MODEL_LOADING):
-                    raise refusal from None  # every endpoint refused: the talkers' own retry hint
-                raise
-            if admitted is not None and not tried:
-                admitted()
-            started, produced = time.monotonic(), False
-            stream = endpoint.synthesize(text, voice, language, parameters)
-            try:
-                async for chunk in stream:
-                    if not produced:
-                        produced = True
-                        self._mean_first_audio_s += 0.1 * (time.monotonic() - started - self._mean_first_audio_s)
-                    yield chunk
-                return
-            except SynthesisFailed as exc:
-                if produced or not (exc.transport or exc.code == EngineCode.OVERLOADED):
-                    raise
-                if exc.code == EngineCode.OVERLOADED:  # the talker cannot start it in time: another may
-                    if refusal is None or (exc.retry_after_ms or 0) < (refusal.retry_after_ms or 0):
-                        refusal = exc
-                else:
-                    log.warning("Triton at %s failed before any audio; trying the next endpoint", endpoint.url)
-                tried.add(endpoint)
-                if refusal is not None and not any(b.ready and b not in tried for b in self.endpoints):
-                    raise refusal from None
-            finally:
-                await stream.aclose()
-                if produced:
-                    self._mean_request_s += 0.1 * (time.monotonic() - started - self._mean_request_s)
-                self._release(endpoint, token)
+    async def seat(self, max_wait_s: float = 0.0) -> "Seat":
+        """A slot for a new utterance, held until its last sentence is generated (see the class)."""
+        endpoint, token = await self._acquire(max_wait_s=max_wait_s)
+        return Seat(self, endpoint, token)
 
     async def encode_voice(self, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
         last_error: Optional[SynthesisFailed] = None
@@ -395,3 +376,67 @@ class TritonPool:
                     raise
                 last_error = exc
         raise last_error or SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is available", transport=True)
+
+
+class Seat:
+    """One utterance's slot on an endpoint, from its first sentence to its last: the sentences after the first
+    never wait for capacity. A sentence whose endpoint fails (or, for the first one, whose talker refuses it)
+    before any audio moves the seat to another ready endpoint."""
+
+    def __init__(self, pool: TritonPool, endpoint: TritonEndpoint, token: int):
+        self.pool, self.endpoint, self.token = pool, endpoint, token
+        self.taken = time.monotonic()
+        self.released = False
+        self.listener = None  # the utterance's PlaybackClock (what its listener has), set by its caller
+        self.generating = False  # a sentence of it is being generated now
+        endpoint.seats[token] = self
+
+    async def synthesize(self, text: str, voice: Optional[str], language: Optional[str], parameters: dict,
+                         continuing: bool = False, lead_s: float = 0.0,
+                         first_audio_by: Optional[float] = None) -> AsyncIterator[np.ndarray]:
+        """Yield float32 24 kHz chunks of one sentence. ``first_audio_by`` (monotonic time) becomes the request's
+        first-audio budget when it is sent; ``continuing``/``lead_s``: a later sentence, whose listener still
+        has ``lead_s`` of audio. Closing the iterator cancels the request."""
+        tried: set = set()
+        refusal: Optional[SynthesisFailed] = None
+        while True:
+            if first_audio_by is not None:
+                parameters[FIRST_AUDIO_BUDGET_MS] = max(1, int(1000 * (first_audio_by - time.monotonic())))
+            produced = False
+            stream = self.endpoint.synthesize(text, voice, language, parameters)
+            try:
+                async for chunk in stream:
+                    produced = True
+                    yield chunk
+                return
+            except SynthesisFailed as exc:
+                refused = exc.code == EngineCode.OVERLOADED and not continuing
+                if produced or not (exc.transport or refused):
+                    raise
+                if refused and (refusal is None or (exc.retry_after_ms or 0) < (refusal.retry_after_ms or 0)):
+                    refusal = exc  # the talker cannot start it in time: another endpoint may
+                if exc.transport:
+                    log.warning("Triton at %s failed before any audio; trying the next endpoint", self.endpoint.url)
+            finally:
+                await stream.aclose()
+            tried.add(self.endpoint)
+            await self._move(tried, continuing, lead_s, refusal)
+
+    async def _move(self, tried: set, continuing: bool, lead_s: float, refusal: Optional[SynthesisFailed]) -> None:
+        """Give up this endpoint's slot for one on another endpoint (the talkers' own refusal if none has one)."""
+        self.release()
+        try:
+            self.endpoint, self.token = await self.pool._acquire(tried, continuing, lead_s)
+            self.endpoint.seats[self.token] = self
+        except SynthesisFailed:
+            if refusal is not None:
+                raise refusal from None
+            raise
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            pool = self.pool
+            pool._mean_request_s += 0.1 * (time.monotonic() - self.taken - pool._mean_request_s)
+            pool._release(self.endpoint, self.token)

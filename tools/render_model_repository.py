@@ -32,7 +32,8 @@ PARAMETERS = {
                        "real-time batch is the largest whose measured step allows it"),
     "FIRST_AUDIO_BUDGET_MS": ("1000", "1000", "refuse a new request at once unless its first audio can come "
                               "within this (requests may set their own)"),
-    "MAX_ACTIVE_STREAMS": ("16", "64", "streams the talker advances together in one batched step (KV slots)"),
+    "MAX_ACTIVE_STREAMS": ("16", "64", "most streams the talker holds at once (KV slots: memory); how many it "
+                           "admits comes from measured real time (REALTIME_SPEED)"),
     "TALKER_THREADS": ("1", "1", "CPU threads (torch intra-op) of the talker's serving loop"),
     "DECODER_THREADS": ("1", "1", "CPU threads (torch intra-op) of codec_decoder's batching worker"),
     "MAX_QUEUED_STREAMS": ("64", "256", "requests that may wait for a free slot; more are refused (OVERLOADED)"),

@@ -11,7 +11,7 @@ PROMPT_TOKENS = 1024
 # Reference clips of cloned voices.
 MIN_REFERENCE_SECONDS = 3.0
 MAX_REFERENCE_SECONDS = 30.0
-# Streams the talker advances together (the CPU profile's default; see tools/render_model_repository.py).
+# Streams the talker holds at once (the CPU profile's default; see tools/render_model_repository.py).
 DEFAULT_ACTIVE_STREAMS = 16
 # Frames per streamed chunk: small first chunks for a quick first sound, then larger ones.
 DEFAULT_CHUNK_SCHEDULE = (2, 4, 8, 16)

@@ -67,7 +67,7 @@ class CostCurve:
     count and a size not run for a while goes back to its baseline (so a pessimistic moment cannot keep a
     size unused for good). Predictions are monotone in the size and interpolated between known sizes."""
 
-    def __init__(self, window: int = 15, min_runs: int = 3, max_age_s: float = 20.0):
+    def __init__(self, window: int = 200, min_runs: int = 5, max_age_s: float = 20.0):
         self.window, self.min_runs, self.max_age_s = window, min_runs, max_age_s
         self._baseline: dict[int, float] = {}
         self._runs: dict[int, deque] = {}

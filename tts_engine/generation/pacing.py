@@ -4,9 +4,11 @@ chunk only when holding them one more step would let the listener's buffer fall 
 A listener starts playing at its first audio and plays at real time, so a stream's *lead* is the audio it
 has sent minus the time since its first audio (for a continuation, the audio its listener already has from
 the sentences before). Holding frames costs nothing while the lead is large, and larger chunks decode more
-cheaply; a stream close to its deadline sends every frame at once. The first chunk carries the listener over
-the next step with the margin to spare. ``FixedChunks`` ignores deadlines (a fixed size per chunk index):
-tests use it for exact, repeatable chunk boundaries.
+cheaply; a stream close to its deadline sends at once. The first chunk carries the listener over the next step
+with the margin to spare. Chunk sizes come from a ladder (1, 2, 4, 8, ... up to the largest chunk), so chunks
+of different streams often have the same length and the codec decoder decodes them in one forward (it costs
+one forward per distinct length). ``FixedChunks`` ignores deadlines (a fixed size per chunk index): tests use
+it for exact, repeatable chunk boundaries.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from tts_contract.audio import FRAME_SECONDS
 
 
 class ChunkPolicy(Protocol):
-    def due(self, pacer: "Pacer", now: float, next_step_s: float, deliver_s: float) -> bool:
-        """Whether the held frames must go now (the stream is not finished)."""
+    def take(self, pacer: "Pacer", now: float, next_step_s: float, deliver_s: float) -> int:
+        """How many of the held frames must go now (0: hold them); the stream is not finished."""
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,24 @@ class DeadlinePacing:
         if not 0.0 <= self.margin_s <= 10.0:
             raise ValueError(f"pacing margin {self.margin_s} s must be within 0..10 s")
 
-    def due(self, pacer: "Pacer", now: float, next_step_s: float, deliver_s: float) -> bool:
-        held = len(pacer.pending)
+    @property
+    def ladder(self) -> tuple[int, ...]:
+        """The chunk sizes: powers of two below the largest chunk, then the largest."""
+        return tuple(sorted({1 << i for i in range(self.max_chunk_frames.bit_length())
+                             if 1 << i < self.max_chunk_frames} | {self.max_chunk_frames}))
+
+    def take(self, pacer: "Pacer", now: float, next_step_s: float, deliver_s: float) -> int:
+        held, ladder = len(pacer.pending), self.ladder
         if held >= self.max_chunk_frames:
-            return True
+            return self.max_chunk_frames
         if pacer.play_start is None:  # nothing plays yet: the first chunk must last past the next step
-            return held >= self.first_chunk_frames and \
-                held * FRAME_SECONDS >= self.margin_s + next_step_s + deliver_s
-        return pacer.lead(now) - next_step_s - deliver_s < self.margin_s
+            need = self.margin_s + next_step_s + deliver_s
+            first = next((n for n in ladder if n >= self.first_chunk_frames and n * FRAME_SECONDS >= need),
+                         self.max_chunk_frames)
+            return first if held >= first else 0
+        if pacer.lead(now) - next_step_s - deliver_s < self.margin_s:
+            return max(n for n in ladder if n <= held)
+        return 0
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,9 @@ class FixedChunks:
         if not self.sizes or any(not 1 <= s <= 512 for s in self.sizes):
             raise ValueError(f"chunk sizes {self.sizes}: every size must be within 1..512")
 
-    def due(self, pacer: "Pacer", now: float, next_step_s: float, deliver_s: float) -> bool:
-        return len(pacer.pending) >= self.sizes[min(pacer.chunks, len(self.sizes) - 1)]
+    def take(self, pacer: "Pacer", now: float, next_step_s: float, deliver_s: float) -> int:
+        size = self.sizes[min(pacer.chunks, len(self.sizes) - 1)]
+        return size if len(pacer.pending) >= size else 0
 
 
 @dataclass(eq=False)
@@ -73,34 +86,40 @@ class Pacer:
     sent_s: float = 0.0
     chunks: int = 0
     pending: list = field(default_factory=list)
+    first_due: float = 0.0  # when a new stream's first audio is due (its budget)
     underruns: int = 0  # chunks that reached a listener who had run dry (as far as this process can tell)
     stalled_s: float = 0.0
     last_lead: float = 0.0  # the audio the listener still had when the last chunk was sent
     last_stall: float = 0.0  # how long the listener had been dry when the last chunk was sent
 
     @classmethod
-    def start(cls, policy: ChunkPolicy, now: float, lead_s: float = 0.0) -> "Pacer":
-        return cls(policy, play_start=now + lead_s if lead_s > 0 else None)
+    def start(cls, policy: ChunkPolicy, now: float, lead_s: float = 0.0, budget_s: float = 1.0) -> "Pacer":
+        """A stream submitted at ``now`` whose listener still has ``lead_s`` of audio, or (none) whose first audio
+        is due within ``budget_s``."""
+        return cls(policy, play_start=now + lead_s if lead_s > 0 else None, first_due=now + budget_s)
 
     def lead(self, now: float) -> float:
         """Audio ahead of the listener at ``now`` (negative: the listener ran dry that long ago)."""
         return 0.0 if self.play_start is None else self.play_start + self.sent_s - now
 
-    def slack(self, now: float, margin_s: float = 0.0) -> float:
-        """How long this stream can go without a step before its listener gets within the margin (a new stream
-        that has sent nothing: none at all)."""
-        return -1e9 if self.play_start is None and not self.sent_s else self.lead(now) - margin_s
+    def slack(self, now: float) -> float:
+        """How long this stream can wait before its listener needs audio: its lead, or for a new stream the time
+        left of its first-audio budget."""
+        return self.first_due - now if self.play_start is None else self.lead(now)
 
     def add(self, frame: Optional[torch.Tensor], finished: bool, now: float, next_step_s: float = 0.0,
             deliver_s: float = 0.0) -> Optional[torch.Tensor]:
         """Take the step's frame (None when the step made none); returns a [n, 16] chunk when one is due."""
         if frame is not None:
             self.pending.append(frame)
-        if not self.pending or not (finished or self.policy.due(self, now, next_step_s, deliver_s)):
+        if not self.pending:
             return None
-        chunk = torch.stack(self.pending)
-        self.pending = []
-        self._sent(len(chunk) * FRAME_SECONDS, now)
+        count = len(self.pending) if finished else self.policy.take(self, now, next_step_s, deliver_s)
+        if not count:
+            return None
+        chunk = torch.stack(self.pending[:count])
+        del self.pending[:count]
+        self._sent(count * FRAME_SECONDS, now)
         return chunk
 
     def _sent(self, seconds: float, now: float) -> None:

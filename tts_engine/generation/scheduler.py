@@ -88,6 +88,8 @@ class SchedulerStats:
     underruns: int = 0  # chunks sent after their listener ran dry (this process's view)
     stalled_s: float = 0.0
     skipped_rows: int = 0  # active streams that waited a step because their listeners had audio enough
+    behind: int = 0  # active streams whose listeners are within half the pacing margin of running dry
+    held_back: Counter = field(default_factory=Counter)  # loop passes a new job waited, by reason
     leads: list = field(default_factory=list)  # lead at each chunk, drained by the metrics publisher
     outcomes: Counter = field(default_factory=Counter)
 
@@ -96,23 +98,26 @@ class SchedulerStats:
         taken, self.leads = self.leads, []
         return taken
 
-    def status(self, slots: int) -> dict:
+    def status(self, slots: int, margin_s: float = 0.0) -> dict:
         """What a load balancer or the gateway needs to know, as plain JSON-able values."""
-        return {"slots": slots, "active": self.active, "queued": self.queued, "realtime_batch": self.realtime_batch,
-                "headroom": self.headroom, "step_ms": round(1000 * self.step_s, 2),
+        return {"slots": slots, "margin_ms": round(1000 * margin_s), "active": self.active, "queued": self.queued, "realtime_batch": self.realtime_batch,
+                "headroom": self.headroom, "behind": self.behind, "step_ms": round(1000 * self.step_s, 2),
                 "retry_after_ms": int(1000 * self.retry_after_s)}
 
 
 class StreamScheduler:
     """The talker's serving loop. ``speed``: how much faster than real time every stepped stream must run
     (the real-time batch is the largest whose measured step allows it); ``first_audio_budget_s``: the default
-    budget of a request's first audio; ``decode_cost(frames)``: seconds to decode a chunk (pacing)."""
+    budget of a request's first audio; ``decode_cost(frames)``: seconds to decode a chunk (pacing);
+    ``recalibrate_s``: how old the step-time calibration may get before an idle loop measures it again;
+    ``max_hold_s``: how long a new request (one that did not say it can wait) may wait for a place."""
 
     def __init__(self, talker: BatchedTalker, max_queued: int = 64, max_queue_wait_s: float = 30.0,
                  prefill_tokens_per_step: int = 512, cancel_check_interval_s: float = 0.05, name: str = "talker",
                  torch_threads: Optional[int] = 1, policy: Optional[ChunkPolicy] = None, speed: float = 1.5,
                  first_audio_budget_s: float = DEFAULT_FIRST_AUDIO_BUDGET_MS / 1000,
-                 decode_cost: Optional[Callable[[int], float]] = None):
+                 decode_cost: Optional[Callable[[int], float]] = None, recalibrate_s: float = 300.0,
+                 max_hold_s: float = 0.3):
         self.talker = talker
         self.torch_threads = torch_threads
         self.max_queued = max_queued
@@ -123,9 +128,14 @@ class StreamScheduler:
         self.margin_s = getattr(self.policy, "margin_s", 0.0)
         self.speed = speed
         self.first_audio_budget_s = first_audio_budget_s
+        self.max_hold_s = max_hold_s
         self.decode_cost = decode_cost or CostCurve()  # empty: decoding assumed free until measured
         self.step_times = CostCurve()
         self.prefill_s = 0.0  # moving average of one prefill
+        self.recalibrate_s, self.idle_recalibrate_s = recalibrate_s, 2.0
+        self._calibration = None  # (request, sizes, steps) once calibrate() ran
+        self._calibrated_at = 0.0
+        self._idle_since: Optional[float] = None
         self.stats = SchedulerStats()
         self._incoming: "queue.Queue[Optional[StreamJob]]" = queue.Queue()
         self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
@@ -189,33 +199,58 @@ class StreamScheduler:
             raise error
         return value
 
-    def calibrate(self, request: SynthesisRequest, sizes=None, steps: int = 8) -> dict[int, float]:
+    def calibrate(self, request: SynthesisRequest, sizes=None, steps: int = 8,
+                  decode_probe: Optional[Callable[[], dict]] = None) -> dict[int, float]:
         """Measure the step time at each batch size (the talker's buckets up to its slots) with copies of
-        ``request``, before serving: the real-time capacity starts from these numbers. The fastest of
-        ``steps`` counts (the other models load at the same time; real steps correct it once serving)."""
-        sizes = sizes or self.talker.buckets_up_to_slots()
+        ``request``, and the decode cost of each chunk size (``decode_probe``), before serving: real-time
+        capacity and pacing start from these numbers. Start-up shares the machine with other models loading,
+        so the loop measures again once it has been idle a while soon after, and every ``recalibrate_s``; real
+        steps refine the numbers in between."""
         frames = steps + 2  # EOS suppressed throughout: every stream steps every time
         request = replace(request, params=replace(request.params, min_new_tokens=frames, max_new_tokens=frames))
+        self._calibration = (request, tuple(sizes or self.talker.buckets_up_to_slots()), steps, decode_probe)
+        measured = self.call(lambda: self._measure(abortable=False))
+        self._calibrated_at -= self.recalibrate_s - 10.0  # measure again at the first idle moment after 10 s
+        return measured
 
-        def measure():
-            measured = {}
-            for size in sizes:
-                streams = [self.talker.add(request) for _ in range(size)]
-                timings = []
-                try:
-                    for _ in range(steps):
-                        started = time.perf_counter()
-                        self.talker.step(streams)
-                        timings.append(time.perf_counter() - started)
-                finally:
-                    for stream in streams:
-                        self.talker.remove(stream)
-                measured[size] = min(timings[1:])  # the first step of a new batch shape allocates
-            self.step_times.update(measured)
-            self._update_capacity()
-            return self.step_times.snapshot()
+    def _measure(self, abortable: bool = True) -> dict[int, float]:
+        """One calibration pass (on the loop's thread); an abortable one stops between sizes as soon as a job
+        arrives."""
+        request, sizes, steps, decode_probe = self._calibration
+        if decode_probe is not None:
+            self.decode_cost.update(decode_probe())
+        measured = {}
+        for size in sizes:
+            if abortable and not self._incoming.empty():
+                break
+            streams = [self.talker.add(request) for _ in range(size)]
+            timings = []
+            try:
+                for _ in range(steps):
+                    started = time.perf_counter()
+                    self.talker.step(streams)
+                    timings.append(time.perf_counter() - started)
+            finally:
+                for stream in streams:
+                    self.talker.remove(stream)
+            measured[size] = min(timings[1:])  # the first step of a new batch shape allocates
+        self.step_times.update(measured)
+        self._calibrated_at = time.monotonic()
+        self._update_capacity()
+        return self.step_times.snapshot()
 
-        return self.call(measure)
+    def _recalibrate_when_idle(self) -> None:
+        now = time.monotonic()
+        if self.talker.active or self._line:
+            self._idle_since = None
+            return
+        self._idle_since = self._idle_since or now
+        if self._calibration is not None and now - self._idle_since >= self.idle_recalibrate_s and \
+                now - self._calibrated_at >= self.recalibrate_s:
+            steps = self._measure()
+            log.info("measured again while idle: step ms by batch %s; decode ms by chunk frames %s",
+                     {b: round(1000 * t, 1) for b, t in steps.items()},
+                     {f: round(1000 * t, 1) for f, t in self.decode_cost.snapshot().items()})
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -237,6 +272,8 @@ class StreamScheduler:
                 self._drop_cancelled()
                 if self.talker.active:
                     self._step()
+                else:
+                    self._recalibrate_when_idle()
             except BaseException as exc:  # a bug in the step fails the streams in it, never the loop
                 log.exception("talker step failed")
                 for job in list(self._jobs.values()):
@@ -275,6 +312,10 @@ class StreamScheduler:
         budget = job.delivery.first_audio_budget_s or self.first_audio_budget_s
         return max(budget, job.delivery.max_wait_s)
 
+    def _first_audio_due(self, job: StreamJob) -> float:
+        """The latest a new job's first chunk may leave, to reach its listener within its budget."""
+        return job.submitted + self._budget_s(job) - self.margin_s
+
     def _admit_by(self, job: StreamJob) -> float:
         """The job's place in line: when its listener needs its first chunk (earliest deadline first)."""
         if job.delivery.continuation:
@@ -290,7 +331,7 @@ class StreamScheduler:
         slots = self.talker.slots
         self.stats.realtime_batch = realtime_batch(self.step_times, self.speed, slots)
         limit = min(slots, self.stats.realtime_batch)
-        self.stats.headroom = max(0, limit - len(self.talker) - len(self._line))
+        self.stats.headroom = 0 if self.stats.behind else max(0, limit - len(self.talker) - len(self._line))
         self.stats.step_s = self.step_times.predict(max(1, len(self.talker)))
         self.stats.active = len(self.talker)
         return limit
@@ -313,6 +354,10 @@ class StreamScheduler:
         limit = self._update_capacity()
         budget = self.prefill_tokens_per_step
         now = time.monotonic()
+        # Streams whose listeners got within half the margin of running dry: the machine gives less than the
+        # measured step times promised (other work on it), so nothing new starts until they catch up.
+        self.stats.behind = sum(1 for job in self._jobs.values()
+                                if job.pacer.play_start is not None and job.pacer.lead(now) < self.margin_s / 2)
         while self._line and len(self.talker) < self.talker.slots and budget > 0:
             admit_by, _, job = self._line[0]
             refusal = self._refusal(job, now)
@@ -320,9 +365,17 @@ class StreamScheduler:
                 heapq.heappop(self._line)
                 self._end(job, refusal)
                 continue
-            due = job.delivery.continuation and admit_by <= now + self._first_audio_s(len(self.talker) + 1)
-            if len(self.talker) >= limit and not due:
+            first_audio = self._first_audio_s(len(self.talker) + 1)
+            if job.delivery.continuation:
+                if len(self.talker) >= limit and admit_by > now + first_audio:
+                    break  # not due yet
+            elif len(self.talker) >= limit or self.stats.behind:
+                self.stats.held_back["capacity" if len(self.talker) >= limit else "behind"] += 1
                 break
+            elif now + first_audio > self._first_audio_due(job):
+                heapq.heappop(self._line)  # it would start, but too late for its first audio
+                self._end(job, self._too_late())
+                continue
             heapq.heappop(self._line)
             started = time.perf_counter()
             try:
@@ -333,7 +386,8 @@ class StreamScheduler:
             elapsed = time.perf_counter() - started
             self.prefill_s = elapsed if not self.prefill_s else self.prefill_s + 0.1 * (elapsed - self.prefill_s)
             budget -= job.stream.length
-            job.pacer = Pacer.start(job.policy or self.policy, time.monotonic(), job.delivery.lead_s)
+            # A listener with audio left starts this stream's audio when that runs out, counted from submission.
+            job.pacer = Pacer.start(job.policy or self.policy, job.submitted, job.delivery.lead_s, self._budget_s(job))
             self._jobs[job.stream] = job
             if job.stream.finished:  # EOS or max_new_tokens before any frame
                 self._end(job, None)
@@ -356,12 +410,12 @@ class StreamScheduler:
         for job in waiting:
             refusal = self._refusal(job, now)
             if refusal is None and not job.delivery.continuation:
-                start = now + frees[min(place, len(frees) - 1)]
-                if start + first_audio > job.submitted + self._budget_s(job):
-                    retry_ms = max(100, int(1000 * (frees[min(place, len(frees) - 1)] + first_audio)))
-                    refusal = Overloaded(with_retry_after(
-                        "the talker cannot start this stream in time for its first audio (at real-time capacity)",
-                        retry_ms))
+                wait = frees[min(place, len(frees) - 1)]
+                # A listener waits for a place only briefly (a client that said it can wait, longer): an
+                # estimate that far ahead is rarely right, and a fast "busy" beats a late one.
+                hold = self.max_hold_s if not job.delivery.max_wait_s else job.delivery.max_wait_s
+                if now + wait + first_audio > self._first_audio_due(job) or now + wait > job.submitted + hold:
+                    refusal = self._too_late(wait + first_audio)
             if refusal is not None:
                 refused.append((job, refusal))
             else:
@@ -372,6 +426,11 @@ class StreamScheduler:
             heapq.heapify(self._line)
             for job, refusal in refused:
                 self._end(job, refusal)
+
+    def _too_late(self, retry_after_s: Optional[float] = None) -> Overloaded:
+        retry_ms = max(100, int(1000 * (self.stats.retry_after_s if retry_after_s is None else retry_after_s)))
+        return Overloaded(with_retry_after(
+            "the talker cannot start this stream in time for its first audio (at real-time capacity)", retry_ms))
 
     def _refusal(self, job: StreamJob, now: float) -> Optional[EngineError]:
         """Why a waiting job must not start (cancelled, or waited too long), or None."""
@@ -399,9 +458,11 @@ class StreamScheduler:
     def _step(self) -> None:
         now = time.monotonic()
         active = [s for s in self.talker.active if not s.finished]
-        limit = max(1, self.stats.realtime_batch or len(active))
+        # Everyone steps while a step of all of them still keeps real time (batching is what makes a step cheap);
+        # beyond that, the streams closest to their deadlines step and the others wait this step.
+        limit = realtime_batch(self.step_times, 1.0, len(active))
         chosen = active
-        if len(active) > limit:  # the streams closest to their deadlines step; the others wait this step
+        if len(active) > limit:
             urgent = most_urgent([self._jobs[s].pacer for s in active], now, limit)
             chosen = [active[i] for i in sorted(urgent)]
             self.stats.skipped_rows += len(active) - len(chosen)

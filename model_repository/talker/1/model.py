@@ -37,9 +37,14 @@ FAMILIES = {
                                          "(from measured step times; at most the slots)", None,
                                          lambda s: s.realtime_batch),
     "qwen_tts_talker_headroom_streams": ("gauge", "New streams that could start now", None, lambda s: s.headroom),
+    "qwen_tts_talker_behind_streams": ("gauge", "Streams whose listeners are within half the pacing margin of "
+                                       "running dry (nothing new starts meanwhile)", None, lambda s: s.behind),
     "qwen_tts_talker_step_budget_ratio": ("gauge", "Predicted step time at the current batch over the 80 ms frame "
                                           "(above 1: streams fall behind real time)", None,
                                           lambda s: s.step_s / 0.08),
+    "qwen_tts_talker_held_back_total": ("counter", "Loop passes in which a new request waited, by reason (capacity: "
+                                        "the real-time batch is full; behind: a stream is close to running dry)",
+                                        "reason", lambda s: {r: s.held_back[r] for r in ("capacity", "behind")}),
     "qwen_tts_talker_steps_total": ("counter", "Batched talker steps", None, lambda s: s.steps),
     "qwen_tts_talker_step_streams_total": ("counter", "Streams advanced, summed over steps (/ steps = mean batch)",
                                            None, lambda s: s.step_rows),
@@ -103,10 +108,9 @@ class TritonPythonModel:
         _, prompt = self.voices.get_prompt(voice)
         request = SynthesisRequest("Warm up.", prompt, "auto", SamplingParams(max_new_tokens=4, seed=0))
         self.scheduler.generate(request)
-        self.scheduler.decode_cost.update(
-            StreamingDecoder(self.loaded.tts.model.speech_tokenizer.model).chunk_costs())
+        decoder = StreamingDecoder(self.loaded.tts.model.speech_tokenizer.model)
         steps = self.scheduler.calibrate(SynthesisRequest("Calibrating the step time.", prompt, "auto",
-                                                          SamplingParams(seed=0)))
+                                                          SamplingParams(seed=0)), decode_probe=decoder.chunk_costs)
         self.log.info("step ms by batch: %s; decode ms by chunk frames: %s",
                       {b: round(1000 * t, 1) for b, t in steps.items()},
                       {f: round(1000 * t, 1) for f, t in self.scheduler.decode_cost.snapshot().items()})
@@ -141,7 +145,7 @@ class TritonPythonModel:
                 request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             if read_array(pb_utils, request, names.STATUS_QUERY, required=False) is not None:
-                status = self.scheduler.stats.status(self.scheduler.capacity)
+                status = self.scheduler.stats.status(self.scheduler.capacity, self.scheduler.margin_s)
                 send_final(pb_utils, request, response(pb_utils, {names.STATUS: np.array(
                     [json.dumps(status).encode()], dtype=np.object_)}), self.log)
                 continue
