@@ -15,7 +15,7 @@ help:
 	@echo "make gateway    - the gateway alone (TRITON_URL, GATEWAY_PORT, ...)"
 	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
 	@echo "make test       - all tests (engine + real tritonserver)"
-	@echo "make bench      - benchmarks; numbers go to results/"
+	@echo "make bench      - benchmarks (batching, gateway load, open-loop real time, fidelity); numbers in results/"
 	@echo "make soak       - load with faults (Triton killed and restarted, clients dropping); SOAK_SECONDS"
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
 
@@ -62,6 +62,7 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.core
 	$(PY) -m bench.gateway
+	$(PY) -m bench.openloop
 	$(PY) -m bench.fidelity
 
 clean:

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -243,18 +244,20 @@ def _talker_streams(triton) -> float:
 ONE_LONG_SENTENCE = (LONG.rstrip(".") + ", ") * 3 + "and so on."  # no sentence break: one request, seconds long
 
 
-async def test_full_capacity_gives_rate_limited_with_retry_after(make_gateway):
-    """When every synthesis slot stays busy for GATEWAY_QUEUE_TIMEOUT_S, a waiting utterance ends with
-    RATE_LIMITED (recoverable, with retryAfterMs) instead of a silent TIMEOUT; the session stays usable."""
-    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="0.5")
+async def test_full_capacity_refuses_a_speak_at_once_with_retry_after(make_gateway):
+    """With every synthesis slot busy, a speak is refused at once (not after a wait) with RATE_LIMITED,
+    recoverable, with retryAfterMs; the playing utterance goes on and the session stays usable."""
+    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1")
     gateway.wait_ready()
     async with open_session(gateway.ws) as busy, open_session(gateway.ws) as waiting:
         await start_session(busy)
         await start_session(waiting)
         await send(busy, type="speak", text=ONE_LONG_SENTENCE, requestId="long")
         assert isinstance(await asyncio.wait_for(busy.recv(), 30), bytes)
+        asked = time.monotonic()
         await send(waiting, type="speak", text="Is there room for me?", requestId="w")
         result = await collect(waiting)
+        assert time.monotonic() - asked < 0.5
         error = result.of_type("error")[0]
         assert error["code"] == "RATE_LIMITED" and error["recoverable"] is True and error["requestId"] == "w"
         assert isinstance(error["retryAfterMs"], int) and error["retryAfterMs"] > 0
@@ -263,6 +266,44 @@ async def test_full_capacity_gives_rate_limited_with_retry_after(make_gateway):
         await send(waiting, type="speak", text="Now there is room.")
         again = await collect(waiting)
         assert again.end["cancelled"] is False and again.audio and not again.of_type("error")
+
+
+async def test_a_client_that_can_wait_is_queued_instead_of_refused(make_gateway):
+    """A session that says it can wait (start.maxWaitMs) queues for the busy slot and plays once it frees."""
+    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1")
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as busy, open_session(gateway.ws) as patient:
+        await start_session(busy)
+        await start_session(patient, maxWaitMs=30000)
+        await send(busy, type="speak", text=ONE_LONG_SENTENCE)
+        assert isinstance(await asyncio.wait_for(busy.recv(), 30), bytes)
+        await send(patient, type="speak", text="I can wait for my turn.")
+        assert (await collect(busy)).end["cancelled"] is False
+        result = await collect(patient)
+        assert result.end["cancelled"] is False and result.audio and not result.of_type("error")
+
+
+async def test_complete_reports_what_a_listener_heard(gateway):
+    """`complete` says how often a listener playing at real time ran dry and for how long; the gateway's
+    metrics count the same, with the lead each chunk found."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="speak", text="Two sentences here. And a second one to follow it.")
+        complete = (await collect(ws)).end
+    assert complete["underruns"] == 0 and complete["stallMs"] == 0
+    metrics = scrape_metrics(gateway.http + "/metrics")
+    assert "tts_gateway_underruns_total" in metrics and "tts_gateway_stall_seconds_total" in metrics
+    assert metrics["tts_gateway_lead_seconds_count"] > 0 and metrics["tts_gateway_chunk_audio_seconds_count"] > 0
+
+
+async def test_readiness_shows_each_endpoints_real_time_headroom(gateway):
+    """/readyz lists each Triton endpoint's slots and, as its talker reports them, its real-time batch and
+    headroom."""
+    async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as http:
+        body = (await http.get("/readyz")).json()
+    (capacity,) = body["capacity"].values()
+    assert capacity["ready"] is True and capacity["slots"] == 16
+    assert 1 <= capacity["realtime_batch"] <= 16 and 0 <= capacity["headroom"] <= 16
 
 
 async def test_utterances_cancelled_while_waiting_never_reach_triton(make_gateway, triton):

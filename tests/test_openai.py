@@ -196,18 +196,20 @@ def test_a_token_is_required_when_auth_is_on(make_gateway):
         assert len(speech(sdk, response_format="pcm")) > 24000
 
 
-def test_a_full_server_answers_429_with_retry_after(make_gateway):
-    """With every slot held past the queue timeout, the next request is a RateLimitError carrying
-    retry-after-ms (which the SDK's own retries honour)."""
-    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="0.5")
+def test_a_full_server_answers_429_at_once_with_retry_after(make_gateway):
+    """With every slot held, the next request is at once a RateLimitError carrying retry-after-ms (which the
+    SDK's own retries honour)."""
+    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1")
     gateway.wait_ready()
     with openai.OpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
         with sdk.audio.speech.with_streaming_response.create(model=MODEL, voice="default", input=LONG * 3,
                                                              response_format="pcm") as holding:
             chunks = holding.iter_bytes()  # kept: a dropped iterator closes the response
             next(chunks)  # the one slot is taken
+            asked = time.monotonic()
             with pytest.raises(openai.RateLimitError) as raised:
                 speech(sdk)
+            assert time.monotonic() - asked < 0.5
         assert int(raised.value.response.headers["retry-after-ms"]) > 0
         assert raised.value.body["code"] == "rate_limit_exceeded"
 

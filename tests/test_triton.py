@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -162,6 +163,18 @@ async def test_talker_streams_codes_with_stream_control(client, reference_voices
     assert all(c.shape == (0, 16) for c in context[1:])
     assert len({int(s[0]) for s in result.arrays("stream_id")}) == 1
     assert [bool(f[0]) for f in result.arrays("final")] == [False] * (len(sizes) - 1) + [True]
+
+
+async def test_the_talker_answers_a_status_query_with_its_real_time_capacity(client):
+    """A status control request gets one response: slots, active and queued streams, the real-time batch (from
+    measured step times, at most the slots), headroom and the predicted step time."""
+    flag = InferInput("status_query", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]))
+    result = await stream(client, "talker", outputs=("status",), extra_inputs=[flag])
+    assert result.error is None and len(result.responses) == 1
+    status = json.loads(result.arrays("status")[0][0])
+    assert status["slots"] == 16 and 1 <= status["realtime_batch"] <= 16 and status["step_ms"] > 0
+    assert {"active", "queued", "headroom", "behind", "margin_ms", "retry_after_ms"} <= set(status)
 
 
 async def test_cancelling_tts_stops_generation_and_frees_decoder_state(client, triton):

@@ -14,6 +14,7 @@ from conftest import SAMPLE_RATE, synthetic_reference
 from tools.render_model_repository import RenderError, render, resolve
 from tts_engine.codec.streams import StreamTable
 from tts_engine.errors import InvalidRequest, Overloaded, VoiceNotFound
+from tts_engine.generation.admission import Delivery
 from tts_engine.generation.pacing import FixedChunks
 from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import StreamJob, StreamScheduler
@@ -158,13 +159,16 @@ class _FakeTalker:
         return results
 
 
-def _job(name, request, log, done, cancelled=lambda: False):
+def _job(name, request, log, done, cancelled=lambda: False, delivery=None, errors=None):
     def on_end(error, job):
         log.append((name, "end", type(error).__name__ if error else None))
+        if errors is not None and error is not None:
+            errors[name] = error
         done.release()
 
     return StreamJob(request=request, on_chunk=lambda chunk, i, last: log.append((name, len(chunk), last)),
-                     on_end=on_end, is_cancelled=cancelled, policy=FixedChunks((2, 4)), label=name)
+                     on_end=on_end, is_cancelled=cancelled, policy=FixedChunks((2, 4)), label=name,
+                     delivery=delivery or Delivery())
 
 
 def _ends(log):
@@ -333,6 +337,83 @@ def test_waiting_jobs_leave_the_line_while_every_row_stays_busy():
     ends = {entry[0]: entry[2] for entry in log if entry[1] == "end"}
     assert ends["cancelled"] == "Cancelled" and ends["expired"] == "Overloaded"
     assert len(talker.added) == 1
+
+
+def test_a_new_request_that_cannot_start_in_time_is_refused_at_once_with_a_retry_hint():
+    """With the only row busy for good, a new request is refused within its short hold (not after the queue's
+    patience), with when to retry in its message; the running stream goes on."""
+    from tts_contract.delivery import retry_after_ms
+
+    log, done, errors = [], threading.Semaphore(0), {}
+    stop = threading.Event()
+    scheduler = StreamScheduler(_FakeTalker(slots=1), max_queue_wait_s=30, max_hold_s=0.3)
+    try:
+        scheduler.submit(_job("running", _FakeRequest(10**9), log, done, cancelled=stop.is_set))
+        time.sleep(0.1)
+        submitted = time.monotonic()
+        scheduler.submit(_job("new", _FakeRequest(2), log, done, errors=errors))
+        assert done.acquire(timeout=5)
+        assert time.monotonic() - submitted < 0.6
+        assert isinstance(errors["new"], Overloaded) and retry_after_ms(str(errors["new"])) >= 100
+        assert "running" not in _ends(log)
+    finally:
+        stop.set()
+        done.acquire(timeout=5)
+        scheduler.stop()
+
+
+def test_waiting_requests_start_earliest_deadline_first():
+    """When the row frees, the continuation whose listener runs dry soonest starts first, then the one with
+    more audio left, then a new request that said it can wait 5 s."""
+    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=1)
+    stop = threading.Event()
+    scheduler = StreamScheduler(talker)
+    try:
+        scheduler.submit(_job("running", _FakeRequest(10**9), log, done, cancelled=stop.is_set))
+        time.sleep(0.1)
+        for name, delivery in (("patient", Delivery(max_wait_s=5)), ("relaxed", Delivery(lead_s=3, continuation=True)),
+                               ("urgent", Delivery(lead_s=2, continuation=True))):
+            scheduler.submit(_job(name, _FakeRequest(2), log, done, delivery=delivery))
+        time.sleep(0.2)
+        stop.set()
+        for _ in range(4):
+            assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    assert _ends(log) == ["running", "urgent", "relaxed", "patient"]
+
+
+def test_continuations_are_never_refused_for_load():
+    """A later sentence of a playing utterance waits for the busy row well past a new request's hold, and
+    starts when it frees."""
+    log, done = [], threading.Semaphore(0)
+    until = time.monotonic() + 1.0
+    scheduler = StreamScheduler(_FakeTalker(slots=1), max_hold_s=0.2)
+    try:
+        scheduler.submit(_job("running", _FakeRequest(10**9), log, done, cancelled=lambda: time.monotonic() > until))
+        scheduler.submit(_job("next sentence", _FakeRequest(2), log, done,
+                              delivery=Delivery(lead_s=0.1, continuation=True)))
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    ends = {entry[0]: entry[2] for entry in log if entry[1] == "end"}
+    assert ends == {"running": "Cancelled", "next sentence": None}
+
+
+def test_the_real_time_batch_bounds_how_many_new_streams_run():
+    """With a step costing 10 ms per stream and 1.5x real time asked of each stream, at most 5 streams run at
+    once, though 8 rows are free; the others start as those finish."""
+    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=8)
+    scheduler = StreamScheduler(talker, speed=1.5)
+    scheduler.step_times.update({batch: 0.010 * batch for batch in range(1, 9)})
+    try:
+        for index in range(8):
+            scheduler.submit(_job(f"s{index}", _FakeRequest(20), log, done, delivery=Delivery(max_wait_s=30)))
+        for _ in range(8):
+            assert done.acquire(timeout=10)
+    finally:
+        scheduler.stop()
+    assert max(talker.batches) == 5 and len(_ends(log)) == 8
 
 
 # -- decoder stream table ----------------------------------------------------------------------------------

@@ -86,8 +86,8 @@ def page(browser, gateway):
 
 def test_speak_streams_audio_into_the_player(page):
     """Typing text and clicking Speak: audio frames arrive, every sample is scheduled gaplessly in the worklet
-    and played, time to first audio and real-time factor are shown, the WAV download is ready, and the
-    console stays clean. The screenshot in results/ is the README's."""
+    and played, time to first audio, real-time factor and the player's stalls are shown, the WAV download is
+    ready, and the console stays clean. The screenshot in results/ is the README's."""
     page.tab.fill("#text", "Hello from the browser. This is the page speaking.")
     page.tab.click("#speak")
     page.wait_for("window.ttsPage.utterances === 1")
@@ -102,6 +102,9 @@ def test_speak_streams_audio_into_the_player(page):
     assert stats["player"]["samplesScheduled"] == stats["samplesReceived"] > 24000
     assert stats["completes"][0]["cancelled"] is False and not stats["errors"]
     assert page.tab.inner_text("#ttfa").endswith(" ms") and float(page.tab.inner_text("#rtf")) > 0
+    stalls = page.tab.inner_text("#stalls")  # what the page's own player heard: "none", or "2 (130 ms)"
+    assert stalls == ("none" if not stats["player"]["stalls"] else f"{stats['player']['stalls']} ("
+                      f"{round(stats['player']['stalledSamples'] / 24000 * 1000)} ms)"), stalls
     assert page.tab.get_attribute("#download", "href").startswith("blob:")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.tab.screenshot(path=str(SCREENSHOT), full_page=True)

@@ -184,6 +184,7 @@ function finish(complete) {
   if (!utterance) return;
   const seconds = utterance.chunks.reduce((n, c) => n + c.length, 0) / RATE;
   $("audio-seconds").textContent = `${seconds.toFixed(2)} s`;
+  showStalls(utterance);
   if (complete) {
     page.utterances += 1;
     page.completes.push(complete);
@@ -191,6 +192,8 @@ function finish(complete) {
     $("rtf").textContent = seconds ? (wall / seconds).toFixed(2) : "–";
     $("rtf").title = "generation time / audio duration: below 1 is faster than real time";
     if (complete.firstAudioMs !== null) $("ttfa").title = `server: ${complete.firstAudioMs} ms`;
+    $("stalls").title = `this page's player; the server's view of a real-time listener: ${complete.underruns} ` +
+      `(${complete.stallMs} ms)`;
     say($("message"), complete.cancelled ? "Stopped." : `Done: ${complete.charactersProcessed} characters.`);
   }
   if (seconds) {
@@ -227,9 +230,9 @@ async function speak() {
     return;
   }
   player.clear();
-  for (const id of ["ttfa", "rtf", "audio-seconds"]) $(id).textContent = "…";
+  for (const id of ["ttfa", "rtf", "audio-seconds", "stalls"]) $(id).textContent = "…";
   current = {requestId: `page-${++utteranceCounter}`, sentAt: performance.now(), firstAudioAt: null, chunks: [],
-             stopped: false};
+             stopped: false, stalls: player.stats.stalls, stalledSamples: player.stats.stalledSamples};
   socket.send(JSON.stringify({type: "speak", text, requestId: current.requestId}));
 }
 
@@ -240,8 +243,17 @@ function stop() {
   updateStop();
 }
 
+function showStalls(utterance) {
+  // What this page's player heard of the utterance: how often it ran dry while audio was still coming.
+  if (!utterance || utterance.firstAudioAt === null) return;
+  const stalls = player.stats.stalls - utterance.stalls;
+  const ms = Math.round((player.stats.stalledSamples - utterance.stalledSamples) / RATE * 1000);
+  $("stalls").textContent = stalls ? `${stalls} (${ms} ms)` : "none";
+}
+
 function drawMeter() {
   updateStop();
+  showStalls(current);
   const buffered = player ? player.stats.buffered / RATE : 0;
   $("buffered").style.width = `${Math.min(100, buffered * 10)}%`;
   $("buffered").title = `${buffered.toFixed(1)} s buffered`;

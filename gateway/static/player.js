@@ -3,7 +3,8 @@
 export class StreamPlayer {
   constructor(context) {
     this.context = context;
-    this.stats = {samplesScheduled: 0, samplesPlayed: 0, buffered: 0, underruns: 0};
+    // stalls: times playback ran dry while audio was still coming (stalledSamples: for how long, in all)
+    this.stats = {samplesScheduled: 0, samplesPlayed: 0, buffered: 0, stalls: 0, stalledSamples: 0};
     this.node = null;        // the pcm-player worklet (secure contexts)
     this.sources = new Set(); // scheduled buffers (the fallback elsewhere)
     this.nextTime = 0;
@@ -16,7 +17,8 @@ export class StreamPlayer {
       this.node.port.onmessage = ({data}) => {
         this.stats.samplesPlayed = data.played;
         this.stats.buffered = data.buffered;
-        this.stats.underruns = data.underruns;
+        this.stats.stalls = data.stalls;
+        this.stats.stalledSamples = data.stalledSamples;
       };
       this.node.connect(this.context.destination);
     }
@@ -40,7 +42,10 @@ export class StreamPlayer {
     source.connect(this.context.destination);
     const now = this.context.currentTime;
     if (this.nextTime < now) {
-      if (this.sources.size) this.stats.underruns += 1;
+      if (this.sources.size || this.stats.samplesScheduled > samples.length) {  // ran dry mid-utterance
+        this.stats.stalls += 1;
+        this.stats.stalledSamples += Math.round((now - this.nextTime) * this.context.sampleRate);
+      }
       this.nextTime = now + 0.05;
     }
     source.start(this.nextTime);

@@ -7,7 +7,9 @@ class PcmPlayer extends AudioWorkletProcessor {
     this.offset = 0;       // read position in chunks[0]
     this.buffered = 0;     // samples waiting
     this.played = 0;
-    this.underruns = 0;    // render quanta that ran dry while an utterance was still streaming
+    this.stalls = 0;       // times playback ran dry while an utterance was still streaming
+    this.stalledSamples = 0;
+    this.dry = false;
     this.streaming = false;
     this.sinceReport = 0;
     this.port.onmessage = ({data}) => {
@@ -44,7 +46,13 @@ class PcmPlayer extends AudioWorkletProcessor {
     out.fill(0, written);
     this.buffered -= written;
     this.played += written;
-    if (written < out.length && this.streaming) this.underruns += 1;
+    if (written < out.length && this.streaming) {
+      if (!this.dry) this.stalls += 1;
+      this.dry = true;
+      this.stalledSamples += out.length - written;
+    } else {
+      this.dry = false;
+    }
     this.sinceReport += out.length;
     if (this.sinceReport >= sampleRate / 20) this.report();
     return true;
@@ -52,7 +60,8 @@ class PcmPlayer extends AudioWorkletProcessor {
 
   report() {
     this.sinceReport = 0;
-    this.port.postMessage({played: this.played, buffered: this.buffered, underruns: this.underruns});
+    this.port.postMessage({played: this.played, buffered: this.buffered, stalls: this.stalls,
+                           stalledSamples: this.stalledSamples});
   }
 }
 

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -77,12 +77,14 @@ class StreamTable:
             raise result
         return result
 
-    def decode_many(self, items: list["DecodeItem"]) -> list:
-        """Decode chunks of many streams, batching the chunks that have the same frame count into one forward.
+    def decode_many(self, items: list["DecodeItem"], on_result: Optional[Callable[[int, object], None]] = None) -> list:
+        """Decode chunks of many streams, batching the chunks that have the same frame count into one forward,
+        the shortest first: a short chunk is what a stream close to its deadline sends.
 
-        Returns, per item, its audio or the exception that item failed with. Two chunks of one stream are
-        decoded in order (the second in a later round); once a stream failed, its later chunks fail with it
-        (they are never decoded from a fresh state)."""
+        Returns, per item, its audio or the exception that item failed with, and hands each result to
+        ``on_result(index, result)`` as soon as its forward is done. Two chunks of one stream are decoded in
+        order (the second in a later round); once a stream failed, its later chunks fail with it (they are
+        never decoded from a fresh state)."""
         results: list = [None] * len(items)
         pending = list(range(len(items)))
         failed: dict[int, BaseException] = {}
@@ -102,10 +104,15 @@ class StreamTable:
                     results[index] = exc
                     with self._lock:
                         self._free(stream_id, "failed")
+                    if on_result is not None:
+                        on_result(index, exc)
                     continue
                 groups.setdefault(len(items[index].codes), []).append((index, state))
-            for frames, members in groups.items():
-                self._decode_group(items, members, results)
+            for frames in sorted(groups):
+                self._decode_group(items, groups[frames], results)
+                if on_result is not None:
+                    for index, _ in groups[frames]:
+                        on_result(index, results[index])
             failed.update((items[i].stream_id, results[i]) for i in round_ if isinstance(results[i], BaseException))
             pending = later
         return results

@@ -61,7 +61,7 @@ class Delivery:
 class CostCurve:
     """Seconds an operation takes by its size (a step by its batch, a decode by its frames).
 
-    ``update`` sets a baseline (measured at start-up); ``observe`` records real runs, and the median of a
+    ``update`` sets a baseline (measured when idle); ``observe`` records real runs, and the median of a
     size's recent runs (at least ``min_runs`` of them, none older than ``max_age_s``) replaces its baseline:
     the curve follows what the machine gives now, contention included, while one cold start or pause does not
     count and a size not run for a while goes back to its baseline (so a pessimistic moment cannot keep a
@@ -76,8 +76,10 @@ class CostCurve:
         self._computed = -1e9
 
     def update(self, measured: dict[int, float]) -> None:
-        """Baselines: what each size costs on an idle machine."""
-        self._baseline.update(measured)
+        """Baselines: what each size costs on an idle machine (the best of every measurement: a measurement
+        taken while something else ran is slower, never faster)."""
+        for size, seconds in measured.items():
+            self._baseline[size] = min(seconds, self._baseline.get(size, seconds))
         self._recompute()
 
     def observe(self, size: int, seconds: float) -> None:

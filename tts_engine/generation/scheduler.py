@@ -210,7 +210,7 @@ class StreamScheduler:
         request = replace(request, params=replace(request.params, min_new_tokens=frames, max_new_tokens=frames))
         self._calibration = (request, tuple(sizes or self.talker.buckets_up_to_slots()), steps, decode_probe)
         measured = self.call(lambda: self._measure(abortable=False))
-        self._calibrated_at -= self.recalibrate_s - 10.0  # measure again at the first idle moment after 10 s
+        self._calibrated_at -= self.recalibrate_s - 5.0  # measure again at the first idle moment after 5 s
         return measured
 
     def _measure(self, abortable: bool = True) -> dict[int, float]:

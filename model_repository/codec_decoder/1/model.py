@@ -92,16 +92,23 @@ class TritonPythonModel:
                 continue
             items.append(item)
             senders.append(request)
-        try:
-            results = self.table.decode_many(items)
-        except Exception as exc:  # a bug: each stream still ends on its last chunk, never left in flight
-            results = [exc] * len(items)
-        for request, item, result in zip(senders, items, results):
+        answered = set()
+
+        def answer(index, result):  # as soon as its forward is done: short (urgent) chunks come first
+            answered.add(index)
+            request, item = senders[index], items[index]
             if isinstance(result, BaseException):
                 self.log.warning("decode of stream %x failed: %s", item.stream_id, result)
                 self._fail_stream(request, item, result)
             else:
                 self._respond(request, self._audio_response(result))
+
+        try:
+            self.table.decode_many(items, on_result=answer)
+        except Exception as exc:  # a bug: each stream still ends on its last chunk, never left in flight
+            for index in range(len(items)):
+                if index not in answered:
+                    answer(index, exc)
 
     def _fail_stream(self, request, item: DecodeItem, error: Optional[BaseException] = None) -> None:
         """Report a failed stream on its last chunk. Triton 2.51's ensemble never completes a request whose
