@@ -314,12 +314,25 @@ def main(argv=None) -> int:
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "label": args.label,
                "frames_cap": f"{FRAMES_BASE} + {FRAMES_PER_CHAR}/char", "p95_goal_ms": 1000 * P95_GOAL_S, **report}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1))
+    args.output.write_text(_collapse(results) + "\n")
     for transport in transports:
         print(f"{transport}: highest rate with 0 underruns and p95 first audio <= {1000 * P95_GOAL_S:.0f} ms: "
               f"{report[transport]['highest_rate_holding']}/s")
     print(f"written to {args.output}")
     return 0
+
+
+def _collapse(value, indent: int = 0) -> str:
+    """JSON of ``value``, indented, except that each utterance (a dict inside a list) takes one line."""
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {_collapse(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}" if items else "{}"
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "arrival_s" in v for v in value):
+        return "[\n" + ",\n".join(inner + json.dumps(v) for v in value) + "\n" + pad + "]"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _collapse(v, indent + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value)
 
 
 def _start_stack(model_dir: str):

@@ -277,7 +277,7 @@ class TritonPool:
         """Utterances on this endpoint being generated whose listeners are about to run dry: the whole path
         (talker, decoder, this gateway) gives less than it should, so no new utterance starts there for now."""
         now = time.monotonic()
-        floor = endpoint.status.get("margin_ms", 1000 * self.lead_floor_s * 2) / 2000  # half the talker's margin
+        floor = endpoint.status.get("margin_ms", 2000 * self.lead_floor_s) / 2000  # half the talker's margin
         count = sum(1 for seat in endpoint.seats.values() if seat.generating and seat.listener is not None
                     and seat.listener.started is not None and seat.listener.lead(now) < floor)
         metrics.ENDPOINT_BEHIND.labels(endpoint.url).set(count)

@@ -136,15 +136,16 @@ def test_step_times_are_monotone_interpolated_and_robust_to_one_slow_step():
     assert curve(1) == pytest.approx(0.02)
 
 
-def test_old_runs_expire_back_to_the_baseline():
-    """A size not run for a while goes back to its baseline (a slow moment cannot keep it unused for good)."""
+def test_sizes_not_running_follow_the_machines_contention_and_old_runs_expire():
+    """A size without recent runs costs its baseline scaled by how much slower the recent runs are than theirs;
+    runs older than max_age_s no longer count."""
     curve = CostCurve(min_runs=1, max_age_s=0.05)
-    curve.update({4: 0.02})
-    curve.observe(4, 0.2)
-    assert curve(4) == pytest.approx(0.2)
+    curve.update({1: 0.010, 4: 0.020})
+    curve.observe(4, 0.080)
+    assert curve(4) == pytest.approx(0.080) and curve(1) == pytest.approx(0.040)  # 4x slower than idle
     time.sleep(0.1)
-    curve.observe(1, 0.01)
-    assert curve(4) == pytest.approx(0.02)
+    curve.observe(1, 0.020)
+    assert curve(1) == pytest.approx(0.020) and curve(4) == pytest.approx(0.040)  # now 2x: the 4s expired
 
 
 def test_the_real_time_batch_is_the_largest_whose_step_keeps_the_speed():

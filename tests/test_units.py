@@ -403,7 +403,12 @@ def test_continuations_are_never_refused_for_load():
 def test_the_real_time_batch_bounds_how_many_new_streams_run():
     """With a step costing 10 ms per stream and 1.5x real time asked of each stream, at most 5 streams run at
     once, though 8 rows are free; the others start as those finish."""
-    log, done, talker = [], threading.Semaphore(0), _FakeTalker(slots=8)
+    class TimedTalker(_FakeTalker):
+        def step(self, streams=None):
+            time.sleep(0.010 * len(streams if streams is not None else self.active))
+            return super().step(streams)
+
+    log, done, talker = [], threading.Semaphore(0), TimedTalker(slots=8)
     scheduler = StreamScheduler(talker, speed=1.5)
     scheduler.step_times.update({batch: 0.010 * batch for batch in range(1, 9)})
     try:

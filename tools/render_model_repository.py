@@ -27,7 +27,7 @@ PARAMETERS = {
     "DTYPE": ("fp32", "bf16", "weights dtype: bf16, fp16 or fp32"),
     "FIRST_CHUNK_FRAMES": ("1", "1", "smallest first chunk (frames); pacing may make it larger to cover the next step"),
     "MAX_CHUNK_FRAMES": ("16", "12", "largest chunk (frames): bounds the decode time of one chunk"),
-    "PACING_MARGIN_MS": ("150", "80", "audio a listener should still have when its next chunk is sent"),
+    "PACING_MARGIN_MS": ("250", "80", "audio a listener should still have when its next chunk is sent"),
     "REALTIME_SPEED": ("1.25", "1.5", "each stepped stream must run this many times faster than real time: the "
                        "real-time batch is the largest whose measured step allows it"),
     "FIRST_AUDIO_BUDGET_MS": ("1000", "1000", "refuse a new request at once unless its first audio can come "

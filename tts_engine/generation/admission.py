@@ -61,11 +61,13 @@ class Delivery:
 class CostCurve:
     """Seconds an operation takes by its size (a step by its batch, a decode by its frames).
 
-    ``update`` sets a baseline (measured when idle); ``observe`` records real runs, and the median of a
-    size's recent runs (at least ``min_runs`` of them, none older than ``max_age_s``) replaces its baseline:
-    the curve follows what the machine gives now, contention included, while one cold start or pause does not
-    count and a size not run for a while goes back to its baseline (so a pessimistic moment cannot keep a
-    size unused for good). Predictions are monotone in the size and interpolated between known sizes."""
+    ``update`` sets the baseline (the best of every measurement taken while idle); ``observe`` records real
+    runs. A size with enough recent runs (``min_runs``, none older than ``max_age_s``) costs their median;
+    every other size costs its baseline scaled by how much slower than the baseline the recent runs are
+    (the machine's contention now, applied to the sizes not running). So the curve follows what the machine
+    gives now, one cold start or pause does not count, and a size not run for a while follows the others
+    (a pessimistic moment cannot keep it unused for good). Predictions are monotone in the size and
+    interpolated between known sizes."""
 
     def __init__(self, window: int = 200, min_runs: int = 5, max_age_s: float = 20.0):
         self.window, self.min_runs, self.max_age_s = window, min_runs, max_age_s
@@ -73,55 +75,67 @@ class CostCurve:
         self._runs: dict[int, deque] = {}
         self._sizes: list[int] = []
         self._envelope: list[float] = []
-        self._computed = -1e9
+        self.contention = 1.0  # recent runs over the baseline at the same sizes
+        self._computed, self._dirty = -1e9, False
 
     def update(self, measured: dict[int, float]) -> None:
-        """Baselines: what each size costs on an idle machine (the best of every measurement: a measurement
-        taken while something else ran is slower, never faster)."""
+        """Baselines: what each size costs on an idle machine (a measurement taken while something else ran
+        is slower, never faster, so the best one is kept)."""
         for size, seconds in measured.items():
             self._baseline[size] = min(seconds, self._baseline.get(size, seconds))
         self._recompute()
 
     def observe(self, size: int, seconds: float) -> None:
         self._runs.setdefault(size, deque(maxlen=self.window)).append((time.monotonic(), seconds))
-        self._recompute()
+        self._dirty = True
 
     def _recompute(self) -> None:
         now = time.monotonic()
-        known = dict(self._baseline)
+        recent = {}
         for size, runs in self._runs.items():
             fresh = sorted(seconds for at, seconds in runs if now - at <= self.max_age_s)
             if len(fresh) >= self.min_runs:
-                known[size] = fresh[len(fresh) // 2]
+                recent[size] = fresh[len(fresh) // 2]
+        base_sizes = sorted(self._baseline)
+        ratios = sorted(seconds / base for size, seconds in recent.items()
+                        if (base := _interpolate(base_sizes, [self._baseline[s] for s in base_sizes], size)) > 0)
+        self.contention = min(10.0, max(0.5, ratios[len(ratios) // 2])) if ratios else 1.0
+        known = {size: seconds * self.contention for size, seconds in self._baseline.items()}
+        known.update(recent)
         self._sizes = sorted(known)
         self._envelope, worst = [], 0.0
         for size in self._sizes:  # a larger size never takes less than a smaller one
             worst = max(worst, known[size])
             self._envelope.append(worst)
-        self._computed = now
+        self._computed, self._dirty = now, False
 
     def __call__(self, size: int) -> float:
         return self.predict(size)
 
     def predict(self, size: int) -> float:
         """Seconds at this size (0.0 before anything was measured)."""
-        if time.monotonic() - self._computed > 1.0:  # let old runs expire
+        if self._dirty or time.monotonic() - self._computed > 1.0:  # new runs count, old ones expire
             self._recompute()
-        sizes, envelope = self._sizes, self._envelope
-        if not sizes or size < 1:
-            return 0.0
-        at = bisect.bisect_left(sizes, size)
-        if at < len(sizes) and sizes[at] == size:
-            return envelope[at]
-        if at == 0:
-            return envelope[0]
-        if at == len(sizes):  # beyond the largest known: grow in proportion (an upper bound for batched work)
-            return envelope[-1] * size / sizes[-1]
-        low, high = sizes[at - 1], sizes[at]
-        return envelope[at - 1] + (envelope[at] - envelope[at - 1]) * (size - low) / (high - low)
+        return _interpolate(self._sizes, self._envelope, size)
 
     def snapshot(self) -> dict[int, float]:
         return {size: self.predict(size) for size in self._sizes}
+
+
+def _interpolate(sizes: list[int], values: list[float], size: int) -> float:
+    """``values`` at ``size``: interpolated between known sizes, in proportion beyond the largest (an upper
+    bound for batched work), the smallest's value below it; 0.0 when nothing is known."""
+    if not sizes or size < 1:
+        return 0.0
+    at = bisect.bisect_left(sizes, size)
+    if at < len(sizes) and sizes[at] == size:
+        return values[at]
+    if at == 0:
+        return values[0]
+    if at == len(sizes):
+        return values[-1] * size / sizes[-1]
+    low, high = sizes[at - 1], sizes[at]
+    return values[at - 1] + (values[at] - values[at - 1]) * (size - low) / (high - low)
 
 
 def realtime_batch(step_times: CostCurve, speed: float, slots: int) -> int:

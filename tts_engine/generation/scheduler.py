@@ -31,6 +31,8 @@ from .prompt import SynthesisRequest
 from .talker import BatchedTalker, TalkerStream
 
 log = logging.getLogger(__name__)
+# A stream whose listener has less than this part of the pacing margin left is falling behind.
+BEHIND = 0.5
 OUTCOMES = ("eos", "max_new_tokens", "cancelled", "rejected", "error")
 # A stream's expected length when it has no frame cap of its own: about a frame per character, and more
 # (the model says each text token over several frames) for short texts.
@@ -357,7 +359,7 @@ class StreamScheduler:
         # Streams whose listeners got within half the margin of running dry: the machine gives less than the
         # measured step times promised (other work on it), so nothing new starts until they catch up.
         self.stats.behind = sum(1 for job in self._jobs.values()
-                                if job.pacer.play_start is not None and job.pacer.lead(now) < self.margin_s / 2)
+                                if job.pacer.play_start is not None and job.pacer.lead(now) < self.margin_s * BEHIND)
         while self._line and len(self.talker) < self.talker.slots and budget > 0:
             admit_by, _, job = self._line[0]
             refusal = self._refusal(job, now)
