@@ -75,7 +75,6 @@ async def _plan(triton, settings, feed: TextFeed, voice, language, listener: Pla
                 sentences: asyncio.Queue, unplayed: list) -> None:
     """Request the sentences one after another on one seat, each once the one before is generated."""
     seat = None
-    first_audio_by = time.monotonic() + timing.lead_s + settings.first_audio_budget_ms / 1000
     try:
         while True:
             sentence = feed.take_ready()
@@ -90,6 +89,8 @@ async def _plan(triton, settings, feed: TextFeed, voice, language, listener: Pla
             sentences.put_nowait(audio)
             continuing = seat is not None
             lead = listener.lead() + unplayed[0] if continuing else timing.lead_s
+            if not continuing:  # the budget counts from when there is text to speak (an LLM may still be writing)
+                first_audio_by = time.monotonic() + lead + settings.first_audio_budget_ms / 1000
             try:
                 if seat is None:
                     seat = await triton.seat(timing.max_wait_s)
