@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench soak perf clean help
+.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench bench-gpu graph-check soak perf clean help
 
 help:
 	@echo "make setup      - virtualenv, pinned packages, tiny model (idempotent)"
@@ -16,6 +16,8 @@ help:
 	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
 	@echo "make test       - all tests (engine + real tritonserver)"
 	@echo "make bench      - benchmarks (batching, gateway load, open-loop real time, fidelity); numbers in results/"
+	@echo "make graph-check - the decode step traces (CUDA: captures) as one graph per bucket and equals the eager step"
+	@echo "make bench-gpu  - the engine on a GPU: full-size random weights, bf16, CUDA graphs; results/gpu_bench.json"
 	@echo "make soak       - load with faults (Triton killed and restarted, clients dropping); SOAK_SECONDS"
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
 
@@ -55,6 +57,12 @@ gateway: $(STAMP)
 
 perf: $(STAMP)
 	$(PY) -m tools.perf --url 127.0.0.1:$${TRITON_GRPC_PORT:-8001}
+
+graph-check: $(STAMP)
+	$(PY) -m tools.graph_check $(GRAPH_CHECK_ARGS)
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu $(BENCH_GPU_ARGS)
 
 soak: $(STAMP)
 	$(PY) -m bench.soak --seconds $${SOAK_SECONDS:-90}

@@ -25,6 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tts_engine.generation.admission import Delivery  # noqa: E402
+
+PATIENT = Delivery(max_wait_s=600)  # a benchmark is not a listener: no job is refused for load
 TEXT = "Benchmarks measure what users feel: the wait before the first sound, and the pace after it."
 FRAME_SECONDS = 0.08  # 1920 samples at 24 kHz
 
@@ -45,16 +50,17 @@ def _setup(model_dir: str, device: str, dtype):
     return loaded, store.get_prompt(None)[1]
 
 
-def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bool,
-                      fixed_shapes: bool = False) -> dict:
+def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bool, pad_batches: bool = False,
+                      noise: str = "reference") -> dict:
     """Aggregate frames/s of the serving loop with n streams submitted at once (talker only)."""
     from tts_engine.generation.sampling import SamplingParams
     from tts_engine.generation.scheduler import StreamJob, StreamScheduler
     from tts_engine.generation.talker import BatchedTalker
     from tts_engine.generation.prompt import SynthesisRequest
 
-    talker = BatchedTalker(loaded.tts, slots=max(counts), max_tokens=frames + 1024, fixed_shapes=fixed_shapes)
-    scheduler = StreamScheduler(talker, max_queued=max(counts), name="bench")
+    talker = BatchedTalker(loaded.tts, slots=max(counts), max_tokens=frames + 1024, pad_batches=pad_batches,
+                           noise=noise, pool_tokens=max(counts) * (frames + 1024))
+    scheduler = StreamScheduler(talker, max_queued=max(counts), name="bench", realtime_admission=False)
     rows = {}
     try:
         for n in [1] + counts:  # the first run warms up
@@ -65,7 +71,7 @@ def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bo
             for i in range(n):
                 request = SynthesisRequest(TEXT, prompt, "English",
                                            SamplingParams(max_new_tokens=frames + 1, seed=i, greedy=greedy))
-                scheduler.submit(StreamJob(request=request, on_chunk=lambda *a: None,
+                scheduler.submit(StreamJob(request=request, on_chunk=lambda *a: None, delivery=PATIENT,
                                            on_end=lambda error, job: done.release(), label="bench"))
             for _ in range(n):
                 done.acquire()
@@ -109,7 +115,7 @@ def single_stream(loaded, prompt, frames: int, runs: int) -> dict:
             start = time.perf_counter()
             scheduler.submit(StreamJob(request=request, on_chunk=lambda chunk, index, last: chunks.put(chunk),
                                        on_end=lambda error, job: chunks.put(error or job.stream.frames),
-                                       policy=FixedChunks(), label="bench"))
+                                       policy=FixedChunks(), label="bench", delivery=PATIENT))
             state, first = primed.clone(), None
             while torch.is_tensor(item := chunks.get(timeout=600)):
                 decoder.decode(state, item)
@@ -201,9 +207,12 @@ def main(argv=None) -> int:
     parser.add_argument("--streams", default="1,4,16,32", help="in-process concurrency sweep")
     parser.add_argument("--triton-streams", default="1,4,16", help="through-Triton concurrency sweep")
     parser.add_argument("--skip-triton", action="store_true")
-    parser.add_argument("--fixed-shapes", action="store_true",
-                        help="in-process sweeps pad each step to a batch bucket over the whole KV arena "
+    parser.add_argument("--pad-batches", action="store_true",
+                        help="in-process sweeps pad each step to a batch bucket and its KV span to a span bucket "
                              "(the shapes a CUDA graph per bucket needs) instead of the batch's own shapes")
+    parser.add_argument("--noise", default="reference", choices=("reference", "counter"),
+                        help="sampling noise: each request's generator drawn on the host (reference) or a hash "
+                             "drawn inside the step (counter)")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "bench_core.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -212,9 +221,11 @@ def main(argv=None) -> int:
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
                "cpus": os.cpu_count(), "model_dir": args.model_dir, "device": args.device, "frames": args.frames,
                "single_stream": single_stream(loaded, prompt, args.frames, args.runs),
-               "fixed_shapes": args.fixed_shapes,
-               "engine_sampled": engine_throughput(loaded, prompt, counts, args.frames, False, args.fixed_shapes),
-               "engine_greedy": engine_throughput(loaded, prompt, counts, args.frames, True, args.fixed_shapes),
+               "pad_batches": args.pad_batches, "noise": args.noise,
+               "engine_sampled": engine_throughput(loaded, prompt, counts, args.frames, False, args.pad_batches,
+                                                   args.noise),
+               "engine_greedy": engine_throughput(loaded, prompt, counts, args.frames, True, args.pad_batches,
+                                                  args.noise),
                "decoder": decoder_cost(loaded)}
     del loaded
     if not args.skip_triton:

@@ -1,9 +1,10 @@
 """In-flight batching changes nothing a listener can hear: every stream of a batch gets its solo run's codes,
-whoever joins, leaves, ends at EOS or is cancelled beside it (fp32, CPU), with the batch's own shapes or
-padded to fixed shapes (what a CUDA graph per batch bucket needs)."""
+whoever joins, leaves, ends at EOS or is cancelled beside it (fp32, CPU), with the batch's own shapes or padded
+to buckets (what a CUDA graph per bucket needs); the decode step traces as one graph per bucket."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tts_engine.errors import Cancelled
 from tts_engine.generation.admission import Delivery
 from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import StreamJob, StreamScheduler
-from tts_engine.generation.talker import BatchedTalker, batch_buckets
+from tts_engine.generation.talker import BatchedTalker, batch_buckets, context_buckets
 from tts_engine.generation.prompt import SynthesisRequest
 from tts_engine.generation.pacing import FixedChunks
 from tts_engine.tiny_model import EOS_MARKER
@@ -61,9 +62,9 @@ def solo(loaded, requests):
         scheduler.stop()
 
 
-@pytest.fixture(scope="module", params=["own shapes", "fixed shapes"])
+@pytest.fixture(scope="module", params=["own shapes", "padded to buckets"])
 def scheduler(loaded, request):
-    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, fixed_shapes=request.param == "fixed shapes")
+    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=request.param == "padded to buckets")
     scheduler = StreamScheduler(talker, cancel_check_interval_s=0)
     yield scheduler
     scheduler.stop()
@@ -123,13 +124,13 @@ def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, request
     assert len(scheduler.talker) == 0
 
 
-@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["own shapes", "fixed shapes"])
-def test_streams_stepped_in_any_subsets_equal_their_solo_runs(loaded, requests, solo, fixed_shapes):
+@pytest.mark.parametrize("pad_batches", [False, True], ids=["own shapes", "padded to buckets"])
+def test_streams_stepped_in_any_subsets_equal_their_solo_runs(loaded, requests, solo, pad_batches):
     """Rows that sit out steps (waiting for their deadline) keep their state untouched: stepping random
     subsets of the batch gives every stream its solo codes, and padding rows never touch a waiting row."""
     import random
 
-    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, fixed_shapes=fixed_shapes)
+    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=pad_batches)
     names = [name for name in requests if not name.endswith("cancelled mid-way")]
     streams = {talker.add(requests[name]): name for name in names}
     frames = {name: [] for name in names}
@@ -146,20 +147,90 @@ def test_streams_stepped_in_any_subsets_equal_their_solo_runs(loaded, requests, 
         assert torch.equal(got, solo[name].codes), name
 
 
-def test_fixed_shapes_pad_each_batch_to_a_bucket_and_attend_over_the_whole_arena(loaded, requests):
-    """With fixed shapes, 3 streams run as a batch of 4 rows over all 1024 cached positions."""
+def test_padded_steps_use_a_bucket_of_rows_and_of_kv_blocks(loaded, requests):
+    """Padded, 3 streams step as 4 rows (the last one the scratch row) over a bucket of KV blocks."""
     assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(12) == (1, 2, 4, 8, 12)
-    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, fixed_shapes=True)
-    for name in ("icl greedy", "x-vector seeded", "x-vector top_p"):
-        talker.add(requests[name])
-    seen = []
-    forward = talker.talker.model.forward
-    talker.talker.model.forward = lambda **kw: (seen.append(tuple(kw["attention_mask"].shape)), forward(**kw))[1]
+    assert context_buckets(160) == (8, 16, 32, 64, 128, 160) and context_buckets(4) == (4,)
+    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=True)
+    streams = [talker.add(requests[name]) for name in ("icl greedy", "x-vector seeded", "x-vector top_p")]
+    rows, text, blocks, _, _, _ = talker.prepare(streams)
+    assert rows.tolist() == [s.row for s in streams] + [talker.scratch_row] and text.shape[0] == 4
+    assert blocks in context_buckets(talker.pool.max_blocks) and blocks * 32 > max(s.length for s in streams)
+
+
+def test_padding_rows_never_touch_a_streams_state(loaded, requests):
+    """A padded step leaves every row it does not advance exactly as it was (padding goes to the scratch row
+    and the scratch block)."""
+    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=True)
+    stepped = [talker.add(requests[name]) for name in ("icl greedy", "x-vector seeded", "x-vector top_p")]
+    waiting = talker.add(requests["short ICL, ends at EOS"])
+    before = talker.step_function.snapshot()
+    talker.step(stepped)
+    after = talker.step_function.snapshot()
+    for name, value in before.items():
+        if name in ("keys", "values"):
+            for layer_before, layer_after in zip(value, after[name]):
+                blocks = talker.pool.owned[waiting.row]
+                assert torch.equal(layer_before[blocks], layer_after[blocks]), name
+        else:
+            assert torch.equal(value[waiting.row], after[name][waiting.row]), name
+
+
+@pytest.mark.parametrize("noise", ["reference", "counter"])
+def test_each_buckets_step_traces_as_one_graph_and_equals_the_eager_step(loaded, requests, noise):
+    """torch dynamo traces every bucket's step with fullgraph=True (no graph break, no host synchronisation),
+    and from the same state the traced step gives exactly the eager step's codes and state."""
+    from tools.graph_check import check_bucket
+
+    talker = BatchedTalker(loaded.tts, slots=4, max_tokens=1024, pad_batches=True, noise=noise)
+    for size in talker.buckets:
+        row = check_bucket(talker, size, steps=1, profile=False)
+        assert row["trace_error"] is None, row
+        assert row["traced_equal"], row
+
+
+def test_counter_noise_gives_a_seeded_stream_the_same_codes_whatever_runs_beside_it(loaded, requests):
+    """On the counter path a seeded stream's codes depend on its seed alone: alone, or batched with others
+    and padded, it gets the same codes (and a different seed, different codes)."""
+    from tts_engine.generation.prompt import SynthesisRequest
+
+    def run(talker, names):
+        streams = {talker.add(requests[name]): name for name in names}
+        codes = {name: [] for name in names}
+        while talker.active:
+            for stream, frame in talker.step([s for s in talker.active if not s.finished]):
+                codes[streams[stream]].append(frame)
+            for stream in [s for s in talker.active if s.finished]:
+                talker.remove(stream)
+        return {name: torch.stack(frames) for name, frames in codes.items()}
+
+    alone = run(BatchedTalker(loaded.tts, slots=1, max_tokens=1024, noise="counter"), ["x-vector seeded"])
+    together = run(BatchedTalker(loaded.tts, slots=8, max_tokens=1024, noise="counter", pad_batches=True),
+                   ["icl greedy", "x-vector seeded", "x-vector top_p"])
+    assert torch.equal(alone["x-vector seeded"], together["x-vector seeded"])
+    other = requests["x-vector seeded"]
+    requests["other seed"] = SynthesisRequest(other.text, other.prompt, other.language,
+                                              replace(other.params, seed=other.params.seed + 1))
     try:
-        assert len(talker.step()) == 3
+        moved = run(BatchedTalker(loaded.tts, slots=1, max_tokens=1024, noise="counter"), ["other seed"])
     finally:
-        talker.talker.model.forward = forward
-    assert seen == [(4, 1024)]
+        del requests["other seed"]
+    assert not torch.equal(moved["other seed"], alone["x-vector seeded"])
+
+
+def test_counter_noise_is_exponential():
+    """The hashed noise has the Exponential(1) distribution: mean and variance 1, positive, finite, and
+    independent across tokens, frames, codebooks and seeds."""
+    from tts_engine.generation.noise import exponential_noise, noise_keys
+
+    seeds, frames = torch.arange(64), torch.arange(64) * 7
+    noise = torch.cat([exponential_noise(noise_keys(seeds, frames + shift)[:, group], torch.arange(2048))
+                       for group in range(16) for shift in range(2)])
+    assert bool(torch.isfinite(noise).all()) and bool((noise > 0).all())
+    assert abs(float(noise.mean()) - 1) < 0.01 and abs(float(noise.var()) - 1) < 0.03
+    flat = noise.flatten()
+    correlation = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]
+    assert abs(float(correlation)) < 0.01
 
 
 def test_the_same_request_twice_in_one_batch_gives_the_same_codes(scheduler, requests):

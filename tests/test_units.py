@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,6 +120,7 @@ class _FakeRequest:
     fail_at_frame: int = None  # the whole batched step fails when this stream reaches that frame
     start_error: Exception = None
     text: str = "fake"
+    prompt: object = field(default_factory=lambda: SimpleNamespace(ref_code=None))
 
     @property
     def params(self):
@@ -141,6 +143,18 @@ class _FakeTalker:
         stream = _FakeStream(request)
         self.active.append(stream)
         return stream
+
+    def add_many(self, requests):
+        results = []
+        for request in requests:
+            try:
+                results.append(self.add(request))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def free_tokens(self):
+        return 10**9
 
     def remove(self, stream):
         self.active.remove(stream)

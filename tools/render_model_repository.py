@@ -34,6 +34,12 @@ PARAMETERS = {
                               "within this (requests may set their own)"),
     "MAX_ACTIVE_STREAMS": ("16", "64", "most streams the talker holds at once (KV slots: memory); how many it "
                            "admits comes from measured real time (REALTIME_SPEED)"),
+    "KV_CACHE_TOKENS": ("16384", "65536", "the talker's KV pool in tokens, shared by all streams and given out in "
+                        "blocks as they grow (full size, bf16: 112 KiB per token)"),
+    "SAMPLING_NOISE": ("reference", "counter", "reference: each request's own torch.Generator in qwen-tts's order "
+                       "(codes equal qwen-tts's; drawn on the host); counter: a hash of seed and position drawn "
+                       "inside the step (what a CUDA graph replays)"),
+    "CUDA_GRAPHS": ("off", "on", "capture the decode step per bucket at start-up and replay it (CUDA, counter noise)"),
     "TALKER_THREADS": ("1", "1", "CPU threads (torch intra-op) of the talker's serving loop"),
     "DECODER_THREADS": ("1", "1", "CPU threads (torch intra-op) of codec_decoder's batching worker"),
     "MAX_QUEUED_STREAMS": ("64", "256", "requests that may wait for a free slot; more are refused (OVERLOADED)"),
@@ -43,7 +49,7 @@ PARAMETERS = {
     "DEFAULT_MAX_NEW_TOKENS": ("2048", "2048", "max_new_tokens when a request sets none"),
     "STREAM_IDLE_TIMEOUT_S": ("60", "60", "seconds before codec_decoder frees an abandoned stream's state"),
 }
-POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "FIRST_CHUNK_FRAMES", "MAX_CHUNK_FRAMES", "PACING_MARGIN_MS",
+POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "KV_CACHE_TOKENS", "FIRST_CHUNK_FRAMES", "MAX_CHUNK_FRAMES", "PACING_MARGIN_MS",
                  "FIRST_AUDIO_BUDGET_MS", "MAX_ACTIVE_STREAMS", "TALKER_THREADS", "DECODER_THREADS",
                  "MAX_QUEUED_STREAMS", "MAX_QUEUE_WAIT_S", "MAX_TEXT_CHARS", "MAX_NEW_TOKENS_LIMIT",
                  "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
@@ -73,6 +79,10 @@ def resolve(profile: str, overrides: dict[str, str], environ=os.environ) -> dict
         speed_ok = False
     if not speed_ok:
         raise RenderError(f"REALTIME_SPEED must be a number within 0.5..10, not {values['REALTIME_SPEED']!r}")
+    if values["SAMPLING_NOISE"] not in ("reference", "counter"):
+        raise RenderError(f"SAMPLING_NOISE must be reference or counter, not {values['SAMPLING_NOISE']!r}")
+    if values["CUDA_GRAPHS"] not in ("on", "off"):
+        raise RenderError(f"CUDA_GRAPHS must be on or off, not {values['CUDA_GRAPHS']!r}")
     if int(values["FIRST_CHUNK_FRAMES"]) > int(values["MAX_CHUNK_FRAMES"]):
         raise RenderError("FIRST_CHUNK_FRAMES must not exceed MAX_CHUNK_FRAMES")
     if not values["MODEL_DIR"]:

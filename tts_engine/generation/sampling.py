@@ -1,5 +1,6 @@
 """Sampling: the parameters of one request (validated once at the edge), and token choice for a batch of
-streams that gives each row exactly what HF ``generate`` would give it alone, random stream included."""
+streams that gives each row exactly what HF ``generate`` would give it alone (its processors and warpers, in
+HF's order and float arithmetic), as one vectorised function a captured step can run."""
 from __future__ import annotations
 
 import math
@@ -101,32 +102,7 @@ def _coerce(name: str, raw: Any, annotation: Any) -> Any:
     raise InvalidRequest(f"parameter '{name}' has the wrong type: {raw!r}")
 
 
-# -- choosing tokens for a batch of streams ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Warp:
-    """HF's sampling warpers for one row, in HF's order and under its conditions (skipped when neutral)."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-
-    def apply(self, scores):
-        """Warped scores, and the top-k indices ([rows, k], or None without top-k): every token top-k keeps
-        is among them unless scores tie at the k-th value."""
-        import torch
-        from transformers.generation.logits_process import TopPLogitsWarper
-
-        if self.temperature != 1.0:
-            scores = scores / self.temperature  # TemperatureLogitsWarper
-        candidates = None
-        if self.top_k != 0:  # TopKLogitsWarper, keeping the indices it finds
-            values, candidates = torch.topk(scores, min(max(self.top_k, 1), scores.size(-1)))
-            scores = scores.masked_fill(scores < values[..., -1, None], NEG_INF)
-        if self.top_p < 1.0:
-            scores = TopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1)(None, scores)
-        return scores, candidates
-
+# -- per-request random streams (the reference path's noise) ------------------------------------------------
 
 def new_generator(device, seed: Optional[int]):
     """A request's own RNG (seeded, or random when no seed is given)."""
@@ -148,66 +124,60 @@ def draw_uniforms(generator, count: int):
     return torch.rand(count, dtype=torch.float64, generator=generator, device=generator.device)
 
 
-def sample_with_uniforms(probs, uniforms, candidates=None):
-    """``torch.multinomial(probs[r], 1)`` for every row, from each row's uniforms ([rows, vocab] float64).
+# -- choosing tokens: every row at once, capturable (the decode step's) -------------------------------------------
 
-    Only entries with p > 0 can win, so the logarithm is taken there alone: at ``candidates`` (indices that
-    hold every p > 0 entry of their row) when given, else wherever p > 0. Ties go to the lowest index, as
-    in multinomial's argmax."""
+def code0_scores(logits, seen, penalty, early, eos_onehot, suppress):
+    """qwen-tts's processors for code 0, every row at once: the repetition penalty over the row's code-0 tokens
+    so far, EOS masked while ``early`` (before min_new_tokens), the control ids suppressed."""
     import torch
 
-    if candidates is None:
-        noise = torch.ones_like(probs)
-        keep = probs > 0
-        noise[keep] = (-torch.log1p(-uniforms[keep])).to(probs.dtype)
-        return torch.argmax(probs / noise, dim=-1)
-    chosen = probs.gather(1, candidates)
-    noise = torch.where(chosen > 0, -torch.log1p(-uniforms.gather(1, candidates)), 1.0).to(probs.dtype)
-    ratio = chosen / noise
-    best = ratio.max(dim=1, keepdim=True).values
-    return torch.where(ratio == best, candidates, probs.shape[-1]).min(dim=1).values
+    factor = penalty[:, None].to(logits.dtype)
+    penalised = torch.where(logits < 0, logits * factor, logits / factor)
+    scores = torch.where(seen, penalised, logits)
+    scores = scores.masked_fill(early[:, None] & eos_onehot[None, :], NEG_INF)
+    return scores.masked_fill(suppress[None, :], NEG_INF)
 
 
-def choose_tokens(scores, warps: Sequence[Optional[Warp]], uniforms: Sequence):
-    """One token per row: argmax where ``warps[r]`` is None (greedy), else sampled after the row's warpers
-    with the row's uniforms. Rows sharing warpers are warped together, exactly as HF's processors do."""
+def choose(scores, temperature, top_k, top_p_cut, use_top_p, sample, noise):
+    """One token per row, HF's way: argmax where ``sample`` is false; else temperature, top-k (ties at the k-th
+    score kept), top-p where ``use_top_p`` (``top_p_cut`` = 1 - top_p), softmax, and the exponential race
+    ``argmax(p / noise)`` that ``torch.multinomial`` runs. No host synchronisation, no data-dependent branch."""
     import torch
 
-    sampled = [row for row, warp in enumerate(warps) if warp is not None]
-    if len(sampled) < len(warps):
-        tokens = torch.argmax(scores, dim=-1)
-    else:
-        tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-    groups: dict[Warp, list[int]] = {}
-    for row in sampled:
-        groups.setdefault(warps[row], []).append(row)
-    for warp, rows in groups.items():
-        index = torch.tensor(rows, device=scores.device) if len(rows) < scores.shape[0] else None
-        warped, candidates = warp.apply(scores if index is None else scores[index])
-        probs = torch.softmax(warped, dim=-1)
-        if candidates is not None and bool((warped > NEG_INF).sum(dim=-1).gt(candidates.shape[-1]).any()):
-            candidates = None  # ties at the k-th score keep more than k tokens
-        row_uniforms = torch.stack([uniforms[row] for row in rows])
-        chosen = sample_with_uniforms(probs, row_uniforms, candidates)
-        if index is None:
-            tokens = chosen
-        else:
-            tokens[index] = chosen
-    return tokens
+    greedy = torch.argmax(scores, dim=-1)
+    warped = scores / temperature[:, None].to(scores.dtype)
+    ordered = torch.sort(warped, dim=-1, descending=True).values
+    kth = ordered.gather(1, (top_k.clamp(min=1, max=scores.shape[-1]) - 1)[:, None])
+    warped = torch.where((top_k[:, None] > 0) & (warped < kth), NEG_INF, warped)
+    ascending, order = torch.sort(warped, dim=-1, descending=False)  # TopPLogitsWarper, row by row
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= top_p_cut[:, None].to(cumulative.dtype)
+    remove[..., -1] = False  # min_tokens_to_keep
+    remove = remove.scatter(1, order, remove)
+    warped = torch.where(use_top_p[:, None] & remove, NEG_INF, warped)
+    probs = torch.softmax(warped, dim=-1)
+    ratio = torch.where(probs > 0, probs / noise.to(probs.dtype), 0.0)
+    return torch.where(sample, torch.argmax(ratio, dim=-1), greedy)
 
 
-def penalise_repeats(scores, seen, penalties: Sequence[float]):
-    """HF's repetition penalty per row: tokens in ``seen[r]`` (a [vocab] mask) get ``penalties[r]``."""
+def choose_among(scores, temperature, top_k, top_p_cut, use_top_p, sample, noise_at, candidates: int):
+    """``choose`` among each row's ``candidates`` best tokens (every sampled row has 0 < top_k <= candidates, so no
+    other token can win): one top-k instead of two full sorts, and noise only where it is used
+    (``noise_at(token_ids [B, K])``). Rows without top-p get exactly ``choose``'s token (the same masked softmax over
+    the whole vocabulary); for top-p rows the cumulative sum runs over the candidates, so its cut may differ from
+    HF's in the last bit."""
     import torch
 
-    groups: dict[float, list[int]] = {}
-    for row, penalty in enumerate(penalties):
-        if penalty != 1.0:
-            groups.setdefault(penalty, []).append(row)
-    for penalty, rows in groups.items():
-        index = torch.tensor(rows, device=scores.device)
-        rows_scores = scores[index]
-        penalised = torch.where(rows_scores < 0, rows_scores * penalty, rows_scores / penalty)
-        scores[index] = torch.where(seen[index], penalised, rows_scores)
-    return scores
-
+    greedy = torch.argmax(scores, dim=-1)
+    warped = scores / temperature[:, None].to(scores.dtype)
+    values, ids = torch.topk(warped, candidates, dim=-1)  # descending
+    kth = values.gather(1, (top_k.clamp(min=1, max=candidates) - 1)[:, None])
+    warped = torch.where(warped < kth, NEG_INF, warped)  # TopKLogitsWarper (ties at the k-th score kept)
+    values = torch.where(values < kth, NEG_INF, values)
+    remove = values.flip(-1).softmax(dim=-1).cumsum(dim=-1) <= top_p_cut[:, None].to(values.dtype)
+    remove[..., -1] = False  # min_tokens_to_keep
+    remove = use_top_p[:, None] & remove.flip(-1)
+    warped = warped.scatter(1, ids, torch.where(remove, NEG_INF, values))
+    probs = torch.softmax(warped, dim=-1).gather(1, ids)
+    ratio = torch.where(probs > 0, probs / noise_at(ids).to(probs.dtype), 0.0)
+    return torch.where(sample, ids.gather(1, torch.argmax(ratio, dim=-1, keepdim=True))[:, 0], greedy)

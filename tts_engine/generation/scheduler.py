@@ -112,14 +112,15 @@ class StreamScheduler:
     (the real-time batch is the largest whose measured step allows it); ``first_audio_budget_s``: the default
     budget of a request's first audio; ``decode_cost(frames)``: seconds to decode a chunk (pacing);
     ``recalibrate_s``: how old the step-time calibration may get before an idle loop measures it again;
-    ``max_hold_s``: how long a new request (one that did not say it can wait) may wait for a place."""
+    ``max_hold_s``: how long a new request (one that did not say it can wait) may wait for a place;
+    ``realtime_admission``: False admits up to the slots whatever the step time (throughput benchmarks)."""
 
     def __init__(self, talker: BatchedTalker, max_queued: int = 64, max_queue_wait_s: float = 30.0,
                  prefill_tokens_per_step: int = 512, cancel_check_interval_s: float = 0.05, name: str = "talker",
                  torch_threads: Optional[int] = 1, policy: Optional[ChunkPolicy] = None, speed: float = 1.5,
                  first_audio_budget_s: float = DEFAULT_FIRST_AUDIO_BUDGET_MS / 1000,
                  decode_cost: Optional[Callable[[int], float]] = None, recalibrate_s: float = 300.0,
-                 max_hold_s: float = 0.3):
+                 max_hold_s: float = 0.3, realtime_admission: bool = True):
         self.talker = talker
         self.torch_threads = torch_threads
         self.max_queued = max_queued
@@ -131,6 +132,7 @@ class StreamScheduler:
         self.speed = speed
         self.first_audio_budget_s = first_audio_budget_s
         self.max_hold_s = max_hold_s
+        self.realtime_admission = realtime_admission
         self.decode_cost = decode_cost or CostCurve()  # empty: decoding assumed free until measured
         self.step_times = CostCurve()
         self.prefill_s = 0.0  # moving average of one prefill
@@ -331,23 +333,38 @@ class StreamScheduler:
 
     def _update_capacity(self) -> int:
         slots = self.talker.slots
-        self.stats.realtime_batch = realtime_batch(self.step_times, self.speed, slots)
+        self.stats.realtime_batch = realtime_batch(self.step_times, self.speed, slots) if self.realtime_admission \
+            else slots
         limit = min(slots, self.stats.realtime_batch)
         self.stats.headroom = 0 if self.stats.behind else max(0, limit - len(self.talker) - len(self._line))
         self.stats.step_s = self.step_times.predict(max(1, len(self.talker)))
         self.stats.active = len(self.talker)
         return limit
 
+    @staticmethod
+    def _expected_frames(request: SynthesisRequest) -> float:
+        """How long a request's speech should be (its frame cap, or about a frame per character if shorter)."""
+        return min(request.params.max_new_tokens - 1,
+                   EXPECTED_FRAMES_BASE + EXPECTED_FRAMES_PER_CHAR * len(request.text))
+
     def _remaining_s(self) -> list[float]:
         """Each active stream's expected remaining generation time at the current step time."""
         step = self.step_times.predict(max(1, len(self.talker)))
-        remaining = []
-        for stream in self.talker.active:
-            params, text = stream.params, stream.request.text
-            expected = min(params.max_new_tokens - 1,
-                           EXPECTED_FRAMES_BASE + EXPECTED_FRAMES_PER_CHAR * len(text))
-            remaining.append(max(4.0, expected - stream.frames) * step)
-        return remaining
+        return [max(4.0, self._expected_frames(stream.request) - stream.frames) * step
+                for stream in self.talker.active]
+
+    def _kv_tokens_needed(self, request: SynthesisRequest) -> int:
+        """KV tokens a new request should need: its prompt (role and codec tags, the voice's reference frames,
+        about a token per 3 characters of text) and its expected speech."""
+        reference = request.prompt.ref_code
+        prompt = 16 + (0 if reference is None else len(reference)) + len(request.text) // 3
+        return int(prompt + self._expected_frames(request))
+
+    def _kv_headroom(self) -> int:
+        """KV tokens free once the running streams grow to their expected lengths (memory is given out as
+        streams grow, so admission keeps room for what the admitted ones will still need)."""
+        growth = sum(max(0, self._kv_tokens_needed(stream.request) - stream.length) for stream in self.talker.active)
+        return self.talker.free_tokens() - growth
 
     def _admit(self) -> None:
         """Start waiting jobs earliest deadline first: within the real-time batch, or beyond it (up to the
@@ -359,43 +376,56 @@ class StreamScheduler:
         # Streams whose listeners got within half the margin of running dry: the machine gives less than the
         # measured step times promised (other work on it), so nothing new starts until they catch up.
         self.stats.behind = sum(1 for job in self._jobs.values()
-                                if job.pacer.play_start is not None and job.pacer.lead(now) < self.margin_s * BEHIND)
-        while self._line and len(self.talker) < self.talker.slots and budget > 0:
+                                if job.pacer.play_start is not None and job.pacer.lead(now) < self.margin_s * BEHIND) \
+            if self.realtime_admission else 0
+        starting, headroom = [], self._kv_headroom()
+        while self._line and len(self.talker) + len(starting) < self.talker.slots and budget > 0:
             admit_by, _, job = self._line[0]
             refusal = self._refusal(job, now)
             if refusal is not None:
                 heapq.heappop(self._line)
                 self._end(job, refusal)
                 continue
-            first_audio = self._first_audio_s(len(self.talker) + 1)
+            running = len(self.talker) + len(starting)
+            first_audio = self._first_audio_s(running + 1)
+            needed = self._kv_tokens_needed(job.request)
             if job.delivery.continuation:
-                if len(self.talker) >= limit and admit_by > now + first_audio:
+                if running >= limit and admit_by > now + first_audio:
                     break  # not due yet
-            elif len(self.talker) >= limit or self.stats.behind:
-                self.stats.held_back["capacity" if len(self.talker) >= limit else "behind"] += 1
+            elif running >= limit or self.stats.behind or needed > headroom:
+                reason = "capacity" if running >= limit else "behind" if self.stats.behind else "memory"
+                self.stats.held_back[reason] += 1
                 break
             elif now + first_audio > self._first_audio_due(job):
                 heapq.heappop(self._line)  # it would start, but too late for its first audio
                 self._end(job, self._too_late())
                 continue
             heapq.heappop(self._line)
-            started = time.perf_counter()
-            try:
-                job.stream = self.talker.add(job.request)
-            except BaseException as exc:
-                self._end(job, exc)
+            starting.append(job)
+            headroom -= needed
+            budget -= needed - self._expected_frames(job.request)  # its prompt
+        if starting:
+            self._start(starting)
+        self._refuse_late(now, limit)
+        self._update_capacity()
+        self.stats.queued = len(self._line)
+
+    def _start(self, jobs: list[StreamJob]) -> None:
+        """Prefill ``jobs`` together (one forward) and start their pacers; a job whose start failed ends."""
+        started = time.perf_counter()
+        results = self.talker.add_many([job.request for job in jobs])
+        elapsed = time.perf_counter() - started
+        self.prefill_s = elapsed if not self.prefill_s else self.prefill_s + 0.1 * (elapsed - self.prefill_s)
+        for job, result in zip(jobs, results):
+            if isinstance(result, BaseException):
+                self._end(job, result)
                 continue
-            elapsed = time.perf_counter() - started
-            self.prefill_s = elapsed if not self.prefill_s else self.prefill_s + 0.1 * (elapsed - self.prefill_s)
-            budget -= job.stream.length
+            job.stream = result
             # A listener with audio left starts this stream's audio when that runs out, counted from submission.
             job.pacer = Pacer.start(job.policy or self.policy, job.submitted, job.delivery.lead_s, self._budget_s(job))
             self._jobs[job.stream] = job
             if job.stream.finished:  # EOS or max_new_tokens before any frame
                 self._end(job, None)
-        self._refuse_late(now, limit)
-        self._update_capacity()
-        self.stats.queued = len(self._line)
 
     def _refuse_late(self, now: float, limit: int) -> None:
         """Refuse, at once, each waiting new request whose place in line would not free before its first audio
@@ -462,7 +492,7 @@ class StreamScheduler:
         active = [s for s in self.talker.active if not s.finished]
         # Everyone steps while a step of all of them still keeps real time (batching is what makes a step cheap);
         # beyond that, the streams closest to their deadlines step and the others wait this step.
-        limit = realtime_batch(self.step_times, 1.0, len(active))
+        limit = realtime_batch(self.step_times, 1.0, len(active)) if self.realtime_admission else len(active)
         chosen = active
         if len(active) > limit:
             urgent = most_urgent([self._jobs[s].pacer for s in active], now, limit)

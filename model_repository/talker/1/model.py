@@ -43,8 +43,9 @@ FAMILIES = {
                                           "(above 1: streams fall behind real time)", None,
                                           lambda s: s.step_s / 0.08),
     "qwen_tts_talker_held_back_total": ("counter", "Loop passes in which a new request waited, by reason (capacity: "
-                                        "the real-time batch is full; behind: a stream is close to running dry)",
-                                        "reason", lambda s: {r: s.held_back[r] for r in ("capacity", "behind")}),
+                                        "the real-time batch is full; behind: a stream is close to running dry; "
+                                        "memory: the KV pool is spoken for)", "reason",
+                                        lambda s: {r: s.held_back[r] for r in ("capacity", "behind", "memory")}),
     "qwen_tts_talker_steps_total": ("counter", "Batched talker steps", None, lambda s: s.steps),
     "qwen_tts_talker_step_streams_total": ("counter", "Streams advanced, summed over steps (/ steps = mean batch)",
                                            None, lambda s: s.step_rows),
@@ -79,8 +80,13 @@ class TritonPythonModel:
         self.max_text_chars = int(params["max_text_chars"])
         self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
         self.base_params = SamplingParams(max_new_tokens=int(params["default_max_new_tokens"]))
+        graphs = params["cuda_graphs"] == "on" and self.loaded.device.startswith("cuda")
         talker = BatchedTalker(tts, slots=int(params["max_active_streams"]),
-                               max_tokens=self.max_new_tokens_limit + PROMPT_TOKENS)
+                               max_tokens=self.max_new_tokens_limit + PROMPT_TOKENS,
+                               pool_tokens=int(params["kv_cache_tokens"]), pad_batches=graphs,
+                               noise=params["sampling_noise"])
+        if graphs:
+            talker.capture_graphs()
         policy = DeadlinePacing(int(params["first_chunk_frames"]), int(params["max_chunk_frames"]),
                                 float(params["pacing_margin_ms"]) / 1000)
         self.scheduler = StreamScheduler(talker, max_queued=int(params["max_queued_streams"]),
