@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     from tts_engine.codec.decoder import StreamingDecoder
     from tts_engine.generation.scheduler import StreamScheduler
     from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.graphs import batch_buckets
     from tts_engine.loading import load_model
     from tts_engine.voices.prompts import build_prompt
     from tts_engine.voices.store import VoiceStore
@@ -201,7 +202,12 @@ def main(argv=None) -> int:
         results["memory_gib"]["after_capture"] = round(_memory(loaded.device), 2)
     with torch.inference_mode():
         results["steps"] = step_times(talker, prompt, counts)
-    decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
+    decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model, capacity=2 * slots + 1,
+                               buckets=batch_buckets(slots) if graphs else None)
+    if graphs:
+        started = time.perf_counter()
+        decoder.capture_graphs()
+        results["decoder_capture_s"] = round(time.perf_counter() - started, 1)
     scheduler = StreamScheduler(talker, max_queued=4 * slots, torch_threads=None, name="bench-gpu")
     try:
         from tts_engine.generation.prompt import SynthesisRequest

@@ -14,7 +14,8 @@ from tts_engine.errors import Cancelled
 from tts_engine.generation.admission import Delivery
 from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import StreamJob, StreamScheduler
-from tts_engine.generation.talker import BatchedTalker, batch_buckets, context_buckets
+from tts_engine.generation.talker import BatchedTalker, context_buckets
+from tts_engine.graphs import batch_buckets
 from tts_engine.generation.prompt import SynthesisRequest
 from tts_engine.generation.pacing import FixedChunks
 from tts_engine.tiny_model import EOS_MARKER

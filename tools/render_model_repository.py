@@ -39,7 +39,7 @@ PARAMETERS = {
     "SAMPLING_NOISE": ("reference", "counter", "reference: each request's own torch.Generator in qwen-tts's order "
                        "(codes equal qwen-tts's; drawn on the host); counter: a hash of seed and position drawn "
                        "inside the step (what a CUDA graph replays)"),
-    "CUDA_GRAPHS": ("off", "on", "capture the decode step per bucket at start-up and replay it (CUDA, counter noise)"),
+    "CUDA_GRAPHS": ("off", "on", "capture the talker's decode step per (batch, KV span) and the codec decoder's step per (streams, frames) bucket at start-up, and replay them (CUDA; the talker on counter noise)"),
     "TALKER_THREADS": ("1", "1", "CPU threads (torch intra-op) of the talker's serving loop"),
     "DECODER_THREADS": ("1", "1", "CPU threads (torch intra-op) of codec_decoder's batching worker"),
     "MAX_QUEUED_STREAMS": ("64", "256", "requests that may wait for a free slot; more are refused (OVERLOADED)"),

@@ -5,11 +5,16 @@ sliding window, plus convolutions). Instead of re-decoding a short left context 
 approximation), each stream keeps exactly what the next chunk needs: the transformer's last 71 keys and
 values per layer, every causal convolution's input tail, and each transposed convolution's last input
 frame. Work per chunk is proportional to the chunk.
+
+Those states are rows of one preallocated tensor (``DecoderSlots``); a decode is one static step over a bucket
+of (streams, frames): gather the rows, run the decoder, write the rows back, with no host synchronisation and
+no allocation that depends on values, so torch dynamo traces it as one graph and a GPU replays it as one.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import logging
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,34 +28,33 @@ from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
     repeat_kv,
 )
 
+from ..graphs import CapturedGraphs, padded_size
+from .slots import SCRATCH_ROW, DecoderSlots, DecoderState
 
-@dataclass
-class DecoderState:
-    """Everything one stream carries between chunks."""
-
-    frames: int = 0  # frames decoded so far (the transformer's next position)
-    tails: dict = field(default_factory=dict)  # convolution input tails, by module path
-    keys: list = field(default_factory=list)  # per transformer layer: [1, kv_heads, <=window-1, head_dim]
-    values: list = field(default_factory=list)
-
-    def clone(self) -> "DecoderState":
-        return DecoderState(self.frames, {k: v.clone() for k, v in self.tails.items()},
-                            [k.clone() for k in self.keys], [v.clone() for v in self.values])
+log = logging.getLogger(__name__)
 
 
 class StreamingDecoder:
-    """Decodes [n,16] code chunks of a stream to float32 PCM, exactly as one decode of all frames would."""
+    """Decodes [n,16] code chunks of a stream to float32 PCM, exactly as one decode of all frames would.
+    ``capacity``: state rows to start with (the table grows when more streams are open); ``buckets``: batch sizes
+    a decode pads to with the scratch row (what captured graphs need; None: no padding)."""
 
-    def __init__(self, speech_tokenizer_model):
+    def __init__(self, speech_tokenizer_model, capacity: int = 16, buckets: Optional[tuple[int, ...]] = None):
         self.decoder = speech_tokenizer_model.decoder
         self.device = next(self.decoder.parameters()).device
         self.dtype = next(self.decoder.parameters()).dtype
         self.samples_per_frame = int(self.decoder.total_upsample)
         self.window = int(self.decoder.config.sliding_window)
         self.num_quantizers = int(self.decoder.config.num_quantizers)
+        self.layout = state_layout(self.decoder)
+        width = sum(math.prod(shape) for _, shape in self.layout.values())
+        self.slots = DecoderSlots(width, self.dtype, self.device, capacity)
+        self.buckets = buckets
+        self.graphs: Optional[CapturedGraphs] = None
+        self._graphs_generation = 0
 
     def new_state(self) -> DecoderState:
-        return DecoderState()
+        return DecoderState(self.slots)
 
     def warm_up(self, max_batch: int) -> None:
         """Decode once in the shapes the first requests use (1, 2 and up to 4 streams of 1 to 16 frames), so
@@ -79,6 +83,27 @@ class StreamingDecoder:
             costs[frames] = min(timings)
         return costs
 
+    def capture_graphs(self, frame_buckets=(1, 2, 4, 8, 16)) -> None:
+        """On CUDA with padded batches: capture the step for every (streams, frames) bucket before serving (the
+        frame buckets: the pacing ladder's chunk sizes; other sizes decode eagerly)."""
+        if not str(self.device).startswith("cuda") or self.buckets is None:
+            raise RuntimeError("CUDA graphs need a CUDA device and padded batches")
+        graphs = CapturedGraphs()
+        with torch.inference_mode():
+            for batch in self.buckets:
+                rows = torch.full((batch,), SCRATCH_ROW, dtype=torch.long, device=self.device)
+                for frames in frame_buckets:
+                    codes = torch.zeros(batch, self.num_quantizers, frames, dtype=torch.long, device=self.device)
+                    graphs.capture((batch, frames), self.step, rows, codes)
+        self.graphs, self._graphs_generation = graphs, self.slots.generation
+        log.info("captured %d codec-decoder graphs (streams %s, frames %s)", len(graphs.graphs),
+                 list(self.buckets), list(frame_buckets))
+
+    def piece(self, state: DecoderState, key: str) -> torch.Tensor:
+        """A view of one piece of a stream's state (a ``layout`` key), for inspection and tests."""
+        offset, shape = self.layout[key]
+        return self.slots.values[state.row, offset: offset + math.prod(shape)].view(shape)
+
     def _codes_tensor(self, codes) -> torch.Tensor:
         codes = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes)
         if codes.ndim != 2 or codes.shape[1] != self.num_quantizers:
@@ -100,107 +125,122 @@ class StreamingDecoder:
 
     @torch.inference_mode()
     def decode_batch(self, states: list[DecoderState], chunks: list) -> list[np.ndarray]:
-        """Decode the next chunk of several streams in one forward; every chunk has the same frame count.
+        """Decode the next chunk of several streams in one step; every chunk has the same frame count.
 
         Each row carries its own state (tails, cached keys, position), so each stream's audio is exactly
         what decoding it alone would give."""
-        codes_t = torch.cat([self._codes_tensor(chunk) for chunk in chunks])  # [B, 16, n]
-        frames = codes_t.shape[-1]
+        codes = torch.cat([self._codes_tensor(chunk) for chunk in chunks])  # [B, 16, n]
+        batch, frames = len(states), codes.shape[-1]
         if frames == 0:
             return [np.zeros(0, dtype=np.float32) for _ in states]
+        rows = [state.row for state in states]
+        if len(set(rows)) != len(rows):
+            raise ValueError("a stream can decode only one chunk per step")
+        size = padded_size(batch, self.buckets)
+        rows_t = torch.tensor(rows + [SCRATCH_ROW] * (size - batch), device=self.device)
+        if size > batch:
+            codes = torch.cat([codes, codes.new_zeros(size - batch, *codes.shape[1:])])
+        if self.graphs is not None and self._graphs_generation != self.slots.generation:
+            log.warning("decoder state table grew to %d rows: captured graphs dropped", self.slots.capacity)
+            self.graphs = None
+        if self.graphs is not None and (size, frames) in self.graphs:
+            audio = self.graphs.run((size, frames), rows_t, codes)
+        else:
+            audio = self.step(rows_t, codes)
+        return list(audio[:batch].float().cpu().numpy())  # the one host synchronisation
+
+    def step(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The static step: decode ``codes`` [B, 16, n] for the state rows ``rows`` [B] (padding: the scratch
+        row), updating those rows in place; returns audio [B, n * samples_per_frame]. In inference mode."""
+        slots = self.slots
+        run = _StepRows(slots.values.index_select(0, rows), self.layout)
+        start = slots.frames.index_select(0, rows)  # [B]: each row's next position
+        frames = codes.shape[-1]
         dec = self.decoder
-        hidden = dec.quantizer.decode(codes_t)
-        hidden = self._conv(dec.pre_conv, hidden, states, "pre_conv").transpose(1, 2)
-        hidden = self._transformer(hidden, states).permute(0, 2, 1)
+        hidden = dec.quantizer.decode(codes)
+        hidden = self._conv(dec.pre_conv, hidden, run, "pre_conv").transpose(1, 2)
+        hidden = self._transformer(hidden, start, run).permute(0, 2, 1)
         for i, (upsampler, convnext) in enumerate(dec.upsample):
-            hidden = self._trans_conv(upsampler, hidden, states, f"upsample.{i}")
-            hidden = self._convnext(convnext, hidden, states, f"upsample.{i}.convnext")
+            hidden = self._trans_conv(upsampler, hidden, run, f"upsample.{i}.0")
+            hidden = self._convnext(convnext, hidden, run, f"upsample.{i}.1")
         for i, block in enumerate(dec.decoder):
             key = f"decoder.{i}"
             if isinstance(block, Qwen3TTSTokenizerV2CausalConvNet):
-                hidden = self._conv(block, hidden, states, key)
+                hidden = self._conv(block, hidden, run, key)
             elif isinstance(block, Qwen3TTSTokenizerV2DecoderDecoderBlock):
-                hidden = self._decoder_block(block, hidden, states, key)
+                hidden = self._decoder_block(block, hidden, run, key)
             else:  # pointwise activations
                 hidden = block(hidden)
-        for state in states:
-            state.frames += frames
-        return list(hidden.clamp(min=-1, max=1)[:, 0].float().cpu().numpy())
+        slots.values.index_copy_(0, rows, run.packed())
+        slots.frames.index_copy_(0, rows, start + frames)
+        return hidden.clamp(min=-1, max=1)[:, 0]
 
     # -- stateful pieces (each row has its own state) ---------------------------------------------------
 
     @staticmethod
-    def _with_tails(x: torch.Tensor, states: list[DecoderState], key: str, width: int) -> torch.Tensor:
-        """``x`` with each row's previous input tail (zeros for a new stream) in front; stores the new tails."""
-        tails = [state.tails.get(key) for state in states]
-        if any(tail is None for tail in tails):
-            zeros = x.new_zeros(1, x.shape[1], width)
-            tails = [zeros if tail is None else tail for tail in tails]
-        padded = torch.cat([torch.cat(tails), x], dim=-1)
-        new_tails = padded[..., -width:]
-        for row, state in enumerate(states):  # copies: a view would keep the whole padded input alive
-            state.tails[key] = new_tails[row:row + 1].clone()
+    def _with_tail(x: torch.Tensor, run: "_StepRows", key: str) -> torch.Tensor:
+        """``x`` with each row's previous input tail in front (zeros for a new stream); keeps the new tail."""
+        tail = run.read(key)
+        padded = torch.cat([tail, x], dim=-1)
+        run.write(key, padded[..., -tail.shape[-1]:])
         return padded
 
-    def _conv(self, module: Qwen3TTSTokenizerV2CausalConvNet, x: torch.Tensor, states: list[DecoderState],
-              key: str):
+    def _conv(self, module: Qwen3TTSTokenizerV2CausalConvNet, x: torch.Tensor, run: "_StepRows", key: str):
         """Causal conv (stride 1): the one-shot left zero padding is replaced by the previous input tail."""
         if module.stride != 1:
             raise NotImplementedError("streaming decode supports stride-1 causal convolutions only")
         if module.padding == 0:
             return module.conv(x)
-        return module.conv(self._with_tails(x, states, key, module.padding))
+        return module.conv(self._with_tail(x, run, key))
 
-    def _trans_conv(self, module: Qwen3TTSTokenizerV2CausalTransConvNet, x: torch.Tensor,
-                    states: list[DecoderState], key: str):
+    def _trans_conv(self, module: Qwen3TTSTokenizerV2CausalTransConvNet, x: torch.Tensor, run: "_StepRows",
+                    key: str):
         """Causal transposed conv: output sample t depends on inputs t//s back to (t-k+1)//s."""
-        kernel, stride = module.conv.kernel_size[0], module.conv.stride[0]
-        context = math.ceil(kernel / stride) - 1
+        stride = module.conv.stride[0]
+        context = _trans_conv_context(module)
         length = x.shape[-1]
         if context == 0:
             return module.conv(x)[..., : length * stride]
-        out = module.conv(self._with_tails(x, states, key, context))
+        out = module.conv(self._with_tail(x, run, key))
         return out[..., context * stride: context * stride + length * stride]
 
-    def _convnext(self, block, x: torch.Tensor, states: list[DecoderState], key: str):
+    def _convnext(self, block, x: torch.Tensor, run: "_StepRows", key: str):
         residual = x
-        x = self._conv(block.dwconv, x, states, key + ".dwconv").permute(0, 2, 1)
+        x = self._conv(block.dwconv, x, run, key + ".dwconv").permute(0, 2, 1)
         x = block.pwconv2(block.act(block.pwconv1(block.norm(x))))
         return residual + (block.gamma * x).permute(0, 2, 1)
 
-    def _decoder_block(self, block: Qwen3TTSTokenizerV2DecoderDecoderBlock, x: torch.Tensor,
-                       states: list[DecoderState], key: str):
+    def _decoder_block(self, block: Qwen3TTSTokenizerV2DecoderDecoderBlock, x: torch.Tensor, run: "_StepRows",
+                       key: str):
         for j, layer in enumerate(block.block):
-            sub = f"{key}.{j}"
+            sub = f"{key}.block.{j}"
             if isinstance(layer, Qwen3TTSTokenizerV2CausalTransConvNet):
-                x = self._trans_conv(layer, x, states, sub)
+                x = self._trans_conv(layer, x, run, sub)
             elif isinstance(layer, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit):
-                y = self._conv(layer.conv1, layer.act1(x), states, sub + ".conv1")
-                x = x + self._conv(layer.conv2, layer.act2(y), states, sub + ".conv2")
+                y = self._conv(layer.conv1, layer.act1(x), run, sub + ".conv1")
+                x = x + self._conv(layer.conv2, layer.act2(y), run, sub + ".conv2")
             else:
                 x = layer(x)
         return x
 
-    def _transformer(self, x: torch.Tensor, states: list[DecoderState]) -> torch.Tensor:
-        """The sliding-window transformer; each row attends to its own window of past keys and values."""
+    def _transformer(self, x: torch.Tensor, start: torch.Tensor, run: "_StepRows") -> torch.Tensor:
+        """The sliding-window transformer; each row attends to its own window of past keys and values, kept
+        right-aligned in ``window - 1`` slots (slots before a young stream's first frame are masked out)."""
         model = self.decoder.pre_transformer
         x = model.input_proj(x)
         batch, n = x.shape[:2]
         device = x.device
-        positions = torch.tensor([s.frames for s in states], device=device)[:, None] + torch.arange(n, device=device)
+        positions = start[:, None] + torch.arange(n, device=device)  # [B, n]
         cos, sin = model.rotary_emb(x, positions)
         keep = self.window - 1
-        past_keys = [list(state.keys) or None for state in states]  # per row: one tensor per layer, or None
-        past_values = [list(state.values) or None for state in states]
-        pasts = [keys[0].shape[2] if keys else 0 for keys in past_keys]
-        width = max(pasts)  # rows with a shorter past are padded on the left, and those keys masked out
-        slots = torch.arange(width + n, device=device)
-        key_pos = positions[:, :1] - width + slots[None, :]  # [B, width + n]
-        real = slots[None, :] >= width - torch.tensor(pasts, device=device)[:, None]
-        # Query at position p sees keys in (p - window, p], exactly the one-shot sliding-window mask.
-        mask = real[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None]) & \
+        key_pos = start[:, None] - keep + torch.arange(keep + n, device=device)[None, :]  # [B, keep + n]
+        # Query at position p sees keys in (p - window, p], exactly the one-shot sliding-window mask; slots
+        # before position 0 hold nothing.
+        mask = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= positions[:, :, None]) & \
             (key_pos[:, None, :] > positions[:, :, None] - self.window)
-        mask = mask[:, None]  # [B, 1, n, width + n]
+        mask = mask[:, None]  # [B, 1, n, keep + n]
+        past = run.read("attention")  # [B, 2, layers, kv_heads, keep, head_dim]
+        kept = []
         for index, layer in enumerate(model.layers):
             attn = layer.self_attn
             residual = x
@@ -210,39 +250,62 @@ class StreamingDecoder:
             k = attn.k_norm(attn.k_proj(h).view(shape)).transpose(1, 2)
             v = attn.v_proj(h).view(shape).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            if width:
-                k_all = torch.cat([self._left_padded([p and p[index] for p in past_keys], k, width), k], dim=2)
-                v_all = torch.cat([self._left_padded([p and p[index] for p in past_values], v, width), v], dim=2)
-            else:
-                k_all, v_all = k, v
+            k_all = torch.cat([past[:, 0, index], k], dim=2)
+            v_all = torch.cat([past[:, 1, index], v], dim=2)
             out = F.scaled_dot_product_attention(
                 q, repeat_kv(k_all, attn.num_key_value_groups), repeat_kv(v_all, attn.num_key_value_groups),
                 attn_mask=mask, scale=attn.scaling)
             out = attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
             x = residual + layer.self_attn_layer_scale(out)
             x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
-            for row, state in enumerate(states):  # the last `keep` real keys of each row
-                kept = min(pasts[row] + n, keep)
-                k_keep, v_keep = k_all[row:row + 1, :, -kept:].clone(), v_all[row:row + 1, :, -kept:].clone()
-                if index < len(state.keys):
-                    state.keys[index], state.values[index] = k_keep, v_keep
-                else:
-                    state.keys.append(k_keep)
-                    state.values.append(v_keep)
+            kept.append(torch.stack([k_all[:, :, -keep:], v_all[:, :, -keep:]], dim=1))
+        run.write("attention", torch.stack(kept, dim=2))
         return model.output_proj(model.norm(x))
 
-    @staticmethod
-    def _left_padded(pasts: list, like: torch.Tensor, width: int) -> torch.Tensor:
-        """Each row's cached keys, right-aligned in ``width`` slots (zeros in front): [B, heads, width, dim]."""
-        rows = []
-        for past in pasts:
-            length = 0 if past is None else past.shape[2]
-            if length == width:
-                rows.append(past)
-                continue
-            pad = like.new_zeros(1, like.shape[1], width - length, like.shape[3])
-            rows.append(pad if past is None else torch.cat([pad, past], dim=2))
-        return torch.cat(rows)
+
+class _StepRows:
+    """One step's view of its rows' states: ``read`` slices a piece of the gathered rows, ``write`` keeps its
+    new value, ``packed`` lays the new values out as rows again (every piece must have been written)."""
+
+    def __init__(self, rows: torch.Tensor, layout: dict):
+        self.rows, self.layout, self.new = rows, layout, {}
+
+    def read(self, key: str) -> torch.Tensor:
+        offset, shape = self.layout[key]
+        return self.rows[:, offset: offset + math.prod(shape)].view(-1, *shape)
+
+    def write(self, key: str, value: torch.Tensor) -> None:
+        self.new[key] = value
+
+    def packed(self) -> torch.Tensor:
+        batch = self.rows.shape[0]
+        return torch.cat([self.new[key].reshape(batch, -1) for key in self.layout], dim=1)
+
+
+def _trans_conv_context(module) -> int:
+    kernel, stride = module.conv.kernel_size[0], module.conv.stride[0]
+    return math.ceil(kernel / stride) - 1
+
+
+def state_layout(decoder) -> dict:
+    """Where each piece of a stream's state sits in its row: {key: (offset, shape)}. Keys are module paths: every
+    causal convolution with left padding keeps its input tail, every transposed convolution that overlaps frames
+    its last inputs, and "attention" the transformer's last window - 1 keys and values per layer."""
+    pieces = {}
+    for name, module in decoder.named_modules():
+        if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet) and module.padding:
+            pieces[name] = (module.conv.in_channels, module.padding)
+        elif isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet) and _trans_conv_context(module):
+            pieces[name] = (module.conv.in_channels, _trans_conv_context(module))
+    transformer = decoder.pre_transformer
+    attention = transformer.layers[0].self_attn
+    pieces["attention"] = (2, len(transformer.layers), transformer.config.num_key_value_heads,
+                           int(decoder.config.sliding_window) - 1, attention.head_dim)
+    layout, offset = {}, 0
+    for key, shape in pieces.items():
+        layout[key] = (offset, shape)
+        offset += math.prod(shape)
+    return layout
 
 
 def prime(decoder: StreamingDecoder, context_codes) -> DecoderState:

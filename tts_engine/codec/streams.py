@@ -61,7 +61,7 @@ class StreamTable:
             self.primings += 1
             self._primed[key] = cached
             while len(self._primed) > self._primed_cache_size:
-                self._primed.popitem(last=False)
+                self._primed.popitem(last=False)[1].release()
         self._primed.move_to_end(key)
         return cached.clone()
 
@@ -119,7 +119,9 @@ class StreamTable:
 
     def _free(self, stream_id: int, reason: str) -> None:
         """Drop a stream's state, counting why (the caller holds the lock)."""
-        if self._streams.pop(stream_id, None) is not None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.state.release()
             self.freed[reason] += 1
 
     def _check_codes(self, name: str, codes: np.ndarray) -> None:
@@ -179,6 +181,6 @@ class StreamTable:
         with self._lock:
             stale = [sid for sid, s in self._streams.items() if now - s.last_used > self.idle_timeout]
             for sid in stale:
-                del self._streams[sid]
+                self._streams.pop(sid).state.release()
             self.freed["idle"] += len(stale)
         return len(stale)

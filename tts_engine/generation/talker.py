@@ -22,7 +22,7 @@ from tts_contract.audio import NUM_CODEBOOKS
 
 from ..errors import InvalidRequest
 from .decode_step import GREEDY, DecodeStep, RowState
-from .graphs import CapturedSteps
+from ..graphs import CapturedGraphs, batch_buckets, capture_talker_steps, padded_size
 from .kv_blocks import BlockPool, OutOfBlocks
 from .noise import CODE0_GROUP, exponential_noise, noise_keys
 from .prompt import SynthesisRequest, build_talker_inputs
@@ -55,11 +55,6 @@ class TalkerStream:
     def text_input(self) -> torch.Tensor:
         """What this step adds to the codec embeddings: the next text token, or tts_pad after the text."""
         return self.trailing_text[self.frames] if self.frames < self.trailing_text.shape[0] else self.tts_pad
-
-
-def batch_buckets(slots: int) -> tuple[int, ...]:
-    """The batch sizes a step pads to: powers of two below ``slots``, then ``slots``."""
-    return tuple(sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots}))
 
 
 def context_buckets(max_blocks: int, smallest: int = 8) -> tuple[int, ...]:
@@ -100,7 +95,7 @@ class BatchedTalker:
         self.step_function = DecodeStep(self.talker, self.pool, self.state, suppress, self.eos, self.scratch_row)
         self.active: list[TalkerStream] = []
         self._free_rows = list(range(slots - 1, -1, -1))
-        self.graphs: Optional[CapturedSteps] = None
+        self.graphs: Optional[CapturedGraphs] = None
         log.info("talker KV pool: %d blocks of %d tokens = %.1f MiB (%s on %s; %.0f KiB per token); %d rows",
                  self.pool.blocks, self.pool.block_tokens, self.pool.nbytes / 2**20,
                  str(self.talker.dtype).replace("torch.", ""), self.device, self.pool.bytes_per_token / 1024, slots)
@@ -113,11 +108,10 @@ class BatchedTalker:
         before serving; steps then replay them (one launch per step)."""
         if not str(self.device).startswith("cuda") or self.noise != "counter" or self.buckets is None:
             raise RuntimeError("CUDA graphs need a CUDA device, counter noise and padded batches")
-        graphs = CapturedSteps(self.step_function, self.talker.config.hidden_size, self.talker.dtype, self.device,
-                               CANDIDATES)
         with torch.inference_mode():
-            graphs.capture(self.buckets, context_buckets(self.pool.max_blocks))
-        self.graphs = graphs
+            self.graphs = capture_talker_steps(self.step_function, self.buckets, context_buckets(self.pool.max_blocks),
+                                               self.talker.config.hidden_size, self.talker.dtype, self.device,
+                                               CANDIDATES)
 
     def buckets_up_to_slots(self) -> tuple[int, ...]:
         return batch_buckets(self.slots)
@@ -250,7 +244,7 @@ class BatchedTalker:
             return []
         rows, text, blocks, noise_sub, noise_code0, candidates = self.prepare(streams)
         if self.graphs is not None and candidates == CANDIDATES:
-            frames, tokens = self.graphs.run(rows, text, blocks)
+            frames, tokens = self.graphs.run((rows.shape[0], blocks), rows, text)
         else:  # (on a GPU with graphs: a request with top_k 0 or beyond CANDIDATES steps eagerly)
             frames, tokens = self.step_function(rows, text, blocks, noise_sub, noise_code0, candidates)
         batch = len(streams)
@@ -265,12 +259,12 @@ class BatchedTalker:
         """The decode step's arguments for ``streams``: rows padded to the bucket, text inputs, the KV span in
         blocks, the reference noise (None on the counter path), and how many candidates the choice looks at."""
         batch = len(streams)
-        padded = batch if self.buckets is None else next(size for size in self.buckets if size >= batch)
+        padded = padded_size(batch, self.buckets)
         rows = torch.tensor([s.row for s in streams] + [self.scratch_row] * (padded - batch), device=self.device)
         text = torch.nn.functional.pad(torch.stack([s.text_input() for s in streams]), (0, 0, 0, padded - batch))
         blocks = self.pool.blocks_for(max(s.length for s in streams) + 1)
         if self.buckets is not None:
-            blocks = next(size for size in context_buckets(self.pool.max_blocks) if size >= blocks)
+            blocks = padded_size(blocks, context_buckets(self.pool.max_blocks))
         noise_sub = noise_code0 = None
         exact = self.noise == "reference"
         if not any(s.params.do_sample or s.params.subtalker_do_sample for s in streams):

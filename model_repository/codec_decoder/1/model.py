@@ -19,6 +19,7 @@ from triton_support.tensors import error_response, response
 from tts_contract import tensors as names
 from tts_engine.codec.decoder import StreamingDecoder
 from tts_engine.codec.streams import DecodeItem, StreamTable
+from tts_engine.graphs import batch_buckets
 from tts_engine.loading import load_speech_tokenizer
 from tts_engine.recent import RecentIds
 from tts_engine.voices.prompts import reference_codes
@@ -45,10 +46,15 @@ class TritonPythonModel:
         config.exit_with_parent(self.log)
         params = config.model_parameters(args)
         tokenizer = load_speech_tokenizer(*config.model_location(args, params))
-        self.table = StreamTable(StreamingDecoder(tokenizer.model), idle_timeout=float(params["stream_idle_timeout_s"]),
-                                 primed_cache_size=int(params["primed_state_cache_size"]))
+        max_batch, primed = int(params["max_batch_streams"]), int(params["primed_state_cache_size"])
+        decoder = StreamingDecoder(tokenizer.model, capacity=2 * max_batch + primed + 1)
+        if params["cuda_graphs"] == "on" and str(decoder.device).startswith("cuda"):
+            decoder.buckets = batch_buckets(max_batch)
+            decoder.capture_graphs()
+        self.table = StreamTable(decoder, idle_timeout=float(params["stream_idle_timeout_s"]),
+                                 primed_cache_size=primed)
         self.failed = RecentIds(1024)  # streams whose decoding failed -> the error their last chunk reports
-        self.worker = BatchingWorker(self._decode, self._fail, max_batch=int(params["max_batch_streams"]),
+        self.worker = BatchingWorker(self._decode, self._fail, max_batch=max_batch,
                                      name="codec-decoder",
                                      on_start=lambda: torch.set_num_threads(int(params["torch_threads"])))
         self._warm_up(tokenizer, params)
