@@ -266,7 +266,7 @@ async def test_triton_killed_mid_stream_with_four_sessions(tiny_model_dir, voice
         gateway.wait_ready()
         sessions = [await open_session(gateway.ws).__aenter__() for _ in range(4)]
         for index, ws in enumerate(sessions):
-            await start_session(ws)
+            await start_session(ws, maxWaitMs=20000)  # about faults, not admission: a busy start queues
             await send(ws, type="speak", text=(LONG.rstrip(".") + ", ") * 3 + "and on.", requestId=f"s{index}")
         for ws in sessions:
             assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tts_contract import limits  # noqa: E402  (the one place these limits are written)
+
 TEMPLATE_DIR = ROOT / "model_repository"
 MODELS = ("talker", "codec_decoder", "voice_encoder", "tts")
 
@@ -32,7 +35,7 @@ PARAMETERS = {
                        "real-time batch is the largest whose measured step allows it"),
     "FIRST_AUDIO_BUDGET_MS": ("1000", "1000", "refuse a new request at once unless its first audio can come "
                               "within this (requests may set their own)"),
-    "MAX_ACTIVE_STREAMS": ("16", "64", "most streams the talker holds at once (KV slots: memory); how many it "
+    "MAX_ACTIVE_STREAMS": (str(limits.DEFAULT_ACTIVE_STREAMS), "64", "most streams the talker holds at once (KV slots: memory); how many it "
                            "admits comes from measured real time (REALTIME_SPEED)"),
     "KV_CACHE_TOKENS": ("16384", "65536", "the talker's KV pool in tokens, shared by all streams and given out in "
                         "blocks as they grow (full size, bf16: 112 KiB per token)"),
@@ -44,9 +47,9 @@ PARAMETERS = {
     "DECODER_THREADS": ("1", "1", "CPU threads (torch intra-op) of codec_decoder's batching worker"),
     "MAX_QUEUED_STREAMS": ("64", "256", "requests that may wait for a free slot; more are refused (OVERLOADED)"),
     "MAX_QUEUE_WAIT_S": ("30", "30", "a request waiting longer than this for a slot is refused (OVERLOADED)"),
-    "MAX_TEXT_CHARS": ("2000", "2000", "longest text a request may carry"),
-    "MAX_NEW_TOKENS_LIMIT": ("4096", "4096", "largest max_new_tokens a request may ask for (frames)"),
-    "DEFAULT_MAX_NEW_TOKENS": ("2048", "2048", "max_new_tokens when a request sets none"),
+    "MAX_TEXT_CHARS": (str(limits.MAX_TEXT_CHARS), str(limits.MAX_TEXT_CHARS), "longest text a request may carry"),
+    "MAX_NEW_TOKENS_LIMIT": (str(limits.MAX_NEW_TOKENS_LIMIT), str(limits.MAX_NEW_TOKENS_LIMIT), "largest max_new_tokens a request may ask for (frames)"),
+    "DEFAULT_MAX_NEW_TOKENS": (str(limits.DEFAULT_MAX_NEW_TOKENS), str(limits.DEFAULT_MAX_NEW_TOKENS), "max_new_tokens when a request sets none"),
     "STREAM_IDLE_TIMEOUT_S": ("60", "60", "seconds before codec_decoder frees an abandoned stream's state"),
 }
 POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "KV_CACHE_TOKENS", "FIRST_CHUNK_FRAMES", "MAX_CHUNK_FRAMES", "PACING_MARGIN_MS",

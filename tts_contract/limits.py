@@ -6,15 +6,13 @@ MAX_TEXT_CHARS = 2000
 MAX_NEW_TOKENS_LIMIT = 4096
 DEFAULT_MAX_NEW_TOKENS = 2048
 # A prompt (role and codec tags, plus the reference codes of an ICL voice) fits in this many talker
-# positions; each KV-cache slot holds it plus MAX_NEW_TOKENS_LIMIT generated tokens.
+# positions; a stream's KV blocks may grow to it plus MAX_NEW_TOKENS_LIMIT generated tokens.
 PROMPT_TOKENS = 1024
 # Reference clips of cloned voices.
 MIN_REFERENCE_SECONDS = 3.0
 MAX_REFERENCE_SECONDS = 30.0
 # Streams the talker holds at once (the CPU profile's default; see tools/render_model_repository.py).
 DEFAULT_ACTIVE_STREAMS = 16
-# Frames per streamed chunk: small first chunks for a quick first sound, then larger ones.
-DEFAULT_CHUNK_SCHEDULE = (2, 4, 8, 16)
 # A voice's transcript (tokenised with its prompt), and its display metadata.
 MAX_TRANSCRIPT_CHARS = 1000
 MAX_VOICE_NAME_CHARS = 100

@@ -156,7 +156,7 @@ class DecodeStep:
             def noise_at(ids):
                 return noise.gather(1, ids) if noise is not None else exponential_noise(key, ids)
 
-            return choose_among(scores, *params, noise_at, candidates)
+            return choose_among(scores, *params, noise_at, candidates, exact=noise is not None)
         if noise is None:
             noise = exponential_noise(key, torch.arange(scores.shape[-1], device=scores.device))
         return choose(scores, *params, noise)

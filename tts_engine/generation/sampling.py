@@ -160,24 +160,28 @@ def choose(scores, temperature, top_k, top_p_cut, use_top_p, sample, noise):
     return torch.where(sample, torch.argmax(ratio, dim=-1), greedy)
 
 
-def choose_among(scores, temperature, top_k, top_p_cut, use_top_p, sample, noise_at, candidates: int):
+def choose_among(scores, temperature, top_k, top_p_cut, use_top_p, sample, noise_at, candidates: int,
+                 exact: bool = True):
     """``choose`` among each row's ``candidates`` best tokens (every sampled row has 0 < top_k <= candidates, so no
     other token can win): one top-k instead of two full sorts, and noise only where it is used
-    (``noise_at(token_ids [B, K])``). Rows without top-p get exactly ``choose``'s token (the same masked softmax over
-    the whole vocabulary); for top-p rows the cumulative sum runs over the candidates, so its cut may differ from
-    HF's in the last bit."""
+    (``noise_at(token_ids [B, K])``). ``exact``: the softmax runs over the whole (masked) vocabulary, so rows
+    without top-p get ``choose``'s token to the last bit (the reference path); otherwise everything after the top-k
+    runs over the candidates alone (the same distribution, rounded differently). For top-p rows the cumulative sum
+    always runs over the candidates, so its cut may differ from HF's in the last bit."""
     import torch
 
-    greedy = torch.argmax(scores, dim=-1)
-    warped = scores / temperature[:, None].to(scores.dtype)
-    values, ids = torch.topk(warped, candidates, dim=-1)  # descending
+    greedy = torch.argmax(scores, dim=-1)  # (not ids[:, 0]: among equal scores, argmax's choice is HF's)
+    values, ids = torch.topk(scores, candidates, dim=-1)  # descending; a positive temperature keeps the order
+    values = values / temperature[:, None].to(scores.dtype)
     kth = values.gather(1, (top_k.clamp(min=1, max=candidates) - 1)[:, None])
-    warped = torch.where(warped < kth, NEG_INF, warped)  # TopKLogitsWarper (ties at the k-th score kept)
-    values = torch.where(values < kth, NEG_INF, values)
+    values = torch.where(values < kth, NEG_INF, values)  # TopKLogitsWarper (ties at the k-th score kept)
     remove = values.flip(-1).softmax(dim=-1).cumsum(dim=-1) <= top_p_cut[:, None].to(values.dtype)
     remove[..., -1] = False  # min_tokens_to_keep
-    remove = use_top_p[:, None] & remove.flip(-1)
-    warped = warped.scatter(1, ids, torch.where(remove, NEG_INF, values))
-    probs = torch.softmax(warped, dim=-1).gather(1, ids)
+    values = torch.where(use_top_p[:, None] & remove.flip(-1), NEG_INF, values)
+    if exact:
+        warped = torch.full_like(scores, NEG_INF).scatter(1, ids, values)
+        probs = torch.softmax(warped, dim=-1).gather(1, ids)
+    else:
+        probs = torch.softmax(values, dim=-1)
     ratio = torch.where(probs > 0, probs / noise_at(ids).to(probs.dtype), 0.0)
     return torch.where(sample, ids.gather(1, torch.argmax(ratio, dim=-1, keepdim=True))[:, 0], greedy)

@@ -19,10 +19,11 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from tts_contract.audio import NUM_CODEBOOKS
+from tts_contract.limits import DEFAULT_ACTIVE_STREAMS, MAX_NEW_TOKENS_LIMIT, PROMPT_TOKENS
 
 from ..errors import InvalidRequest
-from .decode_step import GREEDY, DecodeStep, RowState
 from ..graphs import CapturedGraphs, batch_buckets, capture_talker_steps, padded_size
+from .decode_step import GREEDY, DecodeStep, RowState
 from .kv_blocks import BlockPool, OutOfBlocks
 from .noise import CODE0_GROUP, exponential_noise, noise_keys
 from .prompt import SynthesisRequest, build_talker_inputs
@@ -72,7 +73,8 @@ class BatchedTalker:
     its KV span to the next of ``context_buckets``, so each bucket's step has the same shapes every time (what a
     CUDA graph needs; on a CPU the padding is pure cost). ``noise``: "reference" or "counter" (see the module)."""
 
-    def __init__(self, tts, slots: int = 16, max_tokens: int = 5120, pool_tokens: Optional[int] = None,
+    def __init__(self, tts, slots: int = DEFAULT_ACTIVE_STREAMS, max_tokens: int = MAX_NEW_TOKENS_LIMIT + PROMPT_TOKENS,
+                 pool_tokens: Optional[int] = None,
                  pad_batches: bool = False, noise: str = "reference"):
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, not {noise!r}")
