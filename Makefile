@@ -16,7 +16,7 @@ help:
 	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
 	@echo "make test       - all tests (engine + real tritonserver)"
 	@echo "make bench      - benchmarks (batching, gateway load, open-loop real time, fidelity); numbers in results/"
-	@echo "make graph-check - the decode step traces (CUDA: captures) as one graph per bucket and equals the eager step"
+	@echo "make graph-check - the talker's decode step and the codec decoder's step trace (CUDA: capture) as one graph per bucket and equal the eager step"
 	@echo "make bench-gpu  - the engine on a GPU: full-size random weights, bf16, CUDA graphs; results/gpu_bench.json"
 	@echo "make soak       - load with faults (Triton killed and restarted, clients dropping); SOAK_SECONDS"
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
