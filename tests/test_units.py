@@ -108,10 +108,14 @@ class _FakeStream:
     frames: int = 0
     finished: bool = False
     finish_reason: str = None
+    text_open: bool = False
 
     @property
     def params(self):
         return self.request.params
+
+    def text_ready(self) -> bool:
+        return True
 
 
 @dataclass
@@ -121,10 +125,14 @@ class _FakeRequest:
     start_error: Exception = None
     text: str = "fake"
     prompt: object = field(default_factory=lambda: SimpleNamespace(ref_code=None))
+    feed: object = None
 
     @property
     def params(self):
         return SamplingParams(max_new_tokens=self.frames + 1)
+
+    def ready_to_start(self) -> bool:
+        return True
 
 
 class _FakeTalker:

@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
 
 from tts_contract.languages import UnknownLanguage, normalise_language
 
 from ..errors import InvalidText, UnsupportedLanguage
 from ..voices.prompts import VoicePrompt
 from .sampling import SamplingParams
+from .text_feed import ROLE_IDS, TURN_SUFFIX, TextFeed
 
 
 @dataclass
 class SynthesisRequest:
+    """What to say, in which voice and language, sampled how. ``feed``: text that is still arriving (``text`` is
+    then what has arrived so far); None when ``text`` is all of it."""
+
     text: str
     prompt: VoicePrompt
     language: str = "auto"
     params: SamplingParams = field(default_factory=SamplingParams)
+    feed: Optional[TextFeed] = None
+
+    @property
+    def text_open(self) -> bool:
+        return self.feed is not None and not self.feed.closed
+
+    def ready_to_start(self) -> bool:
+        """Whether the prompt can be built exactly as for the whole text: an x-vector voice needs the first text
+        id committed; an ICL voice lines the whole text up with its reference frames, so it waits for the close."""
+        if not self.text_open:
+            return True
+        return self.prompt.x_vector_only and self.feed.text_ids >= 1
 
 
 class _PromptCaptured(Exception):
@@ -49,7 +68,7 @@ class _ModelView:
 
 def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
     """Run qwen-tts's own prompt construction and return what it would pass to the talker's generate."""
-    text = request.text
+    text = request.feed.text if request.feed is not None else request.text
     if not text or not text.strip():
         raise InvalidText("text is empty")
     try:
@@ -58,7 +77,8 @@ def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
         raise UnsupportedLanguage(str(exc)) from None
     item = request.prompt.to_item()
     prompt_dict = tts._prompt_items_to_voice_clone_prompt([item])
-    input_ids = tts._tokenize_texts([tts._build_assistant_text(text)])
+    input_ids = [_turn_ids(tts, request.feed)] if request.feed is not None else \
+        tts._tokenize_texts([tts._build_assistant_text(text)])
     ref_ids = [request.prompt.ref_text_ids(tts)]
     model = tts.model
     try:  # sampling options do not shape the prompt; the engine applies them itself
@@ -67,3 +87,14 @@ def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
     except _PromptCaptured as captured:
         return captured.kwargs
     raise RuntimeError("qwen-tts generate did not reach the talker")  # pragma: no cover
+
+
+def _turn_ids(tts, feed: TextFeed) -> torch.Tensor:
+    """The turn's ids for a fed text: what is committed, and (while open) the turn's end after it, so that
+    qwen-tts's construction reads role, first text id and end where it expects them."""
+    ids = feed.ids
+    if len(ids) <= ROLE_IDS:
+        raise InvalidText("no text id is committed yet")
+    if not feed.closed:
+        ids = ids + tts.processor.tokenizer(TURN_SUFFIX, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long, device=tts.device)

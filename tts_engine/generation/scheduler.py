@@ -56,6 +56,7 @@ class StreamJob:
     pacer: Optional[Pacer] = None
     cancel_checked: float = 0.0
     ended: bool = False
+    text_wait_since: Optional[float] = None  # when its row began waiting for more text
 
 
 @dataclass
@@ -90,6 +91,8 @@ class SchedulerStats:
     underruns: int = 0  # chunks sent after their listener ran dry (this process's view)
     stalled_s: float = 0.0
     skipped_rows: int = 0  # active streams that waited a step because their listeners had audio enough
+    waiting_text: int = 0  # streams (started or not) waiting for more of their text
+    text_wait_s: float = 0.0  # seconds started streams sat out waiting for their text, summed over streams
     behind: int = 0  # active streams whose listeners are within half the pacing margin of running dry
     held_back: Counter = field(default_factory=Counter)  # loop passes a new job waited, by reason
     leads: list = field(default_factory=list)  # lead at each chunk, drained by the metrics publisher
@@ -113,14 +116,15 @@ class StreamScheduler:
     budget of a request's first audio; ``decode_cost(frames)``: seconds to decode a chunk (pacing);
     ``recalibrate_s``: how old the step-time calibration may get before an idle loop measures it again;
     ``max_hold_s``: how long a new request (one that did not say it can wait) may wait for a place;
-    ``realtime_admission``: False admits up to the slots whatever the step time (throughput benchmarks)."""
+    ``realtime_admission``: False admits up to the slots whatever the step time (throughput benchmarks);
+    ``text_idle_s``: text still arriving with nothing new for this long is closed as if it had ended."""
 
     def __init__(self, talker: BatchedTalker, max_queued: int = 64, max_queue_wait_s: float = 30.0,
                  prefill_tokens_per_step: int = 512, cancel_check_interval_s: float = 0.05, name: str = "talker",
                  torch_threads: Optional[int] = 1, policy: Optional[ChunkPolicy] = None, speed: float = 1.5,
                  first_audio_budget_s: float = DEFAULT_FIRST_AUDIO_BUDGET_MS / 1000,
                  decode_cost: Optional[Callable[[int], float]] = None, recalibrate_s: float = 300.0,
-                 max_hold_s: float = 0.3, realtime_admission: bool = True):
+                 max_hold_s: float = 0.3, realtime_admission: bool = True, text_idle_s: float = 60.0):
         self.talker = talker
         self.torch_threads = torch_threads
         self.max_queued = max_queued
@@ -133,6 +137,7 @@ class StreamScheduler:
         self.first_audio_budget_s = first_audio_budget_s
         self.max_hold_s = max_hold_s
         self.realtime_admission = realtime_admission
+        self.text_idle_s = text_idle_s
         self.decode_cost = decode_cost or CostCurve()  # empty: decoding assumed free until measured
         self.step_times = CostCurve()
         self.prefill_s = 0.0  # moving average of one prefill
@@ -144,6 +149,7 @@ class StreamScheduler:
         self._incoming: "queue.Queue[Optional[StreamJob]]" = queue.Queue()
         self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
         self._line: list = []  # waiting jobs: a heap of (admit_by, sequence, job)
+        self._text_waiting: list[StreamJob] = []  # jobs whose prompt needs more of their text
         self._sequence = itertools.count()
         self._jobs: dict[TalkerStream, StreamJob] = {}
         self._stopping = threading.Event()
@@ -155,13 +161,20 @@ class StreamScheduler:
         return self.talker.slots
 
     def submit(self, job: StreamJob) -> None:
-        """Queue a job; raises Overloaded when ``max_queued`` jobs are already waiting."""
+        """Queue a job; raises Overloaded when ``max_queued`` jobs are already waiting. A job whose text is still
+        arriving (``request.feed``) waits for it without a place in line until its prompt can be built."""
         if self._stopping.is_set():
             raise EngineError("server is shutting down")
-        if self._incoming.qsize() + len(self._line) >= self.max_queued:
+        if self._incoming.qsize() + len(self._line) + len(self._text_waiting) >= self.max_queued:
             raise Overloaded(with_retry_after(f"{self.max_queued} requests are already waiting for the talker",
                                               max(100, int(1000 * self.stats.retry_after_s))))
+        if job.request.feed is not None:
+            job.request.feed.on_append = self._wake
         self._incoming.put(job)
+
+    def _wake(self) -> None:
+        """Wake a loop that waits for work (more text arrived)."""
+        self._incoming.put(None)
 
     def generate(self, request: SynthesisRequest, policy: Optional[ChunkPolicy] = None, timeout: float = 300.0,
                  is_cancelled: Callable[[], bool] = lambda: False, delivery: Optional[Delivery] = None) -> Generation:
@@ -272,6 +285,7 @@ class StreamScheduler:
             try:
                 self._take_incoming()
                 self._run_commands()
+                self._feed_text()
                 self._admit()
                 self._drop_cancelled()
                 if self.talker.active:
@@ -285,23 +299,63 @@ class StreamScheduler:
         for job in list(self._jobs.values()):
             self._end(job, EngineError("server is shutting down"))
         self._take_incoming(block=False)
-        for _, _, job in self._line:  # fail jobs that were never admitted
+        for job in [entry[2] for entry in self._line] + self._text_waiting:  # fail jobs never admitted
             self._end(job, EngineError("server is shutting down"))
         self._line.clear()
+        self._text_waiting.clear()
 
     def _take_incoming(self, block: Optional[bool] = None) -> None:
         """Move submitted jobs into the waiting line (waiting for one while there is nothing else to do)."""
+        timeout = 0.2
         if block is None:
-            block = not self.talker.active and not self._line and self._commands.empty()
+            steppable = any(s.text_ready() for s in self.talker.active if not s.finished)
+            block = not steppable and not self._line and self._commands.empty()
+            if self.talker.active:  # every row waits for text: wake soon for pacing (held frames may be due)
+                timeout = 0.02
         while True:
             try:
-                job = self._incoming.get(block=block, timeout=0.2 if block else None)
+                job = self._incoming.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 break
             block = False
-            if job is not None:
-                heapq.heappush(self._line, (self._admit_by(job), next(self._sequence), job))
-        self.stats.queued = len(self._line)
+            if job is None:
+                continue
+            if job.request.ready_to_start():
+                self._line_up(job)
+            else:
+                self._text_waiting.append(job)
+        self.stats.queued = len(self._line) + len(self._text_waiting)
+
+    def _line_up(self, job: StreamJob) -> None:
+        heapq.heappush(self._line, (self._admit_by(job), next(self._sequence), job))
+
+    def _feed_text(self) -> None:
+        """Text that arrived since the last pass: jobs whose prompt can now be built line up (their first-audio
+        budget counts from now: until their text came they could not start), running rows get their new text
+        ids, and text idle for ``text_idle_s`` is closed."""
+        now = time.monotonic()
+        for job in list(self._text_waiting):
+            feed = job.request.feed
+            try:
+                if self._check_cancelled(job):
+                    raise Cancelled("cancelled while waiting for its text")
+                if not feed.closed and now - feed.last_append > self.text_idle_s:
+                    feed.close()
+            except BaseException as exc:  # noqa: BLE001 - cancelled, or the text cannot be closed (empty)
+                self._text_waiting.remove(job)
+                self._end(job, exc)
+                continue
+            if job.request.ready_to_start():
+                self._text_waiting.remove(job)
+                job.submitted, job.request.text = now, feed.text
+                self._line_up(job)
+        for stream in self.talker.active:
+            if stream.text_open:
+                feed = stream.request.feed
+                if not feed.closed and now - feed.last_append > self.text_idle_s:
+                    feed.close()
+                self.talker.feed_text(stream)
+                stream.request.text = feed.text
 
     def _run_commands(self) -> None:
         while True:
@@ -489,7 +543,12 @@ class StreamScheduler:
 
     def _step(self) -> None:
         now = time.monotonic()
-        active = [s for s in self.talker.active if not s.finished]
+        active = [s for s in self.talker.active if not s.finished and s.text_ready()]
+        waiting_text = [s for s in self.talker.active if not s.finished and not s.text_ready()]
+        self._count_text_waits(active, waiting_text, now)
+        if not active:  # every row waits for its text: only pacing (frames held back may be due)
+            self._pace([], waiting_text, now, self.step_times.predict(len(waiting_text)))
+            return
         # Everyone steps while a step of all of them still keeps real time (batching is what makes a step cheap);
         # beyond that, the streams closest to their deadlines step and the others wait this step.
         limit = realtime_batch(self.step_times, 1.0, len(active)) if self.realtime_admission else len(active)
@@ -507,10 +566,25 @@ class StreamScheduler:
         stats.steps += 1
         stats.step_rows += len(results)
         stats.frames += len(results)
-        now = time.monotonic()
-        next_step = self.step_times.predict(len(active))
         stepped = {stream for stream, _ in results}
-        for stream, frame in results + [(s, None) for s in active if s not in stepped]:
+        self._pace(results, [s for s in active if s not in stepped] + waiting_text, time.monotonic(),
+                   self.step_times.predict(len(active)))
+
+    def _count_text_waits(self, ready: list, waiting: list, now: float) -> None:
+        for stream in waiting:
+            job = self._jobs[stream]
+            job.text_wait_since = job.text_wait_since or now
+        for stream in ready:
+            job = self._jobs[stream]
+            if job.text_wait_since is not None:
+                self.stats.text_wait_s += now - job.text_wait_since
+                job.text_wait_since = None
+        self.stats.waiting_text = len(waiting) + len(self._text_waiting)
+
+    def _pace(self, results: list, others: list, now: float, next_step: float) -> None:
+        """Hand each stream's new frame (``results``), or nothing (``others``), to its pacer; send what is due."""
+        stats = self.stats
+        for stream, frame in results + [(s, None) for s in others]:
             job = self._jobs[stream]
             held = len(job.pacer.pending) + (frame is not None)
             chunk = job.pacer.add(frame, stream.finished, now, next_step, self.decode_cost(held + 1))

@@ -28,10 +28,12 @@ from .kv_blocks import BlockPool, OutOfBlocks
 from .noise import CODE0_GROUP, exponential_noise, noise_keys
 from .prompt import SynthesisRequest, build_talker_inputs
 from .sampling import choose, code0_scores, draw_uniforms, new_generator
+from .text_feed import ROLE_IDS, SUFFIX_IDS
 
 log = logging.getLogger(__name__)
 NOISE_MODES = ("reference", "counter")
 CANDIDATES = 64  # sampled rows with top_k up to this choose among their best CANDIDATES (no full sort)
+TEXT_ROWS_MIN = 8
 
 
 @dataclass(eq=False)
@@ -48,14 +50,25 @@ class TalkerStream:
     frames: int = 0
     finished: bool = False
     finish_reason: Optional[str] = None
+    text_open: bool = False  # more text may come: past the trailing text the row waits (never pad or eos)
+    fed_ids: int = 0  # ids of its text feed turned into trailing text so far
+    tts_eos: Optional[torch.Tensor] = None  # [hidden]: follows the text once it is closed
 
     @property
     def params(self):
         return self.request.params
 
+    def text_ready(self) -> bool:
+        """Whether this row's next text input is known (so it may step)."""
+        return not self.text_open or self.frames < self.trailing_text.shape[0]
+
     def text_input(self) -> torch.Tensor:
         """What this step adds to the codec embeddings: the next text token, or tts_pad after the text."""
-        return self.trailing_text[self.frames] if self.frames < self.trailing_text.shape[0] else self.tts_pad
+        if self.frames < self.trailing_text.shape[0]:
+            return self.trailing_text[self.frames]
+        if self.text_open:
+            raise RuntimeError("a row waiting for its text must not step")
+        return self.tts_pad
 
 
 def context_buckets(max_blocks: int, smallest: int = 8) -> tuple[int, ...]:
@@ -197,6 +210,11 @@ class BatchedTalker:
                               tts_pad=inputs["tts_pad_embed"].reshape(-1),
                               generator=new_generator(self.device, params.seed) if sampled and
                               self.noise == "reference" else None)
+        if request.text_open:  # x-vector: the prefill holds the first text id, the rest is fed as it commits
+            stream.text_open, stream.fed_ids = True, ROLE_IDS + 1
+            stream.tts_eos = stream.trailing_text[-1]  # the construction ends the text it saw with tts_eos
+            stream.trailing_text = stream.trailing_text[:0]
+            self.feed_text(stream)
         state = self.state
         state.set_params(row, params)
         state.seed[row] = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
@@ -224,6 +242,32 @@ class BatchedTalker:
         for stream, token in zip(streams, tokens.tolist()):
             self._record(stream, token)
 
+    @torch.inference_mode()
+    def feed_text(self, stream: TalkerStream) -> None:
+        """Turn the ids its text feed committed since the last call into trailing text (and, once the feed is
+        closed, tts_eos after them: from then on the row never waits)."""
+        if not stream.text_open:
+            return
+        feed = stream.request.feed
+        closed = feed.closed
+        ids = feed.ids
+        new = ids[stream.fed_ids: len(ids) - SUFFIX_IDS if closed else len(ids)]
+        rows = [self._text_rows(new)] if new else []
+        if closed:
+            rows.append(stream.tts_eos[None])
+        if rows:
+            stream.trailing_text = torch.cat([stream.trailing_text, *rows])
+            stream.fed_ids += len(new)
+        stream.text_open = not closed
+
+    def _text_rows(self, ids: list) -> torch.Tensor:
+        """Text ids projected into the talker's space, one row each: [len(ids), hidden]. Run over at least
+        TEXT_ROWS_MIN rows: on CPU a matrix product of one or two rows rounds differently from a longer one, and
+        qwen-tts projects the whole text at once."""
+        padded = ids + [ids[-1]] * max(0, TEXT_ROWS_MIN - len(ids))
+        tensor = torch.tensor([padded], dtype=torch.long, device=self.device)
+        return self.talker.text_projection(self.talker.get_text_embeddings()(tensor))[0, :len(ids)]
+
     def remove(self, stream: TalkerStream) -> None:
         """Free a stream's row and its KV blocks."""
         if stream not in self.active:
@@ -241,7 +285,7 @@ class BatchedTalker:
         streams = self.active if streams is None else streams
         if any(s.finished for s in streams):
             raise RuntimeError("finished streams must be removed before the next step")
-        streams = [s for s in streams if self._room_for_next_key(s)]
+        streams = [s for s in streams if s.text_ready() and self._room_for_next_key(s)]
         if not streams:
             return []
         rows, text, blocks, noise_sub, noise_code0, candidates = self.prepare(streams)

@@ -50,6 +50,10 @@ FAMILIES = {
     "qwen_tts_talker_step_streams_total": ("counter", "Streams advanced, summed over steps (/ steps = mean batch)",
                                            None, lambda s: s.step_rows),
     "qwen_tts_talker_step_seconds_total": ("counter", "Time in batched talker steps", None, lambda s: s.step_seconds),
+    "qwen_tts_talker_text_waiting_streams": ("gauge", "Streams waiting for more of their text (started or not)",
+                                             None, lambda s: s.waiting_text),
+    "qwen_tts_talker_text_wait_seconds_total": ("counter", "Seconds started streams sat out waiting for their "
+                                                "text, summed over streams", None, lambda s: s.text_wait_s),
     "qwen_tts_talker_skipped_rows_total": ("counter", "Streams that waited a step because others were closer to "
                                            "their deadlines", None, lambda s: s.skipped_rows),
     "qwen_tts_talker_chunks_total": ("counter", "Chunks sent", None, lambda s: s.chunks),
