@@ -9,11 +9,11 @@ import pytest
 import pytest_asyncio
 import torch
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from conftest import SAMPLE_RATE, synthetic_reference
 from reference import FLOAT32_TOLERANCE, qwen_kwargs, reference_generation, rms
-from triton_helpers import scrape_metrics, stream, string_input, wait_until
+from triton_helpers import scalar_input, scrape_metrics, stream, string_input, wait_until
 from tts_engine.tiny_model import EOS_MARKER
 
 LONG_TEXT = "Streaming speech arrives in pieces, and the first piece should come quickly."
@@ -254,3 +254,95 @@ async def test_voice_encoder_refuses_too_short_audio(client):
     rate.set_data_from_numpy(np.array([SAMPLE_RATE], dtype=np.int32))
     with pytest.raises(InferenceServerException, match=r"\[INVALID_AUDIO\]"):
         await asyncio.wait_for(client.infer("voice_encoder", [audio, rate]), 30)
+
+
+# -- text still being written --------------------------------------------------------------------------------
+
+async def _speak_while_writing(client, model: str, key: int, pieces: list, outputs, **inputs) -> tuple:
+    """Open a stream with the first piece of its text (``text_key``), then send the others as ``append_to``
+    control requests on the same gRPC stream, the last with ``text_end``. Returns (the stream's responses,
+    {append request id: error or None})."""
+    first = [string_input("text", pieces[0]), scalar_input("text_key", key, "UINT64")] + \
+        [string_input(name, value) for name, value in inputs.items()]
+
+    async def requests():
+        yield {"model_name": model, "inputs": first, "request_id": "speak",
+               "parameters": {"greedy": True, "max_new_tokens": 60},
+               "outputs": [InferRequestedOutput(name) for name in outputs]}
+        for index, piece in enumerate(pieces[1:], 1):
+            await asyncio.sleep(0.05)
+            end = [scalar_input("text_end", True, "BOOL")] if index == len(pieces) - 1 else []
+            yield {"model_name": "talker", "request_id": f"append-{index}",
+                   "inputs": [string_input("text", piece), scalar_input("append_to", key, "UINT64")] + end}
+
+    responses, appends = [], {}
+
+    async def consume():
+        async for result, error in client.stream_infer(requests()):
+            request_id = error.request_id() if error is not None and hasattr(error, "request_id") else None
+            if result is not None:
+                reply = result.get_response()
+                request_id = reply.id
+                final = reply.parameters["triton_final_response"].bool_param
+                if request_id == "speak":
+                    if reply.outputs:
+                        responses.append(result)
+                    if final:
+                        return
+                elif final:
+                    appends[request_id] = None
+            else:
+                appends[request_id or f"error-{len(appends)}"] = str(error)
+                if request_id == "speak":
+                    raise AssertionError(f"the stream failed: {error}")
+
+    await asyncio.wait_for(consume(), 120)
+    return responses, appends
+
+
+SPOKEN_WHILE_WRITTEN = "Text arrives while it is spoken — naïvely split, even inside characters, and on it goes."
+
+
+async def test_talker_speaks_text_appended_while_it_runs(client, loaded, reference_voices):
+    """A talker stream opened with the start of its text and continued by ``append_to`` requests (5-byte pieces,
+    split inside characters, 50 ms apart: it starves) gives exactly qwen-tts's codes for the whole text."""
+    data = SPOKEN_WHILE_WRITTEN.encode()
+    pieces = [data[:12]] + [data[i:i + 5] for i in range(12, len(data), 5)]
+    responses, appends = await _speak_while_writing(client, "talker", 1001, pieces, ("codes", "final"),
+                                                    voice="plain", language="English")
+    assert all(error is None for error in appends.values()) and len(appends) == len(pieces) - 1
+    expected, _ = reference_generation(loaded.tts, reference_voices["plain"], SPOKEN_WHILE_WRITTEN,
+                                       **qwen_kwargs({"greedy": True, "max_new_tokens": 60}))
+    got = torch.from_numpy(np.concatenate([r.as_numpy("codes") for r in responses])).long()
+    assert torch.equal(got, expected)
+
+
+async def test_tts_speaks_text_appended_while_it_runs(client, loaded, reference_voices):
+    """Through the ``tts`` ensemble: the audio of text appended while it is spoken equals qwen-tts's one-shot
+    decode of the whole text's codes."""
+    data = SPOKEN_WHILE_WRITTEN.encode()
+    pieces = [data[:20]] + [data[i:i + 9] for i in range(20, len(data), 9)]
+    responses, appends = await _speak_while_writing(client, "tts", 1002, pieces, ("audio",), voice="plain",
+                                                    language="English")
+    assert all(error is None for error in appends.values())
+    _, expected = reference_generation(loaded.tts, reference_voices["plain"], SPOKEN_WHILE_WRITTEN,
+                                       **qwen_kwargs({"greedy": True, "max_new_tokens": 60}))
+    audio = np.concatenate([r.as_numpy("audio") for r in responses])
+    assert audio.shape == expected.shape
+    assert np.abs(audio - expected).max() <= FLOAT32_TOLERANCE * rms(expected)
+
+
+async def test_appending_to_an_unknown_text_key_is_a_clear_error(client):
+    """More text for a key nobody opened is refused with a message that says so; the server goes on."""
+    async def requests():
+        yield {"model_name": "talker", "request_id": "stray",
+               "inputs": [string_input("text", "more"), scalar_input("append_to", 777, "UINT64")]}
+
+    errors = []
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            errors.append(str(error))
+            break
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    assert errors and "no open text with key 777" in errors[0]

@@ -11,9 +11,18 @@ import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
 
-def string_input(name: str, value: str) -> InferInput:
+def string_input(name: str, value) -> InferInput:
+    """A BYTES [1] input from text, or from raw bytes (text split anywhere)."""
     tensor = InferInput(name, [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
+    tensor.set_data_from_numpy(np.array([value if isinstance(value, bytes) else value.encode("utf-8")],
+                                        dtype=np.object_))
+    return tensor
+
+
+def scalar_input(name: str, value, wire_dtype: str) -> InferInput:
+    """A [1] input of UINT64 or BOOL."""
+    tensor = InferInput(name, [1], wire_dtype)
+    tensor.set_data_from_numpy(np.array([value], dtype={"UINT64": np.uint64, "BOOL": bool}[wire_dtype]))
     return tensor
 
 

@@ -32,6 +32,18 @@ def read_string(pb_utils, request, name: str, required: bool = False) -> Optiona
     return str(value)
 
 
+def read_bytes(pb_utils, request, name: str) -> Optional[bytes]:
+    """A BYTES [1] input as raw bytes (text split anywhere, even inside a character); None when absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise InvalidRequest(f"input '{name}' must hold exactly one string, got {values.size}")
+    value = values[0]
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 def read_array(pb_utils, request, name: str, required: bool = True) -> Optional[np.ndarray]:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:

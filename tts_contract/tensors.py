@@ -20,6 +20,9 @@ TEXT = "text"  # BYTES [1], UTF-8
 VOICE = "voice"  # BYTES [1], a voice id
 LANGUAGE = "language"  # BYTES [1], a language name or Auto
 CANCEL_STREAM_ID = "cancel_stream_id"  # UINT64 [1], talker control input
+TEXT_KEY = "text_key"  # UINT64 [1], a client's key for text still being written: more arrives by `append_to`
+APPEND_TO = "append_to"  # UINT64 [1], talker control input: `text` (UTF-8 bytes, split anywhere) continues that key's text
+TEXT_END = "text_end"  # BOOL [1], with `append_to`: the text is complete
 STATUS_QUERY = "status_query"  # BOOL [1], talker control input: answer with `status` instead of synthesising
 STATUS = "status"  # BYTES [1], JSON: the talker's capacity now (slots, active, realtime_batch, headroom, ...)
 CODES = "codes"  # INT32 [frames, 16]
@@ -65,13 +68,16 @@ def _codes(name: str, optional: bool = False) -> Tensor:
 
 
 MODELS = {
-    TTS: Model(TTS, inputs=(_string(TEXT), _string(VOICE, True), _string(LANGUAGE, True)),
+    TTS: Model(TTS, inputs=(_string(TEXT), _string(VOICE, True), _string(LANGUAGE, True),
+                            Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True)),
                outputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)),), decoupled=True),
     TALKER: Model(TALKER,
                   # text is required for synthesis; only control requests (cancel, status) come without it
                   inputs=(_string(TEXT, True), _string(VOICE, True), _string(LANGUAGE, True),
                           Tensor(CANCEL_STREAM_ID, "TYPE_UINT64", (1,), True),
-                          Tensor(STATUS_QUERY, "TYPE_BOOL", (1,), True)),
+                          Tensor(STATUS_QUERY, "TYPE_BOOL", (1,), True),
+                          Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True), Tensor(APPEND_TO, "TYPE_UINT64", (1,), True),
+                          Tensor(TEXT_END, "TYPE_BOOL", (1,), True)),
                   outputs=(_codes(CODES), _codes(CONTEXT_CODES), Tensor(STREAM_ID, "TYPE_UINT64", (1,)),
                            Tensor(FINAL, "TYPE_BOOL", (1,)), _string(STATUS)),
                   decoupled=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Optional
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -11,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 from triton_support import params as config
 from triton_support.metrics import LEAD_BUCKETS, MetricsPublisher
 from triton_support.streaming import CancelWatcher, StreamIds, codes_job, send_final
-from triton_support.tensors import error_response, read_array, read_string, request_parameters, response
+from triton_support.tensors import error_response, read_array, read_bytes, read_string, request_parameters, response
 from tts_contract import delivery, tensors as names
 from tts_contract.limits import PROMPT_TOKENS
 from tts_engine.codec.decoder import StreamingDecoder
@@ -21,6 +22,7 @@ from tts_engine.generation.pacing import DeadlinePacing
 from tts_engine.generation.prompt import SynthesisRequest
 from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.scheduler import OUTCOMES, StreamJob, StreamScheduler
+from tts_engine.generation.text_feed import OpenTexts, TextFeed
 from tts_engine.generation.talker import BatchedTalker
 from tts_engine.loading import load_model
 from tts_engine.voices.prompts import build_prompt
@@ -101,6 +103,7 @@ class TritonPythonModel:
         self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.scheduler.stats, buckets=LEAD_BUCKETS)
         self.stream_ids = StreamIds()
         self.cancels = CancelWatcher()
+        self.open_texts = OpenTexts()  # texts still being written, by their client's key
         default = self.voices.default_id()
         try:
             if default:
@@ -132,10 +135,19 @@ class TritonPythonModel:
         for _ in range(count):
             done.acquire(timeout=120)
 
-    def _parse(self, request) -> tuple[SynthesisRequest, Delivery]:
-        text = read_string(pb_utils, request, names.TEXT, required=True)
-        if not text or not text.strip():
-            raise InvalidText("text is empty")
+    def _parse(self, request) -> tuple[SynthesisRequest, Delivery, Optional[int]]:
+        """The synthesis request, when its listener needs it, and the key of its open text (None: all of it)."""
+        key = read_array(pb_utils, request, names.TEXT_KEY, required=False)
+        feed = None
+        if key is not None:  # the beginning of a text still being written (it may be empty)
+            key = int(key.reshape(-1)[0])
+            feed = TextFeed.for_tokenizer(self.loaded.tts.processor.tokenizer, max_chars=self.max_text_chars)
+            feed.append(read_bytes(pb_utils, request, names.TEXT) or b"")
+            text = feed.text
+        else:
+            text = read_string(pb_utils, request, names.TEXT, required=True)
+            if not text or not text.strip():
+                raise InvalidText("text is empty")
         if len(text) > self.max_text_chars:
             raise InvalidText(f"text has {len(text)} characters; the limit is {self.max_text_chars}")
         voice = (read_string(pb_utils, request, names.VOICE) or "").strip() or None
@@ -145,7 +157,39 @@ class TritonPythonModel:
         params = SamplingParams.from_mapping(values, base=self.base_params,
                                              max_new_tokens_limit=self.max_new_tokens_limit)
         _, prompt = self.voices.get_prompt(voice)
-        return SynthesisRequest(text=text, prompt=prompt, language=language, params=params), timing
+        return SynthesisRequest(text=text, prompt=prompt, language=language, params=params, feed=feed), timing, key
+
+    def _append(self, request, key) -> None:
+        """A control request continuing an open text: one final response without outputs, or an error."""
+        try:
+            end = read_array(pb_utils, request, names.TEXT_END, required=False)
+            self.open_texts.append(int(key.reshape(-1)[0]), read_bytes(pb_utils, request, names.TEXT) or b"",
+                                   end is not None and bool(end.reshape(-1)[0]))
+        except Exception as exc:  # unknown or closed key, bad text: that request fails, the stream goes on
+            send_final(pb_utils, request, error_response(pb_utils, exc), self.log)
+            return
+        # A response without outputs, not a bare final flag: gRPC stream clients see the bare flag only if they
+        # asked for empty final responses, and each append deserves its acknowledgement.
+        send_final(pb_utils, request, response(pb_utils, {}), self.log)
+
+    def _submit(self, request, stream_id: int) -> None:
+        synthesis, timing, key = self._parse(request)
+        job = codes_job(pb_utils, request, synthesis, timing, stream_id, self.cancels)
+        if key is not None:  # its text stays open to `append_to` requests until the stream ends
+            self.open_texts.open(key, synthesis.feed)
+            ended = job.on_end
+
+            def on_end(error, job):
+                self.open_texts.forget(key)
+                ended(error, job)
+
+            job.on_end = on_end
+        try:
+            self.scheduler.submit(job)
+        except Exception:
+            if key is not None:
+                self.open_texts.forget(key)
+            raise
 
     def execute(self, requests):
         for request in requests:
@@ -154,6 +198,10 @@ class TritonPythonModel:
                 self.cancels.cancelled.add(int(cancel_id.reshape(-1)[0]))
                 request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
+            append_to = read_array(pb_utils, request, names.APPEND_TO, required=False)
+            if append_to is not None:
+                self._append(request, append_to)
+                continue
             if read_array(pb_utils, request, names.STATUS_QUERY, required=False) is not None:
                 status = self.scheduler.stats.status(self.scheduler.capacity, self.scheduler.margin_s)
                 send_final(pb_utils, request, response(pb_utils, {names.STATUS: np.array(
@@ -161,8 +209,7 @@ class TritonPythonModel:
                 continue
             stream_id = self.stream_ids.next()
             try:
-                synthesis, timing = self._parse(request)
-                self.scheduler.submit(codes_job(pb_utils, request, synthesis, timing, stream_id, self.cancels))
+                self._submit(request, stream_id)
             except Exception as exc:  # bad input or a full queue: one error response, the server goes on
                 self.cancels.forget(stream_id)  # watched from codes_job on: never ask about a freed request
                 if not isinstance(exc, (InvalidRequest, InvalidText)):
