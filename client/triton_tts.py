@@ -1,6 +1,10 @@
 """Stream `tts` from Triton over gRPC into a WAV file and report time to first audio.
 
     python -m client.triton_tts "Hello there." -o hello.wav [--voice default] [--language English]
+    my_llm --stream | python -m client.triton_tts --stdin-stream -o answer.wav
+
+With ``--stdin-stream`` the text is spoken while it is read: one utterance, opened with ``text_key`` and
+continued by ``append_to`` requests on the same gRPC stream as standard input delivers it.
 """
 from __future__ import annotations
 
@@ -30,22 +34,48 @@ class TritonError(RuntimeError):
     """Triton refused or failed the request; the message starts with the engine's [CODE]."""
 
 
-async def synthesize(url: str, text: str, voice=None, language=None, parameters=None, timeout: float = 300.0,
-                     on_chunk=None) -> dict:
-    """Run one streaming ``tts`` request over gRPC; returns audio, time to first audio and totals."""
-    import tritonclient.grpc.aio as grpcclient
-    from tritonclient.grpc import InferInput, InferRequestedOutput
+def _tensor(name: str, value, wire_dtype: str = "BYTES"):
+    from tritonclient.grpc import InferInput
 
-    inputs = []
-    for name, value in ((names.TEXT, text), (names.VOICE, voice), (names.LANGUAGE, language)):
-        if value:
-            tensor = InferInput(name, [1], "BYTES")
-            tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
-            inputs.append(tensor)
+    tensor = InferInput(name, [1], wire_dtype)
+    if wire_dtype == "BYTES":
+        data = np.array([value if isinstance(value, bytes) else value.encode("utf-8")], dtype=np.object_)
+    else:
+        data = np.array([value], dtype={"UINT64": np.uint64, "BOOL": bool}[wire_dtype])
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+async def synthesize(url: str, text: str, voice=None, language=None, parameters=None, timeout: float = 300.0,
+                     on_chunk=None, more_text=None) -> dict:
+    """Run one streaming ``tts`` request over gRPC; returns audio, time to first audio and totals.
+    ``more_text``: an async iterator of further pieces (str or UTF-8 bytes split anywhere); the text is then
+    spoken as it arrives and closed when the iterator ends."""
+    import secrets
+
+    import tritonclient.grpc.aio as grpcclient
+    from tritonclient.grpc import InferRequestedOutput
+
+    inputs = [_tensor(name, value) for name, value in ((names.VOICE, voice), (names.LANGUAGE, language)) if value]
+    key = secrets.randbits(63) if more_text is not None else None
+    if key is None:
+        inputs.append(_tensor(names.TEXT, text))
+    else:
+        inputs += [_tensor(names.TEXT, text or ""), _tensor(names.TEXT_KEY, key, "UINT64")]
 
     async def requests():
-        yield {"model_name": names.TTS, "inputs": inputs, "parameters": parameters or {},
+        yield {"model_name": names.TTS, "inputs": inputs, "parameters": parameters or {}, "request_id": "speak",
                "outputs": [InferRequestedOutput(names.AUDIO)]}
+        if more_text is None:
+            return
+        index = 0
+        async for piece in more_text:
+            index += 1
+            yield {"model_name": names.TALKER, "request_id": f"append-{index}",
+                   "inputs": [_tensor(names.TEXT, piece), _tensor(names.APPEND_TO, key, "UINT64")]}
+        yield {"model_name": names.TALKER, "request_id": "end",
+               "inputs": [_tensor(names.TEXT, b""), _tensor(names.APPEND_TO, key, "UINT64"),
+                          _tensor(names.TEXT_END, True, "BOOL")]}
 
     client = grpcclient.InferenceServerClient(url)
     chunks, first_audio = [], None
@@ -56,6 +86,8 @@ async def synthesize(url: str, text: str, voice=None, language=None, parameters=
         async for result, error in client.stream_infer(requests()):
             if error is not None:
                 raise TritonError(str(error))
+            if result.get_response().id != "speak":  # an append's acknowledgement
+                continue
             audio = result.as_numpy(names.AUDIO)
             if audio is not None and audio.size:
                 first_audio = time.monotonic() - start if first_audio is None else first_audio
@@ -75,9 +107,21 @@ async def synthesize(url: str, text: str, voice=None, language=None, parameters=
             "responses": len(chunks)}
 
 
+async def _stdin_pieces():
+    """Standard input's bytes as they arrive (read in a thread; a piece may end inside a character)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        piece = await loop.run_in_executor(None, lambda: sys.stdin.buffer.read1(4096))
+        if not piece:
+            return
+        yield piece
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("text", help="text to speak ('-' reads standard input)")
+    parser.add_argument("text", nargs="?", default="", help="text to speak ('-' reads standard input)")
+    parser.add_argument("--stdin-stream", action="store_true",
+                        help="speak standard input while it is being written (one continuous utterance)")
     parser.add_argument("-o", "--output", default="out.wav", help="WAV file to write (24 kHz, 16-bit)")
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     parser.add_argument("--voice", help="voice id (default: the server's default voice)")
@@ -87,14 +131,15 @@ def main(argv=None) -> int:
     parser.add_argument("--param", action="append", type=_parse_param, default=[], metavar="NAME=VALUE",
                         help="any sampling parameter, e.g. --param temperature=0.7 --param greedy=true")
     args = parser.parse_args(argv)
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = sys.stdin.read() if args.text == "-" and not args.stdin_stream else args.text
     parameters = dict(args.param)
     if args.seed is not None:
         parameters["seed"] = args.seed
     if args.max_new_tokens is not None:
         parameters["max_new_tokens"] = args.max_new_tokens
+    more_text = _stdin_pieces() if args.stdin_stream else None
     try:
-        result = asyncio.run(synthesize(args.url, text, args.voice, args.language, parameters))
+        result = asyncio.run(synthesize(args.url, text, args.voice, args.language, parameters, more_text=more_text))
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -267,7 +267,7 @@ async def _speak_while_writing(client, model: str, key: int, pieces: list, outpu
 
     async def requests():
         yield {"model_name": model, "inputs": first, "request_id": "speak",
-               "parameters": {"greedy": True, "max_new_tokens": 60},
+               "parameters": {"greedy": True, "max_new_tokens": 120},
                "outputs": [InferRequestedOutput(name) for name in outputs]}
         for index, piece in enumerate(pieces[1:], 1):
             await asyncio.sleep(0.05)
@@ -275,7 +275,7 @@ async def _speak_while_writing(client, model: str, key: int, pieces: list, outpu
             yield {"model_name": "talker", "request_id": f"append-{index}",
                    "inputs": [string_input("text", piece), scalar_input("append_to", key, "UINT64")] + end}
 
-    responses, appends = [], {}
+    responses, appends, ended = [], {}, []
 
     async def consume():
         async for result, error in client.stream_infer(requests()):
@@ -287,10 +287,11 @@ async def _speak_while_writing(client, model: str, key: int, pieces: list, outpu
                 if request_id == "speak":
                     if reply.outputs:
                         responses.append(result)
-                    if final:
-                        return
+                    ended.append(final)
                 elif final:
                     appends[request_id] = None
+                if any(ended) and len(appends) == len(pieces) - 1:
+                    return
             else:
                 appends[request_id or f"error-{len(appends)}"] = str(error)
                 if request_id == "speak":
@@ -312,24 +313,29 @@ async def test_talker_speaks_text_appended_while_it_runs(client, loaded, referen
                                                     voice="plain", language="English")
     assert all(error is None for error in appends.values()) and len(appends) == len(pieces) - 1
     expected, _ = reference_generation(loaded.tts, reference_voices["plain"], SPOKEN_WHILE_WRITTEN,
-                                       **qwen_kwargs({"greedy": True, "max_new_tokens": 60}))
+                                       **qwen_kwargs({"greedy": True, "max_new_tokens": 120}))
     got = torch.from_numpy(np.concatenate([r.as_numpy("codes") for r in responses])).long()
     assert torch.equal(got, expected)
 
 
-async def test_tts_speaks_text_appended_while_it_runs(client, loaded, reference_voices):
-    """Through the ``tts`` ensemble: the audio of text appended while it is spoken equals qwen-tts's one-shot
-    decode of the whole text's codes."""
+async def test_tts_speaks_text_appended_while_it_runs(triton, loaded, reference_voices):
+    """Through the ``tts`` ensemble with ``client.triton_tts`` (what ``--stdin-stream`` runs): the audio of text
+    appended while it is spoken equals qwen-tts's one-shot decode of the whole text's codes."""
+    from client.triton_tts import synthesize
+
     data = SPOKEN_WHILE_WRITTEN.encode()
-    pieces = [data[:20]] + [data[i:i + 9] for i in range(20, len(data), 9)]
-    responses, appends = await _speak_while_writing(client, "tts", 1002, pieces, ("audio",), voice="plain",
-                                                    language="English")
-    assert all(error is None for error in appends.values())
+
+    async def more_text():
+        for start in range(20, len(data), 9):
+            await asyncio.sleep(0.05)
+            yield data[start:start + 9]
+
+    result = await synthesize(triton.grpc_url, data[:20].decode(), voice="plain", language="English",
+                              parameters={"greedy": True, "max_new_tokens": 120}, timeout=120, more_text=more_text())
     _, expected = reference_generation(loaded.tts, reference_voices["plain"], SPOKEN_WHILE_WRITTEN,
-                                       **qwen_kwargs({"greedy": True, "max_new_tokens": 60}))
-    audio = np.concatenate([r.as_numpy("audio") for r in responses])
-    assert audio.shape == expected.shape
-    assert np.abs(audio - expected).max() <= FLOAT32_TOLERANCE * rms(expected)
+                                       **qwen_kwargs({"greedy": True, "max_new_tokens": 120}))
+    assert result["audio"].shape == expected.shape
+    assert np.abs(result["audio"] - expected).max() <= FLOAT32_TOLERANCE * rms(expected)
 
 
 async def test_appending_to_an_unknown_text_key_is_a_clear_error(client):
