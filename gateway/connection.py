@@ -12,12 +12,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from . import metrics
 from .protocol import (
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES,
-    TRANSPORTS, Append, Cancel, End, Error, ErrorCode, Flush, ProtocolError, Ready, Speak, Start, Started, Stop,
+    TEXT_MODES, TRANSPORTS, Append, Cancel, End, Error, ErrorCode, Flush, ProtocolError, Ready, Speak, Start, Started, Stop,
     Stopped, normalise_language, parse_client_message,
 )
 from .security import bearer_token, token_ok
 from .speaker import AudioFormat, SessionClosed, Speaker, Utterance
-from .text import TextFeed, split_sentences
+from .text import OpenText, TextFeed, split_sentences
 
 log = logging.getLogger("gateway.connection")
 AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before its `start`
@@ -69,6 +69,7 @@ class Connection:
         self.legacy = True  # until a `start` arrives
         self.contract_id: Optional[str] = None
         self.max_wait_s = 0.0  # how long this session's utterances may queue for capacity (start.maxWaitMs)
+        self.text_mode = "auto"  # start.textMode
         self.speaker = Speaker(self, services.triton, self.settings, self.id)
         self.open_stream: Optional[Utterance] = None  # the streamed utterance taking `append`s
         self._send_lock = asyncio.Lock()
@@ -231,6 +232,7 @@ class Connection:
         self.legacy = False
         self.contract_id = message.contractId or self.contract_id
         self.max_wait_s = self._max_wait_s(message.maxWaitMs)
+        self.text_mode = self._checked_mode(message.textMode)
         if message.voice is not None:
             if self._known_voice(message.voice):
                 self.voice = message.voice
@@ -241,7 +243,8 @@ class Connection:
                  self.audio.sample_rate, self.audio.encoding, self.audio.transport, self.voice, self.language,
                  self.contract_id)
         await self.send_message(Started(sampleRate=self.audio.sample_rate, encoding=self.audio.encoding,
-                                        voice=self.voice, language=self.language))
+                                        voice=self.voice, language=self.language,
+                                        textMode=self._text_mode(self.text_mode, self.voice)))
 
     async def _on_speak(self, message: Speak) -> None:
         rid = message.requestId
@@ -251,8 +254,11 @@ class Connection:
         if len(text) > self.settings.max_text_chars:
             raise ProtocolError(ErrorCode.INVALID_TEXT, f"text has {len(text)} characters; the limit is "
                                 f"{self.settings.max_text_chars}", rid)
-        sentences = split_sentences(text, self.settings.max_sentence_chars)
-        await self._accept(message, TextFeed(self.settings.max_sentence_chars, sentences), len(text))
+        def feed(mode: str):  # continuous: the whole text is one stream
+            sentences = [text] if mode == "continuous" else split_sentences(text, self.settings.max_sentence_chars)
+            return TextFeed(self.settings.max_sentence_chars, sentences)
+
+        await self._accept(message, feed, len(text))
 
     async def _on_append(self, message: Append) -> None:
         """Text for the open streamed utterance; the first append opens one (queued like a speak)."""
@@ -269,7 +275,11 @@ class Connection:
                                 f"the limit is {self.settings.max_text_chars}{kept}",
                                 rid or (utterance.request_id if utterance else None))
         if utterance is None:
-            feed = TextFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
+            def feed(mode: str):
+                if mode == "continuous":
+                    return OpenText(idle_s=self.settings.text_idle_s)
+                return TextFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
+
             utterance = self.open_stream = await self._accept(message, feed, 0)
             utterance.streamed = True
         utterance.characters += len(message.text)
@@ -284,10 +294,14 @@ class Connection:
             self.open_stream.feed.close()
             self.open_stream = None
 
-    async def _accept(self, message, feed: TextFeed, characters: int) -> Utterance:
-        """Checks shared by speak and a first append (priority, language, voice, readiness, queue), then the
-        utterance is queued."""
+    async def _accept(self, message, make_feed, characters: int) -> Utterance:
+        """Checks shared by speak and a first append (priority, text mode, language, voice, readiness, queue), then
+        the utterance is queued with the feed ``make_feed(text mode)`` gives."""
         rid = message.requestId
+        try:
+            mode = self._checked_mode(message.textMode) if message.textMode is not None else self.text_mode
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, exc.message, rid) from None
         if message.priority not in ("normal", "high"):
             raise ProtocolError(ErrorCode.INVALID_MESSAGE,
                                 f"priority must be 'normal' or 'high', not {message.priority!r}", rid)
@@ -313,11 +327,30 @@ class Connection:
             raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
                                 f"(limit {self.settings.max_queued_utterances})", rid)
         max_wait_s = self.max_wait_s if message.maxWaitMs is None else self._max_wait_s(message.maxWaitMs)
-        utterance = Utterance(feed=feed, characters=characters, voice=voice, language=language,
-                              audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid,
+        utterance = Utterance(feed=make_feed(self._text_mode(mode, voice)), characters=characters, voice=voice,
+                              language=language, audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid,
                               max_wait_s=max_wait_s)
         self.speaker.enqueue(utterance)
         return utterance
+
+    @staticmethod
+    def _checked_mode(mode: str) -> str:
+        if mode not in TEXT_MODES:
+            raise ProtocolError(ErrorCode.INVALID_CONFIG, f"unknown textMode {mode!r}; known: {', '.join(TEXT_MODES)}")
+        return mode
+
+    def _text_mode(self, mode: str, voice: Optional[str]) -> str:
+        """The mode ``auto`` stands for with this voice: continuous where it gives first audio no later than
+        sentences do (x-vector voices start with the first word), sentences for ICL voices (their stream can
+        start only once the whole text is there)."""
+        if mode != "auto":
+            return mode
+        try:
+            voice_id = voice or self.services.voices.default_id()
+            return "continuous" if voice_id and self.services.voices.directory.info(voice_id).x_vector_only \
+                else "sentences"
+        except Exception:  # an unreadable voice folder: the mode that needs nothing of it
+            return "sentences"
 
     def _max_wait_s(self, max_wait_ms: int) -> float:
         """A client's wait for capacity, at most GATEWAY_QUEUE_TIMEOUT_S."""

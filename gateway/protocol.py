@@ -18,6 +18,7 @@ from tts_contract.languages import normalise_language as _normalise_language
 
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)  # the rates the gateway resamples to
 ENCODINGS = ("pcm16", "pcm32f")
+TEXT_MODES = ("auto", "continuous", "sentences")  # how appended text is spoken (see SPEAK_PROTOCOL: textMode)
 TRANSPORTS = ("binary", "base64")
 
 CLOSE_NORMAL = 1000
@@ -49,6 +50,7 @@ class Start(_ClientMessage):
     contractId: Optional[StrictStr] = None
     audioTransport: StrictStr = "binary"
     maxWaitMs: StrictInt = Field(0, ge=0, le=MAX_WAIT_LIMIT_MS)  # this session's utterances may queue this long
+    textMode: StrictStr = "auto"  # how appended text is spoken: continuous, sentences, or auto
 
 
 class _TextMessage(_ClientMessage):
@@ -60,6 +62,7 @@ class _TextMessage(_ClientMessage):
     priority: StrictStr = "normal"
     requestId: Optional[StrictStr] = None
     maxWaitMs: Optional[StrictInt] = Field(None, ge=0, le=MAX_WAIT_LIMIT_MS)  # None: the session's
+    textMode: Optional[StrictStr] = None  # None: the session's
 
 
 class Speak(_TextMessage):
@@ -180,6 +183,7 @@ class Started(_ServerMessage):
     encoding: str
     voice: Optional[str]
     language: str
+    textMode: str = "sentences"
     type = "started"
     _keep_none = ("voice",)
 

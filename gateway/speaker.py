@@ -17,8 +17,8 @@ from . import metrics
 from .audio import AudioConverter
 from .delivery import PlaybackClock, hear
 from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode
-from .synthesis import Timing, sentence_audio
-from .text import TextFeed
+from .synthesis import Timing, sentence_audio, written_audio
+from .text import OpenText, TextFeed
 from .triton_client import SynthesisFailed
 
 log = logging.getLogger("gateway.speaker")
@@ -37,7 +37,7 @@ class AudioFormat:
 
 @dataclass
 class Utterance:
-    feed: TextFeed  # its sentences: all known (speak), or arriving (append)
+    feed: "TextFeed | OpenText"  # its sentences, all known (speak) or arriving (append); or one continuous text
     characters: int
     voice: Optional[str]
     language: str
@@ -156,8 +156,9 @@ class Speaker:
         timing = Timing(max(0.0, self.listening_until - time.monotonic()), utterance.max_wait_s)
         try:
             # aclosing: however playback ends, the sentence requests still in flight are cancelled now.
-            async with contextlib.aclosing(sentence_audio(self.triton, self.settings, utterance.feed, utterance.voice,
-                                                         utterance.language, playback.listener, timing)) as stream:
+            speech = written_audio if isinstance(utterance.feed, OpenText) else sentence_audio
+            async with contextlib.aclosing(speech(self.triton, self.settings, utterance.feed, utterance.voice,
+                                                  utterance.language, playback.listener, timing)) as stream:
                 async for chunk in stream:
                     await self._send_audio(utterance, converter, playback, converter.convert(chunk))
             await self._send_audio(utterance, converter, playback, converter.flush(), final=True)

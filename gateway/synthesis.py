@@ -15,7 +15,7 @@ from tts_contract import delivery
 from tts_contract.audio import SAMPLE_RATE
 
 from .delivery import PlaybackClock
-from .text import TextFeed
+from .text import OpenText, TextFeed
 
 _ADMITTED = object()  # put in a sentence's audio queue when its request gets a synthesis slot
 
@@ -118,3 +118,26 @@ async def _plan(triton, settings, feed: TextFeed, voice, language, listener: Pla
         if seat is not None:
             seat.release()
         sentences.put_nowait(None)
+
+
+async def written_audio(triton, settings, text: OpenText, voice: Optional[str], language: Optional[str],
+                        listener: PlaybackClock, timing: Timing = Timing()) -> AsyncIterator[np.ndarray]:
+    """Float32 24 kHz chunks of one continuous stream of ``text`` while it is being written (``textMode``
+    continuous): one seat, one request whose text grows by appends. The frame cap grows with the text. Closing
+    the iterator cancels the request."""
+    # No max_new_tokens: the talker's own default bounds the stream, and its frames_per_char cap grows with the text.
+    parameters = {"frames_per_char": settings.frames_per_char, "frames_base": settings.frames_base,
+                  **settings.synthesis_parameters,
+                  delivery.LEAD_MS: int(1000 * timing.lead_s)}
+    if timing.max_wait_s:
+        parameters[delivery.MAX_WAIT_MS] = int(1000 * timing.max_wait_s)
+    seat = await triton.seat(timing.max_wait_s)
+    seat.listener, seat.generating = listener, True
+    # While every word written so far has been sent, a gap the listener hears is the writer's.
+    text.on_waiting = lambda waiting: listener.pause() if waiting else listener.resume()
+    try:
+        async for chunk in seat.synthesize("", voice, language, parameters, lead_s=timing.lead_s, written=text):
+            yield chunk
+    finally:
+        seat.generating = False
+        seat.release()

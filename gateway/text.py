@@ -1,4 +1,5 @@
-"""Splitting text into sentences, so each is synthesised as its own request: all at once, or as it arrives."""
+"""An utterance's text: split into sentences, each synthesised as its own request (all at once, or as it arrives),
+or kept whole as one continuous stream while it is being written."""
 from __future__ import annotations
 
 import asyncio
@@ -109,3 +110,62 @@ class TextFeed:
         if text.strip():
             self._ready.extend(split_sentences(text, self.max_sentence_chars))
             self._changed.set()
+
+
+class OpenText:
+    """An utterance's text as one continuous synthesis stream (``textMode`` continuous): pieces, flushes and the
+    end, in the order they came. All of it is kept, so a stream that must start again elsewhere opens with the
+    text so far. Buffered text with no append for ``idle_s`` is flushed (its last word committed)."""
+
+    def __init__(self, idle_s: float = 5.0):
+        self.idle_s = idle_s
+        self.text = ""
+        self.flushed_to = 0  # the text up to here is final as written
+        self.closed = False
+        self.on_waiting = None  # told True/False when the stream starts/stops waiting for the writer
+        self._changed = asyncio.Event()
+        self._last_append = time.monotonic()
+
+    def append(self, text: str) -> None:
+        self.text += text
+        self._last_append = time.monotonic()
+        self._changed.set()
+
+    def flush(self) -> None:
+        if len(self.text) > self.flushed_to:
+            self.flushed_to = len(self.text)
+            self._changed.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    async def pieces(self, start: int, waiting=None):
+        """(new text, flush) from character ``start`` on, as they come; ends once the text is closed and all of it
+        given. ``waiting(bool)`` is told when it starts and stops waiting for the writer."""
+        offset, flushed = start, 0  # a flush of the text before ``start`` is news to a request opened with it
+        while True:
+            self._changed.clear()
+            if len(self.text) > offset or self.flushed_to > flushed:
+                piece, offset = self.text[offset:], len(self.text)
+                flush = self.flushed_to > flushed
+                flushed = max(flushed, self.flushed_to)
+                yield piece, flush
+                continue
+            if self.closed:
+                return
+            idle_left = self._last_append + self.idle_s - time.monotonic() if self.flushed_to < len(self.text) \
+                else None
+            if idle_left is not None and idle_left <= 0:
+                self.flush()
+                continue
+            if waiting:
+                waiting(True)
+            try:
+                async with asyncio.timeout(idle_left):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass  # the loop flushes if no append came meanwhile
+            finally:
+                if waiting:
+                    waiting(False)

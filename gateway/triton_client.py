@@ -7,6 +7,7 @@ import heapq
 import itertools
 import json
 import logging
+import secrets
 import time
 from collections import deque
 from typing import AsyncIterator, Optional
@@ -57,6 +58,25 @@ def _string(name: str, value: str) -> InferInput:
     tensor = InferInput(name, [1], "BYTES")
     tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
     return tensor
+
+
+SPEAK_ID = "speak"  # the synthesis request's id on its gRPC stream (appends have their own)
+
+
+def _scalar(name: str, value, wire_dtype: str) -> InferInput:
+    tensor = InferInput(name, [1], wire_dtype)
+    tensor.set_data_from_numpy(np.array([value], dtype={"UINT64": np.uint64, "BOOL": bool}[wire_dtype]))
+    return tensor
+
+
+def _append_request(key: int, piece: str, flush: bool = False, end: bool = False) -> dict:
+    """A talker control request continuing the open text ``key``."""
+    inputs = [_string(names.TEXT, piece), _scalar(names.APPEND_TO, key, "UINT64")]
+    if flush:
+        inputs.append(_scalar(names.TEXT_FLUSH, True, "BOOL"))
+    if end:
+        inputs.append(_scalar(names.TEXT_END, True, "BOOL"))
+    return {"model_name": names.TALKER, "inputs": inputs, "request_id": f"append-{secrets.token_hex(4)}"}
 
 
 class TritonEndpoint:
@@ -142,17 +162,28 @@ class TritonEndpoint:
         await self.client.close()
 
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
-                         parameters: Optional[dict] = None) -> AsyncIterator[np.ndarray]:
-        """Yield float32 24 kHz chunks as Triton streams them. Closing the iterator cancels the request."""
-        inputs = [_string(names.TEXT, text)]
+                         parameters: Optional[dict] = None, written=None) -> AsyncIterator[np.ndarray]:
+        """Yield float32 24 kHz chunks as Triton streams them. Closing the iterator cancels the request.
+        ``written``: an ``OpenText`` still being written; the request then opens with its text so far
+        (``text_key``) and sends the rest, its flushes and its end as ``append_to`` requests on the same stream."""
+        key = secrets.randbits(63) if written is not None else None
+        inputs = [_string(names.TEXT, written.text if written is not None else text)]
+        if key is not None:
+            inputs.append(_scalar(names.TEXT_KEY, key, "UINT64"))
         if voice:
             inputs.append(_string(names.VOICE, voice))
         if language:
             inputs.append(_string(names.LANGUAGE, language))
 
         async def requests():
-            yield {"model_name": names.TTS, "inputs": inputs, "parameters": parameters or {},
+            yield {"model_name": names.TTS, "inputs": inputs, "parameters": parameters or {}, "request_id": SPEAK_ID,
                    "outputs": [InferRequestedOutput(names.AUDIO)]}
+            if written is None:
+                return
+            pieces = written.pieces(len(written.text), getattr(written, "on_waiting", None))
+            async for piece, flush in pieces:
+                yield _append_request(key, piece, flush=flush)
+            yield _append_request(key, "", end=True)
 
         responses = self.client.stream_infer(requests())
         finished = False
@@ -161,6 +192,8 @@ class TritonEndpoint:
                 if error is not None:
                     finished = True
                     raise _engine_error(error)
+                if result.get_response().id != SPEAK_ID:  # an append's acknowledgement
+                    continue
                 audio = result.as_numpy(names.AUDIO)
                 params = result.get_response().parameters
                 last = "triton_final_response" in params and params["triton_final_response"].bool_param
@@ -393,17 +426,18 @@ class Seat:
 
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str], parameters: dict,
                          continuing: bool = False, lead_s: float = 0.0,
-                         first_audio_by: Optional[float] = None) -> AsyncIterator[np.ndarray]:
+                         first_audio_by: Optional[float] = None, written=None) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks of one sentence. ``first_audio_by`` (monotonic time) becomes the request's
         first-audio budget when it is sent; ``continuing``/``lead_s``: a later sentence, whose listener still
-        has ``lead_s`` of audio. Closing the iterator cancels the request."""
+        has ``lead_s`` of audio; ``written``: text still being written (see ``TritonEndpoint.synthesize``).
+        Closing the iterator cancels the request."""
         tried: set = set()
         refusal: Optional[SynthesisFailed] = None
         while True:
             if first_audio_by is not None:
                 parameters[FIRST_AUDIO_BUDGET_MS] = max(1, int(1000 * (first_audio_by - time.monotonic())))
             produced = False
-            stream = self.endpoint.synthesize(text, voice, language, parameters)
+            stream = self.endpoint.synthesize(text, voice, language, parameters, written)
             try:
                 async for chunk in stream:
                     produced = True

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 
+import numpy as np
 import pytest
 import soundfile as sf
 from websockets.exceptions import ConnectionClosed
@@ -192,3 +194,67 @@ async def test_speak_cli_streams_stdin_as_it_is_written(gateway, tmp_path):
     assert b"time to first audio" in stderr and b"complete" in stderr
     samples, rate = sf.read(output)
     assert rate == 24000 and len(samples) > rate
+
+
+# -- continuous text: one stream per utterance, fed as it is written ------------------------------------------
+
+async def _audio_of(ws, timeout: float = 120):
+    result = await collect(ws, timeout=timeout)
+    assert result.end["cancelled"] is False, result.messages
+    return np.frombuffer(result.audio, dtype=np.float32)
+
+
+async def test_continuous_appends_give_the_audio_of_one_speak_of_the_whole_text(gateway):
+    """In continuous mode an utterance appended in random pieces (single characters included, with pauses) is
+    one stream whose audio equals a `speak` of the whole text, however the text was cut."""
+    text = "Continuous text is spoken as it is written, word by word, without waiting for sentences."
+    async with open_session(gateway.ws) as ws:
+        started = await start_session(ws, voice="plain", encoding="pcm32f", textMode="continuous")
+        assert started["textMode"] == "continuous"
+        await send(ws, type="speak", text=text)
+        whole = await _audio_of(ws)
+        rng, start = random.Random(3), 0
+        while start < len(text):
+            size = rng.choice((1, 1, 2, 5, 9))
+            await send(ws, type="append", text=text[start:start + size])
+            start += size
+            await asyncio.sleep(rng.uniform(0, 0.04))
+        await send(ws, type="end")
+        fed = await _audio_of(ws)
+    assert whole.size > 0 and fed.shape == whole.shape
+    assert np.abs(fed - whole).max() <= 1e-4 * np.sqrt(np.mean(whole ** 2))
+
+
+async def test_continuous_flush_speaks_the_last_word_before_the_end(make_gateway):
+    """`flush` commits the word held back in case it continued: its frames are spoken before `end` (a frame
+    reads the next text token, so two words are the least that makes audio), long before the idle time would."""
+    gateway = make_gateway(GATEWAY_TEXT_IDLE_S="60")
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws, voice="plain", textMode="continuous")
+        await send(ws, type="append", text="Hello there")  # "Hello" is one token: alone it makes no frame
+        await send(ws, type="flush")
+        assert isinstance(await asyncio.wait_for(ws.recv(), 20), bytes)
+        await send(ws, type="append", text=" and then more.")
+        await send(ws, type="end")
+        result = await collect(ws)
+        assert result.end["cancelled"] is False
+        assert result.end["charactersProcessed"] == len("Hello there and then more.")
+
+
+@pytest.mark.parametrize("voice,mode", [("plain", "continuous"), ("default", "sentences")])
+async def test_auto_text_mode_is_continuous_for_x_vector_voices_and_sentences_for_icl(gateway, voice, mode):
+    """`auto` picks continuous where it gives first audio no later than sentences (an x-vector voice starts with
+    the first word; an ICL voice's stream needs its whole text); `started` says which."""
+    async with open_session(gateway.ws) as ws:
+        assert (await start_session(ws, voice=voice))["textMode"] == mode
+
+
+async def test_an_unknown_text_mode_is_invalid_config(gateway):
+    """A textMode the gateway does not know is refused with INVALID_CONFIG; the session stays usable."""
+    async with open_session(gateway.ws) as ws:
+        await receive_json(ws)
+        await send(ws, type="start", textMode="telepathic")
+        error = await receive_json(ws)
+        assert error["type"] == "error" and error["code"] == "INVALID_CONFIG" and "telepathic" in error["message"]
+        await send(ws, type="start")
+        assert (await receive_json(ws))["type"] == "started"

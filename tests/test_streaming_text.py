@@ -168,3 +168,16 @@ def test_idle_text_is_closed_as_if_it_had_ended(loaded, xvector_prompt, tokenize
         assert feed.closed and got.codes.shape[0] > 0 and time.monotonic() - started < 30
     finally:
         scheduler.stop()
+
+
+def test_flush_commits_the_last_word_and_what_follows_goes_on_from_there(tokenizer):
+    """After a flush the held-back word is committed; text after it is tokenised from there, so a flush between
+    two words still gives the whole text's ids."""
+    feed = TextFeed.for_tokenizer(tokenizer)
+    feed.append("Hello there")
+    held = len(feed.ids)
+    feed.flush()
+    assert len(feed.ids) > held
+    feed.append(" and then some words.")
+    feed.close()
+    assert feed.ids == whole_turn_ids(tokenizer, "Hello there and then some words.")

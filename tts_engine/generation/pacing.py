@@ -108,13 +108,14 @@ class Pacer:
         return self.first_due - now if self.play_start is None else self.lead(now)
 
     def add(self, frame: Optional[torch.Tensor], finished: bool, now: float, next_step_s: float = 0.0,
-            deliver_s: float = 0.0) -> Optional[torch.Tensor]:
-        """Take the step's frame (None when the step made none); returns a [n, 16] chunk when one is due."""
+            deliver_s: float = 0.0, drain: bool = False) -> Optional[torch.Tensor]:
+        """Take the step's frame (None when the step made none); returns a [n, 16] chunk when one is due.
+        ``drain``: send whatever is held now (the stream waits for its text: holding frames gains nothing)."""
         if frame is not None:
             self.pending.append(frame)
         if not self.pending:
             return None
-        count = len(self.pending) if finished else self.policy.take(self, now, next_step_s, deliver_s)
+        count = len(self.pending) if finished or drain else self.policy.take(self, now, next_step_s, deliver_s)
         if not count:
             return None
         chunk = torch.stack(self.pending[:count])

@@ -31,6 +31,16 @@ class SamplingParams:
     subtalker_top_k: int = 50
     subtalker_top_p: float = 1.0
     subtalker_greedy: Optional[bool] = None  # None: follow ``greedy``
+    # > 0: a stream also stops after frames_base + frames_per_char tokens per character of its (closed) text, so
+    # the cap grows with text that is still being written (max_new_tokens stays the upper bound)
+    frames_per_char: float = 0.0
+    frames_base: int = 24
+
+    def frame_cap(self, characters: int) -> int:
+        """The most tokens a stream of ``characters`` characters samples."""
+        if not self.frames_per_char:
+            return self.max_new_tokens
+        return min(self.max_new_tokens, self.frames_base + int(self.frames_per_char * characters))
 
     @property
     def do_sample(self) -> bool:
@@ -55,6 +65,8 @@ class SamplingParams:
         check("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "0 < repetition_penalty <= 10")
         check("max_new_tokens", 1 <= self.max_new_tokens <= max_new_tokens_limit,
               f"1 <= max_new_tokens <= {max_new_tokens_limit}")
+        check("frames_per_char", 0.0 <= self.frames_per_char <= 100.0, "0 <= frames_per_char <= 100")
+        check("frames_base", 0 <= self.frames_base <= max_new_tokens_limit, f"0 <= frames_base <= {max_new_tokens_limit}")
         check("min_new_tokens", 0 <= self.min_new_tokens <= max_new_tokens_limit,
               f"0 <= min_new_tokens <= {max_new_tokens_limit}")
         if self.seed is not None:

@@ -587,7 +587,8 @@ class StreamScheduler:
         for stream, frame in results + [(s, None) for s in others]:
             job = self._jobs[stream]
             held = len(job.pacer.pending) + (frame is not None)
-            chunk = job.pacer.add(frame, stream.finished, now, next_step, self.decode_cost(held + 1))
+            chunk = job.pacer.add(frame, stream.finished, now, next_step, self.decode_cost(held + 1),
+                                  drain=not stream.text_ready())
             if chunk is not None:
                 stats.chunks += 1
                 stats.chunk_frames += len(chunk)

@@ -369,6 +369,8 @@ class BatchedTalker:
         stream.generated += 1
         if token == self.eos:
             stream.finished, stream.finish_reason = True, "eos"
-        elif stream.generated >= stream.params.max_new_tokens:
-            # HF stops once max_new_tokens are sampled; the last one never becomes a frame.
+        elif stream.generated >= stream.params.max_new_tokens or (
+                not stream.text_open and stream.generated >= stream.params.frame_cap(len(stream.request.text))):
+            # HF stops once max_new_tokens are sampled; the last one never becomes a frame. Text still being
+            # written is never cut short by its length so far.
             stream.finished, stream.finish_reason = True, "max_new_tokens"

@@ -30,6 +30,8 @@ class TextFeed:
         self._text = ""
         self._ids: list[int] = []
         self._stable_chars = 0  # characters of the text whose ids are committed
+        self._flushed_ids: list[int] = []  # ids fixed by flushes (the turn's start included)
+        self._flushed_chars = 0  # characters of the text those cover
         self.closed = False
         self.last_append = time.monotonic()
         self.on_append: Optional[Callable[[], None]] = None  # told after text arrives or the feed closes
@@ -75,6 +77,20 @@ class TextFeed:
         if self.on_append is not None:
             self.on_append()
 
+    def flush(self) -> None:
+        """The text so far is final as written: commit it all, the last word too (what follows is tokenised on
+        its own, so the ids equal tokenising the whole text only where the flush fell between two words)."""
+        with self._lock:
+            if self.closed:
+                return
+            segment = self._text[self._flushed_chars:]
+            if segment:
+                self._ids = self._flushed_ids + self._tokenize(self._head() + segment)
+                self._flushed_ids, self._flushed_chars = list(self._ids), len(self._text)
+                self._stable_chars = len(self._text)
+        if self.on_append is not None:
+            self.on_append()
+
     def close(self) -> None:
         """No more text: everything is committed, and the turn's end with it."""
         with self._lock:
@@ -86,28 +102,33 @@ class TextFeed:
                 raise InvalidText("text ends inside a UTF-8 character") from None
             if not self._text.strip():
                 raise InvalidText("text is empty")
-            ids = self._tokenize(TURN_PREFIX + self._text + TURN_SUFFIX)
+            ids = self._flushed_ids + self._tokenize(self._head() + self._text[self._flushed_chars:] + TURN_SUFFIX)
             if ids[:len(self._ids)] != self._ids:  # pragma: no cover - the stability rule failed
                 raise RuntimeError("committed text ids changed at the close")
             self._ids, self._stable_chars, self.closed = ids, len(self._text), True
         if self.on_append is not None:
             self.on_append()
 
+    def _head(self) -> str:
+        """What the unflushed text is tokenised after: the turn's start, or nothing after a flush."""
+        return "" if self._flushed_chars else TURN_PREFIX
+
     def _commit(self) -> None:
         """Commit the ids of the text up to its last pre-token (a word, number or run that may still grow)."""
-        turn = TURN_PREFIX + self._text
-        starts = [start for _, (start, _) in self._pre_split(turn) if start >= len(TURN_PREFIX)]
+        head, offset = self._head(), self._flushed_chars
+        segment = head + self._text[offset:]
+        starts = [start for _, (start, _) in self._pre_split(segment) if start >= len(head)]
         # Candidate boundaries, latest first: the start of the last pre-token, then of those before it (used only
         # if tokenising up to a later one disagrees with tokenising the whole text so far).
         whole = None
-        for boundary in reversed(starts):
-            boundary -= len(TURN_PREFIX)
+        for start in reversed(starts):
+            boundary = offset + start - len(head)  # in the text
             if boundary <= self._stable_chars:
                 return
-            ids = self._tokenize(turn[:len(TURN_PREFIX) + boundary])
-            whole = whole if whole is not None else self._tokenize(turn)
+            ids = self._tokenize(segment[:start])
+            whole = whole if whole is not None else self._tokenize(segment)
             if whole[:len(ids)] == ids:
-                self._ids, self._stable_chars = ids, boundary
+                self._ids, self._stable_chars = self._flushed_ids + ids, boundary
                 return
 
 
@@ -128,8 +149,8 @@ class OpenTexts:
                 raise InvalidRequest(f"text key {key} is already open")
             self._feeds[key] = feed
 
-    def append(self, key: int, piece: bytes, end: bool) -> None:
-        """Continue (and with ``end``, close) the text with this key."""
+    def append(self, key: int, piece: bytes, end: bool = False, flush: bool = False) -> None:
+        """Continue the text with this key; then ``flush`` it (commit its last word) or ``end`` it."""
         with self._lock:
             feed = self._feeds.get(key)
         if feed is None:
@@ -138,6 +159,8 @@ class OpenTexts:
             feed.append(piece)
         if end:
             feed.close()
+        elif flush:
+            feed.flush()
 
     def forget(self, key: int) -> None:
         with self._lock:

@@ -162,9 +162,11 @@ class TritonPythonModel:
     def _append(self, request, key) -> None:
         """A control request continuing an open text: one final response without outputs, or an error."""
         try:
-            end = read_array(pb_utils, request, names.TEXT_END, required=False)
+            end, flush = (read_array(pb_utils, request, name, required=False)
+                          for name in (names.TEXT_END, names.TEXT_FLUSH))
             self.open_texts.append(int(key.reshape(-1)[0]), read_bytes(pb_utils, request, names.TEXT) or b"",
-                                   end is not None and bool(end.reshape(-1)[0]))
+                                   end=end is not None and bool(end.reshape(-1)[0]),
+                                   flush=flush is not None and bool(flush.reshape(-1)[0]))
         except Exception as exc:  # unknown or closed key, bad text: that request fails, the stream goes on
             send_final(pb_utils, request, error_response(pb_utils, exc), self.log)
             return
