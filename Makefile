@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(PY) -m bench.core
 	$(PY) -m bench.gateway
 	$(PY) -m bench.openloop
+	$(PY) -m bench.streaming_text
 	$(PY) -m bench.fidelity
 
 clean:

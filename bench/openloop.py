@@ -335,14 +335,14 @@ def _collapse(value, indent: int = 0) -> str:
     return json.dumps(value)
 
 
-def _start_stack(model_dir: str):
+def _start_stack(model_dir: str, voices_dir: Optional[str] = None, prefix: str = "bench-openloop-"):
     """Triton and the gateway as ``make run`` starts them, with the realistic frame cap."""
     from tools.gateway_local import GatewayProcess
     from tools.render_model_repository import render, resolve
     from tools.triton_local import LocalTriton
 
-    work = Path(tempfile.mkdtemp(prefix="bench-openloop-", dir=ROOT / "build"))
-    values = resolve("cpu", {"MODEL_DIR": model_dir})
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=ROOT / "build"))
+    values = resolve("cpu", {"MODEL_DIR": model_dir, **({"VOICES_DIR": voices_dir} if voices_dir else {})})
     server = LocalTriton(render(work / "model_repository", values), log_path=work / "tritonserver.log").start()
     try:
         server.wait_ready(900)

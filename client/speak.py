@@ -7,7 +7,8 @@
     python -m client.speak "Hi" --legacy -o hi.wav      # act as a legacy client (no start message)
 
 With --stdin-stream, text is sent as it is written to standard input (``append`` messages, ``end`` at end
-of input), so audio starts with the first complete sentence instead of after the whole text.
+of input), so audio starts before the whole text is there: with the first words in continuous mode (the
+default for x-vector voices, ``--text-mode continuous``), with the first complete sentence in sentence mode.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class SpeakError(Exception):
 async def speak(url: str, text: str | AsyncIterator[str], *, voice: Optional[str] = None,
                 language: Optional[str] = None, sample_rate: int = 24000, encoding: str = "pcm16",
                 token: Optional[str] = None, legacy: bool = False, on_audio: Optional[Callable[[bytes], None]] = None,
-                timeout: float = 600.0) -> dict:
+                timeout: float = 600.0, text_mode: Optional[str] = None) -> dict:
     """One utterance over one session, from a whole text (``speak``) or from text as it is written (``append``
     per piece, then ``end``); returns the audio bytes, the end message and timings (from the first text sent)."""
     from websockets.asyncio.client import connect
@@ -39,7 +40,8 @@ async def speak(url: str, text: str | AsyncIterator[str], *, voice: Optional[str
         ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
         if ready.get("type") == "error":
             raise SpeakError(f"{ready['code']}: {ready['message']}")
-        overrides = {key: value for key, value in (("voice", voice), ("language", language)) if value}
+        overrides = {key: value for key, value in (("voice", voice), ("language", language), ("textMode", text_mode))
+                     if value}
         if not legacy:
             await ws.send(json.dumps({"type": "start", "sampleRate": sample_rate, "encoding": encoding,
                                       **overrides}))
@@ -127,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--language")
     parser.add_argument("--sample-rate", type=int, default=24000)
     parser.add_argument("--encoding", choices=("pcm16", "pcm32f"), default="pcm16")
+    parser.add_argument("--text-mode", choices=("auto", "continuous", "sentences"),
+                        help="how streamed text is spoken (default: the server's, auto)")
     parser.add_argument("--token", help="auth token (sent as Authorization: Bearer)")
     parser.add_argument("--legacy", action="store_true", help="behave like the legacy page: no start, PCM16 24 kHz")
     args = parser.parse_args(argv)
@@ -173,6 +177,7 @@ def main(argv=None) -> int:
     try:
         result = asyncio.run(speak(args.url, text, voice=args.voice, language=args.language,
                                    sample_rate=args.sample_rate, encoding=args.encoding, token=args.token,
+                                   text_mode=args.text_mode,
                                    legacy=args.legacy, on_audio=progress))
     except (SpeakError, OSError, asyncio.TimeoutError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)

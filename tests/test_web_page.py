@@ -111,6 +111,25 @@ def test_speak_streams_audio_into_the_player(page):
     assert not page.errors, page.errors
 
 
+def test_speak_as_i_type_sends_words_as_they_are_typed_as_one_utterance(page):
+    """With "Speak as I type" ticked, typed text goes out as appends of one continuous utterance (audio starts
+    while typing goes on), and Ctrl+Enter ends it: one complete, every typed character counted."""
+    typed = "Typing live, word after word, and the voice follows along."
+    page.tab.select_option("#voice", "plain")
+    page.tab.check("#live")
+    page.tab.fill("#text", "")
+    page.tab.type("#text", typed[:30], delay=40)
+    page.wait_for("window.ttsPage.framesReceived > 0", timeout_s=30)  # speaking before the text is finished
+    page.tab.type("#text", typed[30:], delay=20)
+    page.tab.press("#text", "Control+Enter")
+    page.wait_for("window.ttsPage.utterances === 1")
+    stats = page.stats()
+    assert stats["liveAppends"] > 10 and not stats["errors"], stats["errors"]
+    assert stats["completes"][0]["charactersProcessed"] == len(typed)
+    assert stats["completes"][0]["cancelled"] is False
+    assert not page.errors, page.errors
+
+
 def test_stop_ends_the_utterance_and_silences_the_player(page):
     """Stop during a long utterance: it ends cancelled, the player's queue is dropped, Speak is available
     again, and nothing is logged as an error."""

@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 // What the page has done, for people curious in the console and for the browser test.
 const page = window.ttsPage = {
   framesReceived: 0, samplesReceived: 0, utterances: 0, completes: [], errors: [], player: null, mode: null,
+  liveAppends: 0,
 };
 
 let token = localStorage.getItem("qwen-tts-token") || "";
@@ -21,6 +22,7 @@ let pendingStart = null;      // {resolve, reject} while a `start` awaits its an
 let configured = {};          // voice and language of the last `started`
 let current = null;           // the utterance playing: {requestId, sentAt, firstAudioAt, chunks, stopped}
 let lastDownload = null;
+let live = null;              // speaking as the user types: {sent: text appended so far, ready: session set up}
 let recorder = null;
 let recorded = null;          // the last recording, as WAV
 let utteranceCounter = 0;
@@ -229,11 +231,61 @@ async function speak() {
     say($("message"), `Cannot start: ${error.message}`, "error");
     return;
   }
+  beginUtterance();
+  socket.send(JSON.stringify({type: "speak", text, requestId: current.requestId}));
+}
+
+function beginUtterance() {
   player.clear();
   for (const id of ["ttfa", "rtf", "audio-seconds", "stalls"]) $(id).textContent = "…";
   current = {requestId: `page-${++utteranceCounter}`, sentAt: performance.now(), firstAudioAt: null, chunks: [],
              stopped: false, stalls: player.stats.stalls, stalledSamples: player.stats.stalledSamples};
-  socket.send(JSON.stringify({type: "speak", text, requestId: current.requestId}));
+}
+
+// Speak as I type: text added at the end of the box goes out as `append`s of one continuous utterance (spoken
+// word by word while it is written); Ctrl+Enter, or unticking the box, ends it.
+async function typed() {
+  if (!$("live").checked || !$("text").value) return;
+  if (!live) {
+    const opening = live = {sent: "", ready: null};
+    opening.ready = (async () => {
+      await ensureAudio();
+      await ensureSession();
+      setBusy(true);
+      say($("message"), "Speaking as you type: Ctrl+Enter ends the utterance.");
+      beginUtterance();
+    })();
+  }
+  const session = live;
+  try {
+    await session.ready;
+  } catch (error) {
+    if (live === session) live = null;
+    say($("message"), `Cannot start: ${error.message}`, "error");
+    return;
+  }
+  if (live !== session) return;
+  const text = $("text").value;
+  if (!text.startsWith(session.sent)) {  // an edit before the end: what was sent is spoken as it was
+    say($("message"), "Only text added at the end is spoken while typing.", "warning");
+    session.sent = text;
+    return;
+  }
+  const piece = text.slice(session.sent.length);
+  if (!piece) return;
+  const opens = !session.sent;
+  session.sent = text;
+  page.liveAppends += 1;
+  socket.send(JSON.stringify(opens ? {type: "append", text: piece, requestId: current.requestId, textMode: "continuous"}
+                                   : {type: "append", text: piece}));
+}
+
+function endTyped() {
+  const session = live;
+  live = null;
+  if (session && session.sent && socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({type: "end"}));
+  }
 }
 
 function stop() {
@@ -342,7 +394,15 @@ function wire() {
   $("speak").addEventListener("click", speak);
   $("stop").addEventListener("click", stop);
   $("text").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) speak();
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+    event.preventDefault();
+    if ($("live").checked) endTyped();
+    else speak();
+  });
+  $("text").addEventListener("input", () => typed());
+  $("live").addEventListener("change", () => {
+    $("speak").hidden = $("live").checked;
+    if (!$("live").checked) endTyped();
   });
   $("voice-form").addEventListener("submit", addVoice);
   $("record").addEventListener("click", toggleRecording);
