@@ -141,16 +141,33 @@ def test_fed_text_speaks_exactly_the_whole_text(loaded, engine, xvector_prompt, 
     assert torch.equal(got.codes, expected)
 
 
-def test_icl_stream_waits_for_its_whole_text_and_is_exact(loaded, engine, icl_prompt, tokenizer):
-    """An ICL voice lines the whole text up with its reference frames: its stream starts at the close, and its
-    codes equal qwen-tts's for the whole text."""
-    params = dict(greedy=True, max_new_tokens=40)
-    expected, _ = reference_generation(loaded.tts, icl_prompt, SPOKEN, **qwen_kwargs(params))
+LONG_SPOKEN = (SPOKEN + " It keeps talking about the weather, the trains, the small cafe by the river, and the long "
+               "walk home after dark, until the lights go out.")
+
+
+def test_icl_stream_starts_once_its_text_fills_the_reference_alignment(loaded, engine, icl_prompt, tokenizer):
+    """An ICL voice lines reference text + text up with its reference frames: its stream starts as soon as the
+    text reaches past them (before the text is closed), and its codes equal qwen-tts's for the whole text."""
+    from tts_engine.generation.admission import Delivery
+    from tts_engine.generation.scheduler import StreamJob
+
+    params = dict(greedy=True, max_new_tokens=120)
+    expected, _ = reference_generation(loaded.tts, icl_prompt, LONG_SPOKEN, **qwen_kwargs(params))
     request, feed = _fed_request(tokenizer, icl_prompt, params)
-    writer = _feed_slowly(feed, SPOKEN, seed=2, delay_s=0.01)
-    got = engine.generate(request, timeout=120)
+    chunks, first_chunk_at, ended = [], [], threading.Event()
+
+    def on_chunk(chunk, index, last):
+        chunks.append(chunk)
+        first_chunk_at.append(time.monotonic())
+
+    engine.submit(StreamJob(request=request, on_chunk=on_chunk, on_end=lambda error, job: ended.set(),
+                            delivery=Delivery(max_wait_s=120)))
+    writer = _feed_slowly(feed, LONG_SPOKEN, seed=2, delay_s=0.06)
+    assert ended.wait(120)
     writer.join(10)
-    assert torch.equal(got.codes, expected)
+    closed_at = feed.last_append
+    assert first_chunk_at and first_chunk_at[0] < closed_at, "it must start before its text is complete"
+    assert torch.equal(torch.cat(chunks), expected)
 
 
 def test_idle_text_is_closed_as_if_it_had_ended(loaded, xvector_prompt, tokenizer):

@@ -131,9 +131,6 @@ class _FakeRequest:
     def params(self):
         return SamplingParams(max_new_tokens=self.frames + 1)
 
-    def ready_to_start(self) -> bool:
-        return True
-
 
 class _FakeTalker:
     """Stands in for BatchedTalker: each stream yields ``frames`` zero frames; records what it was asked."""
@@ -143,6 +140,9 @@ class _FakeTalker:
 
     def __len__(self):
         return len(self.active)
+
+    def ready_to_start(self, request) -> bool:
+        return True
 
     def add(self, request):
         self.added.append(request)

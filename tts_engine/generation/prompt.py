@@ -30,13 +30,6 @@ class SynthesisRequest:
     def text_open(self) -> bool:
         return self.feed is not None and not self.feed.closed
 
-    def ready_to_start(self) -> bool:
-        """Whether the prompt can be built exactly as for the whole text: an x-vector voice needs the first text
-        id committed; an ICL voice lines the whole text up with its reference frames, so it waits for the close."""
-        if not self.text_open:
-            return True
-        return self.prompt.x_vector_only and self.feed.text_ids >= 1
-
 
 class _PromptCaptured(Exception):
     def __init__(self, kwargs: dict):
@@ -77,24 +70,28 @@ def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
         raise UnsupportedLanguage(str(exc)) from None
     item = request.prompt.to_item()
     prompt_dict = tts._prompt_items_to_voice_clone_prompt([item])
-    input_ids = [_turn_ids(tts, request.feed)] if request.feed is not None else \
-        tts._tokenize_texts([tts._build_assistant_text(text)])
+    fed = _turn_ids(tts, request.feed) if request.feed is not None else None
+    input_ids = [fed[0]] if fed is not None else tts._tokenize_texts([tts._build_assistant_text(text)])
     ref_ids = [request.prompt.ref_text_ids(tts)]
     model = tts.model
     try:  # sampling options do not shape the prompt; the engine applies them itself
         type(model).generate(_ModelView(model), input_ids=input_ids, ref_ids=ref_ids,
                              voice_clone_prompt=prompt_dict, languages=[language], non_streaming_mode=False)
     except _PromptCaptured as captured:
+        if fed is not None:  # how many of the feed's ids this prompt holds, and whether that was all of them
+            captured.kwargs["fed_ids"], captured.kwargs["text_open"] = fed[1], fed[2]
         return captured.kwargs
     raise RuntimeError("qwen-tts generate did not reach the talker")  # pragma: no cover
 
 
-def _turn_ids(tts, feed: TextFeed) -> torch.Tensor:
+def _turn_ids(tts, feed: TextFeed) -> tuple[torch.Tensor, int, bool]:
     """The turn's ids for a fed text: what is committed, and (while open) the turn's end after it, so that
-    qwen-tts's construction reads role, first text id and end where it expects them."""
-    ids = feed.ids
+    qwen-tts's construction reads role, first text id and end where it expects them; with how many of the
+    feed's ids that is and whether the text was still open (read together: text may arrive meanwhile)."""
+    ids, closed = feed.snapshot()
     if len(ids) <= ROLE_IDS:
         raise InvalidText("no text id is committed yet")
-    if not feed.closed:
+    used = len(ids)
+    if not closed:
         ids = ids + tts.processor.tokenizer(TURN_SUFFIX, add_special_tokens=False)["input_ids"]
-    return torch.tensor([ids], dtype=torch.long, device=tts.device)
+    return torch.tensor([ids], dtype=torch.long, device=tts.device), used, not closed

@@ -320,7 +320,7 @@ class StreamScheduler:
             block = False
             if job is None:
                 continue
-            if job.request.ready_to_start():
+            if self.talker.ready_to_start(job.request):
                 self._line_up(job)
             else:
                 self._text_waiting.append(job)
@@ -345,7 +345,7 @@ class StreamScheduler:
                 self._text_waiting.remove(job)
                 self._end(job, exc)
                 continue
-            if job.request.ready_to_start():
+            if self.talker.ready_to_start(job.request):
                 self._text_waiting.remove(job)
                 job.submitted, job.request.text = now, feed.text
                 self._line_up(job)

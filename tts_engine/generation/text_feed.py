@@ -54,6 +54,11 @@ class TextFeed:
         with self._lock:
             return list(self._ids)
 
+    def snapshot(self) -> tuple[list, bool]:
+        """The committed ids and whether the text is closed, read together."""
+        with self._lock:
+            return list(self._ids), self.closed
+
     @property
     def text_ids(self) -> int:
         """Committed ids of the text itself (not the turn's role or end)."""
