@@ -70,6 +70,11 @@ class Settings:
     auth_tokens: tuple[str, ...] = field(default_factory=tuple)
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)  # besides the gateway's own; "*": any
     max_sentence_chars: int = 400
+    # textMode continuous: a stream is cut at the first sentence end past this many characters (≈ 25 s of speech:
+    # one stream's speaking rate is reported to drift upward after that), and never holds more than
+    # max_request_chars (the talker's MAX_TEXT_CHARS)
+    continuous_segment_chars: int = 400
+    max_request_chars: int = 2000
     # Cap on generated frames per sentence: frames_base + frames_per_char * characters (12.5 frames = 1 s).
     # Speech runs at about 1 frame per character, so this only stops a model that never ends its speech.
     frames_base: int = 25
@@ -106,12 +111,15 @@ class Settings:
             allowed_origins=tuple(o.strip().rstrip("/") for o in os.environ.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")
                                   if o.strip()),
             max_sentence_chars=_int("GATEWAY_MAX_SENTENCE_CHARS", cls.max_sentence_chars),
+            continuous_segment_chars=_int("GATEWAY_CONTINUOUS_SEGMENT_CHARS", cls.continuous_segment_chars),
+            max_request_chars=_int("GATEWAY_MAX_REQUEST_CHARS", cls.max_request_chars),
             frames_base=_int("GATEWAY_FRAMES_BASE", cls.frames_base),
             frames_per_char=_float("GATEWAY_FRAMES_PER_CHAR", cls.frames_per_char),
             synthesis_parameters=_json_object("GATEWAY_SYNTHESIS_PARAMETERS"),
         )
         for name in ("max_sessions", "max_queued_utterances", "max_text_chars", "max_message_bytes",
-                     "max_upload_bytes", "max_sentence_chars", "first_audio_budget_ms"):
+                     "max_upload_bytes", "max_sentence_chars", "first_audio_budget_ms", "continuous_segment_chars",
+                     "max_request_chars"):
             if getattr(settings, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if settings.streams_per_triton < 0 or settings.queue_timeout_s <= 0:

@@ -254,9 +254,14 @@ class Connection:
         if len(text) > self.settings.max_text_chars:
             raise ProtocolError(ErrorCode.INVALID_TEXT, f"text has {len(text)} characters; the limit is "
                                 f"{self.settings.max_text_chars}", rid)
-        def feed(mode: str):  # continuous: the whole text is one stream
-            sentences = [text] if mode == "continuous" else split_sentences(text, self.settings.max_sentence_chars)
-            return TextFeed(self.settings.max_sentence_chars, sentences)
+        def feed(mode: str):
+            if mode == "continuous":  # one stream of the whole text (a long text: one per segment)
+                whole = OpenText(segment_chars=self.settings.continuous_segment_chars,
+                                 hard_chars=self.settings.max_request_chars)
+                whole.append(text)
+                whole.close()
+                return whole
+            return TextFeed(self.settings.max_sentence_chars, split_sentences(text, self.settings.max_sentence_chars))
 
         await self._accept(message, feed, len(text))
 
@@ -277,7 +282,8 @@ class Connection:
         if utterance is None:
             def feed(mode: str):
                 if mode == "continuous":
-                    return OpenText(idle_s=self.settings.text_idle_s)
+                    return OpenText(self.settings.text_idle_s, self.settings.continuous_segment_chars,
+                                    self.settings.max_request_chars)
                 return TextFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
 
             utterance = self.open_stream = await self._accept(message, feed, 0)

@@ -122,22 +122,33 @@ async def _plan(triton, settings, feed: TextFeed, voice, language, listener: Pla
 
 async def written_audio(triton, settings, text: OpenText, voice: Optional[str], language: Optional[str],
                         listener: PlaybackClock, timing: Timing = Timing()) -> AsyncIterator[np.ndarray]:
-    """Float32 24 kHz chunks of one continuous stream of ``text`` while it is being written (``textMode``
-    continuous): one seat, one request whose text grows by appends. The frame cap grows with the text. Closing
-    the iterator cancels the request."""
-    # No max_new_tokens: the talker's own default bounds the stream, and its frames_per_char cap grows with the text.
-    parameters = {"frames_per_char": settings.frames_per_char, "frames_base": settings.frames_base,
-                  **settings.synthesis_parameters,
-                  delivery.LEAD_MS: int(1000 * timing.lead_s)}
-    if timing.max_wait_s:
-        parameters[delivery.MAX_WAIT_MS] = int(1000 * timing.max_wait_s)
+    """Float32 24 kHz chunks of ``text`` while it is being written (``textMode`` continuous): one seat, one
+    request per segment (most answers are one), whose text grows by appends; the frame cap grows with the text;
+    a segment after the first starts when the one before is generated, paced by what its listener still has.
+    Closing the iterator cancels the request in flight."""
+    # No max_new_tokens: the talker's own default bounds a stream, and its frames_per_char cap grows with the text.
+    base = {"frames_per_char": settings.frames_per_char, "frames_base": settings.frames_base,
+            **settings.synthesis_parameters}
     seat = await triton.seat(timing.max_wait_s)
-    seat.listener, seat.generating = listener, True
+    seat.listener = listener
     # While every word written so far has been sent, a gap the listener hears is the writer's.
     text.on_waiting = lambda waiting: listener.pause() if waiting else listener.resume()
+    segment, continuing = text.segment(0), False
     try:
-        async for chunk in seat.synthesize("", voice, language, parameters, lead_s=timing.lead_s, written=text):
-            yield chunk
+        while True:
+            lead = listener.lead() if continuing else timing.lead_s
+            parameters = {**base, delivery.LEAD_MS: int(1000 * lead)}
+            if continuing:
+                parameters[delivery.CONTINUATION] = True
+            elif timing.max_wait_s:
+                parameters[delivery.MAX_WAIT_MS] = int(1000 * timing.max_wait_s)
+            seat.generating = True
+            async for chunk in seat.synthesize("", voice, language, parameters, continuing, lead, written=segment):
+                yield chunk
+            seat.generating = False
+            if segment.end is None or segment.last:
+                return
+            segment, continuing = text.segment(segment.end), True
     finally:
         seat.generating = False
         seat.release()

@@ -113,16 +113,18 @@ class TextFeed:
 
 
 class OpenText:
-    """An utterance's text as one continuous synthesis stream (``textMode`` continuous): pieces, flushes and the
-    end, in the order they came. All of it is kept, so a stream that must start again elsewhere opens with the
-    text so far. Buffered text with no append for ``idle_s`` is flushed (its last word committed)."""
+    """An utterance's text as continuous synthesis (``textMode`` continuous): pieces, flushes and the end, in the
+    order they came. A long text is spoken as several streams (segments), each cut at the first sentence end
+    after ``segment_chars`` (or at a space before ``hard_chars``, the talker's limit): one stream's speaking rate
+    is reported to drift upward over ~25 s. All the text is kept, so a stream that must start again elsewhere
+    opens with its text so far. Text with no append for ``idle_s`` is flushed (its last word committed)."""
 
-    def __init__(self, idle_s: float = 5.0):
-        self.idle_s = idle_s
+    def __init__(self, idle_s: float = 5.0, segment_chars: int = 400, hard_chars: int = 2000):
+        self.idle_s, self.segment_chars, self.hard_chars = idle_s, segment_chars, hard_chars
         self.text = ""
         self.flushed_to = 0  # the text up to here is final as written
         self.closed = False
-        self.on_waiting = None  # told True/False when the stream starts/stops waiting for the writer
+        self.on_waiting = None  # told True/False when a stream starts/stops waiting for the writer
         self._changed = asyncio.Event()
         self._last_append = time.monotonic()
 
@@ -140,32 +142,74 @@ class OpenText:
         self.closed = True
         self._changed.set()
 
-    async def pieces(self, start: int, waiting=None):
-        """(new text, flush) from character ``start`` on, as they come; ends once the text is closed and all of it
-        given. ``waiting(bool)`` is told when it starts and stops waiting for the writer."""
-        offset, flushed = start, 0  # a flush of the text before ``start`` is news to a request opened with it
+    def segment(self, start: int) -> "TextSegment":
+        """The stream of the text from character ``start``, up to its cut (or the end)."""
+        return TextSegment(self, start)
+
+    def cut(self, start: int) -> Optional[int]:
+        """Where the segment starting at ``start`` ends, once that is known: the end of the first sentence ending
+        past ``segment_chars``, else (past ``hard_chars``) the last space or comma before it; None while unknown."""
+        if len(self.text) - start <= self.segment_chars:
+            return None
+        ending = _SENTENCE_END.search(self.text, start + self.segment_chars)
+        if ending is not None and ending.end() - start <= self.hard_chars:
+            return ending.end()
+        if len(self.text) - start <= self.hard_chars:
+            return None
+        breaks = [m.end() for m in _SOFT_BREAK.finditer(self.text, start, start + self.hard_chars) if m.end() > start]
+        return breaks[-1] if breaks else start + self.hard_chars
+
+    async def _wait(self) -> None:
+        """Until the text changes; flushes it once it has been idle for ``idle_s``."""
+        self._changed.clear()
+        idle_left = self._last_append + self.idle_s - time.monotonic() if self.flushed_to < len(self.text) else None
+        if idle_left is not None and idle_left <= 0:
+            self.flush()
+            return
+        if self.on_waiting:
+            self.on_waiting(True)
+        try:
+            async with asyncio.timeout(idle_left):
+                await self._changed.wait()
+        except TimeoutError:
+            pass  # the caller's next round flushes if no append came meanwhile
+        finally:
+            if self.on_waiting:
+                self.on_waiting(False)
+
+
+class TextSegment:
+    """One synthesis stream's share of an ``OpenText``: the text from ``start`` to its cut."""
+
+    def __init__(self, source: OpenText, start: int):
+        self.source, self.start = source, start
+        self.end: Optional[int] = None  # where it ended, once it has
+
+    @property
+    def text(self) -> str:
+        """Its text so far (what a stream opening now starts with)."""
+        cut = self.source.cut(self.start)
+        return self.source.text[self.start:cut if cut is not None else len(self.source.text)]
+
+    @property
+    def last(self) -> bool:
+        """Whether it ended with the whole text (rather than at a cut)."""
+        return self.end is not None and self.source.closed and self.end >= len(self.source.text)
+
+    async def pieces(self, offset: int):
+        """(new text, flush) from ``offset`` (in this segment) on, as they come; ends at the cut, or once the text
+        is closed and all of it given."""
+        source, position, flushed = self.source, self.start + offset, self.start
         while True:
-            self._changed.clear()
-            if len(self.text) > offset or self.flushed_to > flushed:
-                piece, offset = self.text[offset:], len(self.text)
-                flush = self.flushed_to > flushed
-                flushed = max(flushed, self.flushed_to)
+            cut = source.cut(self.start)
+            stop = cut if cut is not None else len(source.text)
+            flush = source.flushed_to > flushed and source.flushed_to <= stop
+            if stop > position or flush:
+                piece, position = source.text[position:stop], stop
+                flushed = max(flushed, min(source.flushed_to, stop))
                 yield piece, flush
                 continue
-            if self.closed:
+            if cut is not None or source.closed:
+                self.end = stop
                 return
-            idle_left = self._last_append + self.idle_s - time.monotonic() if self.flushed_to < len(self.text) \
-                else None
-            if idle_left is not None and idle_left <= 0:
-                self.flush()
-                continue
-            if waiting:
-                waiting(True)
-            try:
-                async with asyncio.timeout(idle_left):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass  # the loop flushes if no append came meanwhile
-            finally:
-                if waiting:
-                    waiting(False)
+            await source._wait()

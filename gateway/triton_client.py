@@ -164,10 +164,12 @@ class TritonEndpoint:
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
                          parameters: Optional[dict] = None, written=None) -> AsyncIterator[np.ndarray]:
         """Yield float32 24 kHz chunks as Triton streams them. Closing the iterator cancels the request.
-        ``written``: an ``OpenText`` still being written; the request then opens with its text so far
+        ``written``: a ``TextSegment`` still being written; the request then opens with its text so far
         (``text_key``) and sends the rest, its flushes and its end as ``append_to`` requests on the same stream."""
         key = secrets.randbits(63) if written is not None else None
-        inputs = [_string(names.TEXT, written.text if written is not None else text)]
+        if written is not None:
+            text = written.text  # what it opens with; the rest follows as appends
+        inputs = [_string(names.TEXT, text)]
         if key is not None:
             inputs.append(_scalar(names.TEXT_KEY, key, "UINT64"))
         if voice:
@@ -180,8 +182,7 @@ class TritonEndpoint:
                    "outputs": [InferRequestedOutput(names.AUDIO)]}
             if written is None:
                 return
-            pieces = written.pieces(len(written.text), getattr(written, "on_waiting", None))
-            async for piece, flush in pieces:
+            async for piece, flush in written.pieces(len(text)):
                 yield _append_request(key, piece, flush=flush)
             yield _append_request(key, "", end=True)
 

@@ -258,3 +258,24 @@ async def test_an_unknown_text_mode_is_invalid_config(gateway):
         assert error["type"] == "error" and error["code"] == "INVALID_CONFIG" and "telepathic" in error["message"]
         await send(ws, type="start")
         assert (await receive_json(ws))["type"] == "started"
+
+
+async def test_a_long_continuous_utterance_is_spoken_as_several_streams_without_losing_a_word(make_gateway):
+    """Past GATEWAY_CONTINUOUS_SEGMENT_CHARS a continuous utterance goes on in a new stream from the next sentence
+    end: appended in pieces it still gives the audio of one `speak` of the whole text, and ends once."""
+    gateway = make_gateway(GATEWAY_CONTINUOUS_SEGMENT_CHARS="50")
+    text = ("The first part is long enough to need a stream of its own. The second part follows it. "
+            "And a third part ends the answer.")
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws, voice="plain", encoding="pcm32f", textMode="continuous")
+        await send(ws, type="speak", text=text)
+        whole = await _audio_of(ws)
+        for start in range(0, len(text), 7):
+            await send(ws, type="append", text=text[start:start + 7])
+            await asyncio.sleep(0.02)
+        await send(ws, type="end")
+        result = await collect(ws, timeout=120)
+    assert len(result.of_type("complete")) == 1 and result.end["charactersProcessed"] == len(text)
+    fed = np.frombuffer(result.audio, dtype=np.float32)
+    assert fed.shape == whole.shape
+    assert np.abs(fed - whole).max() <= 1e-4 * np.sqrt(np.mean(whole ** 2))

@@ -662,3 +662,46 @@ def test_a_long_text_without_sentence_ends_is_split_between_words():
     feed.append("c done.")
     feed.close()
     assert feed.take_ready() == "ccc done."
+
+
+# -- continuous text: segments ------------------------------------------------------------------------------
+
+async def _segments(text: "OpenText") -> list[str]:
+    """Every segment's text as a stream would receive it (opening text, then pieces)."""
+    out, start = [], 0
+    while True:
+        segment = text.segment(start)
+        received = segment.text
+        async for piece, _ in segment.pieces(len(received)):
+            received += piece
+        out.append(received)
+        if segment.last:
+            return out
+        start = segment.end
+
+
+async def test_a_long_continuous_text_is_cut_at_sentence_ends_past_the_segment_length():
+    """Each stream's text ends at the first sentence end past segment_chars; together they are the whole text."""
+    from gateway.text import OpenText
+
+    sentences = [f"Sentence number {n} says a few words." for n in range(12)]
+    text = OpenText(segment_chars=100, hard_chars=2000)
+    text.append(" ".join(sentences))
+    text.close()
+    segments = await _segments(text)
+    assert "".join(segments) == " ".join(sentences) and len(segments) > 2
+    for segment in segments[:-1]:
+        assert len(segment) > 100 and segment.rstrip().endswith(".")
+
+
+async def test_a_continuous_text_without_sentence_ends_is_cut_at_a_space_before_the_talker_limit():
+    """No sentence end at all: segments end at a space and never exceed hard_chars."""
+    from gateway.text import OpenText
+
+    words = " ".join(f"word{n}" for n in range(200))
+    text = OpenText(segment_chars=100, hard_chars=300)
+    text.append(words)
+    text.close()
+    segments = await _segments(text)
+    assert "".join(segments) == words and all(len(s) <= 300 for s in segments)
+    assert all(s.endswith(" ") for s in segments[:-1])
