@@ -145,14 +145,17 @@ LONG_SPOKEN = (SPOKEN + " It keeps talking about the weather, the trains, the sm
                "walk home after dark, until the lights go out.")
 
 
-def test_icl_stream_starts_once_its_text_fills_the_reference_alignment(loaded, engine, icl_prompt, tokenizer):
+@pytest.mark.parametrize("params", [dict(greedy=True, max_new_tokens=120), dict(seed=11, max_new_tokens=120)],
+                         ids=["greedy", "seeded"])
+def test_icl_stream_starts_once_its_text_fills_the_reference_alignment(loaded, engine, icl_prompt, tokenizer,
+                                                                       params):
     """An ICL voice lines reference text + text up with its reference frames: its stream starts as soon as the
     text reaches past them (before the text is closed), and its codes equal qwen-tts's for the whole text."""
     from tts_engine.generation.admission import Delivery
     from tts_engine.generation.scheduler import StreamJob
 
-    params = dict(greedy=True, max_new_tokens=120)
-    expected, _ = reference_generation(loaded.tts, icl_prompt, LONG_SPOKEN, **qwen_kwargs(params))
+    expected, _ = reference_generation(loaded.tts, icl_prompt, LONG_SPOKEN, seed=params.get("seed"),
+                                       **qwen_kwargs(params))
     request, feed = _fed_request(tokenizer, icl_prompt, params)
     chunks, first_chunk_at, ended = [], [], threading.Event()
 
