@@ -106,12 +106,17 @@ def _feed_slowly(feed: TextFeed, text: str, seed: int, delay_s: float) -> thread
     rng = random.Random(seed)
 
     def run():
-        for piece in byte_pieces(text, rng):
-            feed.append(piece)
-            time.sleep(rng.uniform(0, delay_s))
-        feed.close()
+        try:
+            for piece in byte_pieces(text, rng):
+                feed.append(piece)
+                time.sleep(rng.uniform(0, delay_s))
+            feed.close()
+        except BaseException as exc:  # the test reads it: a writer that failed must fail the test
+            thread.error = exc
+            raise
 
     thread = threading.Thread(target=run, daemon=True)
+    thread.error = None
     thread.start()
     return thread
 
@@ -136,6 +141,7 @@ def test_fed_text_speaks_exactly_the_whole_text(loaded, engine, xvector_prompt, 
     writer = _feed_slowly(feed, SPOKEN, seed=1, delay_s=0.12)
     got = engine.generate(request, timeout=120)
     writer.join(10)
+    assert writer.error is None, writer.error
     beside.join(60)
     assert engine.stats.text_wait_s > waited + 0.2, "the stream must have starved for the test to mean anything"
     assert torch.equal(got.codes, expected)
@@ -168,6 +174,7 @@ def test_icl_stream_starts_once_its_text_fills_the_reference_alignment(loaded, e
     writer = _feed_slowly(feed, LONG_SPOKEN, seed=2, delay_s=0.06)
     assert ended.wait(120)
     writer.join(10)
+    assert writer.error is None, writer.error
     closed_at = feed.last_append
     assert first_chunk_at and first_chunk_at[0] < closed_at, "it must start before its text is complete"
     assert torch.equal(torch.cat(chunks), expected)
@@ -201,3 +208,25 @@ def test_flush_commits_the_last_word_and_what_follows_goes_on_from_there(tokeniz
     feed.append(" and then some words.")
     feed.close()
     assert feed.ids == whole_turn_ids(tokenizer, "Hello there and then some words.")
+
+
+def test_feeds_take_text_from_many_threads_while_the_model_tokenises(loaded, tokenizer):
+    """Feeds appended from several threads at once, while the serving loop's own tokenizer is busy, all commit
+    the right ids (a fast tokenizer shared across threads fails with "Already borrowed")."""
+    errors, feeds = [], [TextFeed.for_tokenizer(tokenizer) for _ in range(4)]
+
+    def write(feed):
+        try:
+            for character in TEXTS[0]:
+                feed.append(character)
+            feed.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(feed,)) for feed in feeds]
+    for writer in writers:
+        writer.start()
+    while any(writer.is_alive() for writer in writers):  # as qwen-tts's prompt construction does (padding on)
+        loaded.tts._tokenize_texts([loaded.tts._build_assistant_text(TEXTS[1] * 20)])
+    assert not errors, errors
+    assert all(feed.ids == whole_turn_ids(tokenizer, TEXTS[0]) for feed in feeds)

@@ -341,11 +341,12 @@ class StreamScheduler:
                     raise Cancelled("cancelled while waiting for its text")
                 if not feed.closed and now - feed.last_append > self.text_idle_s:
                     feed.close()
-            except BaseException as exc:  # noqa: BLE001 - cancelled, or the text cannot be closed (empty)
-                self._text_waiting.remove(job)
+                ready = self.talker.ready_to_start(job.request)
+            except BaseException as exc:  # noqa: BLE001 - cancelled, text that cannot be closed (empty), a bug:
+                self._text_waiting.remove(job)  # this job ends, never left waiting
                 self._end(job, exc)
                 continue
-            if self.talker.ready_to_start(job.request):
+            if ready:
                 self._text_waiting.remove(job)
                 job.submitted, job.request.text = now, feed.text
                 self._line_up(job)

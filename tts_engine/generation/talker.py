@@ -264,9 +264,7 @@ class BatchedTalker:
         closed, tts_eos after them: from then on the row never waits)."""
         if not stream.text_open:
             return
-        feed = stream.request.feed
-        closed = feed.closed
-        ids = feed.ids
+        ids, closed = stream.request.feed.snapshot()  # together: a close in between would pass its turn end as text
         new = ids[stream.fed_ids: len(ids) - SUFFIX_IDS if closed else len(ids)]
         rows = [self._text_rows(new)] if new else []
         if closed:

@@ -4,6 +4,7 @@ text. The talker feeds one committed id per step; a row whose next id is not com
 from __future__ import annotations
 
 import codecs
+import copy
 import threading
 import time
 from typing import Callable, Optional
@@ -16,6 +17,18 @@ TURN_PREFIX = "<|im_start|>assistant\n"
 TURN_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 ROLE_IDS = 3
 SUFFIX_IDS = 5
+
+
+_PRIVATE_TOKENIZERS: dict = {}  # id(tokenizer) -> (tokenizer, its copy for feeds, the lock that copy is used under)
+_PRIVATE_LOCK = threading.Lock()
+
+
+def _private_tokenizer(tokenizer) -> tuple:
+    with _PRIVATE_LOCK:
+        entry = _PRIVATE_TOKENIZERS.get(id(tokenizer))
+        if entry is None or entry[0] is not tokenizer:
+            entry = _PRIVATE_TOKENIZERS[id(tokenizer)] = (tokenizer, copy.deepcopy(tokenizer), threading.Lock())
+        return entry[1], entry[2]
 
 
 class TextFeed:
@@ -39,10 +52,21 @@ class TextFeed:
 
     @classmethod
     def for_tokenizer(cls, tokenizer, **kwargs) -> "TextFeed":
-        """A feed over a Hugging Face fast tokenizer (qwen-tts's ``processor.tokenizer``)."""
-        pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
-        return cls(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-                   pre_tokenizer.pre_tokenize_str, **kwargs)
+        """A feed over a Hugging Face fast tokenizer (qwen-tts's ``processor.tokenizer``). Feeds tokenise with a
+        private copy of it, one call at a time: a fast tokenizer used from two threads at once fails ("Already
+        borrowed"), text arrives on request threads, and the serving loop uses the model's own copy meanwhile."""
+        private, lock = _private_tokenizer(tokenizer)
+        pre_tokenizer = private.backend_tokenizer.pre_tokenizer
+
+        def tokenize(text: str) -> list:
+            with lock:
+                return private(text, add_special_tokens=False)["input_ids"]
+
+        def pre_split(text: str) -> list:
+            with lock:
+                return pre_tokenizer.pre_tokenize_str(text)
+
+        return cls(tokenize, pre_split, **kwargs)
 
     @property
     def text(self) -> str:
