@@ -230,3 +230,27 @@ def test_feeds_take_text_from_many_threads_while_the_model_tokenises(loaded, tok
         loaded.tts._tokenize_texts([loaded.tts._build_assistant_text(TEXTS[1] * 20)])
     assert not errors, errors
     assert all(feed.ids == whole_turn_ids(tokenizer, TEXTS[0]) for feed in feeds)
+
+
+def test_idle_text_that_cannot_be_closed_ends_its_own_stream_only(loaded, xvector_prompt, tokenizer):
+    """Text left idle inside a UTF-8 character cannot be closed: that stream ends with a clear error, and a
+    stream beside it is not touched."""
+    from tts_engine.generation.scheduler import StreamScheduler
+    from tts_engine.generation.talker import BatchedTalker
+
+    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=2, max_tokens=1024), name="broken-text",
+                                text_idle_s=0.5)
+    try:
+        request, feed = _fed_request(tokenizer, xvector_prompt, dict(greedy=True, max_new_tokens=40))
+        feed.append("Spoken words and then a broken caf\xc3".encode("latin-1"))
+        beside = threading.Thread(target=lambda: results.append(scheduler.generate(SynthesisRequest(
+            "A neighbour speaking at the same time.", xvector_prompt, "English",
+            SamplingParams(greedy=True, max_new_tokens=150)), timeout=60)))
+        results = []
+        beside.start()
+        with pytest.raises(InvalidText, match="inside a UTF-8 character"):
+            scheduler.generate(request, timeout=60)
+        beside.join(60)
+        assert results and results[0].codes.shape[0] == 149
+    finally:
+        scheduler.stop()

@@ -320,9 +320,9 @@ class StreamScheduler:
             block = False
             if job is None:
                 continue
-            if self.talker.ready_to_start(job.request):
+            if job.request.feed is None:
                 self._line_up(job)
-            else:
+            else:  # _feed_text, later in this pass, lines it up once its text allows
                 self._text_waiting.append(job)
         self.stats.queued = len(self._line) + len(self._text_waiting)
 
@@ -350,13 +350,16 @@ class StreamScheduler:
                 self._text_waiting.remove(job)
                 job.submitted, job.request.text = now, feed.text
                 self._line_up(job)
-        for stream in self.talker.active:
-            if stream.text_open:
-                feed = stream.request.feed
+        for stream in [s for s in self.talker.active if s.text_open]:
+            feed = stream.request.feed
+            try:
                 if not feed.closed and now - feed.last_append > self.text_idle_s:
                     feed.close()
                 self.talker.feed_text(stream)
-                stream.request.text = feed.text
+            except BaseException as exc:  # noqa: BLE001 - e.g. idle text ending inside a character: its job ends
+                self._end(self._jobs[stream], exc)
+                continue
+            stream.request.text = feed.text
 
     def _run_commands(self) -> None:
         while True:
