@@ -98,11 +98,7 @@ async def _plan(triton, settings, feed: TextFeed, voice, language, listener: Pla
                 audio.put_nowait((_ADMITTED, lead))
                 seat.generating = True
                 parameters = {"max_new_tokens": settings.max_new_tokens(sentence), **settings.synthesis_parameters,
-                              delivery.LEAD_MS: int(1000 * lead)}
-                if continuing:
-                    parameters[delivery.CONTINUATION] = True
-                elif timing.max_wait_s:
-                    parameters[delivery.MAX_WAIT_MS] = int(1000 * timing.max_wait_s)
+                              **_delivery(lead, continuing, timing)}
                 async for chunk in seat.synthesize(sentence, voice, language, parameters, continuing, lead,
                                                    None if continuing else first_audio_by + timing.max_wait_s):
                     unplayed[0] += chunk.size / SAMPLE_RATE
@@ -118,6 +114,17 @@ async def _plan(triton, settings, feed: TextFeed, voice, language, listener: Pla
         if seat is not None:
             seat.release()
         sentences.put_nowait(None)
+
+
+def _delivery(lead_s: float, continuing: bool, timing: Timing) -> dict:
+    """A request's delivery parameters: the audio its listener still has, and whether it continues an utterance
+    that is playing (never refused for load) or may wait for capacity."""
+    parameters = {delivery.LEAD_MS: int(1000 * lead_s)}
+    if continuing:
+        parameters[delivery.CONTINUATION] = True
+    elif timing.max_wait_s:
+        parameters[delivery.MAX_WAIT_MS] = int(1000 * timing.max_wait_s)
+    return parameters
 
 
 async def written_audio(triton, settings, text: OpenText, voice: Optional[str], language: Optional[str],
@@ -137,11 +144,7 @@ async def written_audio(triton, settings, text: OpenText, voice: Optional[str], 
     try:
         while True:
             lead = listener.lead() if continuing else timing.lead_s
-            parameters = {**base, delivery.LEAD_MS: int(1000 * lead)}
-            if continuing:
-                parameters[delivery.CONTINUATION] = True
-            elif timing.max_wait_s:
-                parameters[delivery.MAX_WAIT_MS] = int(1000 * timing.max_wait_s)
+            parameters = {**base, **_delivery(lead, continuing, timing)}
             seat.generating = True
             async for chunk in seat.synthesize("", voice, language, parameters, continuing, lead, written=segment):
                 yield chunk

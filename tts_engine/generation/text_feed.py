@@ -169,9 +169,6 @@ class OpenTexts:
         self._feeds: dict[int, TextFeed] = {}
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self._feeds)
-
     def open(self, key: int, feed: TextFeed) -> None:
         with self._lock:
             if key in self._feeds:
