@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench bench-gpu graph-check soak perf clean help
+.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench bench-gpu graph-check soak perf alerts-check clean help
 
 help:
 	@echo "make setup      - virtualenv, pinned packages, tiny model (idempotent)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-gpu  - the engine on a GPU: full-size random weights, bf16, CUDA graphs; results/gpu_bench.json"
 	@echo "make soak       - load with faults (Triton killed and restarted, clients dropping); SOAK_SECONDS"
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
+	@echo "make alerts-check - promtool: the alert rules, their unit tests, and the compose Prometheus config"
 
 $(STAMP): requirements.txt requirements-model.txt pyproject.toml scripts/setup.sh tts_engine/tiny_model.py
 	./scripts/setup.sh
@@ -57,6 +58,13 @@ gateway: $(STAMP)
 
 perf: $(STAMP)
 	$(PY) -m tools.perf --url 127.0.0.1:$${TRITON_GRPC_PORT:-8001}
+
+# promtool comes with Debian's prometheus package (scripts/setup.sh installs it); no virtualenv needed.
+alerts-check:
+	@command -v promtool >/dev/null || { echo "promtool not found: apt-get install prometheus (or run ./scripts/setup.sh)"; exit 1; }
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+	promtool check config deploy/prometheus/prometheus.yml
 
 graph-check: $(STAMP)
 	$(PY) -m tools.graph_check $(GRAPH_CHECK_ARGS)

@@ -39,6 +39,16 @@ if ! command -v chromium >/dev/null 2>&1; then
   { $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }; } \
     >/dev/null 2>&1 || echo "warning: could not install chromium (apt-get install chromium); the web page test will fail"
 fi
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  # tests/test_monitoring.py checks the alert rules with promtool and evaluates them in a real Prometheus.
+  echo "== installing prometheus (for promtool)"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  export DEBIAN_FRONTEND=noninteractive
+  { $SUDO apt-get install -y -q --no-install-recommends prometheus \
+      || { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends prometheus; }; } \
+    >/dev/null 2>&1 || echo "warning: could not install prometheus (apt-get install prometheus); the monitoring tests will skip"
+fi
 echo "== building the tiny model"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model build/tiny-model 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
 echo "== setup done"

@@ -42,7 +42,7 @@ def test_compose_file_validates_against_the_compose_spec(compose_text):
 
     parsed = compose_spec.PyCompose.from_yaml(compose_text)
     parsed.validate()
-    assert set(parsed.service_names()) == {"triton", "gateway", "prometheus", "perf"}
+    assert set(parsed.service_names()) == {"triton", "gateway", "prometheus", "grafana", "perf"}
 
 
 def test_compose_validation_rejects_a_broken_file(compose_text):
@@ -74,11 +74,11 @@ def test_compose_triton_service_is_a_proper_gpu_triton(compose):
 
 
 def test_compose_gateway_waits_for_healthy_triton_and_extras_are_profiles(compose):
-    """The gateway starts once Triton is healthy; Prometheus and perf are opt-in profiles on matching images."""
+    """The gateway starts once Triton is healthy; Prometheus, Grafana and perf are opt-in profiles on matching images."""
     services = compose["services"]
     assert services["gateway"]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert services["gateway"]["environment"]["TRITON_URLS"] == "triton:8001"
-    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["prometheus"]["profiles"] == ["monitoring"] == services["grafana"]["profiles"]
     assert services["perf"]["profiles"] == ["perf"]
     base = services["triton"]["build"]["args"]["TRITON_IMAGE"]
     assert services["perf"]["image"] == base.replace("-py3", "-py3-sdk")
