@@ -9,18 +9,19 @@ import uvicorn
 
 from .app import create_app, drain
 from .config import Settings
+from .websocket_transport import LingeringCloseProtocol
 
 
 def main() -> int:
+    level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
+        app = create_app(settings)  # reads the JWKS file, if any
     except ValueError as exc:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2
-    level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, ws="websockets-sansio",
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, ws=LingeringCloseProtocol,
                             # frames above the protocol limit still arrive, so that they get a clear
                             # INVALID_MESSAGE; beyond this frame limit the connection closes with 1009
                             ws_max_size=max(4 * settings.max_message_bytes, 1 << 20), log_level=level.lower(),

@@ -15,8 +15,10 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import metrics, openai_api, voices
+from .auth import Authenticator, SubjectSessions
 from .config import Settings
 from .connection import speak
+from .discovery import Discovery
 from .security import Guard
 from .triton_client import TritonPool
 from .voices import VoiceLibrary
@@ -35,6 +37,8 @@ class Services:
     settings: Settings
     triton: TritonPool
     voices: VoiceLibrary
+    authenticator: Authenticator
+    subjects: SubjectSessions  # sessions open per token subject
     sessions: int = 0
     connections: set = field(default_factory=set)  # the sessions open now (for draining)
     draining: bool = False  # shutting down: no new sessions
@@ -57,8 +61,7 @@ async def readyz(request: Request):
 
 
 async def metrics_endpoint(request: Request):
-    for url, ready in request.app.state.services.triton.status().items():
-        metrics.TRITON_READY.labels(url).set(1 if ready else 0)
+    request.app.state.services.triton.publish_metrics()
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
@@ -75,19 +78,26 @@ async def drain(app: Starlette) -> None:
 
 
 def create_app(settings: Settings) -> Starlette:
+    authenticator = Authenticator(settings.auth)  # a bad JWKS file stops the start here, with its reason
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        triton = TritonPool(list(settings.triton_urls), queue_timeout_s=settings.queue_timeout_s,
+        triton = TritonPool([], queue_timeout_s=settings.queue_timeout_s,
                             streams_per_endpoint=settings.streams_per_triton,
                             first_audio_budget_s=settings.first_audio_budget_ms / 1000)
-        app.state.services = Services(settings, triton, VoiceLibrary(settings.voices_dir, settings.default_voice))
+        discovery = Discovery(triton, list(settings.triton_urls), interval_s=settings.discovery_interval_s)
+        app.state.services = Services(settings, triton, VoiceLibrary(settings.voices_dir, settings.default_voice),
+                                      authenticator, SubjectSessions(settings.max_sessions_per_subject))
+        await discovery.refresh()
         await triton.check_ready()
         triton.start_polling(settings.ready_poll_s)
+        discovery.start()
         log.info("gateway up: Triton %s (%s), voices %s", triton.url, "ready" if triton.ready else "not ready yet",
                  settings.voices_dir)
         try:
             yield
         finally:
+            discovery.close()
             await triton.close()
 
     app = Starlette(lifespan=lifespan, routes=[
@@ -104,5 +114,5 @@ def create_app(settings: Settings) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
     ])
-    app.add_middleware(Guard, settings=settings)
+    app.add_middleware(Guard, settings=settings, authenticator=authenticator)
     return app

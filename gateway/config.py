@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from tts_contract.delivery import DEFAULT_FIRST_AUDIO_BUDGET_MS
 
+from .auth import JWKS_ALGORITHMS, AuthSettings
+from .discovery import parse_dns_entry
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
@@ -37,12 +40,19 @@ def _json_object(name: str) -> dict:
     return value
 
 
+def _list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 def _triton_urls() -> tuple[str, ...]:
-    """TRITON_URLS (comma-separated) or TRITON_URL; several endpoints spread the load."""
+    """TRITON_URLS (comma-separated) or TRITON_URL; several endpoints spread the load, and a ``dns://name:port``
+    entry stands for every address the name resolves to (a headless Service's ready pods)."""
     raw = os.environ.get("TRITON_URLS") or os.environ.get("TRITON_URL") or "127.0.0.1:8001"
     urls = tuple(u.strip() for u in raw.split(",") if u.strip())
     if not urls:
         raise ValueError("TRITON_URLS is empty")
+    for url in urls:
+        parse_dns_entry(url)  # a malformed dns:// entry stops the start with its reason
     return urls
 
 
@@ -67,7 +77,9 @@ class Settings:
     openai_model: str = "qwen3-tts"  # the model id GET /v1/models lists
     text_idle_s: float = 5.0  # buffered incremental text with no append for this long is spoken
     ready_poll_s: float = 2.0
-    auth_tokens: tuple[str, ...] = field(default_factory=tuple)
+    discovery_interval_s: float = 5.0  # how often dns:// entries of TRITON_URLS are resolved again
+    auth: AuthSettings = field(default_factory=AuthSettings)  # opaque tokens and JWT verification
+    max_sessions_per_subject: int = 16  # sessions open at once per token subject (with auth); 0: no limit
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)  # besides the gateway's own; "*": any
     max_sentence_chars: int = 400
     # textMode continuous: a stream is cut at the first sentence end past this many characters (≈ 25 s of speech:
@@ -86,7 +98,14 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
-        tokens = tuple(t.strip() for t in os.environ.get("GATEWAY_AUTH_TOKENS", "").split(",") if t.strip())
+        auth = AuthSettings(
+            tokens=_list("GATEWAY_AUTH_TOKENS"),
+            jwt_secret=os.environ.get("GATEWAY_JWT_SECRET", ""),
+            jwks_file=os.environ.get("GATEWAY_JWT_JWKS_FILE", "").strip(),
+            audience=os.environ.get("GATEWAY_JWT_AUDIENCE", "").strip(),
+            issuer=os.environ.get("GATEWAY_JWT_ISSUER", "").strip(),
+            leeway_s=_float("GATEWAY_JWT_LEEWAY_S", AuthSettings.leeway_s),
+            algorithms=_list("GATEWAY_JWT_ALGORITHMS") or JWKS_ALGORITHMS)
         settings = cls(
             host=os.environ.get("GATEWAY_HOST", cls.host),
             port=_int("GATEWAY_PORT", cls.port),
@@ -107,7 +126,9 @@ class Settings:
             text_idle_s=_float("GATEWAY_TEXT_IDLE_S", cls.text_idle_s),
             openai_model=os.environ.get("GATEWAY_OPENAI_MODEL", "").strip() or cls.openai_model,
             ready_poll_s=_float("GATEWAY_READY_POLL_S", cls.ready_poll_s),
-            auth_tokens=tokens,
+            auth=auth,
+            max_sessions_per_subject=_int("GATEWAY_MAX_SESSIONS_PER_SUBJECT", cls.max_sessions_per_subject),
+            discovery_interval_s=_float("TRITON_DISCOVERY_INTERVAL_S", cls.discovery_interval_s),
             allowed_origins=tuple(o.strip().rstrip("/") for o in os.environ.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")
                                   if o.strip()),
             max_sentence_chars=_int("GATEWAY_MAX_SENTENCE_CHARS", cls.max_sentence_chars),
@@ -122,6 +143,12 @@ class Settings:
                      "max_request_chars"):
             if getattr(settings, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if settings.max_sessions_per_subject < 0 or not 0 <= settings.auth.leeway_s <= 600:
+            raise ValueError("GATEWAY_MAX_SESSIONS_PER_SUBJECT must be >= 0 and GATEWAY_JWT_LEEWAY_S in 0..600")
+        if len(settings.auth.jwt_secret) in range(1, 32):  # RFC 7518: an HS256 key at least as long as the hash
+            raise ValueError("GATEWAY_JWT_SECRET must be at least 32 characters")
+        if settings.discovery_interval_s <= 0:
+            raise ValueError("TRITON_DISCOVERY_INTERVAL_S must be > 0")
         if settings.streams_per_triton < 0 or settings.queue_timeout_s <= 0:
             raise ValueError("GATEWAY_STREAMS_PER_TRITON must be >= 0 and GATEWAY_QUEUE_TIMEOUT_S > 0")
         return settings

@@ -15,7 +15,8 @@ from .protocol import (
     TEXT_MODES, TRANSPORTS, Append, Cancel, End, Error, ErrorCode, Flush, ProtocolError, Ready, Speak, Start, Started, Stop,
     Stopped, normalise_language, parse_client_message,
 )
-from .security import bearer_token, token_ok
+from .auth import ANONYMOUS, AuthRefused, Identity
+from .security import bearer_token
 from .speaker import AudioFormat, SessionClosed, Speaker, Utterance
 from .text import OpenText, TextFeed, split_sentences
 
@@ -40,17 +41,25 @@ async def speak(websocket: WebSocket) -> None:
             await connection.error(ErrorCode.RATE_LIMITED, f"too many sessions (limit {services.settings.max_sessions})")
             await connection.close(CLOSE_TRY_AGAIN, "too many sessions")
             return
+        identity = connection.identity
+        if not services.subjects.try_open(identity):
+            log.info("session refused for subject %s: %d sessions open", identity.subject, services.subjects.limit)
+            await connection.error(ErrorCode.RATE_LIMITED, f"too many sessions for this token's subject (limit "
+                                   f"{services.subjects.limit})")
+            await connection.close(CLOSE_TRY_AGAIN, "too many sessions for this subject")
+            return
         services.sessions += 1
         services.connections.add(connection)
         metrics.ACTIVE_SESSIONS.set(services.sessions)
-        log.info("session %s opened from %s", connection.id, websocket.client)
+        log.info("session %s opened from %s, subject %s", connection.id, websocket.client, identity.subject)
         try:
             await connection.run(first_message)
         finally:
             services.sessions -= 1
+            services.subjects.close(identity)
             services.connections.discard(connection)
             metrics.ACTIVE_SESSIONS.set(services.sessions)
-            log.info("session %s closed", connection.id)
+            log.info("session %s closed (subject %s)", connection.id, identity.subject)
     except SessionClosed:
         pass
     finally:
@@ -68,6 +77,7 @@ class Connection:
         self.audio = AudioFormat()
         self.legacy = True  # until a `start` arrives
         self.contract_id: Optional[str] = None
+        self.identity: Identity = ANONYMOUS  # who authenticated (a new `start` token may renew it)
         self.max_wait_s = 0.0  # how long this session's utterances may queue for capacity (start.maxWaitMs)
         self.text_mode = "auto"  # start.textMode
         self.speaker = Speaker(self, services.triton, self.settings, self.id)
@@ -123,7 +133,8 @@ class Connection:
     async def authenticate(self) -> tuple[bool, Optional[str]]:
         """(authenticated, a first message already read). The token comes with the upgrade (header or
         ?token=) or in a `start` message, which must then come first; otherwise UNAUTHORIZED and close 1008."""
-        if not self.settings.auth_tokens:
+        authenticator = self.services.authenticator
+        if not authenticator.enabled:
             return True, None
         first_message = None
         token = bearer_token({"authorization": self.ws.headers.get("authorization", "")}) or \
@@ -132,12 +143,37 @@ class Connection:
             first_message = await self._receive(min(self.settings.idle_timeout_s, AUTH_TIMEOUT_S))
             message = self._parse_or_none(first_message) if first_message is not None else None
             token = message.authToken if isinstance(message, Start) else None
-        if not token_ok(self.settings, token):
-            await self.error(ErrorCode.UNAUTHORIZED, "missing or invalid auth token" if first_message is not None or
-                             token is not None else f"no auth token within {AUTH_TIMEOUT_S:g} s")
+        try:
+            self.identity = authenticator.verify(token)
+        except AuthRefused as refusal:
+            reason = str(refusal) if first_message is not None or token is not None else \
+                f"no auth token within {AUTH_TIMEOUT_S:g} s"
+            log.info("session %s refused: %s", self.id, reason)
+            await self.error(ErrorCode.UNAUTHORIZED, reason)
             await self.close(CLOSE_POLICY, "unauthorized")
             return False, None
         return True, first_message
+
+    def _check_token(self, message) -> None:
+        """A `start` that carries a token renews the session's (same subject only); otherwise a `start`, `speak`
+        or first `append` after the token expired is refused with UNAUTHORIZED. What is playing plays on, and the
+        session stays open so the client can renew with a `start`."""
+        authenticator = self.services.authenticator
+        if not authenticator.enabled:
+            return
+        rid = getattr(message, "requestId", None)
+        token = message.authToken if isinstance(message, Start) else None
+        if token is not None:
+            try:
+                renewed = authenticator.verify(token)
+            except AuthRefused as refusal:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, str(refusal), rid) from None
+            if renewed.subject != self.identity.subject:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "a session's token can only be renewed for the same "
+                                    "subject; open a new session for another", rid)
+            self.identity = renewed
+        elif self.identity.expired(authenticator.settings.leeway_s):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "token expired; send `start` with a new authToken", rid)
 
     async def run(self, first_message: Optional[str] = None) -> None:
         try:
@@ -217,6 +253,7 @@ class Connection:
         return self.services.voices.exists(voice)
 
     async def _on_start(self, message: Start) -> None:
+        self._check_token(message)
         if message.sampleRate not in SAMPLE_RATES:
             raise ProtocolError(ErrorCode.INVALID_CONFIG, f"unsupported sampleRate {message.sampleRate}; "
                                 f"supported: {', '.join(map(str, SAMPLE_RATES))}")
@@ -303,6 +340,7 @@ class Connection:
     async def _accept(self, message, make_feed, characters: int) -> Utterance:
         """Checks shared by speak and a first append (priority, text mode, language, voice, readiness, queue), then
         the utterance is queued with the feed ``make_feed(text mode)`` gives."""
+        self._check_token(message)
         rid = message.requestId
         try:
             mode = self._checked_mode(message.textMode) if message.textMode is not None else self.text_mode

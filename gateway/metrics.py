@@ -40,6 +40,13 @@ ENDPOINT_REALTIME = Gauge("tts_gateway_endpoint_realtime_streams", "Streams a Tr
                           "together and stay ahead of real time, as it last reported", ["endpoint"], registry=REGISTRY)
 ENDPOINT_BEHIND = Gauge("tts_gateway_endpoint_behind_streams", "Utterances on a Triton endpoint whose listeners are "
                         "about to run dry (no new utterance starts there meanwhile)", ["endpoint"], registry=REGISTRY)
+ENDPOINTS = Gauge("tts_gateway_endpoints", "Triton endpoints this gateway knows, by state (ready, not_ready, "
+                  "draining: gone from discovery, finishing its streams)", ["state"], registry=REGISTRY)
+DEMAND = Gauge("tts_gateway_demand_streams", "Streams this gateway serves, waits to serve, or refused in the last "
+               "30 s", registry=REGISTRY)
+UTILIZATION = Gauge("tts_gateway_realtime_utilization", "Demand over the real-time capacity of the ready Triton "
+                    "endpoints (streams each talker measured it can step ahead of real time); above 1: add a pod",
+                    registry=REGISTRY)
 TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when a Triton endpoint and its models are ready, by endpoint",
                      ["endpoint"], registry=REGISTRY)
 

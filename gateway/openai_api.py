@@ -22,6 +22,7 @@ from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
 from tts_contract.languages import UnknownLanguage, normalise_language
 
 from . import metrics
+from .auth import ANONYMOUS, Identity
 from .formats import CONTENT_TYPES, MAX_SPEED, MIN_SPEED, SpeechEncoder, available_formats
 from .protocol import invalid_unicode
 from .delivery import PlaybackClock, hear
@@ -72,10 +73,9 @@ CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never 
 DISCONNECT_POLL_S = 0.25
 
 
-def unauthorized_body() -> dict:
+def unauthorized_body(reason: str) -> dict:
     """What the auth guard answers on ``/v1/`` routes (as OpenAI does for a bad key)."""
-    return OpenAIError(401, "missing or invalid bearer token (Authorization: Bearer <token>)",
-                       code="invalid_api_key").body()
+    return OpenAIError(401, f"{reason} (Authorization: Bearer <token>)", code="invalid_api_key").body()
 
 
 class _VoiceRef(BaseModel):
@@ -132,6 +132,9 @@ class SpeechRequest:
             raise OpenAIError(400, f"stream_format must be one of {', '.join(STREAM_FORMATS)}", "stream_format")
         self.sse = parsed.stream_format == "sse"
         try:
+            if parsed.language is not None and not parsed.language.strip():
+                raise UnknownLanguage(f"language {parsed.language!r} is blank; leave it out (or say \"Auto\") to "
+                                      "infer it from the input")
             self.language = normalise_language(parsed.language)
         except UnknownLanguage as exc:
             raise OpenAIError(400, str(exc), "language") from None
@@ -165,6 +168,20 @@ async def speech(request: Request):
     model loading) gets its HTTP status; from then on the audio streams as it is generated."""
     services = request.app.state.services
     received = time.monotonic()
+    identity = request.scope.get("state", {}).get("identity", ANONYMOUS)
+    if not services.subjects.try_open(identity):
+        metrics.OPENAI_REQUESTS.labels("refused").inc()
+        return OpenAIError(429, f"too many requests at once for this token's subject (limit "
+                                f"{services.subjects.limit})", code="rate_limit_exceeded", retry_after_ms=1000).response()
+    try:
+        return await _speech(request, services, received, identity)
+    except BaseException:
+        services.subjects.close(identity)
+        raise
+
+
+async def _speech(request: Request, services, received: float, identity: Identity):
+    """The speech request of a subject that holds one of its session places (given back when the response ends)."""
     try:
         limit = 4 * services.settings.max_text_chars + 16384  # the longest input in any UTF-8, plus JSON
         params = SpeechRequest(await _read_json(request, limit), services)
@@ -178,12 +195,16 @@ async def speech(request: Request):
         first = await _first_chunk(audio, request)
     except OpenAIError as exc:
         metrics.OPENAI_REQUESTS.labels("refused" if exc.status != CLIENT_GONE else "cancelled").inc()
+        services.subjects.close(identity)
         return exc.response()
     metrics.TIME_TO_FIRST_AUDIO.observe(time.monotonic() - received)
+    log.info("speech request of subject %s: %d characters, voice %s", identity.subject, len(params.input),
+             params.voice)
     body = _events(first, audio, params, listener) if params.sse else \
         _encoded(first, audio, params, {"samples": 0}, listener)
     media_type = "text/event-stream" if params.sse else CONTENT_TYPES[params.response_format]
-    return _ClosingStream(body, media_type=media_type, headers={"cache-control": "no-cache"})
+    return _ClosingStream(body, media_type=media_type, headers={"cache-control": "no-cache"},
+                          on_close=lambda: services.subjects.close(identity))
 
 
 class _ClosingStream(StreamingResponse):
@@ -191,11 +212,19 @@ class _ClosingStream(StreamingResponse):
     client goes away but leaves the generator suspended, and with it the Triton requests, until garbage
     collection gets to it."""
 
+    def __init__(self, *args, on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
 
 
 async def _first_chunk(audio: AsyncIterator, request: Request) -> object:

@@ -1,14 +1,14 @@
-"""Who may use the gateway: a bearer token on every route but health, readiness, metrics and the web page's
-static files (when GATEWAY_AUTH_TOKENS is set), and browsers' cross-origin requests and WebSocket upgrades
-only from GATEWAY_ALLOWED_ORIGINS (default: the gateway's own origin)."""
+"""Who may use the gateway: a bearer token (opaque or a JWT, see auth.py) on every route but health, readiness,
+metrics and the web page's static files (when auth is configured), and browsers' cross-origin requests and
+WebSocket upgrades only from GATEWAY_ALLOWED_ORIGINS (default: the gateway's own origin)."""
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from typing import Optional
 from urllib.parse import urlsplit
 
+from .auth import AuthRefused, Authenticator
 from .openai_api import unauthorized_body
 
 log = logging.getLogger("gateway.security")
@@ -17,14 +17,6 @@ OPEN_PREFIXES = ("/static/",)  # the web page's files
 CORS_HEADERS = [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
                 (b"access-control-allow-headers", b"authorization, content-type"),
                 (b"access-control-max-age", b"600"), (b"vary", b"Origin")]
-
-
-def token_ok(settings, token: Optional[str]) -> bool:
-    """True when ``token`` is one of the configured tokens (every token compared: no early exit on a match)."""
-    if not token:
-        return False
-    matches = [hmac.compare_digest(token.encode(), known.encode()) for known in settings.auth_tokens]
-    return any(matches)
 
 
 def bearer_token(headers: dict) -> Optional[str]:
@@ -37,11 +29,12 @@ def is_open(path: str) -> bool:
 
 
 class Guard:
-    """ASGI middleware enforcing origins (HTTP and WebSocket) and tokens (HTTP; the speak route also accepts
-    the token in its `start` message, so the connection checks WebSocket tokens itself)."""
+    """ASGI middleware enforcing origins (HTTP and WebSocket) and tokens (HTTP, where the verified identity goes
+    into the request's state; the speak route also accepts the token in its `start` message, so the connection
+    checks WebSocket tokens itself)."""
 
-    def __init__(self, app, settings):
-        self.app, self.settings = app, settings
+    def __init__(self, app, settings, authenticator: Authenticator):
+        self.app, self.settings, self.authenticator = app, settings, authenticator
         self.allow_any = "*" in settings.allowed_origins
 
     def origin_allowed(self, origin: str, headers: dict, scope) -> bool:
@@ -69,11 +62,19 @@ class Guard:
         cors = [(b"access-control-allow-origin", origin.encode("latin-1"))] + CORS_HEADERS if origin else []
         if scope["method"] == "OPTIONS" and origin:  # a browser's preflight for an allowed origin
             return await _respond(send, 204, cors, b"")
-        if self.settings.auth_tokens and not is_open(scope["path"]) and \
-                not token_ok(self.settings, bearer_token(headers)):
-            body = unauthorized_body() if scope["path"].startswith("/v1/") else \
-                {"error": "missing or invalid bearer token"}
-            return await _json(send, 401, body, [(b"www-authenticate", b"Bearer")] + cors)
+        if self.authenticator.enabled and not is_open(scope["path"]):
+            token = bearer_token(headers)
+            try:
+                identity = self.authenticator.verify(token)
+            except AuthRefused as refusal:
+                log.info("refused %s %s: %s", scope["method"], scope["path"], refusal)
+                reason = f"missing or invalid bearer token: {refusal}"
+                body = unauthorized_body(reason) if scope["path"].startswith("/v1/") else {"error": reason}
+                # RFC 6750: a missing token gets the bare challenge, a bad one says why
+                challenge = b"Bearer" if not token else \
+                    f'Bearer error="invalid_token", error_description="{refusal}"'.encode("latin-1", "replace")
+                return await _json(send, 401, body, [(b"www-authenticate", challenge)] + cors)
+            scope.setdefault("state", {})["identity"] = identity
 
         async def send_with_cors(message):
             if message["type"] == "http.response.start" and cors:

@@ -3,6 +3,7 @@ readiness tracking, and routing across several Triton endpoints."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import json
@@ -25,6 +26,7 @@ from . import metrics
 
 log = logging.getLogger("gateway.triton")
 REQUIRED_MODELS = (names.TTS, names.VOICE_ENCODER)
+DEMAND_WINDOW_S = 30.0  # refused requests count as demand this long (their clients come back)
 # gRPC's default reconnect backoff grows to minutes (7.7 s was measured after a Triton restart); a restarted
 # Triton should be seen within about a second.
 CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
@@ -91,6 +93,7 @@ class TritonEndpoint:
         self.status: dict = {}  # the talker's last answer to a status query (real-time capacity, headroom)
         self.started: dict[int, float] = {}  # when each seat on this endpoint took its slot
         self.seats: dict[int, "Seat"] = {}  # the utterances holding them
+        self.draining = False  # gone from discovery: no new streams; removed once its last one ends
         self._poller: Optional[asyncio.Task] = None
 
     async def check_ready(self) -> bool:
@@ -236,7 +239,7 @@ class TritonPool:
     """Several Triton endpoints behind one interface, with admission by deadline.
 
     An utterance takes a slot (a ``Seat``) on a ready endpoint with free capacity (the talker's
-    max_active_streams: its KV memory), the one with the most real-time headroom first, and keeps it until its
+    max_active_streams: its KV memory), the least loaded for its real-time capacity first, and keeps it until its
     last sentence is generated, so its later sentences never wait for capacity. The talker itself decides
     whether a stream can start in time and refuses at once when it cannot (then the next endpoint is tried).
     When every slot is taken, or a playing utterance there is about to run dry, a new utterance is refused at
@@ -247,9 +250,7 @@ class TritonPool:
 
     def __init__(self, urls: list[str], queue_timeout_s: float = 10.0, streams_per_endpoint: int = 0,
                  first_audio_budget_s: float = 1.0, lead_floor_s: float = 0.075):
-        if not urls:
-            raise ValueError("no Triton endpoint configured")
-        self.endpoints = [TritonEndpoint(url) for url in urls]
+        self.endpoints = [TritonEndpoint(url) for url in urls]  # more join and leave through set_endpoints
         self.queue_timeout_s = queue_timeout_s  # the longest any request may wait for a slot
         self.streams_per_endpoint = streams_per_endpoint  # 0: each endpoint's own talker capacity
         self.first_audio_budget_s = first_audio_budget_s
@@ -259,6 +260,8 @@ class TritonPool:
         self._next = 0
         self._mean_request_s = 2.0  # a running mean of how long an utterance holds its slot
         self._refused: deque = deque()  # when recent requests were refused (they come back about together)
+        self._refusals: deque = deque()  # refusals within DEMAND_WINDOW_S (part of the demand autoscaling sees)
+        self._poll_interval: Optional[float] = None  # set once polling starts; endpoints that join poll too
 
     @property
     def url(self) -> str:
@@ -266,7 +269,7 @@ class TritonPool:
 
     @property
     def ready(self) -> bool:
-        return any(b.ready for b in self.endpoints)
+        return any(b.ready and not b.draining for b in self.endpoints)
 
     @property
     def waiting(self) -> int:
@@ -277,9 +280,68 @@ class TritonPool:
 
     def headroom(self) -> dict[str, dict]:
         """Each endpoint's capacity as its talker last reported it, and the streams this gateway has there."""
-        return {b.url: {"ready": b.ready, "slots": self.capacity(b), "in_flight": b.in_flight,
+        return {b.url: {"ready": b.ready, "draining": b.draining, "slots": self.capacity(b), "in_flight": b.in_flight,
                         **{k: v for k, v in b.status.items() if k in ("realtime_batch", "headroom", "step_ms")}}
                 for b in self.endpoints}
+
+    def demand(self) -> tuple[int, int]:
+        """(streams this gateway serves or is asked for: in flight, waiting, and refused within the last
+        DEMAND_WINDOW_S; the real-time capacity of its ready endpoints: what each talker measured it can step
+        together ahead of real time, at most its slots)."""
+        now = time.monotonic()
+        while self._refusals and now - self._refusals[0] > DEMAND_WINDOW_S:
+            self._refusals.popleft()
+        wanted = sum(b.in_flight for b in self.endpoints) + self.waiting + len(self._refusals)
+        capacity = sum(self.realtime_capacity(b) for b in self.endpoints if b.ready and not b.draining)
+        return wanted, capacity
+
+    def publish_metrics(self) -> None:
+        """Readiness per endpoint, endpoints by state, and the autoscaling signal (demand over capacity)."""
+        states = {"ready": 0, "not_ready": 0, "draining": 0}
+        for b in self.endpoints:
+            metrics.TRITON_READY.labels(b.url).set(1 if b.ready and not b.draining else 0)
+            states["draining" if b.draining else "ready" if b.ready else "not_ready"] += 1
+        for state, count in states.items():
+            metrics.ENDPOINTS.labels(state).set(count)
+        wanted, capacity = self.demand()
+        metrics.DEMAND.set(wanted)
+        metrics.UTILIZATION.set(wanted / max(capacity, 1) if wanted else 0.0)
+
+    # -- endpoints joining and leaving (discovery) ----------------------------------------------------------
+
+    def set_endpoints(self, urls: list[str]) -> None:
+        """Make the pool's endpoints ``urls``: new ones join (used once ready), missing ones drain (no new streams;
+        removed when their last stream ends), and a draining one that comes back is used again."""
+        wanted = list(dict.fromkeys(urls))
+        known = {b.url: b for b in self.endpoints}
+        for url in wanted:
+            endpoint = known.get(url)
+            if endpoint is None:
+                endpoint = TritonEndpoint(url)
+                self.endpoints.append(endpoint)
+                if self._poll_interval is not None:
+                    endpoint.start_polling(self._poll_interval, on_change=self._wake)
+                log.warning("Triton endpoint %s joined (%d known)", url, len(self.endpoints))
+            elif endpoint.draining:
+                endpoint.draining = False
+                log.warning("Triton endpoint %s is back: no longer draining", url)
+        for endpoint in list(self.endpoints):
+            if endpoint.url not in wanted and not endpoint.draining:
+                endpoint.draining = True
+                log.warning("Triton endpoint %s left discovery: draining its %d streams", endpoint.url,
+                            endpoint.in_flight)
+                self._forget_if_idle(endpoint)
+        self._wake()
+
+    def _forget_if_idle(self, endpoint: TritonEndpoint) -> None:
+        if endpoint.draining and endpoint.in_flight == 0 and endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
+            for gauge in (metrics.TRITON_READY, metrics.ENDPOINT_HEADROOM, metrics.ENDPOINT_REALTIME,
+                          metrics.ENDPOINT_BEHIND):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(endpoint.url)
+            asyncio.get_running_loop().create_task(endpoint.close())
+            log.warning("Triton endpoint %s drained and removed", endpoint.url)
 
     async def check_ready(self) -> bool:
         await asyncio.gather(*(b.check_ready() for b in self.endpoints))
@@ -287,6 +349,7 @@ class TritonPool:
         return self.ready
 
     def start_polling(self, interval: float) -> None:
+        self._poll_interval = interval
         for endpoint in self.endpoints:
             endpoint.start_polling(interval, on_change=self._wake)
 
@@ -298,14 +361,21 @@ class TritonPool:
     def capacity(self, endpoint: TritonEndpoint) -> int:
         return self.streams_per_endpoint or endpoint.capacity
 
+    def realtime_capacity(self, endpoint: TritonEndpoint) -> int:
+        """Streams the endpoint's talker measured it can step together ahead of real time, at most its slots."""
+        return min(self.capacity(endpoint), endpoint.status.get("realtime_batch") or self.capacity(endpoint))
+
     def _free_endpoint(self, exclude=()) -> Optional[TritonEndpoint]:
-        """A ready endpoint with a free slot: the most real-time headroom first, then the least busy (round-robin
-        among equals)."""
+        """A ready endpoint with a free slot: the least loaded for its real-time capacity first (this gateway's
+        streams there, known now, over what its talker measured it can carry; a pod that just joined has none),
+        round-robin among equals."""
+        if not self.endpoints:
+            return None
         self._next = (self._next + 1) % len(self.endpoints)
         rotated = self.endpoints[self._next:] + self.endpoints[:self._next]
-        free = [b for b in rotated if b.ready and b not in exclude and b.in_flight < self.capacity(b)
-                and not self.behind(b)]
-        return min(free, key=lambda b: (-b.status.get("headroom", 0), b.in_flight), default=None)
+        free = [b for b in rotated if b.ready and not b.draining and b not in exclude
+                and b.in_flight < self.capacity(b) and not self.behind(b)]
+        return min(free, key=lambda b: b.in_flight / max(1, self.realtime_capacity(b)), default=None)
 
     def behind(self, endpoint: TritonEndpoint) -> int:
         """Utterances on this endpoint being generated whose listeners are about to run dry: the whole path
@@ -338,12 +408,13 @@ class TritonPool:
         within the last mean hold (they will be back about then) go first, so each refusal names a later slot."""
         now = time.monotonic()
         hold = self._mean_request_s
-        ends = sorted(max(hold - (now - started), hold / 4) for b in self.endpoints if b.ready and b not in exclude
-                      for started in b.started.values())
+        ends = sorted(max(hold - (now - started), hold / 4) for b in self.endpoints
+                      if b.ready and not b.draining and b not in exclude for started in b.started.values())
         while self._refused and now - self._refused[0] > hold:
             self._refused.popleft()
         place = self.waiting + len(self._refused)
         self._refused.append(now)
+        self._refusals.append(now)
         if not ends:
             return 100
         rounds, index = divmod(place, len(ends))  # past every open seat: each takes another hold
@@ -352,7 +423,7 @@ class TritonPool:
     async def _acquire(self, exclude=(), continuing: bool = False, lead_s: float = 0.0,
                        max_wait_s: float = 0.0) -> tuple[TritonEndpoint, int]:
         """A slot on a ready endpoint, and the token that releases it (see the class)."""
-        if not any(b.ready and b not in exclude for b in self.endpoints):
+        if not any(b.ready and not b.draining and b not in exclude for b in self.endpoints):
             raise SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is ready", transport=True)
         token = next(self._sequence)
         endpoint = None if self._line else self._free_endpoint(exclude)
@@ -391,6 +462,7 @@ class TritonPool:
         endpoint.in_flight -= 1
         endpoint.started.pop(token, None)
         endpoint.seats.pop(token, None)
+        self._forget_if_idle(endpoint)
         self._wake()
 
     # -- requests -----------------------------------------------------------------------------------------
@@ -402,7 +474,8 @@ class TritonPool:
 
     async def encode_voice(self, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
         last_error: Optional[SynthesisFailed] = None
-        for endpoint in sorted((b for b in self.endpoints if b.ready), key=lambda b: b.in_flight) or self.endpoints:
+        usable = [b for b in self.endpoints if b.ready and not b.draining]
+        for endpoint in sorted(usable, key=lambda b: b.in_flight) or list(self.endpoints):
             try:
                 return await endpoint.encode_voice(audio, sample_rate, ref_text)
             except SynthesisFailed as exc:

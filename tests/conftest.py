@@ -133,3 +133,19 @@ def make_gateway(triton, voices_dir, tmp_path):
     yield make
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def two_tritons(tiny_model_dir, voices_dir, tmp_path):
+    """Two real tritonservers serving the same repository (a test's own: it may kill them)."""
+    from tools.triton_local import LocalTriton
+
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
+    servers = [LocalTriton(repository, log_path=tmp_path / f"triton-{i}.log").start() for i in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready(240)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

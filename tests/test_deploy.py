@@ -124,17 +124,34 @@ def test_kubernetes_validation_rejects_a_broken_manifest():
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
 
 
-def test_kubernetes_triton_pods_have_gpus_probes_and_the_gateway_lists_them():
-    """Triton pods request a GPU and have readiness probes; the gateway's endpoint list matches the replicas."""
+def test_kubernetes_triton_pods_have_gpus_probes_and_the_gateway_discovers_them():
+    """Triton pods request a GPU and have readiness probes; the gateway finds them through the headless Service's
+    DNS records, and a leaving pod serves on (preStop) for longer than discovery takes to notice."""
     docs = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in k8s_documents())
     triton = docs[("StatefulSet", "qwen-tts-triton")]
-    container = triton["spec"]["template"]["spec"]["containers"][0]
+    pod = triton["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    urls = docs[("ConfigMap", "qwen-tts-gateway")]["data"]["TRITON_URLS"].split(",")
+    config = docs[("ConfigMap", "qwen-tts-gateway")]["data"]
     service = triton["spec"]["serviceName"]
-    assert urls == [f"qwen-tts-triton-{i}.{service}:8001" for i in range(triton["spec"]["replicas"])]
+    assert config["TRITON_URLS"] == f"dns://{service}:8001"
     assert docs[("Service", service)]["spec"]["clusterIP"] == "None"
+    linger = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert linger > 2 * float(config["TRITON_DISCOVERY_INTERVAL_S"]) and pod["terminationGracePeriodSeconds"] > linger + 30
+
+
+def test_kubernetes_autoscaler_scales_triton_on_the_metric_the_adapter_serves():
+    """The HorizontalPodAutoscaler targets the Triton StatefulSet on the external metric the Prometheus adapter's
+    values define, from the gateway's demand metric."""
+    docs = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in k8s_documents())
+    hpa = docs[("HorizontalPodAutoscaler", "qwen-tts-triton")]["spec"]
+    assert (hpa["scaleTargetRef"]["kind"], hpa["scaleTargetRef"]["name"]) == ("StatefulSet", "qwen-tts-triton")
+    adapter = yaml.safe_load((ROOT / "deploy" / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
+    rule = adapter["rules"]["external"][0]
+    assert hpa["metrics"][0]["external"]["metric"]["name"] == rule["name"]["as"]
+    assert "tts_gateway_demand_streams" in rule["metricsQuery"]
+    assert hpa["behavior"]["scaleDown"]["policies"][0] == {"type": "Pods", "value": 1, "periodSeconds": 300}
     gateway = docs[("Deployment", "qwen-tts-gateway")]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
 

@@ -161,7 +161,7 @@ async def test_unknown_voice_falls_back_to_the_default(gateway):
 
 
 @pytest.mark.parametrize("start", [{"sampleRate": 12345}, {"encoding": "mp3"}, {"language": "Klingon"},
-                                   {"audioTransport": "carrier-pigeon"}])
+                                   {"language": ""}, {"language": "  "}, {"audioTransport": "carrier-pigeon"}])
 async def test_unsupported_config_is_refused_and_the_old_one_kept(gateway, start):
     """An unsupported start gets INVALID_CONFIG, no started, and the previous config stays in force."""
     async with open_session(gateway.ws) as ws:
@@ -172,6 +172,18 @@ async def test_unsupported_config_is_refused_and_the_old_one_kept(gateway, start
         await send(ws, type="speak", text="Old config.")
         result = await collect(ws)
         assert len(result.audio) // 2 == round(result.end["audioLengthMs"] * 16)  # still 16 kHz
+
+
+@pytest.mark.parametrize("language", ["", "  ", "Klingon"])
+async def test_a_speak_in_a_blank_or_unknown_language_is_invalid_config(gateway, language):
+    """A speak whose language is blank or unknown gets INVALID_CONFIG with its request id, and nothing plays."""
+    async with open_session(gateway.ws) as ws:
+        await start_session(ws)
+        await send(ws, type="speak", text="Which language?", language=language, requestId="l")
+        error = await receive_json(ws)
+        assert (error["code"], error["requestId"]) == ("INVALID_CONFIG", "l") and "language" in error["message"]
+        await send(ws, type="speak", text="The session's language.")
+        assert (await collect(ws)).end["cancelled"] is False
 
 
 async def test_model_loading_while_triton_is_unreachable(make_gateway):

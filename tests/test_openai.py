@@ -142,6 +142,7 @@ def test_a_voice_may_be_given_as_an_object(client):
     ({"speed": 0.1}, "speed"),
     ({"stream_format": "chunks"}, "stream_format"),
     ({"extra_body": {"language": "Klingon"}}, "language"),
+    ({"extra_body": {"language": " "}}, "language"),
 ])
 def test_bad_input_is_a_bad_request_naming_the_parameter(client, params, param):
     """Each invalid parameter is a 400 (the SDK's BadRequestError) whose error names it."""

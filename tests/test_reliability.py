@@ -126,6 +126,34 @@ async def test_invalid_utf8_closes_1007_and_oversize_frames_close_1009(make_gate
         assert closed.value.rcvd.code == 1009
 
 
+async def test_a_frame_just_over_the_limit_closes_1009_for_a_client_still_sending(make_gateway):
+    """A text frame one byte over the 1 MiB frame limit, written whole by a client that reads only afterwards,
+    still gets its 1009 close frame: the server reads and drops the rest instead of resetting the connection."""
+    gateway = make_gateway()
+    host, port = gateway.http.removeprefix("http://").split(":")
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 10)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET /api/v1/speak HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        size = (1 << 20) + 1
+        mask = os.urandom(4)
+        writer.write(bytes([0x81, 0x80 | 127]) + struct.pack(">Q", size) + mask + os.urandom(size))
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(writer.drain(), 10)
+        await asyncio.sleep(0.5)  # a client busy elsewhere reads late
+        received = bytearray()
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 10):
+                received += chunk
+    finally:
+        writer.close()
+    close_at = received.find(b"\x88")  # FIN + close opcode, after the ready message's frame
+    assert close_at >= 0, f"no close frame, only {bytes(received[:60])!r}"
+    assert struct.unpack(">H", received[close_at + 2:close_at + 4])[0] == 1009
+
+
 # -- traversal and uploads ----------------------------------------------------------------------------------
 
 TRAVERSALS = ["..", "../etc", "..%2F..%2Fetc", "%2e%2e", "a/../../b", "/etc/passwd", "..\\..\\x", "default/..",
@@ -378,13 +406,16 @@ async def test_disconnect_and_cancel_storms_leak_nothing(make_gateway, triton):
         for index in range(40):
             await speak_and_cancel(ws, index)
 
-    def drained():
+    def left_over() -> dict:
         triton_now = scrape_metrics(triton.metrics_url)
         gateway_now = scrape_metrics(gateway.http + "/metrics")
-        return triton_now["qwen_tts_talker_active_streams"] == 0 and triton_now["qwen_tts_talker_queued_streams"] == 0 \
-            and triton_now["qwen_tts_decoder_active_streams"] == 0 and gateway_now["tts_gateway_active_sessions"] == 0
+        counts = {name: triton_now[name] for name in (
+            "qwen_tts_talker_active_streams", "qwen_tts_talker_queued_streams", "qwen_tts_decoder_active_streams")}
+        counts["tts_gateway_active_sessions"] = gateway_now["tts_gateway_active_sessions"]
+        return {name: value for name, value in counts.items() if value}
 
-    assert await wait_until(drained, timeout=30)
+    # the property is that nothing is left, not how fast: a loaded 2-core CI machine needs more than 30 s
+    assert await wait_until(lambda: not left_over(), timeout=90), f"left over after the storms: {left_over()}"
     async with open_session(gateway.ws) as ws:
         await start_session(ws)
         await send(ws, type="speak", text="The next one plays in full.")

@@ -4,26 +4,11 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-import pytest
 
-from conftest import render_cpu_repository
 from gateway_helpers import FAST, GatewayProcess, collect, open_session, receive_json, send
 from test_gateway import LONG, start_session
 from triton_helpers import scrape_metrics, wait_until
 from tools.triton_local import LocalTriton
-
-
-@pytest.fixture
-def two_tritons(tiny_model_dir, voices_dir, tmp_path):
-    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
-    servers = [LocalTriton(repository, log_path=tmp_path / f"triton-{i}.log").start() for i in range(2)]
-    try:
-        for server in servers:
-            server.wait_ready(240)
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def frames(server: LocalTriton) -> float:

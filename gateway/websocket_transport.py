@@ -1,0 +1,37 @@
+"""uvicorn's sans-I/O WebSocket protocol with a lingering close: after the server fails a connection (a frame over
+the frame limit: 1009, text that is not UTF-8: 1007) it sends its close frame, half-closes, and reads and drops
+what the client is still sending before closing the socket. uvicorn closes at once, and a client still sending
+then gets a TCP reset that can destroy the close frame before it is read (seen as 1006, no close frame)."""
+from __future__ import annotations
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+LINGER_S = 2.0  # the longest a failed connection is read (and dropped) before its socket closes
+
+
+class LingeringCloseProtocol(WebSocketsSansIOProtocol):
+    lingering = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:  # the rest of a refused frame: read so the socket closes cleanly, then dropped
+            return
+        super().data_received(data)
+
+    def handle_parser_exception(self) -> None:
+        close = self.conn.close_sent
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.lingering = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client sees the close frame, then EOF, and closes its side
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def eof_received(self) -> None:
+        if self.lingering:
+            self.transport.close()
+            return None
+        return super().eof_received()
