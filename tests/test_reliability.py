@@ -3,12 +3,15 @@ on every route, origins, Triton killed mid-stream, disconnect and cancel storms,
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import os
 import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time

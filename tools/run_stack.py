@@ -1,8 +1,9 @@
 """`make run`: render the model repository, then run and supervise tritonserver and the gateway.
 
 Uses QWEN_TTS_MODEL_DIR when set; otherwise the embedded tiny random-weight model, and says so loudly.
-When tritonserver dies it is restarted (with backoff) while the gateway stays up: sessions get
-MODEL_LOADING meanwhile and work again once Triton is back. Ctrl-C or SIGTERM drains the gateway (every
+When tritonserver dies, what it leaves (model processes, shared memory) is removed and it is restarted (at
+once the first time, then with backoff) while the gateway stays up: sessions get MODEL_LOADING meanwhile
+and work again once Triton is back. Ctrl-C or SIGTERM drains the gateway (every
 utterance ends with its end message), then stops Triton.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from tools.gateway_local import GatewayProcess
 from tools.render_model_repository import ROOT, render, resolve
@@ -23,7 +25,8 @@ TINY_BANNER = """
 #  to a local copy of Qwen3-TTS-12Hz-0.6B-Base (README: Getting the weights). #
 ###############################################################################
 """
-LOGS = ROOT / "build" / "logs"
+# Overridable so that a benchmark or a second stack does not interleave its logs with those of `make run`.
+LOGS = Path(os.environ.get("QWEN_TTS_LOG_DIR") or ROOT / "build" / "logs")
 
 
 def _values() -> dict:
@@ -44,17 +47,19 @@ def _values() -> dict:
 
 
 class Restarts:
-    """Backoff for a process that keeps dying: 1, 2, 4 ... 30 s; reset once it has run for a minute."""
+    """Backoff for a process that keeps dying: at once after its first exit (listeners wait for every second
+    of it), then 1, 2, 4 ... 30 s while it keeps dying; reset once it has run for a minute."""
 
     def __init__(self, name: str):
-        self.name, self.delay, self.started = name, 1.0, time.monotonic()
+        self.name, self.exits, self.started = name, 0, time.monotonic()
 
     def after_exit(self, code, log) -> float:
         if time.monotonic() - self.started > 60:
-            self.delay = 1.0
-        delay, self.delay = self.delay, min(30.0, self.delay * 2)
-        print(f"{self.name} exited with code {code}; restarting it in {delay:.0f} s (log: {log})", file=sys.stderr,
-              flush=True)
+            self.exits = 0
+        delay = 0.0 if self.exits == 0 else min(30.0, 2.0 ** (self.exits - 1))
+        self.exits += 1
+        print(f"{self.name} exited with code {code}; restarting it " + (f"in {delay:.0f} s" if delay else "now")
+              + f" (log: {log})", file=sys.stderr, flush=True)
         return delay
 
     def started_now(self) -> None:
@@ -62,10 +67,11 @@ class Restarts:
 
 
 def _banner(server: LocalTriton, port: int) -> str:
+    gateway_log = LOGS / "gateway.log"
     return f"""
 Ready.
   gateway  ws://127.0.0.1:{port}/api/v1/speak   http://127.0.0.1:{port}/api/v1/voices
-           /healthz /readyz /metrics   (log: build/logs/gateway.log)
+           /healthz /readyz /metrics   (log: {gateway_log})
   Triton   gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}
 Try it:
   open http://127.0.0.1:{port}/ (the web page)
@@ -82,12 +88,17 @@ def supervise(server: LocalTriton, gateway: GatewayProcess, stop: list) -> None:
     restarts = {"tritonserver": Restarts("tritonserver"), "gateway": Restarts("gateway")}
     due: dict = {}
     while not stop:
-        time.sleep(0.2)
+        time.sleep(0.1)
         now = time.monotonic()
         for name, process, log in (("tritonserver", server.process, server.log_path),
                                    ("gateway", gateway.process, gateway.log_path)):
             if name not in due and process.poll() is not None:
                 due[name] = now + restarts[name].after_exit(process.returncode, log)
+                if name == "tritonserver":  # its model processes, then the shared memory a dead server leaves
+                    removed = server.reap()
+                    if removed:
+                        print(f"removed {len(removed)} shared-memory regions it left in /dev/shm "
+                              f"({server.shm_prefix}*)", file=sys.stderr, flush=True)
             if due.get(name, float("inf")) <= now:
                 del due[name]
                 (server.start if name == "tritonserver" else gateway.start)()

@@ -2,11 +2,14 @@
 
 Builds a backend directory from the wheel's Python backend and the stub for this interpreter, sets the
 library path, and puts this virtual environment first on PATH (the stub takes its Python from there).
+Each server's Python backend names its shared-memory regions with the server's pid, so that the regions a
+killed server leaves in /dev/shm are removed once its processes are gone (see ``LocalTriton.reap``).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +21,12 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+SHM_DIR = Path("/dev/shm")
+# The Python backend names each model instance's region <prefix><uuid>. The prefix carries the pid of the
+# server that created it: a region is stale once no live process has that pid or process group (the model
+# processes share the server's group) and none maps it. The backend's default prefix is never touched.
+SHM_PREFIX = "qwen_tts_triton_"
+_SHM_OWNER = re.compile(rf"^{SHM_PREFIX}(\d+)_")
 
 
 def pytriton_root() -> Path:
@@ -58,6 +67,70 @@ def server_env(base: Optional[dict] = None) -> dict:
     return env
 
 
+def shm_prefix(pid) -> str:
+    return f"{SHM_PREFIX}{pid}_"
+
+
+def shm_prefix_arg(pid) -> str:
+    """The flag that gives the Python backend of the server running as ``pid`` its region prefix."""
+    return f"--backend-config=python,shm-region-prefix-name={shm_prefix(pid)}"
+
+
+def _live_ids() -> set[int]:
+    """Pids and process groups of the live processes (zombies excluded: they hold no memory, and nothing here
+    may reap the orphans a killed server leaves, so they can linger as zombies)."""
+    ids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] not in ("Z", "X"):
+                ids.update((int(entry.name), int(fields[2])))
+    return ids
+
+
+def _mapped_regions() -> set[str]:
+    """Names of our regions that some process maps (a process we may not inspect is skipped)."""
+    names = set()
+    marker = f"{SHM_DIR}/{SHM_PREFIX}"
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                maps = (entry / "maps").read_text()
+            except OSError:
+                continue
+            if marker in maps:
+                names.update(line.rsplit("/", 1)[1].removesuffix(" (deleted)")
+                             for line in maps.splitlines() if marker in line)
+    return names
+
+
+def _unlink(paths) -> list[str]:
+    removed = []
+    for path in paths:
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def remove_stale_regions() -> list[str]:
+    """Remove the regions left by servers of ours whose processes are all gone; the names removed."""
+    if not SHM_DIR.is_dir():
+        return []
+    owned = [(path, int(match.group(1))) for path in SHM_DIR.iterdir() if (match := _SHM_OWNER.match(path.name))]
+    if not owned:
+        return []
+    live = _live_ids()
+    candidates = [path for path, owner in owned if owner not in live]
+    mapped = _mapped_regions() if candidates else set()
+    return _unlink(path for path in candidates if path.name not in mapped)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -77,6 +150,7 @@ class LocalTriton:
         self.extra_args = tuple(extra_args)
         self.env = server_env(env)
         self.process: Optional[subprocess.Popen] = None
+        self.shm_prefix: Optional[str] = None  # known once started: it carries the server's pid
         self._log_file = None
 
     @property
@@ -91,24 +165,31 @@ class LocalTriton:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def command(self) -> list[str]:
+    def command(self, pid: Optional[int] = None) -> list[str]:
+        """The server's command line; with ``pid`` (the pid it will run as), its shared-memory prefix too."""
         binary = pytriton_root() / "bin" / "tritonserver"
+        shm = () if pid is None else (shm_prefix_arg(pid),)
         return [
             str(binary), f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir()}",
             f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=5", "--disable-auto-complete-config",
-            "--log-verbose=0", *self.extra_args,
+            "--log-verbose=0", *shm, *self.extra_args,
         ]
 
     def start(self) -> "LocalTriton":
+        remove_stale_regions()
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "ab")
+            self._log_file = self._log_file or open(self.log_path, "ab")
         out = self._log_file or None
-        self.process = subprocess.Popen(self.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+        # The prefix must name the server's own pid, known only once it runs: a shell execs the server in its
+        # place (same pid, and the new session makes it the group leader) with $$ in the prefix.
+        launcher = ["/bin/sh", "-c", f'exec "$@" {shm_prefix_arg("$$")}', "sh", *self.command()]
+        self.process = subprocess.Popen(launcher, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True)
+        self.shm_prefix = shm_prefix(self.process.pid)
         return self
 
     def is_ready(self) -> bool:
@@ -138,7 +219,7 @@ class LocalTriton:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
         if self.process is not None:
-            self._sweep_group()
+            self.reap()
         if self._log_file:
             self._log_file.close()
             self._log_file = None
@@ -152,6 +233,21 @@ class LocalTriton:
             else:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
+
+    def reap(self, timeout: float = 10.0) -> list[str]:
+        """Once the server has exited: kill what is left of its process group, wait until none of it is alive,
+        then remove the shared-memory regions it left in /dev/shm (a killed server cannot). The names removed;
+        none while the server runs or when its group outlives ``timeout`` (the next start removes them then)."""
+        if self.process is None or self.process.poll() is None:
+            return []
+        self._sweep_group()
+        deadline = time.monotonic() + timeout
+        # Model processes still map the regions until they are gone; a group that lingers is left alone.
+        while self.process.pid in _live_ids():
+            if time.monotonic() > deadline:
+                return []
+            time.sleep(0.05)
+        return _unlink(SHM_DIR.glob(f"{self.shm_prefix}*")) if self.shm_prefix else []
 
     def _sweep_group(self) -> None:
         """Kill whatever is left in the server's process group (model processes, their watchers) once the
@@ -193,8 +289,10 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     server = LocalTriton(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                          extra_args=tuple(extra))
-    print("+ " + " ".join(server.command()), flush=True)
-    os.execve(server.command()[0], server.command(), server.env)
+    remove_stale_regions()
+    command = server.command(pid=os.getpid())  # exec keeps this pid: the prefix names the server
+    print("+ " + " ".join(command), flush=True)
+    os.execve(command[0], command, server.env)
 
 
 if __name__ == "__main__":
