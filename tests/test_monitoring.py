@@ -106,6 +106,12 @@ def rule_expressions() -> list[tuple[str, str]]:
     return [(rule.get("alert") or rule["record"], rule["expr"]) for rule in rules()]
 
 
+def adapter_expressions() -> list[tuple[str, str]]:
+    """The Prometheus adapter's queries behind the Triton autoscaler's external metric."""
+    values = yaml.safe_load((ROOT / "deploy" / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
+    return [(f"adapter metric {rule['name']['as']!r}", rule["metricsQuery"]) for rule in values["rules"]["external"]]
+
+
 def recorded_names() -> set[str]:
     return {rule["record"] for rule in rules() if "record" in rule}
 
@@ -288,11 +294,11 @@ def exposition(url: str) -> str:
 
 
 def test_every_metric_the_rules_and_dashboard_read_is_exposed(stack):
-    """Each metric name in a rule or a panel is on the gateway's or Triton's /metrics (or recorded by a rule, or
+    """Each metric name in a rule, a panel or the autoscaler's adapter query is on the gateway's or Triton's /metrics (or recorded by a rule, or
     Prometheus's own `up`)."""
     gateway, triton = stack
     exposed = exposed_names(exposition(gateway.http + "/metrics")) | exposed_names(exposition(triton.metrics_url))
-    expressions = rule_expressions() + panel_expressions()
+    expressions = rule_expressions() + panel_expressions() + adapter_expressions()
     assert unknown_names(expressions, exposed, recorded_names() | SERIES_PROMETHEUS_MAKES) == {}
 
 
@@ -353,10 +359,10 @@ def test_prometheus_scrapes_the_gateway_and_triton(prometheus):
 
 
 def test_every_rule_and_panel_expression_evaluates(prometheus):
-    """Prometheus runs each rule's and each panel's query without an error."""
+    """Prometheus runs each rule's, each panel's and the autoscaler adapter's query without an error."""
     base, _ = prometheus
     failures = {}
-    for where, expr in rule_expressions() + panel_expressions():
+    for where, expr in rule_expressions() + panel_expressions() + adapter_expressions():
         answer = api(base, "/api/v1/query", query=as_promql(expr))
         if answer.get("status") != "success":
             failures[where] = answer.get("error")
