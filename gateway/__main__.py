@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from .app import create_app, drain
+from .auth import RedactTokens
 from .config import Settings
 from .websocket_transport import LingeringCloseProtocol
 
@@ -26,6 +27,8 @@ def main() -> int:
                             # INVALID_MESSAGE; beyond this frame limit the connection closes with 1009
                             ws_max_size=max(4 * settings.max_message_bytes, 1 << 20), log_level=level.lower(),
                             access_log=False, timeout_graceful_shutdown=settings.drain_s + 5)
+    for name in ("uvicorn.error", "uvicorn.access"):  # after uvicorn configured its logging
+        logging.getLogger(name).addFilter(RedactTokens())
     DrainingServer(config, drain=lambda: drain(app)).run()
     return 0
 

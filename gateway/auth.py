@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,19 @@ import jwt
 log = logging.getLogger("gateway.auth")
 JWKS_ALGORITHMS = ("RS256", "ES256")  # the default for keys from a JWKS file
 REQUIRED_CLAIMS = ("exp", "sub")
+
+
+_TOKEN_IN_URL = re.compile(r"(?i)([?&]token=)[^&\s\"']+")
+
+
+class RedactTokens(logging.Filter):
+    """Hides ``?token=`` values in log lines (uvicorn logs a WebSocket's whole URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message.lower():
+            record.msg, record.args = _TOKEN_IN_URL.sub(r"\1[redacted]", message), None
+        return True
 
 
 class AuthRefused(Exception):
@@ -34,6 +48,7 @@ class Identity:
 
     subject: str
     expires_at: Optional[float] = None
+    shared: bool = False  # an opaque token, shared by whoever holds it: no per-subject session limit
 
     def expired(self, leeway_s: float = 0.0) -> bool:
         return self.expires_at is not None and time.time() > self.expires_at + leeway_s
@@ -73,6 +88,9 @@ class Authenticator:
         self._keys: dict[Optional[str], jwt.PyJWK] = {}
         if settings.jwks_file:
             self._load_jwks()  # a bad file fails at start-up, not at the first token
+        if (settings.jwt_secret or settings.jwks_file) and not settings.audience:
+            log.warning("JWTs are accepted without an audience check: set GATEWAY_JWT_AUDIENCE, or tokens your "
+                        "identity provider issues for other services are accepted here too")
 
     @property
     def enabled(self) -> bool:
@@ -83,9 +101,11 @@ class Authenticator:
             return ANONYMOUS
         if not token:
             raise AuthRefused("missing auth token")
-        matches = [hmac.compare_digest(token.encode(), known.encode()) for known in self.settings.tokens]
+        digest = hashlib.sha256(token.encode()).digest()  # compared as digests: no timing from the length either
+        matches = [hmac.compare_digest(digest, hashlib.sha256(known.encode()).digest())
+                   for known in self.settings.tokens]
         if any(matches):  # every token compared: no early exit on a match
-            return Identity("token:" + hashlib.sha256(token.encode()).hexdigest()[:12])
+            return Identity("token:" + digest.hex()[:12], shared=True)
         if not (self.settings.jwt_secret or self.settings.jwks_file):
             raise AuthRefused("invalid auth token")
         return self._verify_jwt(token)
@@ -95,7 +115,7 @@ class Authenticator:
     def _verify_jwt(self, token: str) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.PyJWTError:
             raise AuthRefused("invalid auth token (neither a configured token nor a JWT)") from None
         key, algorithm = self._key_for(header)
         options = {"require": list(REQUIRED_CLAIMS), "verify_aud": bool(self.settings.audience)}
@@ -113,30 +133,36 @@ class Authenticator:
         except jwt.InvalidSignatureError:
             raise AuthRefused("token signature does not verify") from None
         except jwt.InvalidAlgorithmError:
-            raise AuthRefused(f"token algorithm {header.get('alg')!r} is not accepted here "
+            raise AuthRefused(f"token algorithm {str(header.get('alg'))[:20]!r} is not accepted here "
                               f"(this key: {algorithm})") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthRefused(f"token has no {exc.claim!r} claim") from None
-        except jwt.InvalidTokenError as exc:
-            raise AuthRefused(f"invalid token ({exc})") from None
+        except jwt.InvalidKeyError as exc:  # a configured key unusable for its algorithm: the operator's to fix
+            log.error("JWT key for %r unusable: %s", header.get("kid"), exc)
+            raise AuthRefused("token names a key this gateway cannot use") from None
+        except jwt.PyJWTError:
+            raise AuthRefused("invalid token (malformed)") from None
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject.strip():
             raise AuthRefused("token 'sub' claim is empty")
-        return Identity(subject, float(claims["exp"]))
+        try:
+            expires_at = float(claims["exp"])
+        except (TypeError, ValueError, OverflowError):
+            raise AuthRefused("token 'exp' claim is not a time") from None
+        return Identity(subject, expires_at)
 
     def _key_for(self, header: dict) -> tuple[object, str]:
-        """The configured key this token names, and the one algorithm configured for it."""
-        kid = header.get("kid")
-        if self.settings.jwks_file and (kid is not None or header.get("alg") != "HS256" or not self.settings.jwt_secret):
-            keys = self._load_jwks()
-            key = keys.get(kid) if kid is not None else (next(iter(keys.values())) if len(keys) == 1 else None)
-            if key is None:
-                raise AuthRefused(f"no key {kid!r} in the configured JWKS" if kid is not None else
-                                  "token names no key (kid) and the JWKS holds several")
-            return key.key, key.algorithm_name
-        if self.settings.jwt_secret:
+        """The configured key this token names, and the one algorithm configured for it: the secret for HS256
+        tokens (whatever their ``kid``: a JWKS never holds HS keys), else the JWKS key its ``kid`` names."""
+        if self.settings.jwt_secret and (header.get("alg") == "HS256" or not self.settings.jwks_file):
             return self.settings.jwt_secret, "HS256"
-        raise AuthRefused("token names no key this gateway has")
+        kid = header.get("kid")
+        keys = self._load_jwks()
+        key = keys.get(kid) if isinstance(kid, str) else (next(iter(keys.values())) if len(keys) == 1 else None)
+        if key is None:
+            raise AuthRefused("token names no key in the configured JWKS" if kid is not None else
+                              "token names no key (kid) and the JWKS holds several")
+        return key.key, key.algorithm_name
 
     def _load_jwks(self) -> dict:
         path = self.settings.jwks_file
@@ -154,9 +180,10 @@ class Authenticator:
             try:
                 with open(path, encoding="utf-8") as file:
                     keys = self._parse_jwks(json.load(file))
-            except (ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
+            except (OSError, ValueError) as exc:
                 if self._keys:
-                    log.warning("JWKS file %s is invalid (%s); keeping the keys read before", path, exc)
+                    log.warning("JWKS file %s is unusable (%s); keeping the keys read before", path, exc)
+                    self._jwks_stamp = stamp  # not parsed again until it changes
                     return self._keys
                 raise ValueError(f"GATEWAY_JWT_JWKS_FILE {path!r} is not a usable JWKS: {exc}") from None
             if self._jwks_stamp is not None:
@@ -165,16 +192,25 @@ class Authenticator:
             return keys
 
     def _parse_jwks(self, document) -> dict:
+        """The signing keys of a JWKS document with an accepted algorithm; an unusable key is skipped (logged)."""
         if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
             raise ValueError("expected a JSON object with a 'keys' list")
         keys: dict[Optional[str], jwt.PyJWK] = {}
-        for entry in document["keys"]:
-            if isinstance(entry, dict) and entry.get("use", "sig") != "sig":
-                continue  # an encryption key
-            key = jwt.PyJWK(entry)
+        for index, entry in enumerate(document["keys"]):
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue  # not a key, or an encryption key
+            try:
+                key = jwt.PyJWK(entry)
+                key.Algorithm.prepare_key(key.key)  # a curve that does not fit its algorithm fails here, not later
+            except jwt.PyJWTError as exc:
+                log.warning("JWKS key %d (%r) skipped: %s", index, entry.get("kid"), exc)
+                continue
             if key.algorithm_name not in self.settings.algorithms:
                 log.warning("JWKS key %r (%s) skipped: GATEWAY_JWT_ALGORITHMS allows %s", key.key_id,
                             key.algorithm_name, ", ".join(self.settings.algorithms))
+                continue
+            if key.key_id in keys:
+                log.warning("JWKS key %r appears twice; the first is used", key.key_id)
                 continue
             keys[key.key_id] = key
         if not keys:
@@ -183,7 +219,8 @@ class Authenticator:
 
 
 class SubjectSessions:
-    """Sessions (WebSocket sessions and OpenAI speech requests) open per subject, with a limit per subject."""
+    """Sessions (WebSocket sessions and OpenAI speech requests) open per JWT subject on this gateway, with a limit
+    per subject (opaque tokens are shared secrets: not limited)."""
 
     def __init__(self, limit: int):
         self.limit = limit  # 0: no limit
@@ -191,7 +228,7 @@ class SubjectSessions:
 
     def try_open(self, identity: Identity) -> bool:
         count = self.open.get(identity.subject, 0)
-        if self.limit and identity is not ANONYMOUS and count >= self.limit:
+        if self.limit and identity is not ANONYMOUS and not identity.shared and count >= self.limit:
             return False
         self.open[identity.subject] = count + 1
         return True

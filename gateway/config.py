@@ -100,7 +100,7 @@ class Settings:
     def from_env(cls) -> "Settings":
         auth = AuthSettings(
             tokens=_list("GATEWAY_AUTH_TOKENS"),
-            jwt_secret=os.environ.get("GATEWAY_JWT_SECRET", ""),
+            jwt_secret=os.environ.get("GATEWAY_JWT_SECRET", "").strip(),  # a Secret from a file ends in a newline
             jwks_file=os.environ.get("GATEWAY_JWT_JWKS_FILE", "").strip(),
             audience=os.environ.get("GATEWAY_JWT_AUDIENCE", "").strip(),
             issuer=os.environ.get("GATEWAY_JWT_ISSUER", "").strip(),

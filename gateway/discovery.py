@@ -18,9 +18,14 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]  # (name, port) -> endpoin
 
 
 async def resolve_endpoints(name: str, port: int) -> list[str]:
-    """An endpoint for every address ``name`` resolves to (A and AAAA records), on ``port``."""
+    """An endpoint for every address ``name`` resolves to, on ``port``: its IPv4 addresses, or its IPv6 ones when
+    it has none (a dual-stack Service lists each pod under both: one pod must not count as two endpoints)."""
     infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
-    return [endpoint_url(address, port) for address in sorted({info[4][0] for info in infos})]
+    by_family = {socket.AF_INET: set(), socket.AF_INET6: set()}
+    for family, *_, address in infos:
+        by_family.setdefault(family, set()).add(address[0])
+    chosen = by_family[socket.AF_INET] or by_family[socket.AF_INET6]
+    return [endpoint_url(address, port) for address in sorted(chosen)]
 
 
 def parse_dns_entry(entry: str) -> Optional[tuple[str, int]]:
@@ -31,6 +36,10 @@ def parse_dns_entry(entry: str) -> Optional[tuple[str, int]]:
     try:
         port = parts.port
     except ValueError:
+        port = None
+    try:
+        parts.hostname.encode("idna") if parts.hostname else None  # a name no resolver could take
+    except UnicodeError:
         port = None
     if not parts.hostname or port is None or parts.path not in ("", "/"):
         raise ValueError(f"TRITON_URLS entry {entry!r}: expected dns://<name>:<port>, e.g. "
@@ -62,7 +71,7 @@ class Discovery:
         for name, port in self.names:
             try:
                 found = await asyncio.wait_for(self.resolver(name, port), RESOLVE_TIMEOUT_S)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, UnicodeError) as exc:
                 log.warning("cannot resolve %s (%s); keeping its %d known endpoints", name, exc,
                             len(self.found.get((name, port), [])))
                 continue

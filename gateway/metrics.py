@@ -42,8 +42,8 @@ ENDPOINT_BEHIND = Gauge("tts_gateway_endpoint_behind_streams", "Utterances on a 
                         "about to run dry (no new utterance starts there meanwhile)", ["endpoint"], registry=REGISTRY)
 ENDPOINTS = Gauge("tts_gateway_endpoints", "Triton endpoints this gateway knows, by state (ready, not_ready, "
                   "draining: gone from discovery, finishing its streams)", ["state"], registry=REGISTRY)
-DEMAND = Gauge("tts_gateway_demand_streams", "Streams this gateway serves, waits to serve, or refused in the last "
-               "30 s", registry=REGISTRY)
+DEMAND = Gauge("tts_gateway_demand_streams", "Streams this gateway serves or waits to serve, plus the streams the "
+               "requests it refused in the last 30 s would have kept busy", registry=REGISTRY)
 UTILIZATION = Gauge("tts_gateway_realtime_utilization", "Demand over the real-time capacity of the ready Triton "
                     "endpoints (streams each talker measured it can step ahead of real time); above 1: add a pod",
                     registry=REGISTRY)

@@ -71,8 +71,9 @@ class Guard:
                 reason = f"missing or invalid bearer token: {refusal}"
                 body = unauthorized_body(reason) if scope["path"].startswith("/v1/") else {"error": reason}
                 # RFC 6750: a missing token gets the bare challenge, a bad one says why
+                described = "".join(c for c in str(refusal) if c.isprintable() and c not in '"\\')
                 challenge = b"Bearer" if not token else \
-                    f'Bearer error="invalid_token", error_description="{refusal}"'.encode("latin-1", "replace")
+                    f'Bearer error="invalid_token", error_description="{described}"'.encode("latin-1", "replace")
                 return await _json(send, 401, body, [(b"www-authenticate", challenge)] + cors)
             scope.setdefault("state", {})["identity"] = identity
 

@@ -94,6 +94,8 @@ class TritonEndpoint:
         self.started: dict[int, float] = {}  # when each seat on this endpoint took its slot
         self.seats: dict[int, "Seat"] = {}  # the utterances holding them
         self.draining = False  # gone from discovery: no new streams; removed once its last one ends
+        self.encoding = 0  # voice encodes running here (a draining endpoint waits for them too)
+        self.closed = False
         self._poller: Optional[asyncio.Task] = None
 
     async def check_ready(self) -> bool:
@@ -144,6 +146,8 @@ class TritonEndpoint:
         except Exception as exc:  # an older talker, or a busy one: readiness does not depend on it
             log.debug("no status from the talker at %s: %s", self.url, exc)
             return
+        if self.closed:  # removed from the pool meanwhile: its series are gone and stay gone
+            return
         metrics.ENDPOINT_HEADROOM.labels(self.url).set(self.status.get("headroom", 0))
         metrics.ENDPOINT_REALTIME.labels(self.url).set(self.status.get("realtime_batch", 0))
 
@@ -159,9 +163,13 @@ class TritonEndpoint:
 
         self._poller = asyncio.create_task(poll())
 
-    async def close(self) -> None:
+    def stop_polling(self) -> None:
+        self.closed = True
         if self._poller:
             self._poller.cancel()
+
+    async def close(self) -> None:
+        self.stop_polling()
         await self.client.close()
 
     async def synthesize(self, text: str, voice: Optional[str], language: Optional[str],
@@ -262,6 +270,7 @@ class TritonPool:
         self._refused: deque = deque()  # when recent requests were refused (they come back about together)
         self._refusals: deque = deque()  # refusals within DEMAND_WINDOW_S (part of the demand autoscaling sees)
         self._poll_interval: Optional[float] = None  # set once polling starts; endpoints that join poll too
+        self._closing: set = set()  # channels of removed endpoints being closed
 
     @property
     def url(self) -> str:
@@ -284,14 +293,19 @@ class TritonPool:
                         **{k: v for k, v in b.status.items() if k in ("realtime_batch", "headroom", "step_ms")}}
                 for b in self.endpoints}
 
-    def demand(self) -> tuple[int, int]:
-        """(streams this gateway serves or is asked for: in flight, waiting, and refused within the last
-        DEMAND_WINDOW_S; the real-time capacity of its ready endpoints: what each talker measured it can step
-        together ahead of real time, at most its slots)."""
+    def _forget_old_refusals(self) -> None:
         now = time.monotonic()
         while self._refusals and now - self._refusals[0] > DEMAND_WINDOW_S:
             self._refusals.popleft()
-        wanted = sum(b.in_flight for b in self.endpoints) + self.waiting + len(self._refusals)
+
+    def demand(self) -> tuple[float, int]:
+        """(streams this gateway serves or is asked for: in flight, waiting, and those refused within the last
+        DEMAND_WINDOW_S would have kept busy (Little's law: refusals per second × the mean hold, so a client
+        retrying often is not counted once per retry); the real-time capacity of its ready endpoints: what each
+        talker measured it can step together ahead of real time, at most its slots)."""
+        self._forget_old_refusals()
+        refused = len(self._refusals) * min(1.0, self._mean_request_s / DEMAND_WINDOW_S)
+        wanted = sum(b.in_flight for b in self.endpoints) + self.waiting + refused
         capacity = sum(self.realtime_capacity(b) for b in self.endpoints if b.ready and not b.draining)
         return wanted, capacity
 
@@ -334,13 +348,16 @@ class TritonPool:
         self._wake()
 
     def _forget_if_idle(self, endpoint: TritonEndpoint) -> None:
-        if endpoint.draining and endpoint.in_flight == 0 and endpoint in self.endpoints:
+        if endpoint.draining and endpoint.in_flight == 0 and endpoint.encoding == 0 and endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
+            endpoint.stop_polling()  # before its series go: a status answer in flight must not bring them back
             for gauge in (metrics.TRITON_READY, metrics.ENDPOINT_HEADROOM, metrics.ENDPOINT_REALTIME,
                           metrics.ENDPOINT_BEHIND):
                 with contextlib.suppress(KeyError):
                     gauge.remove(endpoint.url)
-            asyncio.get_running_loop().create_task(endpoint.close())
+            closing = asyncio.get_running_loop().create_task(endpoint.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             log.warning("Triton endpoint %s drained and removed", endpoint.url)
 
     async def check_ready(self) -> bool:
@@ -415,6 +432,7 @@ class TritonPool:
         place = self.waiting + len(self._refused)
         self._refused.append(now)
         self._refusals.append(now)
+        self._forget_old_refusals()
         if not ends:
             return 100
         rounds, index = divmod(place, len(ends))  # past every open seat: each takes another hold
@@ -476,12 +494,16 @@ class TritonPool:
         last_error: Optional[SynthesisFailed] = None
         usable = [b for b in self.endpoints if b.ready and not b.draining]
         for endpoint in sorted(usable, key=lambda b: b.in_flight) or list(self.endpoints):
+            endpoint.encoding += 1  # keeps a leaving endpoint's channel open until the encode ends
             try:
                 return await endpoint.encode_voice(audio, sample_rate, ref_text)
             except SynthesisFailed as exc:
                 if not exc.transport:
                     raise
                 last_error = exc
+            finally:
+                endpoint.encoding -= 1
+                self._forget_if_idle(endpoint)
         raise last_error or SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is available", transport=True)
 
 

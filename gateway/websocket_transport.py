@@ -28,7 +28,14 @@ class LingeringCloseProtocol(WebSocketsSansIOProtocol):
             self.transport.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()  # the client sees the close frame, then EOF, and closes its side
-        self.loop.call_later(LINGER_S, self.transport.close)
+        # uvicorn closes the transport when the app returns unless a close timer runs; connection_lost and
+        # shutdown cancel it
+        self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
+
+    def handle_ping(self) -> None:
+        if self.lingering:  # a ping read with the refused frame: nothing may be written after the EOF
+            return
+        super().handle_ping()
 
     def eof_received(self) -> None:
         if self.lingering:

@@ -35,24 +35,31 @@ def _jwk(algorithm, key, kid: str) -> dict:
     return {**json.loads(algorithm.to_jwk(key.public_key())), "kid": kid, "use": "sig"}
 
 
-def token(subject: str = "alice", algorithm: str = "RS256", lifetime_s: float = 300, **claims) -> str:
+def token(subject: str = "alice", algorithm: str = "RS256", lifetime_s: float = 300, kid: str = "", **claims) -> str:
     """A JWT for ``subject`` signed with the test's key for ``algorithm``; ``claims`` override the defaults."""
     now = time.time()
     payload = {"sub": subject, "aud": AUDIENCE, "iss": ISSUER, "iat": int(now), "exp": int(now + lifetime_s),
                **claims}
     payload = {name: value for name, value in payload.items() if value is not None}
     if algorithm == "HS256":
-        return jwt.encode(payload, SECRET, algorithm="HS256")
+        return jwt.encode(payload, SECRET, algorithm="HS256", headers={"kid": kid} if kid else None)
     key, kid = (RSA_KEY, "rsa-1") if algorithm == "RS256" else (EC_KEY, "ec-1")
     return jwt.encode(payload, key, algorithm=algorithm, headers={"kid": kid})
 
 
+def _part(value: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
 def _unsigned(subject: str = "alice") -> str:
     """An ``alg: none`` token (no signature at all)."""
-    def part(value: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
-    return f"{part({'alg': 'none', 'typ': 'JWT', 'kid': 'rsa-1'})}." \
-           f"{part({'sub': subject, 'aud': AUDIENCE, 'iss': ISSUER, 'exp': int(time.time()) + 300})}."
+    return f"{_part({'alg': 'none', 'typ': 'JWT', 'kid': 'rsa-1'})}." \
+           f"{_part({'sub': subject, 'aud': AUDIENCE, 'iss': ISSUER, 'exp': int(time.time()) + 300})}."
+
+
+def _malformed_header() -> str:
+    """A token whose header PyJWT itself rejects (a numeric ``kid``)."""
+    return f"{_part({'alg': 'RS256', 'typ': 'JWT', 'kid': 1})}.{_part({'sub': 'x'})}.c2ln"
 
 
 def _public_key_as_hmac_secret() -> str:
@@ -78,11 +85,13 @@ CASES = {  # name: (token, None when accepted, else a phrase of the refusal)
                                             "exp": int(time.time()) + 300}, OTHER_RSA_KEY, algorithm="RS256",
                                            headers={"kid": "rsa-1"}), "signature"),
     "alg none": (_unsigned, "algorithm"),
-    "public key as hmac secret": (_public_key_as_hmac_secret, "algorithm"),
+    "public key as hmac secret": (_public_key_as_hmac_secret, "signature"),  # HS256 goes to the secret only
     "no exp": (lambda: token(exp=None), "'exp'"),
     "unknown key": (lambda: jwt.encode({"sub": "x", "aud": AUDIENCE, "iss": ISSUER, "exp": int(time.time()) + 60},
                                        RSA_KEY, algorithm="RS256", headers={"kid": "rsa-9"}), "no key"),
     "garbage": (lambda: "not-a-token", "invalid"),
+    "malformed header": (_malformed_header, "invalid"),
+    "hs256 naming a kid": (lambda: token(algorithm="HS256", kid="some-key"), None),
 }
 
 

@@ -705,3 +705,38 @@ async def test_a_continuous_text_without_sentence_ends_is_cut_at_a_space_before_
     segments = await _segments(text)
     assert "".join(segments) == words and all(len(s) <= 300 for s in segments)
     assert all(s.endswith(" ") for s in segments[:-1])
+
+
+# -- auth ------------------------------------------------------------------------------------------------------
+
+def test_a_jwks_file_with_an_unusable_key_still_serves_its_good_keys(tmp_path):
+    """A JWKS holding a key the gateway cannot use (unknown type, a curve that does not fit its algorithm) skips
+    that key and verifies tokens signed with the others."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    from gateway.auth import Authenticator, AuthSettings
+
+    good, wrong_curve = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1())
+    keys = [{"kty": "X9", "kid": "strange"},
+            {**json.loads(ECAlgorithm.to_jwk(wrong_curve.public_key())), "kid": "mislabelled", "alg": "ES256"},
+            {**json.loads(ECAlgorithm.to_jwk(good.public_key())), "kid": "good"}]
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": keys}))
+    auth = Authenticator(AuthSettings(jwks_file=str(tmp_path / "jwks.json")))
+    signed = jwt.encode({"sub": "s", "exp": time.time() + 60}, good, algorithm="ES256", headers={"kid": "good"})
+    assert auth.verify(signed).subject == "s" and list(auth._keys) == ["good"]
+
+
+def test_opaque_tokens_are_not_limited_per_subject_but_jwt_subjects_are():
+    """The per-subject limit holds a JWT subject to its count; an opaque (shared) token is never limited."""
+    from gateway.auth import Identity, SubjectSessions
+
+    sessions = SubjectSessions(limit=1)
+    alice, shared = Identity("alice", time.time() + 60), Identity("token:abc", shared=True)
+    assert sessions.try_open(alice) and not sessions.try_open(alice)
+    assert all(sessions.try_open(shared) for _ in range(5))
+    sessions.close(alice)
+    assert sessions.try_open(alice)
