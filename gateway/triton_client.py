@@ -28,10 +28,10 @@ log = logging.getLogger("gateway.triton")
 REQUIRED_MODELS = (names.TTS, names.VOICE_ENCODER)
 DEMAND_WINDOW_S = 30.0  # refused requests count as demand this long (their clients come back)
 # gRPC's default reconnect backoff grows to minutes (7.7 s was measured after a Triton restart); a restarted
-# Triton should be seen within about a second.
+# Triton should be seen within half a second.
 CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 1000)]
+                ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 class SynthesisFailed(Exception):
@@ -152,14 +152,14 @@ class TritonEndpoint:
         metrics.ENDPOINT_REALTIME.labels(self.url).set(self.status.get("realtime_batch", 0))
 
     def start_polling(self, interval: float, on_change=None) -> None:
-        """Check readiness every ``interval`` seconds, and at least twice a second while not ready."""
+        """Check readiness every ``interval`` seconds, and four times a second while not ready."""
         async def poll():
             while True:
                 was = self.ready
                 await self.check_ready()
                 if on_change is not None and self.ready != was:
                     on_change()
-                await asyncio.sleep(interval if self.ready else min(interval, 0.5))
+                await asyncio.sleep(interval if self.ready else min(interval, 0.25))
 
         self._poller = asyncio.create_task(poll())
 

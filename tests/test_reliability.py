@@ -458,14 +458,14 @@ def _processes(needle: str) -> list[int]:
     return pids
 
 
-async def test_make_run_restarts_a_dead_tritonserver_while_the_gateway_stays_up(tiny_model_dir):
+async def test_make_run_restarts_a_dead_tritonserver_while_the_gateway_stays_up(tiny_model_dir, tmp_path):
     """`make run` (tools.run_stack): kill tritonserver and the same session gets MODEL_LOADING while it is
     down, then speaks again once the supervisor has restarted it; SIGTERM stops everything."""
     ports = {name: str(free_port()) for name in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT",
                                                   "GATEWAY_PORT")}
     env = {**os.environ, **ports, "QWEN_TTS_MODEL_DIR": str(tiny_model_dir), "GATEWAY_READY_POLL_S": "0.5",
            "GATEWAY_SYNTHESIS_PARAMETERS": FAST["GATEWAY_SYNTHESIS_PARAMETERS"], "GATEWAY_FRAMES_BASE": "4",
-           "GATEWAY_FRAMES_PER_CHAR": "1"}
+           "GATEWAY_FRAMES_PER_CHAR": "1", "QWEN_TTS_LOG_DIR": str(tmp_path / "logs")}  # not make run's logs
     stack = subprocess.Popen([sys.executable, "-m", "tools.run_stack"], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     http = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
