@@ -57,8 +57,9 @@ class Discovery:
 
     def __init__(self, pool, entries: list[str], resolver: Resolver = resolve_endpoints, interval_s: float = 5.0):
         self.pool, self.resolver, self.interval_s = pool, resolver, interval_s
-        self.static = [entry for entry in entries if parse_dns_entry(entry) is None]
-        self.names = [parse_dns_entry(entry) for entry in entries if parse_dns_entry(entry) is not None]
+        parsed = [(entry, parse_dns_entry(entry)) for entry in entries]
+        self.static = [entry for entry, name in parsed if name is None]
+        self.names = [name for _, name in parsed if name is not None]
         self.found: dict[tuple[str, int], list[str]] = {}  # each name's addresses at its last good resolution
         self._task: Optional[asyncio.Task] = None
 

@@ -98,6 +98,11 @@ class TritonEndpoint:
         self.closed = False
         self._poller: Optional[asyncio.Task] = None
 
+    @property
+    def usable(self) -> bool:
+        """Ready and still in discovery: it may take new streams (subject to its capacity)."""
+        return self.ready and not self.draining
+
     async def check_ready(self) -> bool:
         try:
             ready = await asyncio.wait_for(self.client.is_server_ready(), 2.0) and all(
@@ -278,7 +283,7 @@ class TritonPool:
 
     @property
     def ready(self) -> bool:
-        return any(b.ready and not b.draining for b in self.endpoints)
+        return any(b.usable for b in self.endpoints)
 
     @property
     def waiting(self) -> int:
@@ -306,14 +311,14 @@ class TritonPool:
         self._forget_old_refusals()
         refused = len(self._refusals) * min(1.0, self._mean_request_s / DEMAND_WINDOW_S)
         wanted = sum(b.in_flight for b in self.endpoints) + self.waiting + refused
-        capacity = sum(self.realtime_capacity(b) for b in self.endpoints if b.ready and not b.draining)
+        capacity = sum(self.realtime_capacity(b) for b in self.endpoints if b.usable)
         return wanted, capacity
 
     def publish_metrics(self) -> None:
         """Readiness per endpoint, endpoints by state, and the autoscaling signal (demand over capacity)."""
         states = {"ready": 0, "not_ready": 0, "draining": 0}
         for b in self.endpoints:
-            metrics.TRITON_READY.labels(b.url).set(1 if b.ready and not b.draining else 0)
+            metrics.TRITON_READY.labels(b.url).set(1 if b.usable else 0)
             states["draining" if b.draining else "ready" if b.ready else "not_ready"] += 1
         for state, count in states.items():
             metrics.ENDPOINTS.labels(state).set(count)
@@ -390,8 +395,8 @@ class TritonPool:
             return None
         self._next = (self._next + 1) % len(self.endpoints)
         rotated = self.endpoints[self._next:] + self.endpoints[:self._next]
-        free = [b for b in rotated if b.ready and not b.draining and b not in exclude
-                and b.in_flight < self.capacity(b) and not self.behind(b)]
+        free = [b for b in rotated if b.usable and b not in exclude and b.in_flight < self.capacity(b)
+                and not self.behind(b)]
         return min(free, key=lambda b: b.in_flight / max(1, self.realtime_capacity(b)), default=None)
 
     def behind(self, endpoint: TritonEndpoint) -> int:
@@ -425,8 +430,8 @@ class TritonPool:
         within the last mean hold (they will be back about then) go first, so each refusal names a later slot."""
         now = time.monotonic()
         hold = self._mean_request_s
-        ends = sorted(max(hold - (now - started), hold / 4) for b in self.endpoints
-                      if b.ready and not b.draining and b not in exclude for started in b.started.values())
+        ends = sorted(max(hold - (now - started), hold / 4) for b in self.endpoints if b.usable and b not in exclude
+                      for started in b.started.values())
         while self._refused and now - self._refused[0] > hold:
             self._refused.popleft()
         place = self.waiting + len(self._refused)
@@ -441,7 +446,7 @@ class TritonPool:
     async def _acquire(self, exclude=(), continuing: bool = False, lead_s: float = 0.0,
                        max_wait_s: float = 0.0) -> tuple[TritonEndpoint, int]:
         """A slot on a ready endpoint, and the token that releases it (see the class)."""
-        if not any(b.ready and not b.draining and b not in exclude for b in self.endpoints):
+        if not any(b.usable and b not in exclude for b in self.endpoints):
             raise SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is ready", transport=True)
         token = next(self._sequence)
         endpoint = None if self._line else self._free_endpoint(exclude)
@@ -492,7 +497,7 @@ class TritonPool:
 
     async def encode_voice(self, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
         last_error: Optional[SynthesisFailed] = None
-        usable = [b for b in self.endpoints if b.ready and not b.draining]
+        usable = [b for b in self.endpoints if b.usable]
         for endpoint in sorted(usable, key=lambda b: b.in_flight) or list(self.endpoints):
             endpoint.encoding += 1  # keeps a leaving endpoint's channel open until the encode ends
             try:
