@@ -132,10 +132,7 @@ class SpeechRequest:
             raise OpenAIError(400, f"stream_format must be one of {', '.join(STREAM_FORMATS)}", "stream_format")
         self.sse = parsed.stream_format == "sse"
         try:
-            if parsed.language is not None and not parsed.language.strip():
-                raise UnknownLanguage(f"language {parsed.language!r} is blank; leave it out (or say \"Auto\") to "
-                                      "infer it from the input")
-            self.language = normalise_language(parsed.language)
+            self.language = normalise_language(parsed.language, blank_is_auto=False)
         except UnknownLanguage as exc:
             raise OpenAIError(400, str(exc), "language") from None
         if parsed.max_wait_ms is not None and not 0 <= parsed.max_wait_ms <= MAX_WAIT_LIMIT_MS:
@@ -174,14 +171,19 @@ async def speech(request: Request):
         return OpenAIError(429, f"too many requests at once for this token's subject (limit "
                                 f"{services.subjects.limit})", code="rate_limit_exceeded", retry_after_ms=1000).response()
     try:
-        return await _speech(request, services, received, identity)
+        response = await _speech(request, services, received, identity)
     except BaseException:
         services.subjects.close(identity)
         raise
+    if isinstance(response, _ClosingStream):  # the subject's place is given back when the stream ends
+        response.on_close = lambda: services.subjects.close(identity)
+    else:
+        services.subjects.close(identity)
+    return response
 
 
 async def _speech(request: Request, services, received: float, identity: Identity):
-    """The speech request of a subject that holds one of its session places (given back when the response ends)."""
+    """The speech request: an error response, or the audio as a ``_ClosingStream``."""
     try:
         limit = 4 * services.settings.max_text_chars + 16384  # the longest input in any UTF-8, plus JSON
         params = SpeechRequest(await _read_json(request, limit), services)
@@ -195,7 +197,6 @@ async def _speech(request: Request, services, received: float, identity: Identit
         first = await _first_chunk(audio, request)
     except OpenAIError as exc:
         metrics.OPENAI_REQUESTS.labels("refused" if exc.status != CLIENT_GONE else "cancelled").inc()
-        services.subjects.close(identity)
         return exc.response()
     metrics.TIME_TO_FIRST_AUDIO.observe(time.monotonic() - received)
     log.info("speech request of subject %s: %d characters, voice %s", identity.subject, len(params.input),
@@ -203,8 +204,7 @@ async def _speech(request: Request, services, received: float, identity: Identit
     body = _events(first, audio, params, listener) if params.sse else \
         _encoded(first, audio, params, {"samples": 0}, listener)
     media_type = "text/event-stream" if params.sse else CONTENT_TYPES[params.response_format]
-    return _ClosingStream(body, media_type=media_type, headers={"cache-control": "no-cache"},
-                          on_close=lambda: services.subjects.close(identity))
+    return _ClosingStream(body, media_type=media_type, headers={"cache-control": "no-cache"})
 
 
 class _ClosingStream(StreamingResponse):
@@ -212,9 +212,7 @@ class _ClosingStream(StreamingResponse):
     client goes away but leaves the generator suspended, and with it the Triton requests, until garbage
     collection gets to it."""
 
-    def __init__(self, *args, on_close=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.on_close = on_close
+    on_close = None  # called once the response has ended, whatever the reason
 
     async def __call__(self, scope, receive, send) -> None:
         try:

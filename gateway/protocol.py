@@ -148,11 +148,8 @@ def invalid_unicode(value, path: str = "") -> Optional[str]:
 
 def normalise_language(value: str) -> str:
     """Canonical language name, or raise INVALID_CONFIG (a language given as blank too: "Auto" says "infer it")."""
-    if not value.strip():
-        raise ProtocolError(ErrorCode.INVALID_CONFIG, f"language {value!r} is blank; name one of "
-                            f"{', '.join(LANGUAGES)}, or {AUTO} to infer it from the text")
     try:
-        return _normalise_language(value)
+        return _normalise_language(value, blank_is_auto=False)
     except UnknownLanguage as exc:
         raise ProtocolError(ErrorCode.INVALID_CONFIG, str(exc)) from None
 

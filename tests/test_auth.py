@@ -207,3 +207,18 @@ async def test_a_token_expiring_mid_session_lets_the_utterance_finish_and_refuse
         assert (await receive_json(ws))["type"] == "started"
         await send(ws, type="speak", text="Renewed.")
         assert (await collect(ws, timeout=60)).end["cancelled"] is False
+
+
+async def test_openai_speech_requests_give_their_subjects_place_back(gateway):
+    """A subject's speech requests (answered, refused for bad input, or read in full) each free their place:
+    more requests than the per-subject limit, one after another, all succeed."""
+    headers = {"Authorization": f"Bearer {token('grace')}"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        for body in ({"model": "m", "input": "Hello.", "voice": "default", "response_format": "pcm"},
+                     {"model": "m", "input": "", "voice": "default"}, {"model": "m", "input": "Again.",
+                                                                       "voice": "default", "response_format": "pcm"}):
+            reply = await http.post(gateway.http + "/v1/audio/speech", json=body, headers=headers)
+            assert reply.status_code in (200, 400), reply.text
+        reply = await http.post(gateway.http + "/v1/audio/speech", headers=headers,
+                                json={"model": "m", "input": "Once more.", "voice": "default", "response_format": "pcm"})
+        assert reply.status_code == 200 and len(reply.content) > 0

@@ -66,6 +66,14 @@ def test_language_names_normalise_in_one_place(raw, expected):
     assert normalise_language(raw) == expected
 
 
+@pytest.mark.parametrize("raw", ["", "   "])
+def test_a_blank_language_is_refused_where_a_client_must_name_one(raw):
+    """With ``blank_is_auto=False`` (what clients send) a blank name is refused; None still means Auto."""
+    with pytest.raises(UnknownLanguage):
+        normalise_language(raw, blank_is_auto=False)
+    assert normalise_language(None, blank_is_auto=False) == "Auto"
+
+
 def test_unknown_languages_are_refused_with_the_list():
     """An unknown name raises an error that lists every supported language."""
     with pytest.raises(UnknownLanguage) as error:

@@ -12,8 +12,12 @@ class UnknownLanguage(ValueError):
     pass
 
 
-def normalise_language(value: Optional[str]) -> str:
-    """The canonical spelling ("English", ..., "Auto") of a language name in any case; empty means Auto."""
+def normalise_language(value: Optional[str], blank_is_auto: bool = True) -> str:
+    """The canonical spelling ("English", ..., "Auto") of a language name in any case; None means Auto, and so
+    does a blank name unless ``blank_is_auto`` is false (a client that names a language must name one)."""
+    if not blank_is_auto and value is not None and not value.strip():
+        raise UnknownLanguage(f"language {value!r} is blank; name one of {', '.join(LANGUAGES)}, or {AUTO} to "
+                              "infer it from the text")
     name = (value or "").strip().lower() or AUTO.lower()
     for known in LANGUAGES + (AUTO,):
         if known.lower() == name:
