@@ -23,13 +23,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tools.triton_local import free_port  # noqa: E402
+from tools.gateway_local import gateway_ready  # noqa: E402
+from tools.triton_local import free_port, process_dirs  # noqa: E402
 
 MODELS = ("talker", "codec_decoder", "voice_encoder", "tts")
 GLOG = re.compile(r"^[IWEF](\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2})\.(\d{6}) +\d+ (\S+\] .*)$")
@@ -70,23 +70,14 @@ def _size(path: Path) -> int:
 
 
 def _server_pid(grpc_port: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmdline and cmdline[0].endswith(b"tritonserver") and f"--grpc-port={grpc_port}".encode() in cmdline:
-                return int(entry.name)
+    for entry in process_dirs():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"tritonserver") and f"--grpc-port={grpc_port}".encode() in cmdline:
+            return int(entry.name)
     return None
-
-
-def _ready(http: str) -> bool:
-    try:
-        with urllib.request.urlopen(http + "/readyz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 class Stderr:
@@ -149,7 +140,7 @@ def one_kill(timeout: float) -> dict:
     http, ws = f"http://127.0.0.1:{ports['GATEWAY_PORT']}", f"ws://127.0.0.1:{ports['GATEWAY_PORT']}/api/v1/speak"
     try:
         deadline = time.monotonic() + timeout
-        while not _ready(http):
+        while not gateway_ready(http):
             if stack.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("make run never became ready: " + "\n".join(l for _, l in stderr.lines[-20:]))
             time.sleep(0.2)

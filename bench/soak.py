@@ -104,6 +104,7 @@ async def faults(server, tally: Tally, every: float, stop: asyncio.Event, gatewa
                  until: float) -> list:
     """Kill tritonserver every ``every`` seconds (none in the last 30 s, so each recovery is seen) and start it
     again; returns recovery figures per fault."""
+    from tools.gateway_local import gateway_ready
     from tools.triton_local import LocalTriton
 
     recoveries = []
@@ -121,7 +122,7 @@ async def faults(server, tally: Tally, every: float, stop: asyncio.Event, gatewa
                             log_path=log_dir / f"tritonserver-{len(recoveries) + 1}.log").start()
         await asyncio.to_thread(fresh.wait_ready, 300)
         triton_ready = time.monotonic()
-        while not _ready(gateway_http) and time.monotonic() - triton_ready < 60:
+        while not gateway_ready(gateway_http, timeout=1) and time.monotonic() - triton_ready < 60:
             await asyncio.sleep(0.05)
         gateway_ready = time.monotonic()
         while tally.last_success < triton_ready and time.monotonic() - triton_ready < 60 and not stop.is_set():
@@ -132,14 +133,6 @@ async def faults(server, tally: Tally, every: float, stop: asyncio.Event, gatewa
                            "orphans": len(fresh.model_processes(orphans_only=True))})
         server.process, server._log_file = fresh.process, fresh._log_file
     return recoveries
-
-
-def _ready(http: str) -> bool:
-    try:
-        with urllib.request.urlopen(http + "/readyz", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _metric(url: str, name: str) -> float:

@@ -12,6 +12,15 @@ from typing import Optional
 from tools.triton_local import ROOT, free_port
 
 
+def gateway_ready(http: str, timeout: float = 2.0) -> bool:
+    """True when the gateway at ``http`` answers /readyz with 200 (Triton ready behind it)."""
+    try:
+        with urllib.request.urlopen(http + "/readyz", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 class GatewayProcess:
     """`python -m gateway` on a free port, configured by environment variables."""
 
@@ -50,11 +59,9 @@ class GatewayProcess:
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.http + "/readyz", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.2)
+            if gateway_ready(self.http):
+                return
+            time.sleep(0.2)
         raise TimeoutError("gateway never became ready")
 
     def stop(self) -> None:

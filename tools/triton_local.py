@@ -76,18 +76,27 @@ def shm_prefix_arg(pid) -> str:
     return f"--backend-config=python,shm-region-prefix-name={shm_prefix(pid)}"
 
 
+def process_dirs() -> list[Path]:
+    """/proc/<pid> of every process now."""
+    return [entry for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def stat_fields(entry: Path) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, ... (OSError once it is gone)."""
+    return (entry / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _live_ids() -> set[int]:
     """Pids and process groups of the live processes (zombies excluded: they hold no memory, and nothing here
     may reap the orphans a killed server leaves, so they can linger as zombies)."""
     ids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[0] not in ("Z", "X"):
-                ids.update((int(entry.name), int(fields[2])))
+    for entry in process_dirs():
+        try:
+            fields = stat_fields(entry)
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X"):
+            ids.update((int(entry.name), int(fields[2])))
     return ids
 
 
@@ -95,15 +104,14 @@ def _mapped_regions() -> set[str]:
     """Names of our regions that some process maps (a process we may not inspect is skipped)."""
     names = set()
     marker = f"{SHM_DIR}/{SHM_PREFIX}"
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                maps = (entry / "maps").read_text()
-            except OSError:
-                continue
-            if marker in maps:
-                names.update(line.rsplit("/", 1)[1].removesuffix(" (deleted)")
-                             for line in maps.splitlines() if marker in line)
+    for entry in process_dirs():
+        try:
+            maps = (entry / "maps").read_text()
+        except OSError:
+            continue
+        if marker in maps:
+            names.update(line.rsplit("/", 1)[1].removesuffix(" (deleted)")
+                         for line in maps.splitlines() if marker in line)
     return names
 
 
@@ -261,16 +269,15 @@ class LocalTriton:
         """PIDs of Python-backend stubs serving this model repository; with ``orphans_only``, those whose
         parent is not this server's current process (left behind by an earlier one)."""
         pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if "triton_python_backend_stub" in cmdline and str(self.model_repository) in cmdline and \
-                        not (orphans_only and self.process is not None and parent == self.process.pid):
-                    pids.append(int(entry.name))
+        for entry in process_dirs():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                parent = int(stat_fields(entry)[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if "triton_python_backend_stub" in cmdline and str(self.model_repository) in cmdline and \
+                    not (orphans_only and self.process is not None and parent == self.process.pid):
+                pids.append(int(entry.name))
         return pids
 
     def __enter__(self):
