@@ -34,20 +34,17 @@ async def speak(websocket: WebSocket) -> None:
         if not authenticated:
             return
         if services.draining:
-            await connection.error(ErrorCode.MODEL_LOADING, "the gateway is shutting down; connect again shortly")
-            await connection.close(CLOSE_SERVICE_RESTART, "shutting down")
-            return
+            return await connection.refuse(ErrorCode.MODEL_LOADING, "the gateway is shutting down; connect again "
+                                           "shortly", CLOSE_SERVICE_RESTART, "shutting down")
         if services.sessions >= services.settings.max_sessions:
-            await connection.error(ErrorCode.RATE_LIMITED, f"too many sessions (limit {services.settings.max_sessions})")
-            await connection.close(CLOSE_TRY_AGAIN, "too many sessions")
-            return
+            return await connection.refuse(ErrorCode.RATE_LIMITED, f"too many sessions (limit "
+                                           f"{services.settings.max_sessions})", CLOSE_TRY_AGAIN, "too many sessions")
         identity = connection.identity
         if not services.subjects.try_open(identity):
             log.info("session refused for subject %s: %d sessions open", identity.subject, services.subjects.limit)
-            await connection.error(ErrorCode.RATE_LIMITED, f"too many sessions for this token's subject (limit "
-                                   f"{services.subjects.limit})")
-            await connection.close(CLOSE_TRY_AGAIN, "too many sessions for this subject")
-            return
+            return await connection.refuse(ErrorCode.RATE_LIMITED, f"too many sessions for this token's subject "
+                                           f"(limit {services.subjects.limit})", CLOSE_TRY_AGAIN,
+                                           "too many sessions for this subject")
         services.sessions += 1
         services.connections.add(connection)
         metrics.ACTIVE_SESSIONS.set(services.sessions)
@@ -111,6 +108,11 @@ class Connection:
     async def error(self, code: ErrorCode, message: str, request_id: Optional[str] = None) -> None:
         await self.send_message(Error.of(code, message, request_id))
 
+    async def refuse(self, code: ErrorCode, message: str, close_code: int, reason: str) -> None:
+        """The error, then the socket closed with ``close_code``: a session that cannot go on (or begin)."""
+        await self.error(code, message)
+        await self.close(close_code, reason)
+
     async def drain(self, grace_s: float) -> None:
         """End this session for a shutdown: its utterances end (see Speaker.drain), then close 1001."""
         try:
@@ -149,8 +151,7 @@ class Connection:
             reason = str(refusal) if first_message is not None or token is not None else \
                 f"no auth token within {AUTH_TIMEOUT_S:g} s"
             log.info("session %s refused: %s", self.id, reason)
-            await self.error(ErrorCode.UNAUTHORIZED, reason)
-            await self.close(CLOSE_POLICY, "unauthorized")
+            await self.refuse(ErrorCode.UNAUTHORIZED, reason, CLOSE_POLICY, "unauthorized")
             return False, None
         return True, first_message
 

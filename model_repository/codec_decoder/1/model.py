@@ -46,9 +46,10 @@ class TritonPythonModel:
         config.exit_with_parent(self.log)
         params = config.model_parameters(args)
         # The warm-up below runs on this thread, while the other models load: with torch's default (every
-        # core) it fought them for the CPU and took 4-5 s instead of about 1 s on 2 cores. The worker uses the
-        # same count.
-        torch.set_num_threads(int(params["torch_threads"]))
+        # core) it fought them for the CPU and took 4-5 s instead of about 1 s on 2 cores. The worker thread
+        # sets the same count for itself.
+        threads = int(params["torch_threads"])
+        torch.set_num_threads(threads)
         tokenizer = load_speech_tokenizer(*config.model_location(args, params))
         max_batch, primed = int(params["max_batch_streams"]), int(params["primed_state_cache_size"])
         decoder = StreamingDecoder(tokenizer.model, capacity=2 * max_batch + primed + 1)
@@ -60,7 +61,7 @@ class TritonPythonModel:
         self.failed = RecentIds(1024)  # streams whose decoding failed -> the error their last chunk reports
         self.worker = BatchingWorker(self._decode, self._fail, max_batch=max_batch,
                                      name="codec-decoder",
-                                     on_start=lambda: torch.set_num_threads(int(params["torch_threads"])))
+                                     on_start=lambda: torch.set_num_threads(threads))
         self._warm_up(tokenizer, params)
         self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.table, interval_s=1.0,
                                         before_publish=self.table.expire)
