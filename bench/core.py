@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tts_engine.generation.admission import Delivery  # noqa: E402
+from tts_engine.serving.tickets import Deadline  # noqa: E402
 
-PATIENT = Delivery(max_wait_s=600)  # a benchmark is not a listener: no job is refused for load
+PATIENT = Deadline(max_wait_s=600)  # a benchmark is not a listener: no job is refused for load
 TEXT = "Benchmarks measure what users feel: the wait before the first sound, and the pace after it."
 FRAME_SECONDS = 0.08  # 1920 samples at 24 kHz
 
@@ -53,26 +53,29 @@ def _setup(model_dir: str, device: str, dtype):
 def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bool, pad_batches: bool = False,
                       noise: str = "reference") -> dict:
     """Aggregate frames/s of the serving loop with n streams submitted at once (talker only)."""
-    from tts_engine.generation.sampling import SamplingParams
-    from tts_engine.generation.scheduler import StreamJob, StreamScheduler
-    from tts_engine.generation.talker import BatchedTalker
     from tts_engine.generation.prompt import SynthesisRequest
+    from tts_engine.generation.sampling import SamplingParams
+    from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.serving.engine import Engine
+    from tts_engine.serving.outbox import CallbackSink
+    from tts_engine.serving.scheduler import SchedulerConfig
 
-    talker = BatchedTalker(loaded.tts, slots=max(counts), max_tokens=frames + 1024, pad_batches=pad_batches,
+    talker = BatchedTalker(loaded.tts, rows=max(counts), max_tokens=frames + 1024, pad_batches=pad_batches,
                            noise=noise, pool_tokens=max(counts) * (frames + 1024))
-    scheduler = StreamScheduler(talker, max_queued=max(counts), name="bench", realtime_admission=False)
+    engine = Engine(talker, SchedulerConfig(rows=talker.rows, max_queued=max(counts), realtime_admission=False),
+                       name="bench")
     rows = {}
     try:
         for n in [1] + counts:  # the first run warms up
             done = threading.Semaphore(0)
-            stats = scheduler.stats
+            stats = engine.stats
             steps, step_rows, step_seconds, produced = stats.steps, stats.step_rows, stats.step_seconds, stats.frames
             started = time.perf_counter()
             for i in range(n):
                 request = SynthesisRequest(TEXT, prompt, "English",
                                            SamplingParams(max_new_tokens=frames + 1, seed=i, greedy=greedy))
-                scheduler.submit(StreamJob(request=request, on_chunk=lambda *a: None, delivery=PATIENT,
-                                           on_end=lambda error, job: done.release(), label="bench"))
+                engine.submit(engine.new_id(), request, CallbackSink(on_end=lambda error: done.release()),
+                                 PATIENT)
             for _ in range(n):
                 done.acquire()
             wall = time.perf_counter() - started
@@ -81,7 +84,7 @@ def engine_throughput(loaded, prompt, counts: list[int], frames: int, greedy: bo
                             "step_ms": 1000 * (stats.step_seconds - step_seconds) / taken,
                             "mean_batch": (stats.step_rows - step_rows) / taken}
     finally:
-        scheduler.stop()
+        engine.stop()
     base = rows[str(counts[0])]["frames_per_s"]
     for row in rows.values():
         row["vs_first"] = row["frames_per_s"] / base
@@ -93,15 +96,16 @@ def single_stream(loaded, prompt, frames: int, runs: int) -> dict:
     import torch
 
     from tts_engine.codec.decoder import StreamingDecoder, prime
-    from tts_engine.generation.sampling import SamplingParams
-    from tts_engine.generation.scheduler import StreamJob, StreamScheduler
-    from tts_engine.generation.talker import BatchedTalker
     from tts_engine.generation.prompt import SynthesisRequest
-    from tts_engine.generation.pacing import FixedChunks
+    from tts_engine.generation.sampling import SamplingParams
+    from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.serving.engine import Engine
+    from tts_engine.serving.outbox import CallbackSink
+    from tts_engine.serving.pacing import FixedChunks
 
     decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
     primed = prime(decoder, prompt.ref_code)  # the server primes the default voice at load
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=1, max_tokens=frames + 1024), name="bench")
+    engine = Engine(BatchedTalker(loaded.tts, rows=1, max_tokens=frames + 1024), name="bench")
 
     def sync():
         if loaded.device.startswith("cuda"):
@@ -113,22 +117,23 @@ def single_stream(loaded, prompt, frames: int, runs: int) -> dict:
             request = SynthesisRequest(TEXT, prompt, "English", SamplingParams(max_new_tokens=frames + 1, seed=run))
             chunks: "queue.Queue" = queue.Queue()
             start = time.perf_counter()
-            scheduler.submit(StreamJob(request=request, on_chunk=lambda chunk, index, last: chunks.put(chunk),
-                                       on_end=lambda error, job: chunks.put(error or job.stream.frames),
-                                       policy=FixedChunks(), label="bench", delivery=PATIENT))
-            state, first = primed.clone(), None
+            engine.submit(engine.new_id(), request,
+                             CallbackSink(lambda chunk, index, last: chunks.put(chunk), lambda error: chunks.put(error)),
+                             PATIENT, FixedChunks())
+            state, first, produced = primed.clone(), None, 0
             while torch.is_tensor(item := chunks.get(timeout=600)):
                 decoder.decode(state, item)
                 sync()
+                produced += len(item)
                 if first is None:
                     first = time.perf_counter() - start
             if isinstance(item, BaseException):
                 raise item
             if run:
                 ttfa.append(first)
-                per_frame.append((time.perf_counter() - start) / item)
+                per_frame.append((time.perf_counter() - start) / produced)
     finally:
-        scheduler.stop()
+        engine.stop()
     return {"ttfa_ms": 1000 * statistics.median(ttfa), "per_frame_ms": 1000 * statistics.median(per_frame),
             "rtf": statistics.median(per_frame) / FRAME_SECONDS, "runs": runs, "frames": frames}
 

@@ -63,7 +63,7 @@ def bf16_codes_equal_qwen_tts(model_dir: str) -> bool:
     from reference import qwen_kwargs, reference_generation
     from tts_engine.generation.prompt import SynthesisRequest
     from tts_engine.generation.sampling import SamplingParams
-    from tts_engine.generation.scheduler import StreamScheduler
+    from tts_engine.serving.engine import Engine
     from tts_engine.generation.talker import BatchedTalker
     from tts_engine.loading import load_model
     from tts_engine.voices.prompts import build_prompt
@@ -71,12 +71,12 @@ def bf16_codes_equal_qwen_tts(model_dir: str) -> bool:
     bf16 = load_model(model_dir, device="cpu", dtype="bf16")
     prompt = build_prompt(bf16.tts, synthetic_reference(), SAMPLE_RATE, "Hello there, this is my voice.")
     text = "The quick brown fox jumps over the lazy dog."
-    scheduler = StreamScheduler(BatchedTalker(bf16.tts, slots=1, max_tokens=1024), name="fidelity")
+    engine = Engine(BatchedTalker(bf16.tts, rows=1, max_tokens=1024), name="fidelity")
     try:
-        got = scheduler.generate(SynthesisRequest(text, prompt, "English",
+        got = engine.generate(SynthesisRequest(text, prompt, "English",
                                                   SamplingParams(greedy=True, max_new_tokens=60))).codes
     finally:
-        scheduler.stop()
+        engine.stop()
     expected, _ = reference_generation(bf16.tts, prompt, text, **qwen_kwargs({"greedy": True, "max_new_tokens": 60}))
     return bool(torch.equal(got, expected))
 

@@ -76,33 +76,28 @@ def step_times(talker, prompt, counts, steps: int = 20) -> dict:
     return rows
 
 
-def open_loop(scheduler, decoder, prompt, rate: float, seconds: float, seed: int) -> dict:
+def open_loop(engine, decoder, prompt, rate: float, seconds: float, seed: int) -> dict:
     """Poisson arrivals into the serving loop; chunks decoded on arrival; listeners at real time."""
-    from gateway.delivery import PlaybackClock
+    from tts_contract.listener import Listener
     from tts_engine.errors import Overloaded
     from tts_engine.generation.prompt import SynthesisRequest
     from tts_engine.generation.sampling import SamplingParams
-    from tts_engine.generation.scheduler import StreamJob
+    from tts_engine.serving.outbox import CallbackSink
 
     rng = random.Random(seed)
     chunks: "queue.Queue" = queue.Queue()
     records, lock = [], threading.Lock()
 
     def submit(index: int, text: str) -> None:
-        record = {"submitted": time.monotonic(), "first": None, "clock": PlaybackClock(), "refused": False,
+        record = {"submitted": time.monotonic(), "first": None, "clock": Listener(), "refused": False,
                   "state": decoder.new_state(), "ended": threading.Event()}
         with lock:
             records.append(record)
         frames = int(FRAMES_BASE + FRAMES_PER_CHAR * len(text))
         request = SynthesisRequest(text, prompt, "English", SamplingParams(seed=index, max_new_tokens=frames + 1,
                                                                            min_new_tokens=frames + 1))
-        job = StreamJob(request=request, on_chunk=lambda chunk, i, last: chunks.put((record, chunk)),
-                        on_end=lambda error, job: chunks.put((record, error)))
-        try:
-            scheduler.submit(job)
-        except Overloaded:
-            record["refused"] = True
-            record["ended"].set()
+        engine.submit(engine.new_id(), request, CallbackSink(lambda chunk, i, last: chunks.put((record, chunk)),
+                                                             lambda error: chunks.put((record, error))))
 
     def decode_loop(stop: threading.Event) -> None:  # the codec decoder's work, as codec_decoder does it
         while not stop.is_set() or not chunks.empty():
@@ -154,7 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", help="default: build the full-size architecture with random weights")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--slots", type=int, default=128)
+    parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--streams", default="1,8,32,64,128")
     parser.add_argument("--rates", default="5,10,20,40,80")
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -165,7 +160,8 @@ def main(argv=None) -> int:
     import torch
 
     from tts_engine.codec.decoder import StreamingDecoder
-    from tts_engine.generation.scheduler import StreamScheduler
+    from tts_engine.serving.engine import Engine
+    from tts_engine.serving.scheduler import SchedulerConfig
     from tts_engine.generation.talker import BatchedTalker
     from tts_engine.graphs import batch_buckets
     from tts_engine.loading import load_model
@@ -190,8 +186,8 @@ def main(argv=None) -> int:
     prompt = store.get_prompt(None)[1]
     graphs = loaded.device.startswith("cuda") and not args.no_graphs
     counts = [int(n) for n in args.streams.split(",")]
-    slots = max(args.slots, max(counts))
-    talker = BatchedTalker(loaded.tts, slots=slots, max_tokens=2048, pool_tokens=slots * 1024,
+    rows = max(args.rows, max(counts))
+    talker = BatchedTalker(loaded.tts, rows=rows, max_tokens=2048, pool_tokens=rows * 1024,
                            pad_batches=graphs, noise="counter" if graphs else "reference")
     results["memory_gib"] = {"weights": round(weights_gib, 2), "kv_pool": round(talker.pool.nbytes / 2**30, 2),
                              "kv_per_token_kib": round(talker.pool.bytes_per_token / 1024, 1)}
@@ -202,24 +198,24 @@ def main(argv=None) -> int:
         results["memory_gib"]["after_capture"] = round(_memory(loaded.device), 2)
     with torch.inference_mode():
         results["steps"] = step_times(talker, prompt, counts)
-    decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model, capacity=2 * slots + 1,
-                               buckets=batch_buckets(slots) if graphs else None)
+    decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model, capacity=2 * rows + 1,
+                               buckets=batch_buckets(rows) if graphs else None)
     if graphs:
         started = time.perf_counter()
         decoder.capture_graphs()
         results["decoder_capture_s"] = round(time.perf_counter() - started, 1)
-    scheduler = StreamScheduler(talker, max_queued=4 * slots, torch_threads=None, name="bench-gpu")
+    engine = Engine(talker, SchedulerConfig(rows=rows, max_queued=4 * rows), torch_threads=None, name="bench-gpu")
     try:
         from tts_engine.generation.prompt import SynthesisRequest
         from tts_engine.generation.sampling import SamplingParams
 
-        scheduler.calibrate(SynthesisRequest("Calibrating the step time.", prompt, "English", SamplingParams(seed=0)))
-        results["open_loop"] = [open_loop(scheduler, decoder, prompt, float(rate), args.seconds, 1000 + i)
+        engine.calibrate(SynthesisRequest("Calibrating the step time.", prompt, "English", SamplingParams(seed=0)))
+        results["open_loop"] = [open_loop(engine, decoder, prompt, float(rate), args.seconds, 1000 + i)
                                 for i, rate in enumerate(args.rates.split(","))]
         results["memory_gib"]["peak"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) \
             if loaded.device.startswith("cuda") else 0.0
     finally:
-        scheduler.stop()
+        engine.stop()
     holding = [row["rate"] for row in results["open_loop"] if row["holds"]]
     results["highest_rate_holding"] = max(holding) if holding else None
     args.output.parent.mkdir(parents=True, exist_ok=True)

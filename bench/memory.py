@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     prompt = store.get_prompt(None)[1]
     frames = int(args.seconds * 12.5)
     tokens_per_stream = frames + (0 if prompt.ref_code is None else len(prompt.ref_code)) + 64
-    talker = BatchedTalker(loaded.tts, slots=args.streams, max_tokens=tokens_per_stream + 64,
+    talker = BatchedTalker(loaded.tts, rows=args.streams, max_tokens=tokens_per_stream + 64,
                            pool_tokens=args.streams * (tokens_per_stream + 64))
     streams = [talker.add(SynthesisRequest("Memory follows use: each stream holds only the blocks it fills.",
                                            prompt, "English", SamplingParams(seed=i, max_new_tokens=frames,

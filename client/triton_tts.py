@@ -4,7 +4,7 @@
     my_llm --stream | python -m client.triton_tts --stdin-stream -o answer.wav
 
 With ``--stdin-stream`` the text is spoken while it is read: one utterance, opened with ``text_key`` and
-continued by ``append_to`` requests on the same gRPC stream as standard input delivers it.
+continued by `append` commands (tts_contract.commands) on the same gRPC stream as standard input delivers it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from tts_contract import tensors as names
+from tts_contract import commands, tensors as names
 from tts_contract.audio import SAMPLE_RATE
 
 
@@ -72,10 +72,10 @@ async def synthesize(url: str, text: str, voice=None, language=None, parameters=
         async for piece in more_text:
             index += 1
             yield {"model_name": names.TALKER, "request_id": f"append-{index}",
-                   "inputs": [_tensor(names.TEXT, piece), _tensor(names.APPEND_TO, key, "UINT64")]}
+                   "inputs": [_tensor(names.COMMAND, commands.encode(commands.Append(key))),
+                              _tensor(names.TEXT, piece)]}
         yield {"model_name": names.TALKER, "request_id": "end",
-               "inputs": [_tensor(names.TEXT, b""), _tensor(names.APPEND_TO, key, "UINT64"),
-                          _tensor(names.TEXT_END, True, "BOOL")]}
+               "inputs": [_tensor(names.COMMAND, commands.encode(commands.End(key)))]}
 
     client = grpcclient.InferenceServerClient(url)
     chunks, first_audio = [], None
@@ -86,7 +86,7 @@ async def synthesize(url: str, text: str, voice=None, language=None, parameters=
         async for result, error in client.stream_infer(requests()):
             if error is not None:
                 raise TritonError(str(error))
-            if result.get_response().id != "speak":  # an append's acknowledgement
+            if result.get_response().id != "speak":  # a command's acknowledgement
                 continue
             audio = result.as_numpy(names.AUDIO)
             if audio is not None and audio.size:

@@ -20,7 +20,7 @@ from .config import Settings
 from .connection import speak
 from .discovery import Discovery
 from .security import Guard
-from .triton_client import TritonPool
+from .endpoints import Endpoints
 from .voices import VoiceLibrary
 
 log = logging.getLogger("gateway")
@@ -35,7 +35,7 @@ class Services:
     """What every route shares (``request.app.state.services``)."""
 
     settings: Settings
-    triton: TritonPool
+    endpoints: Endpoints
     voices: VoiceLibrary
     authenticator: Authenticator
     subjects: SubjectSessions  # sessions open per token subject
@@ -54,14 +54,14 @@ async def healthz(request: Request):
 
 
 async def readyz(request: Request):
-    triton = request.app.state.services.triton
-    ready = await triton.check_ready()
-    return JSONResponse({"ready": ready, "triton": triton.status(), "capacity": triton.headroom()},
+    endpoints = request.app.state.services.endpoints
+    ready = await endpoints.check_ready()
+    return JSONResponse({"ready": ready, "triton": endpoints.status(), "capacity": endpoints.report()},
                         status_code=200 if ready else 503)
 
 
 async def metrics_endpoint(request: Request):
-    request.app.state.services.triton.publish_metrics()
+    request.app.state.services.endpoints.publish_metrics()
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
@@ -82,23 +82,21 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        triton = TritonPool([], queue_timeout_s=settings.queue_timeout_s,
-                            streams_per_endpoint=settings.streams_per_triton,
-                            first_audio_budget_s=settings.first_audio_budget_ms / 1000)
-        discovery = Discovery(triton, list(settings.triton_urls), interval_s=settings.discovery_interval_s)
-        app.state.services = Services(settings, triton, VoiceLibrary(settings.voices_dir, settings.default_voice),
+        endpoints = Endpoints()
+        discovery = Discovery(endpoints, list(settings.triton_urls), interval_s=settings.discovery_interval_s)
+        app.state.services = Services(settings, endpoints, VoiceLibrary(settings.voices_dir, settings.default_voice),
                                       authenticator, SubjectSessions(settings.max_sessions_per_subject))
         await discovery.refresh()
-        await triton.check_ready()
-        triton.start_polling(settings.ready_poll_s)
+        await endpoints.check_ready()
+        endpoints.start_polling(settings.ready_poll_s)
         discovery.start()
-        log.info("gateway up: Triton %s (%s), voices %s", triton.url, "ready" if triton.ready else "not ready yet",
+        log.info("gateway up: Triton %s (%s), voices %s", endpoints.url, "ready" if endpoints.ready else "not ready yet",
                  settings.voices_dir)
         try:
             yield
         finally:
             discovery.close()
-            await triton.close()
+            await endpoints.close()
 
     app = Starlette(lifespan=lifespan, routes=[
         WebSocketRoute("/api/v1/speak", speak),

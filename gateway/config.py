@@ -5,7 +5,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from tts_contract.delivery import DEFAULT_FIRST_AUDIO_BUDGET_MS
+from tts_contract.deadlines import DEFAULT_FIRST_AUDIO_BUDGET_MS
+from tts_contract.speech_length import CAP_FRAMES_BASE, CAP_FRAMES_PER_CHAR
 
 from .auth import JWKS_ALGORITHMS, AuthSettings
 from .discovery import parse_dns_entry
@@ -69,9 +70,8 @@ class Settings:
     max_message_bytes: int = 65536
     max_upload_bytes: int = 10 * 1024 * 1024
     synthesis_timeout_s: float = 20.0
-    queue_timeout_s: float = 10.0  # the longest any request may wait for a synthesis slot (maxWaitMs is capped)
+    queue_timeout_s: float = 10.0  # the longest any request may wait in an engine's line (maxWaitMs is capped)
     first_audio_budget_ms: int = DEFAULT_FIRST_AUDIO_BUDGET_MS  # refuse at once unless first audio can come by then
-    streams_per_triton: int = 0  # slots per Triton endpoint; 0: the talker's own max_active_streams
     idle_timeout_s: float = 300.0
     drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
     openai_model: str = "qwen3-tts"  # the model id GET /v1/models lists
@@ -87,14 +87,12 @@ class Settings:
     # max_request_chars (the talker's MAX_TEXT_CHARS)
     continuous_segment_chars: int = 400
     max_request_chars: int = 2000
-    # Cap on generated frames per sentence: frames_base + frames_per_char * characters (12.5 frames = 1 s).
-    # Speech runs at about 1 frame per character, so this only stops a model that never ends its speech.
-    frames_base: int = 25
-    frames_per_char: float = 3.0
+    # Cap on generated frames per stream: frames_base + frames_per_char * characters (12.5 frames = 1 s; the talker
+    # applies it, tts_contract.speech_length). Speech runs at about 0.8 frames per character, so this only stops a
+    # model that never ends its speech.
+    frames_base: int = CAP_FRAMES_BASE
+    frames_per_char: float = CAP_FRAMES_PER_CHAR
     synthesis_parameters: dict = field(default_factory=dict)  # sent with every Triton request
-
-    def max_new_tokens(self, sentence: str) -> int:
-        return int(self.frames_base + self.frames_per_char * len(sentence))
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -120,7 +118,6 @@ class Settings:
             synthesis_timeout_s=_float("GATEWAY_SYNTHESIS_TIMEOUT_S", cls.synthesis_timeout_s),
             queue_timeout_s=_float("GATEWAY_QUEUE_TIMEOUT_S", cls.queue_timeout_s),
             first_audio_budget_ms=_int("GATEWAY_FIRST_AUDIO_BUDGET_MS", cls.first_audio_budget_ms),
-            streams_per_triton=_int("GATEWAY_STREAMS_PER_TRITON", cls.streams_per_triton),
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
             drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
             text_idle_s=_float("GATEWAY_TEXT_IDLE_S", cls.text_idle_s),
@@ -149,6 +146,6 @@ class Settings:
             raise ValueError("GATEWAY_JWT_SECRET must be at least 32 characters")
         if settings.discovery_interval_s <= 0:
             raise ValueError("TRITON_DISCOVERY_INTERVAL_S must be > 0")
-        if settings.streams_per_triton < 0 or settings.queue_timeout_s <= 0:
-            raise ValueError("GATEWAY_STREAMS_PER_TRITON must be >= 0 and GATEWAY_QUEUE_TIMEOUT_S > 0")
+        if settings.queue_timeout_s <= 0:
+            raise ValueError("GATEWAY_QUEUE_TIMEOUT_S must be > 0")
         return settings

@@ -1,5 +1,6 @@
-"""One WebSocket connection: its lifecycle (accept, auth, idle timeout, close), the session's configuration,
-and the routing of each client message; utterances themselves are the speaker's."""
+"""One WebSocket connection: its lifecycle (accept, auth, idle timeout, close), the session's configuration, and
+each client message handed to its handler; utterances themselves are the session's (``session.Session``), which
+sends through this connection's ``SocketOutlet`` and holds no reference back."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,7 @@ import logging
 import uuid
 from typing import Optional
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import metrics
 from .protocol import (
@@ -17,8 +18,9 @@ from .protocol import (
 )
 from .auth import ANONYMOUS, AuthRefused, Identity
 from .security import bearer_token
-from .speaker import AudioFormat, SessionClosed, Speaker, Utterance
-from .text import OpenText, TextFeed, split_sentences
+from .outlet import SocketOutlet
+from .session import AudioFormat, Session, SessionClosed, Utterance
+from .text import SentenceFeed, WrittenText, split_sentences
 
 log = logging.getLogger("gateway.connection")
 AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before its `start`
@@ -77,36 +79,21 @@ class Connection:
         self.identity: Identity = ANONYMOUS  # who authenticated (a new `start` token may renew it)
         self.max_wait_s = 0.0  # how long this session's utterances may queue for capacity (start.maxWaitMs)
         self.text_mode = "auto"  # start.textMode
-        self.speaker = Speaker(self, services.triton, self.settings, self.id)
+        self.outlet = SocketOutlet(websocket)
+        self.session = Session(self.outlet, services.endpoints, self.settings, self.id)
         self.open_stream: Optional[Utterance] = None  # the streamed utterance taking `append`s
-        self._send_lock = asyncio.Lock()
-        self.closed = False
+        self._handlers = {Start: self._on_start, Speak: self._on_speak, Append: self._on_append,
+                          Flush: self._on_flush, End: self._on_end, Cancel: self._on_cancel, Stop: self._on_stop}
 
-    # -- sending -----------------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self.outlet.closed
 
     async def send_message(self, message) -> None:
-        if isinstance(message, Error):
-            metrics.ERRORS.labels(message.code).inc()
-        await self._send(text=message.to_json())
-
-    async def send_audio(self, data: bytes) -> None:
-        await self._send(data=data)
-
-    async def _send(self, text: Optional[str] = None, data: Optional[bytes] = None) -> None:
-        if self.closed:
-            raise SessionClosed()
-        async with self._send_lock:  # one frame at a time; awaiting it is the backpressure
-            try:
-                if text is not None:
-                    await self.ws.send_text(text)
-                else:
-                    await self.ws.send_bytes(data)
-            except (WebSocketDisconnect, RuntimeError, OSError) as exc:
-                self.closed = True
-                raise SessionClosed() from exc
+        await self.outlet.send_message(message)
 
     async def error(self, code: ErrorCode, message: str, request_id: Optional[str] = None) -> None:
-        await self.send_message(Error.of(code, message, request_id))
+        await self.outlet.send_message(Error.of(code, message, request_id))
 
     async def refuse(self, code: ErrorCode, message: str, close_code: int, reason: str) -> None:
         """The error, then the socket closed with ``close_code``: a session that cannot go on (or begin)."""
@@ -114,21 +101,15 @@ class Connection:
         await self.close(close_code, reason)
 
     async def drain(self, grace_s: float) -> None:
-        """End this session for a shutdown: its utterances end (see Speaker.drain), then close 1001."""
+        """End this session for a shutdown: its utterances end (see Session.drain), then close 1001."""
         try:
-            await self.speaker.drain(grace_s)
+            await self.session.drain(grace_s)
         except SessionClosed:
             pass
         await self.close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def close(self, code: int, reason: str = "") -> None:
-        if not self.closed and self.ws.client_state == WebSocketState.CONNECTED:
-            self.closed = True
-            try:
-                await self.ws.close(code, reason)
-            except Exception:  # already gone
-                pass
-        self.closed = True
+        await self.outlet.close(code, reason)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -179,16 +160,16 @@ class Connection:
     async def run(self, first_message: Optional[str] = None) -> None:
         try:
             await self.send_message(Ready(sessionId=self.id, voiceLoaded=self.voice))
-            self.speaker.start()
+            self.session.start()
             if first_message is not None:
                 await self._handle(first_message)
             while True:
                 raw = await self._receive(self.settings.idle_timeout_s)
                 if raw is None:
                     if self.open_stream is not None:  # no text for a whole idle period: as if `end` came
-                        self._on_end()
+                        self._end_stream()
                         continue
-                    if self.speaker.busy:
+                    if self.session.busy:
                         continue  # busy: not idle
                     log.info("session %s idle for %.0f s; closing", self.id, self.settings.idle_timeout_s)
                     await self.close(CLOSE_NORMAL, "idle timeout")
@@ -197,8 +178,8 @@ class Connection:
         except SessionClosed:
             pass
         finally:
-            self.closed = True
-            await self.speaker.close()
+            self.outlet.closed = True
+            await self.session.close()
 
     async def _receive(self, timeout: float) -> Optional[str]:
         """The next text frame; None on idle timeout. Binary frames are ignored."""
@@ -228,23 +209,7 @@ class Connection:
                 raise ProtocolError(ErrorCode.INVALID_MESSAGE,
                                     f"message is larger than {self.settings.max_message_bytes} bytes")
             message = parse_client_message(raw)
-            if isinstance(message, Start):
-                await self._on_start(message)
-            elif isinstance(message, Speak):
-                await self._on_speak(message)
-            elif isinstance(message, Append):
-                await self._on_append(message)
-            elif isinstance(message, Flush):
-                self._on_flush()
-            elif isinstance(message, End):
-                self._on_end()
-            elif isinstance(message, Cancel):
-                await self.cancel_all()
-            elif isinstance(message, Stop):
-                await self.cancel_all()
-                await self.send_message(Stopped(reason=message.reason))
-                await self.close(CLOSE_NORMAL, "stopped")
-                raise SessionClosed()
+            await self._handlers[type(message)](message)
         except ProtocolError as exc:
             await self.error(exc.code, exc.message, exc.request_id)
 
@@ -294,12 +259,13 @@ class Connection:
                                 f"{self.settings.max_text_chars}", rid)
         def feed(mode: str):
             if mode == "continuous":  # one stream of the whole text (a long text: one per segment)
-                whole = OpenText(segment_chars=self.settings.continuous_segment_chars,
+                whole = WrittenText(segment_chars=self.settings.continuous_segment_chars,
                                  hard_chars=self.settings.max_request_chars)
                 whole.append(text)
                 whole.close()
                 return whole
-            return TextFeed(self.settings.max_sentence_chars, split_sentences(text, self.settings.max_sentence_chars))
+            return SentenceFeed(self.settings.max_sentence_chars,
+                                split_sentences(text, self.settings.max_sentence_chars))
 
         await self._accept(message, feed, len(text))
 
@@ -320,23 +286,35 @@ class Connection:
         if utterance is None:
             def feed(mode: str):
                 if mode == "continuous":
-                    return OpenText(self.settings.text_idle_s, self.settings.continuous_segment_chars,
+                    return WrittenText(self.settings.text_idle_s, self.settings.continuous_segment_chars,
                                     self.settings.max_request_chars)
-                return TextFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
+                return SentenceFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
 
             utterance = self.open_stream = await self._accept(message, feed, 0)
             utterance.streamed = True
         utterance.characters += len(message.text)
         utterance.feed.append(message.text)
 
-    def _on_flush(self) -> None:
+    async def _on_flush(self, message: Flush) -> None:
         if self.open_stream is not None:
             self.open_stream.feed.flush()
 
-    def _on_end(self) -> None:
+    async def _on_end(self, message: End) -> None:
+        self._end_stream()
+
+    def _end_stream(self) -> None:
         if self.open_stream is not None:
             self.open_stream.feed.close()
             self.open_stream = None
+
+    async def _on_cancel(self, message: Cancel) -> None:
+        await self.cancel_all()
+
+    async def _on_stop(self, message: Stop) -> None:
+        await self.cancel_all()
+        await self.send_message(Stopped(reason=message.reason))
+        await self.close(CLOSE_NORMAL, "stopped")
+        raise SessionClosed()
 
     async def _accept(self, message, make_feed, characters: int) -> Utterance:
         """Checks shared by speak and a first append (priority, text mode, language, voice, readiness, queue), then
@@ -363,19 +341,19 @@ class Connection:
             else:
                 await self.error(ErrorCode.VOICE_NOT_FOUND,
                                  f"voice {message.voice!r} not found; using voice {voice!r}", rid)
-        if not self.services.triton.ready:
+        if not self.services.endpoints.ready:
             raise ProtocolError(ErrorCode.MODEL_LOADING, "the speech model is not ready yet; try again shortly",
                                 rid)
         if message.priority == "high":
             await self.cancel_all()
-        elif self.speaker.accepted > self.settings.max_queued_utterances:  # waiting, besides the one playing
+        elif self.session.accepted > self.settings.max_queued_utterances:  # waiting, besides the one playing
             raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
                                 f"(limit {self.settings.max_queued_utterances})", rid)
         max_wait_s = self.max_wait_s if message.maxWaitMs is None else self._max_wait_s(message.maxWaitMs)
         utterance = Utterance(feed=make_feed(self._text_mode(mode, voice)), characters=characters, voice=voice,
                               language=language, audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid,
                               max_wait_s=max_wait_s)
-        self.speaker.enqueue(utterance)
+        self.session.enqueue(utterance)
         return utterance
 
     @staticmethod
@@ -404,4 +382,4 @@ class Connection:
     async def cancel_all(self) -> None:
         """Cancel what plays and what waits (buffered incremental text included)."""
         self.open_stream = None
-        await self.speaker.cancel_all()
+        await self.session.cancel_all()

@@ -1,6 +1,6 @@
 """Triton endpoints found through DNS: a ``dns://name:port`` entry of TRITON_URLS stands for every address the name
 resolves to (a Kubernetes headless Service publishes one per ready pod), resolved again every
-TRITON_DISCOVERY_INTERVAL_S. Addresses that appear join the pool (used once their Triton is ready); addresses that
+TRITON_DISCOVERY_INTERVAL_S. Addresses that appear join the endpoints (used once their Triton is ready); addresses that
 disappear are drained (no new streams; those in flight end normally, or move on with a recoverable error)."""
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def endpoint_url(address: str, port: int) -> str:
 
 
 class Discovery:
-    """Keeps a ``TritonPool``'s endpoints equal to the static entries plus what the DNS entries resolve to now.
+    """Keeps the ``Endpoints`` equal to the static entries plus what the DNS entries resolve to now.
     A name that fails to resolve keeps its last addresses (a DNS blip must not drain every pod)."""
 
-    def __init__(self, pool, entries: list[str], resolver: Resolver = resolve_endpoints, interval_s: float = 5.0):
-        self.pool, self.resolver, self.interval_s = pool, resolver, interval_s
+    def __init__(self, endpoints, entries: list[str], resolver: Resolver = resolve_endpoints, interval_s: float = 5.0):
+        self.endpoints, self.resolver, self.interval_s = endpoints, resolver, interval_s
         parsed = [(entry, parse_dns_entry(entry)) for entry in entries]
         self.static = [entry for entry, name in parsed if name is None]
         self.names = [name for _, name in parsed if name is not None]
@@ -68,7 +68,7 @@ class Discovery:
         return bool(self.names)
 
     async def refresh(self) -> list[str]:
-        """Resolve every name once and hand the pool its endpoints; returns them."""
+        """Resolve every name once and hand the endpoints their URLs; returns them."""
         for name, port in self.names:
             try:
                 found = await asyncio.wait_for(self.resolver(name, port), RESOLVE_TIMEOUT_S)
@@ -80,7 +80,7 @@ class Discovery:
                 log.warning("%s resolves to no address now: draining its endpoints", name)
             self.found[(name, port)] = list(found)
         urls = list(dict.fromkeys(self.static + [url for urls in self.found.values() for url in urls]))
-        self.pool.set_endpoints(urls)
+        self.endpoints.set_endpoints(urls)
         return urls
 
     def start(self) -> None:

@@ -1,5 +1,7 @@
-"""Prometheus metrics of the gateway (names prefixed tts_gateway_)."""
+"""Prometheus metrics of the gateway (names prefixed tts_gateway_), and what a listener heard of each chunk."""
 from __future__ import annotations
+
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,10 +21,6 @@ REAL_TIME_FACTOR = Histogram(
     registry=REGISTRY, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0))
 AUDIO_SECONDS = Counter("tts_gateway_audio_seconds_total", "Seconds of audio sent to clients",
                         registry=REGISTRY)
-QUEUED_REQUESTS = Gauge("tts_gateway_queued_requests",
-                        "Synthesis requests waiting for a free slot on a Triton endpoint", registry=REGISTRY)
-QUEUE_WAIT = Histogram("tts_gateway_queue_wait_seconds", "Time requests waited for a slot (admitted or refused)",
-                       registry=REGISTRY, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 OPENAI_REQUESTS = Counter("tts_gateway_openai_speech_requests_total",
                           "POST /v1/audio/speech requests, by outcome (refused: answered with an error status)",
                           ["outcome"], registry=REGISTRY)
@@ -38,12 +36,11 @@ ENDPOINT_HEADROOM = Gauge("tts_gateway_endpoint_headroom_streams", "New streams 
                           "start now, as it last reported", ["endpoint"], registry=REGISTRY)
 ENDPOINT_REALTIME = Gauge("tts_gateway_endpoint_realtime_streams", "Streams a Triton endpoint's talker can step "
                           "together and stay ahead of real time, as it last reported", ["endpoint"], registry=REGISTRY)
-ENDPOINT_BEHIND = Gauge("tts_gateway_endpoint_behind_streams", "Utterances on a Triton endpoint whose listeners are "
-                        "about to run dry (no new utterance starts there meanwhile)", ["endpoint"], registry=REGISTRY)
 ENDPOINTS = Gauge("tts_gateway_endpoints", "Triton endpoints this gateway knows, by state (ready, not_ready, "
                   "draining: gone from discovery, finishing its streams)", ["state"], registry=REGISTRY)
-DEMAND = Gauge("tts_gateway_demand_streams", "Streams this gateway serves or waits to serve, plus the streams the "
-               "requests it refused in the last 30 s would have kept busy", registry=REGISTRY)
+DEMAND = Gauge("tts_gateway_demand_streams", "Streams this gateway has open on the engines (running or waiting in "
+               "their lines), plus the streams the requests refused in the last 30 s would have kept busy",
+               registry=REGISTRY)
 UTILIZATION = Gauge("tts_gateway_realtime_utilization", "Demand over the real-time capacity of the ready Triton "
                     "endpoints (streams each talker measured it can step ahead of real time); above 1: add a pod",
                     registry=REGISTRY)
@@ -54,6 +51,18 @@ for _outcome in ("completed", "cancelled", "failed"):
     UTTERANCES.labels(_outcome)
     OPENAI_REQUESTS.labels(_outcome)
 OPENAI_REQUESTS.labels("refused")
+
+
+def record_chunk(listener, seconds: float, now: Optional[float] = None) -> None:
+    """Audio sent to a listener (a ``tts_contract.listener.Listener``): the lead it found, the chunk's size and any
+    stall it ended, into the metrics."""
+    if listener.play_start is not None:
+        LEAD.observe(listener.buffered(now))
+    CHUNK_SECONDS.observe(seconds)
+    stall = listener.add(seconds, now)
+    if stall:
+        UNDERRUNS.inc()
+        STALL_SECONDS.inc(stall)
 
 
 def render() -> tuple[bytes, str]:

@@ -17,18 +17,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from tts_contract.audio import FRAMES_PER_SECOND, SAMPLE_RATE
-from tts_contract.delivery import MAX_WAIT_LIMIT_MS
+from tts_contract.deadlines import MAX_WAIT_LIMIT_MS
 from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
 from tts_contract.languages import UnknownLanguage, normalise_language
+from tts_contract.listener import Listener
 
 from . import metrics
 from .auth import ANONYMOUS, Identity
 from .formats import CONTENT_TYPES, MAX_SPEED, MIN_SPEED, SpeechEncoder, available_formats
+from .engine_stream import SynthesisFailed
 from .protocol import invalid_unicode
-from .delivery import PlaybackClock, hear
-from .synthesis import Timing, sentence_audio
-from .text import TextFeed, split_sentences
-from .triton_client import SynthesisFailed
+from .speech import Timing, sentence_audio
+from .text import SentenceFeed, split_sentences
 
 log = logging.getLogger("gateway.openai")
 MODEL_OWNER = "qwen"
@@ -187,12 +187,12 @@ async def _speech(request: Request, services, received: float, identity: Identit
     try:
         limit = 4 * services.settings.max_text_chars + 16384  # the longest input in any UTF-8, plus JSON
         params = SpeechRequest(await _read_json(request, limit), services)
-        if not services.triton.ready:
+        if not services.endpoints.ready:
             raise OpenAIError(503, "the speech model is not ready yet; try again shortly", code="model_loading")
-        feed = TextFeed(services.settings.max_sentence_chars,
-                        split_sentences(params.input, services.settings.max_sentence_chars))
-        listener = PlaybackClock()
-        audio = sentence_audio(services.triton, services.settings, feed, params.voice, params.language, listener,
+        feed = SentenceFeed(services.settings.max_sentence_chars,
+                            split_sentences(params.input, services.settings.max_sentence_chars))
+        listener = Listener()
+        audio = sentence_audio(services.endpoints, services.settings, feed, params.voice, params.language, listener,
                                Timing(max_wait_s=params.max_wait_s))
         first = await _first_chunk(audio, request)
     except OpenAIError as exc:
@@ -256,7 +256,7 @@ async def _first_chunk(audio: AsyncIterator, request: Request) -> object:
 
 
 async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: dict,
-                   listener: PlaybackClock) -> AsyncIterator[bytes]:
+                   listener: Listener) -> AsyncIterator[bytes]:
     """The response format's bytes as the audio arrives; the Triton requests are cancelled when the client
     goes away (the response stops being sent). Encoding runs off the event loop where ffmpeg does it.
 
@@ -273,7 +273,7 @@ async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: di
                 data = await asyncio.to_thread(encoder.encode, chunk) if off_loop else encoder.encode(chunk)
                 if data:
                     yield data
-                hear(listener, len(chunk) / SAMPLE_RATE / params.speed, time.monotonic())
+                metrics.record_chunk(listener, len(chunk) / SAMPLE_RATE / params.speed, time.monotonic())
                 chunk = await anext(audio, None)
         yield await asyncio.to_thread(encoder.finish) if off_loop else encoder.finish()
         outcome = "completed"
@@ -288,7 +288,7 @@ async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: di
         metrics.AUDIO_SECONDS.inc(stats["samples"] / SAMPLE_RATE)
 
 
-async def _events(first, audio: AsyncIterator, params: SpeechRequest, listener: PlaybackClock) -> AsyncIterator[bytes]:
+async def _events(first, audio: AsyncIterator, params: SpeechRequest, listener: Listener) -> AsyncIterator[bytes]:
     """``speech.audio.delta`` events (base64 of the format's bytes), then ``speech.audio.done`` with usage
     (input: characters; output: codec frames, 12.5 per second of audio); a failure mid-stream becomes an
     ``error`` event."""

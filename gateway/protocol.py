@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from tts_contract.audio import SAMPLE_RATE
-from tts_contract.delivery import MAX_WAIT_LIMIT_MS
+from tts_contract.deadlines import MAX_WAIT_LIMIT_MS
 from tts_contract.errors import RECOVERABLE, ErrorCode
 from tts_contract.languages import AUTO, LANGUAGES, UnknownLanguage
 from tts_contract.languages import normalise_language as _normalise_language

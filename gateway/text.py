@@ -1,5 +1,6 @@
-"""An utterance's text: split into sentences, each synthesised as its own request (all at once, or as it arrives),
-or kept whole as one continuous stream while it is being written."""
+"""An utterance's text: split into sentences, each synthesised as its own stream (all at once, or as it arrives:
+``SentenceFeed``), or kept whole as one continuous stream while it is being written (``WrittenText``, spoken in
+``TextSegment``s)."""
 from __future__ import annotations
 
 import asyncio
@@ -50,7 +51,7 @@ def _hard_split(sentence: str, max_chars: int) -> list[str]:
     return parts
 
 
-class TextFeed:
+class SentenceFeed:
     """An utterance's sentences as they become available: all at once (``speak``), or as text is appended
     (``append``/``flush``/``end``: an LLM writing its answer). A sentence is complete once its closing
     punctuation is followed by more text; ``flush`` (or ``idle_s`` without an append) sends what is buffered,
@@ -112,7 +113,7 @@ class TextFeed:
             self._changed.set()
 
 
-class OpenText:
+class WrittenText:
     """An utterance's text as continuous synthesis (``textMode`` continuous): pieces, flushes and the end, in the
     order they came. A long text is spoken as several streams (segments), each cut at the first sentence end
     after ``segment_chars`` (or at a space before ``hard_chars``, the talker's limit): one stream's speaking rate
@@ -179,9 +180,9 @@ class OpenText:
 
 
 class TextSegment:
-    """One synthesis stream's share of an ``OpenText``: the text from ``start`` to its cut."""
+    """One synthesis stream's share of a ``WrittenText``: the text from ``start`` to its cut."""
 
-    def __init__(self, source: OpenText, start: int):
+    def __init__(self, source: WrittenText, start: int):
         self.source, self.start = source, start
         self.end: Optional[int] = None  # where it ended, once it has
 

@@ -24,7 +24,8 @@ from tts_contract.voices import (
     VoiceDirectory, check_voice_id, read_audio, stamped_prompt,
 )
 
-from .triton_client import SynthesisFailed, TritonPool
+from .endpoints import Endpoints
+from .engine_stream import SynthesisFailed, encode_voice
 
 log = logging.getLogger("gateway.voices")
 
@@ -56,7 +57,7 @@ class VoiceLibrary:
     def list(self) -> list[dict]:
         return [info.to_json() for info in self.directory.list()]
 
-    async def upload(self, triton: TritonPool, data: bytes, *, transcript: Optional[str], name: Optional[str],
+    async def upload(self, endpoints: Endpoints, data: bytes, *, transcript: Optional[str], name: Optional[str],
                      voice_id: Optional[str], language: Optional[str], description: Optional[str] = None) -> dict:
         if not data:
             raise VoiceApiError(400, "the 'audio' file is missing or empty")
@@ -82,7 +83,7 @@ class VoiceLibrary:
                                 f"{MIN_REFERENCE_SECONDS:g} and {MAX_REFERENCE_SECONDS:g} s")
         transcript = (transcript or "").strip() or None
         try:
-            blob = await triton.encode_voice(audio, sample_rate, transcript)
+            blob = await encode_voice(endpoints, audio, sample_rate, transcript)
         except SynthesisFailed as exc:
             if exc.code in (EngineCode.INVALID_AUDIO, EngineCode.INVALID_REQUEST, EngineCode.INVALID_TEXT):
                 raise VoiceApiError(400, exc.message) from None
@@ -164,7 +165,7 @@ async def upload_voice(request: Request):
             upload = form.get("audio")
             data = await upload.read() if hasattr(upload, "read") else b""
             entry = await services.voices.upload(
-                services.triton, data, transcript=_text(form.get("transcript")), name=_text(form.get("name")),
+                services.endpoints, data, transcript=_text(form.get("transcript")), name=_text(form.get("name")),
                 voice_id=_text(form.get("id")), language=_text(form.get("language")),
                 description=_text(form.get("description")))
     except _BodyTooLarge:

@@ -47,13 +47,13 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def engine(loaded):
-    """The serving loop (the talker's scheduler over the batched talker), as the Triton model runs it."""
-    from tts_engine.generation.scheduler import StreamScheduler
+    """The serving loop (the engine over the batched talker), as the Triton model runs it."""
     from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.serving.engine import Engine
 
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=16, max_tokens=2048), name="test-talker")
-    yield scheduler
-    scheduler.stop()
+    engine = Engine(BatchedTalker(loaded.tts, rows=16, max_tokens=2048), name="test-talker")
+    yield engine
+    engine.stop()
 
 
 def generate(loaded, engine, prompt, text: str, language: str = "English", policy=None, **params):
@@ -106,6 +106,23 @@ def triton(tiny_model_dir, voices_dir, tmp_path_factory):
     """A real tritonserver serving the rendered CPU repository on free ports."""
     work = tmp_path_factory.mktemp("triton")
     repository = render_cpu_repository(tiny_model_dir, voices_dir, work / "model_repository")
+    from tools.triton_local import LocalTriton
+
+    server = LocalTriton(repository, log_path=work / "tritonserver.log")
+    server.start()
+    try:
+        server.wait_ready(timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def one_row_triton(tiny_model_dir, voices_dir, tmp_path_factory):
+    """A second real tritonserver whose talker holds one stream: full as soon as one utterance runs (capacity
+    tests: the engines decide; the gateway keeps no count of its own)."""
+    work = tmp_path_factory.mktemp("one-row-triton")
+    repository = render_cpu_repository(tiny_model_dir, voices_dir, work / "model_repository", MAX_ACTIVE_STREAMS="1")
     from tools.triton_local import LocalTriton
 
     server = LocalTriton(repository, log_path=work / "tritonserver.log")

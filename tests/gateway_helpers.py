@@ -81,3 +81,24 @@ async def collect(ws, timeout: float = 60.0, until=END_TYPES, stop_on_error: boo
 
 def open_session(url: str, **kwargs):
     return connect(url, open_timeout=10, close_timeout=5, max_size=None, **kwargs)
+
+
+HELD_TEXT = "Hold the line while I think about it"  # 36 characters: its FAST cap is 40 tokens, 39 frames
+
+
+async def hold_a_row(ws) -> None:
+    """Start an utterance whose text is still being written (x-vector voice, continuous text): it keeps its
+    engine row until ``release_the_row``, however fast the machine generates. Returns at its first audio."""
+    assert (await receive_json(ws))["type"] == "ready"
+    await send(ws, type="start", voice="plain", textMode="continuous")
+    assert (await receive_json(ws))["textMode"] == "continuous"
+    await send(ws, type="append", text=HELD_TEXT, requestId="holding")
+    assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+
+
+async def release_the_row(ws) -> Utterance:
+    """End the held utterance's text: it speaks to its end and frees its row."""
+    await send(ws, type="end")
+    result = await collect(ws)
+    assert result.end["cancelled"] is False and result.end["requestId"] == "holding", result.messages
+    return result

@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from conftest import SAMPLE_RATE, synthetic_reference
+from tts_engine.serving.outbox import CallbackSink
 from tts_engine.errors import Cancelled
-from tts_engine.generation.admission import Delivery
+from tts_engine.generation.prompt import SynthesisRequest
 from tts_engine.generation.sampling import SamplingParams
-from tts_engine.generation.scheduler import StreamJob, StreamScheduler
 from tts_engine.generation.talker import BatchedTalker, context_buckets
 from tts_engine.graphs import batch_buckets
-from tts_engine.generation.prompt import SynthesisRequest
-from tts_engine.generation.pacing import FixedChunks
+from tts_engine.serving.engine import Engine
+from tts_engine.serving.pacing import FixedChunks
+from tts_engine.serving.tickets import Deadline
 from tts_engine.tiny_model import EOS_MARKER
 
-PATIENT = Delivery(max_wait_s=120)  # these tests check codes, not deadlines: no job is refused for load
+PATIENT = Deadline(max_wait_s=120)  # these tests check codes, not deadlines: no job is refused for load
 LONG = "Streaming speech arrives in pieces, and the first piece should come quickly to the listener."
 SHORT = "Hi there."
 
@@ -56,60 +57,62 @@ def requests(icl_prompt, xvector_prompt, short_icl_prompt):
 @pytest.fixture(scope="module")
 def solo(loaded, requests):
     """Each request run alone, in its own shapes: the reference every batched run must reproduce."""
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=1, max_tokens=1024))
+    engine = Engine(BatchedTalker(loaded.tts, rows=1, max_tokens=1024))
     try:
-        return {name: scheduler.generate(request) for name, request in requests.items()}
+        return {name: engine.generate(request) for name, request in requests.items()}
     finally:
-        scheduler.stop()
+        engine.stop()
 
 
 @pytest.fixture(scope="module", params=["own shapes", "padded to buckets"])
-def scheduler(loaded, request):
-    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=request.param == "padded to buckets")
-    scheduler = StreamScheduler(talker, cancel_check_interval_s=0)
-    yield scheduler
-    scheduler.stop()
+def engine(loaded, request):
+    talker = BatchedTalker(loaded.tts, rows=8, max_tokens=1024, pad_batches=request.param == "padded to buckets")
+    engine = Engine(talker)
+    yield engine
+    engine.stop()
 
 
-def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, requests, solo):
+def test_every_stream_of_a_changing_batch_equals_its_solo_run(engine, requests, solo):
     """Streams start together or join mid-way (when another's chunk arrives), end at EOS or the cap, one is
     cancelled mid-way; each stream's codes equal its solo run (the cancelled one: a prefix of it)."""
     codes = {name: [] for name in requests}
     ends: dict = {}
     finished = threading.Event()
     batches = []
-    step = scheduler.talker.step
+    step = engine.talker.step
 
     def recording_step(streams=None):
         results = step(streams)
         batches.append(len(results))
         return results
 
-    def job(name, joins=None, cancel_after=None):
+    def start(name, joins=None, cancel_after=None):
+        stream_id = engine.new_id()
+
         def on_chunk(chunk, index, last):
             codes[name].append(chunk)
             if joins and index == 1:  # a second stream joins while this one runs
                 for other in joins:
-                    scheduler.submit(job(other))
+                    start(other)
+            if cancel_after and len(codes[name]) == cancel_after:
+                engine.cancel(stream_id)
 
-        def on_end(error, job):
+        def on_end(error):
             ends[name] = error
             if len(ends) == len(requests):
                 finished.set()
 
-        cancelled = (lambda: len(codes[name]) >= cancel_after) if cancel_after else (lambda: False)
-        return StreamJob(request=requests[name], on_chunk=on_chunk, on_end=on_end, is_cancelled=cancelled,
-                         policy=FixedChunks(), label=name, delivery=PATIENT)
+        engine.submit(stream_id, requests[name], CallbackSink(on_chunk, on_end), PATIENT, FixedChunks())
 
-    scheduler.talker.step = recording_step
+    engine.talker.step = recording_step
     try:
-        scheduler.submit(job("icl greedy", joins=["x-vector top_p", "x-vector, EOS after 6 frames"]))
-        scheduler.submit(job("x-vector seeded", joins=["icl sampled, greedy sub-talker"]))
-        scheduler.submit(job("short ICL, ends at EOS"))
-        scheduler.submit(job("icl penalty, cancelled mid-way", cancel_after=3))
+        start("icl greedy", joins=["x-vector top_p", "x-vector, EOS after 6 frames"])
+        start("x-vector seeded", joins=["icl sampled, greedy sub-talker"])
+        start("short ICL, ends at EOS")
+        start("icl penalty, cancelled mid-way", cancel_after=3)
         assert finished.wait(120)
     finally:
-        scheduler.talker.step = step
+        engine.talker.step = step
     assert max(batches) >= 5 and len(set(batches)) >= 3, f"the batch never changed much: {batches}"
     for name in requests:
         got = torch.cat(codes[name]) if codes[name] else torch.zeros((0, 16), dtype=torch.long)
@@ -122,7 +125,7 @@ def test_every_stream_of_a_changing_batch_equals_its_solo_run(scheduler, request
             assert torch.equal(got, expected), name
     assert solo["short ICL, ends at EOS"].finish_reason == "eos"
     assert len(solo["x-vector, EOS after 6 frames"].codes) == 6
-    assert len(scheduler.talker) == 0
+    assert len(engine.talker) == 0
 
 
 @pytest.mark.parametrize("pad_batches", [False, True], ids=["own shapes", "padded to buckets"])
@@ -131,7 +134,7 @@ def test_streams_stepped_in_any_subsets_equal_their_solo_runs(loaded, requests, 
     subsets of the batch gives every stream its solo codes, and padding rows never touch a waiting row."""
     import random
 
-    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=pad_batches)
+    talker = BatchedTalker(loaded.tts, rows=8, max_tokens=1024, pad_batches=pad_batches)
     names = [name for name in requests if not name.endswith("cancelled mid-way")]
     streams = {talker.add(requests[name]): name for name in names}
     frames = {name: [] for name in names}
@@ -152,7 +155,7 @@ def test_padded_steps_use_a_bucket_of_rows_and_of_kv_blocks(loaded, requests):
     """Padded, 3 streams step as 4 rows (the last one the scratch row) over a bucket of KV blocks."""
     assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(12) == (1, 2, 4, 8, 12)
     assert context_buckets(160) == (8, 16, 32, 64, 128, 160) and context_buckets(4) == (4,)
-    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=True)
+    talker = BatchedTalker(loaded.tts, rows=8, max_tokens=1024, pad_batches=True)
     streams = [talker.add(requests[name]) for name in ("icl greedy", "x-vector seeded", "x-vector top_p")]
     rows, text, blocks, _, _, _ = talker.prepare(streams)
     assert rows.tolist() == [s.row for s in streams] + [talker.scratch_row] and text.shape[0] == 4
@@ -162,7 +165,7 @@ def test_padded_steps_use_a_bucket_of_rows_and_of_kv_blocks(loaded, requests):
 def test_padding_rows_never_touch_a_streams_state(loaded, requests):
     """A padded step leaves every row it does not advance exactly as it was (padding goes to the scratch row
     and the scratch block)."""
-    talker = BatchedTalker(loaded.tts, slots=8, max_tokens=1024, pad_batches=True)
+    talker = BatchedTalker(loaded.tts, rows=8, max_tokens=1024, pad_batches=True)
     stepped = [talker.add(requests[name]) for name in ("icl greedy", "x-vector seeded", "x-vector top_p")]
     waiting = talker.add(requests["short ICL, ends at EOS"])
     before = talker.step_function.snapshot()
@@ -183,7 +186,7 @@ def test_each_buckets_step_traces_as_one_graph_and_equals_the_eager_step(loaded,
     and from the same state the traced step gives exactly the eager step's codes and state."""
     from tools.graph_check import check_bucket
 
-    talker = BatchedTalker(loaded.tts, slots=4, max_tokens=1024, pad_batches=True, noise=noise)
+    talker = BatchedTalker(loaded.tts, rows=4, max_tokens=1024, pad_batches=True, noise=noise)
     for size in talker.buckets:
         row = check_bucket(talker, size, steps=1, profile=False)
         assert row["trace_error"] is None, row
@@ -205,15 +208,15 @@ def test_counter_noise_gives_a_seeded_stream_the_same_codes_whatever_runs_beside
                 talker.remove(stream)
         return {name: torch.stack(frames) for name, frames in codes.items()}
 
-    alone = run(BatchedTalker(loaded.tts, slots=1, max_tokens=1024, noise="counter"), ["x-vector seeded"])
-    together = run(BatchedTalker(loaded.tts, slots=8, max_tokens=1024, noise="counter", pad_batches=True),
+    alone = run(BatchedTalker(loaded.tts, rows=1, max_tokens=1024, noise="counter"), ["x-vector seeded"])
+    together = run(BatchedTalker(loaded.tts, rows=8, max_tokens=1024, noise="counter", pad_batches=True),
                    ["icl greedy", "x-vector seeded", "x-vector top_p"])
     assert torch.equal(alone["x-vector seeded"], together["x-vector seeded"])
     other = requests["x-vector seeded"]
     requests["other seed"] = SynthesisRequest(other.text, other.prompt, other.language,
                                               replace(other.params, seed=other.params.seed + 1))
     try:
-        moved = run(BatchedTalker(loaded.tts, slots=1, max_tokens=1024, noise="counter"), ["other seed"])
+        moved = run(BatchedTalker(loaded.tts, rows=1, max_tokens=1024, noise="counter"), ["other seed"])
     finally:
         del requests["other seed"]
     assert not torch.equal(moved["other seed"], alone["x-vector seeded"])
@@ -234,14 +237,14 @@ def test_counter_noise_is_exponential():
     assert abs(float(correlation)) < 0.01
 
 
-def test_the_same_request_twice_in_one_batch_gives_the_same_codes(scheduler, requests):
+def test_the_same_request_twice_in_one_batch_gives_the_same_codes(engine, requests):
     """Two copies of one seeded request, side by side, get identical codes: rows never share an RNG."""
     request = requests["x-vector seeded"]
     results, done = [], threading.Semaphore(0)
     for _ in range(2):
         chunks = []
         results.append(chunks)
-        scheduler.submit(StreamJob(request=request, on_chunk=lambda chunk, i, last, chunks=chunks: chunks.append(chunk),
-                                   on_end=lambda error, job: done.release(), delivery=PATIENT))
+        engine.submit(engine.new_id(), request, CallbackSink(lambda chunk, i, last, chunks=chunks: chunks.append(chunk),
+                                                             lambda error: done.release()), PATIENT)
     assert done.acquire(timeout=60) and done.acquire(timeout=60)
     assert torch.equal(torch.cat(results[0]), torch.cat(results[1]))

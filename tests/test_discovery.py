@@ -1,5 +1,5 @@
 """Triton pods found through DNS (``dns://name:port`` in TRITON_URLS): two real tritonservers join and leave a
-running pool under load, through an injected resolver, with no gateway restart."""
+gateway's endpoints under load, through an injected resolver, with no gateway restart."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +9,13 @@ from collections import Counter
 import pytest
 
 from gateway.config import Settings
-from gateway.delivery import PlaybackClock
 from gateway.discovery import Discovery, parse_dns_entry
-from gateway.synthesis import sentence_audio
-from gateway.text import TextFeed, split_sentences
-from gateway.triton_client import SynthesisFailed, TritonPool
+from gateway.endpoints import Endpoints
+from gateway.engine_stream import SynthesisFailed
+from gateway.speech import sentence_audio
+from gateway.text import SentenceFeed, split_sentences
 from triton_helpers import wait_until
+from tts_contract.listener import Listener
 
 NAME = "dns://tritons.test.svc:8001"
 SETTINGS = Settings(frames_base=10, frames_per_char=0.8)  # realistic lengths: the random model never ends
@@ -34,24 +35,24 @@ class FakeDns:
 
 
 class Load:
-    """Clients speaking one utterance after another through the pool, noting where each utterance's slot was
-    taken and how each ended: completed, refused for load (OVERLOADED: on this shared CPU two servers can be at
-    real-time capacity), or failed with the server (transport); any other exception escapes and fails the test."""
+    """Clients speaking one utterance after another through the endpoints, noting where each stream was opened
+    and how each utterance ended: completed, refused for load (OVERLOADED: on this shared CPU two servers can be
+    at real-time capacity), or failed with the server (transport); any other exception escapes and fails the
+    test."""
 
-    def __init__(self, pool: TritonPool, clients: int = 3):
-        self.pool = pool
-        self.seats = []
+    def __init__(self, endpoints: Endpoints, clients: int = 3):
+        self.endpoints = endpoints
+        self.opened: list[tuple[float, str]] = []  # (when, endpoint url) of every stream
         self.outcomes: Counter = Counter()
         self.errors: list[SynthesisFailed] = []
         self.running = True
-        take = pool.seat
+        opened = endpoints.opened
 
-        async def seat(max_wait_s: float = 0.0):
-            taken = await take(max_wait_s)
-            self.seats.append(taken)
-            return taken
+        def record(endpoint):
+            self.opened.append((time.monotonic(), endpoint.url))
+            opened(endpoint)
 
-        pool.seat = seat
+        endpoints.opened = record
         self.tasks = [asyncio.create_task(self._client(index)) for index in range(clients)]
 
     async def _client(self, index: int) -> None:
@@ -60,8 +61,8 @@ class Load:
             number += 1
             text = f"Client {index} says hello, number {number}. And once more."
             try:
-                async for _ in sentence_audio(self.pool, SETTINGS, TextFeed(400, split_sentences(text, 400)), None,
-                                              "English", PlaybackClock()):
+                async for _ in sentence_audio(self.endpoints, SETTINGS, SentenceFeed(400, split_sentences(text, 400)),
+                                              None, "English", Listener()):
                     pass
                 self.outcomes["completed"] += 1
             except SynthesisFailed as failure:
@@ -74,35 +75,35 @@ class Load:
         await asyncio.wait_for(asyncio.gather(*self.tasks), 120)
 
     def since(self, moment: float) -> Counter:
-        """Utterances whose slot was taken at or after ``moment``, by the endpoint serving them."""
-        return Counter(seat.endpoint.url for seat in self.seats if seat.taken >= moment)
+        """Streams opened at or after ``moment``, by the endpoint serving them."""
+        return Counter(url for at, url in self.opened if at >= moment)
 
 
 @pytest.fixture
 async def discovered(two_tritons):
-    """A pool whose only entry is a DNS name, resolved every 0.2 s, that at first names the first server."""
+    """A endpoints whose only entry is a DNS name, resolved every 0.2 s, that at first names the first server."""
     first, second = two_tritons
     dns = FakeDns(first.grpc_url)
-    pool = TritonPool([], queue_timeout_s=30, first_audio_budget_s=30)
-    discovery = Discovery(pool, [NAME], resolver=dns, interval_s=0.2)
+    endpoints = Endpoints()
+    discovery = Discovery(endpoints, [NAME], resolver=dns, interval_s=0.2)
     await discovery.refresh()
-    await pool.check_ready()
-    pool.start_polling(0.2)
+    await endpoints.check_ready()
+    endpoints.start_polling(0.2)
     discovery.start()
     try:
-        yield pool, dns, first, second
+        yield endpoints, dns, first, second
     finally:
         discovery.close()
-        await pool.close()
+        await endpoints.close()
 
 
 async def test_a_triton_that_appears_in_dns_takes_new_streams_within_seconds(discovered):
     """Under load on one server, a second one that the name starts resolving to serves new utterances within
     seconds, and every utterance completes."""
-    pool, dns, first, second = discovered
-    load = Load(pool)
+    endpoints, dns, first, second = discovered
+    load = Load(endpoints)
     try:
-        assert await wait_until(lambda: len(load.seats) >= 2, timeout=60)
+        assert await wait_until(lambda: len(load.opened) >= 2, timeout=60)
         joined = time.monotonic()
         dns.urls = [first.grpc_url, second.grpc_url]
         assert await wait_until(lambda: load.since(joined)[second.grpc_url] >= 1, timeout=15), \
@@ -114,19 +115,19 @@ async def test_a_triton_that_appears_in_dns_takes_new_streams_within_seconds(dis
 
 async def test_a_triton_that_leaves_dns_is_drained_then_removed(discovered):
     """When the name stops resolving to a server, it takes no new stream, its streams in flight end normally,
-    and it leaves the pool once they have; no utterance fails."""
-    pool, dns, first, second = discovered
+    and it leaves the endpoints once they have; no utterance fails."""
+    endpoints, dns, first, second = discovered
     dns.urls = [first.grpc_url, second.grpc_url]
-    assert await wait_until(lambda: all(b.ready for b in pool.endpoints) and len(pool.endpoints) == 2, timeout=30)
-    load = Load(pool, clients=4)
+    assert await wait_until(lambda: all(b.ready for b in endpoints.endpoints) and len(endpoints.endpoints) == 2, timeout=30)
+    load = Load(endpoints, clients=4)
     try:
         assert await wait_until(lambda: load.since(0)[second.grpc_url] >= 1, timeout=60)
         dns.urls = [first.grpc_url]
-        assert await wait_until(lambda: any(b.draining for b in pool.endpoints) or len(pool.endpoints) == 1,
+        assert await wait_until(lambda: any(b.draining for b in endpoints.endpoints) or len(endpoints.endpoints) == 1,
                                 timeout=5)
         left = time.monotonic()
-        assert await wait_until(lambda: [b.url for b in pool.endpoints] == [first.grpc_url], timeout=60), \
-            f"the leaving endpoint was not removed: {pool.headroom()}"
+        assert await wait_until(lambda: [b.url for b in endpoints.endpoints] == [first.grpc_url], timeout=60), \
+            f"the leaving endpoint was not removed: {endpoints.report()}"
         assert await wait_until(lambda: load.since(left)[first.grpc_url] >= 2, timeout=60)
         assert load.since(left)[second.grpc_url] == 0
     finally:
@@ -137,12 +138,12 @@ async def test_a_triton_that_leaves_dns_is_drained_then_removed(discovered):
 async def test_a_triton_that_dies_as_it_leaves_loses_no_utterance_without_a_recoverable_error(discovered):
     """A server killed while it streams and gone from DNS: its utterances end with a recoverable error (or
     move to the other server before their first audio), later ones are served by the survivor."""
-    pool, dns, first, second = discovered
+    endpoints, dns, first, second = discovered
     dns.urls = [first.grpc_url, second.grpc_url]
-    assert await wait_until(lambda: all(b.ready for b in pool.endpoints) and len(pool.endpoints) == 2, timeout=30)
-    load = Load(pool, clients=4)
+    assert await wait_until(lambda: all(b.ready for b in endpoints.endpoints) and len(endpoints.endpoints) == 2, timeout=30)
+    load = Load(endpoints, clients=4)
     try:
-        assert await wait_until(lambda: any(b.in_flight for b in pool.endpoints if b.url == second.grpc_url),
+        assert await wait_until(lambda: any(b.streams for b in endpoints.endpoints if b.url == second.grpc_url),
                                 timeout=60)
         second.kill()
         dns.urls = [first.grpc_url]
@@ -152,4 +153,4 @@ async def test_a_triton_that_dies_as_it_leaves_loses_no_utterance_without_a_reco
         await load.stop()
     assert load.outcomes["completed"] > 0 and set(load.outcomes) <= {"completed", "OVERLOADED", "transport"}, \
         load.errors
-    assert await wait_until(lambda: [b.url for b in pool.endpoints] == [first.grpc_url], timeout=10)
+    assert await wait_until(lambda: [b.url for b in endpoints.endpoints] == [first.grpc_url], timeout=10)

@@ -11,10 +11,10 @@ from tts_engine.errors import Cancelled, InvalidRequest, InvalidText, ModelDirEr
 from tts_engine.loading import check_model_dir
 from tts_engine.voices.prompts import VoicePrompt
 from tts_engine.generation.sampling import SamplingParams
-from tts_engine.generation.scheduler import StreamJob, StreamScheduler
 from tts_engine.generation.talker import BatchedTalker
 from tts_engine.generation.prompt import SynthesisRequest, build_talker_inputs
-from tts_engine.generation.pacing import DeadlinePacing, FixedChunks
+from tts_engine.serving.engine import Engine
+from tts_engine.serving.pacing import DeadlinePacing, FixedChunks
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -33,21 +33,33 @@ def test_prompt_roundtrip_gives_identical_greedy_output(loaded, engine, icl_prom
 
 
 def test_cancellation_stops_generation_between_steps(loaded, xvector_prompt):
-    """When the cancel check turns true, the serving loop stops the stream before its next step."""
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=2, max_tokens=1024), cancel_check_interval_s=0)
+    """A cancel that arrives during a step stops the stream before its next step: it ends Cancelled with the
+    frames it had, and every one of them was sent."""
+    from tts_engine.serving.outbox import CallbackSink
+
+    talker = BatchedTalker(loaded.tts, rows=2, max_tokens=1024)
+    engine = Engine(talker)
     received, ended = [], []
+    stream_id = engine.new_id()
+    step = talker.step
+
+    def step_then_cancel(streams=None):
+        results = step(streams)
+        if results and results[0][0].frames == 3:
+            engine.cancel(stream_id)
+        return results
+
+    talker.step = step_then_cancel
     request = SynthesisRequest(TEXT, xvector_prompt, "English", SamplingParams(greedy=True, max_new_tokens=500))
     try:
-        job = StreamJob(request=request, on_chunk=lambda chunk, index, last: received.append(chunk),
-                        on_end=lambda error, job: ended.append((error, job.stream.frames)),
-                        is_cancelled=lambda: len(received) >= 3, policy=FixedChunks((1,)))
-        scheduler.submit(job)
+        engine.submit(stream_id, request, CallbackSink(lambda chunk, index, last: received.append(chunk),
+                                                       ended.append), policy=FixedChunks((1,)))
         deadline = time.monotonic() + 30
         while not ended and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        scheduler.stop()
-    assert isinstance(ended[0][0], Cancelled) and ended[0][1] == 3 and len(received) == 3
+        engine.stop()
+    assert isinstance(ended[0], Cancelled) and "after 3 frames" in str(ended[0]) and len(received) == 3
 
 
 def test_reference_codes_equal_the_prompts(loaded):

@@ -13,7 +13,7 @@ import torch
 from conftest import SAMPLE_RATE, generate, synthetic_reference
 from reference import EXACT_TOLERANCE, FLOAT32_TOLERANCE, float64_codec, qwen_kwargs, reference_generation, rms
 from tts_engine.codec.decoder import StreamingDecoder, prime
-from tts_engine.generation.pacing import FixedChunks
+from tts_engine.serving.pacing import FixedChunks
 from tts_engine.tiny_model import EOS_MARKER
 
 TEXT = "The quick brown fox jumps over the lazy dog."

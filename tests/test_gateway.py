@@ -15,7 +15,8 @@ import soxr
 from websockets.exceptions import ConnectionClosed
 
 from conftest import SAMPLE_RATE, render_cpu_repository, synthetic_reference
-from gateway_helpers import collect, open_session, receive_json, send, serve_gateway
+from gateway_helpers import (HELD_TEXT, collect, hold_a_row, open_session, receive_json, release_the_row, send,
+                             serve_gateway)
 from triton_helpers import scrape_metrics, wait_until
 
 LONG = "This sentence is long enough to keep the model busy for a while, which is what a cancel test needs."
@@ -248,24 +249,14 @@ async def test_too_many_queued_utterances_are_refused(make_gateway):
         assert [r.end["requestId"] for r in results if r.end] == ["0", "1"]
 
 
-def _talker_streams(triton) -> float:
-    """Streams the talker has ended, whatever the outcome (published a few times a second)."""
-    return sum(v for k, v in scrape_metrics(triton.metrics_url).items() if k.startswith("qwen_tts_talker_streams_total"))
-
-
-ONE_LONG_SENTENCE = (LONG.rstrip(".") + ", ") * 3 + "and so on."  # no sentence break: one request, seconds long
-
-
-async def test_full_capacity_refuses_a_speak_at_once_with_retry_after(make_gateway):
-    """With every synthesis slot busy, a speak is refused at once (not after a wait) with RATE_LIMITED,
-    recoverable, with retryAfterMs; the playing utterance goes on and the session stays usable."""
-    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1")
+async def test_full_capacity_refuses_a_speak_at_once_with_retry_after(make_gateway, one_row_triton):
+    """With the engine's only row busy, a speak is refused at once (not after a wait) with the engine's own
+    RATE_LIMITED, recoverable, with retryAfterMs; the playing utterance goes on and the session stays usable."""
+    gateway = make_gateway(one_row_triton.grpc_url)
     gateway.wait_ready()
     async with open_session(gateway.ws) as busy, open_session(gateway.ws) as waiting:
-        await start_session(busy)
+        await hold_a_row(busy)
         await start_session(waiting)
-        await send(busy, type="speak", text=ONE_LONG_SENTENCE, requestId="long")
-        assert isinstance(await asyncio.wait_for(busy.recv(), 30), bytes)
         asked = time.monotonic()
         await send(waiting, type="speak", text="Is there room for me?", requestId="w")
         result = await collect(waiting)
@@ -274,23 +265,25 @@ async def test_full_capacity_refuses_a_speak_at_once_with_retry_after(make_gatew
         assert error["code"] == "RATE_LIMITED" and error["recoverable"] is True and error["requestId"] == "w"
         assert isinstance(error["retryAfterMs"], int) and error["retryAfterMs"] > 0
         assert result.end["cancelled"] is True and not result.audio
-        assert (await collect(busy)).end["cancelled"] is False
+        await release_the_row(busy)
         await send(waiting, type="speak", text="Now there is room.")
         again = await collect(waiting)
         assert again.end["cancelled"] is False and again.audio and not again.of_type("error")
 
 
-async def test_a_client_that_can_wait_is_queued_instead_of_refused(make_gateway):
-    """A session that says it can wait (start.maxWaitMs) queues for the busy slot and plays once it frees."""
-    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1")
+async def test_a_client_that_can_wait_is_queued_instead_of_refused(make_gateway, one_row_triton):
+    """A session that says it can wait (start.maxWaitMs) waits in the engine's line for the busy row and plays once
+    it frees."""
+    gateway = make_gateway(one_row_triton.grpc_url)
     gateway.wait_ready()
     async with open_session(gateway.ws) as busy, open_session(gateway.ws) as patient:
-        await start_session(busy)
+        await hold_a_row(busy)
         await start_session(patient, maxWaitMs=30000)
-        await send(busy, type="speak", text=ONE_LONG_SENTENCE)
-        assert isinstance(await asyncio.wait_for(busy.recv(), 30), bytes)
         await send(patient, type="speak", text="I can wait for my turn.")
-        assert (await collect(busy)).end["cancelled"] is False
+        assert await wait_until(lambda: scrape_metrics(one_row_triton.metrics_url)[
+            "qwen_tts_talker_queued_streams"] == 1, timeout=5), "it waits in the engine's line"
+        await asyncio.sleep(1.0)  # well past the hold of a stream that cannot wait
+        await release_the_row(busy)
         result = await collect(patient)
         assert result.end["cancelled"] is False and result.audio and not result.of_type("error")
 
@@ -309,36 +302,36 @@ async def test_complete_reports_what_a_listener_heard(gateway):
 
 
 async def test_readiness_shows_each_endpoints_real_time_headroom(gateway):
-    """/readyz lists each Triton endpoint's slots and, as its talker reports them, its real-time batch and
+    """/readyz lists each Triton endpoint's rows and, as its talker reports them, its real-time batch and
     headroom."""
     async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as http:
         body = (await http.get("/readyz")).json()
     (capacity,) = body["capacity"].values()
-    assert capacity["ready"] is True and capacity["slots"] == 16
+    assert capacity["ready"] is True and capacity["rows"] == 16
     assert 1 <= capacity["realtime_batch"] <= 16 and 0 <= capacity["headroom"] <= 16
 
 
-async def test_utterances_cancelled_while_waiting_never_reach_triton(make_gateway, triton):
-    """Speak+cancel storms while capacity is full: none of them starts in Triton, and the next utterance
-    plays normally."""
-    gateway = make_gateway(GATEWAY_STREAMS_PER_TRITON="1", GATEWAY_QUEUE_TIMEOUT_S="30")
+async def test_utterances_cancelled_while_every_row_is_busy_never_start(make_gateway, one_row_triton):
+    """Speak+cancel storms while the engine's only row is busy: each ends cancelled at once, the talker never steps
+    one of them (it generated exactly the frames of the two utterances that played), and the next utterance plays
+    normally."""
+    gateway = make_gateway(one_row_triton.grpc_url)
     gateway.wait_ready()
+    frames = lambda: scrape_metrics(one_row_triton.metrics_url)["qwen_tts_talker_frames_total"]  # noqa: E731
     async with open_session(gateway.ws) as busy, open_session(gateway.ws) as storm:
-        await start_session(busy)
         await start_session(storm)
-        await asyncio.sleep(0.5)
-        before = _talker_streams(triton)
-        await send(busy, type="speak", text=ONE_LONG_SENTENCE)
-        assert isinstance(await asyncio.wait_for(busy.recv(), 30), bytes)
+        before = frames()
+        await hold_a_row(busy)
         for index in range(20):
             await send(storm, type="speak", text=f"Never mind number {index}.")
             await send(storm, type="cancel")
             assert (await collect(storm)).end["cancelled"] is True
-        assert (await collect(busy)).end["cancelled"] is False
+        await release_the_row(busy)
         await send(storm, type="speak", text="This one plays.")
         assert (await collect(storm)).end["cancelled"] is False
-        assert await wait_until(lambda: _talker_streams(triton) == before + 2, timeout=5), \
-            f"{_talker_streams(triton) - before} streams reached the talker; expected the two that played"
+        expected = frames_for(HELD_TEXT) + frames_for("This one plays.")
+        assert await wait_until(lambda: frames() == before + expected, timeout=5), \
+            f"the talker generated {frames() - before} frames; the two that played take {expected}"
 
 
 async def test_auth_tokens(make_gateway):

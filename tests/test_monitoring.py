@@ -238,7 +238,7 @@ def test_dashboard_shows_what_operators_need():
     used = set().union(*(metric_names(expr) for _, expr in panel_expressions()))
     assert {"tts_gateway_time_to_first_audio_seconds_bucket", "tts_gateway_underruns_total",
             "tts_gateway_stall_seconds_total", "qwen_tts_talker_active_streams", "qwen_tts_talker_queued_streams",
-            "tts_gateway_queued_requests", "qwen_tts_talker_step_seconds_total", "qwen_tts_talker_steps_total",
+            "qwen_tts_talker_step_seconds_total", "qwen_tts_talker_steps_total",
             "qwen_tts_decoder_chunks_total", "qwen_tts_decoder_batches_total", "tts_gateway_errors_total",
             "tts_gateway_triton_ready", "tts_gateway_real_time_factor_bucket", "tts_gateway_audio_seconds_total",
             "tts_gateway_realtime_utilization", "tts_gateway_demand_streams", "tts_gateway_endpoint_headroom_streams",

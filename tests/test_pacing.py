@@ -8,12 +8,13 @@ import time
 import pytest
 import torch
 
-from gateway.delivery import PlaybackClock
 from tts_contract.audio import FRAME_SECONDS
-from tts_contract.delivery import retry_after_ms, with_retry_after
+from tts_contract.deadlines import retry_after_ms, with_retry_after
+from tts_contract.listener import Listener
 from tts_engine.errors import InvalidRequest
-from tts_engine.generation.admission import CostCurve, Delivery, place_free_times, realtime_batch
-from tts_engine.generation.pacing import DeadlinePacing, FixedChunks, Pacer, most_urgent
+from tts_engine.serving.costs import CostCurve, place_free_times, realtime_batch
+from tts_engine.serving.pacing import DeadlinePacing, FixedChunks, Pacer, most_urgent
+from tts_engine.serving.tickets import Deadline
 
 FRAME = torch.zeros(16, dtype=torch.long)
 
@@ -47,7 +48,7 @@ def test_frames_are_held_while_the_listener_has_audio_and_sent_before_it_runs_lo
     assert pacer.add(FRAME, False, 0.05, 0.02, 0.01) is None  # lead 0.27: 0.27 - 0.03 >= 0.15
     assert pacer.add(FRAME, False, 0.10, 0.02, 0.01) is None  # lead 0.22 - 0.03 = 0.19
     chunk = pacer.add(FRAME, False, 0.15, 0.02, 0.01)  # 0.17 - 0.03 = 0.14 < 0.15: due; of 3 held, 2 go
-    assert len(chunk) == 2 and len(pacer.pending) == 1 and pacer.sent_s == pytest.approx(6 * FRAME_SECONDS)
+    assert len(chunk) == 2 and len(pacer.pending) == 1 and pacer.listener.audio_s == pytest.approx(6 * FRAME_SECONDS)
 
 
 def test_a_fast_stream_grows_its_chunks_up_to_the_largest():
@@ -61,7 +62,7 @@ def test_a_stream_barely_faster_than_real_time_sends_small_chunks_and_never_runs
     """At 1.1x real time the lead stays thin: chunks stay small and the listener never runs dry."""
     pacer = Pacer.start(DeadlinePacing(margin_s=0.15), 0.0)
     sizes = feed(pacer, 60, 0.0, step_s=0.072)
-    assert sizes[0] == 4 and max(sizes) <= 4 and pacer.underruns == 0
+    assert sizes[0] == 4 and max(sizes) <= 4 and pacer.listener.underruns == 0
 
 
 def test_a_continuation_holds_its_frames_until_its_listener_needs_them():
@@ -78,9 +79,10 @@ def test_a_late_chunk_counts_an_underrun_and_restarts_the_listener():
     pacer = Pacer.start(FixedChunks((1,)), 0.0)
     pacer.add(FRAME, False, 0.0)
     pacer.add(FRAME, False, 0.05)
-    assert pacer.underruns == 0 and pacer.lead(0.05) == pytest.approx(0.11)
+    assert pacer.listener.underruns == 0 and pacer.lead(0.05) == pytest.approx(0.11)
     pacer.add(FRAME, False, 0.46)  # the listener ran dry at 0.16
-    assert pacer.underruns == 1 and pacer.last_stall == pytest.approx(0.30) and pacer.lead(0.46) == pytest.approx(0.08)
+    listener = pacer.listener
+    assert listener.underruns == 1 and listener.last_stall == pytest.approx(0.30) and pacer.lead(0.46) == pytest.approx(0.08)
 
 
 def test_fixed_chunks_ignore_the_deadline():
@@ -102,7 +104,7 @@ def test_streams_closest_to_their_deadlines_come_first():
 
 def test_a_listener_counts_each_time_its_buffer_runs_dry():
     """Playback starts with the first audio and runs at real time; audio after the buffer ran out is a stall."""
-    clock = PlaybackClock()
+    clock = Listener()
     assert clock.add(0.5, 10.0) == 0.0 and clock.add(0.5, 10.4) == 0.0
     assert clock.lead(10.5) == pytest.approx(0.5)
     assert clock.add(0.2, 11.3) == pytest.approx(0.3)
@@ -112,7 +114,7 @@ def test_a_listener_counts_each_time_its_buffer_runs_dry():
 def test_a_gap_while_the_text_is_still_being_written_is_not_a_stall():
     """A dry buffer while the next text was not written yet is the writer's gap, not an underrun; once the text
     came, a late chunk is a stall again."""
-    clock = PlaybackClock()
+    clock = Listener()
     clock.add(0.5, 0.0)
     clock.pause(0.2)
     clock.resume(1.0)
@@ -161,14 +163,14 @@ def test_places_free_as_running_streams_finish():
     assert place_free_times([0.9, 0.3, 2.0], free_now=1, count=3) == [0.0, 0.3, 0.9]
 
 
-def test_delivery_parameters_are_validated_and_refusals_carry_their_retry_hint():
-    """Delivery parameters parse from request parameters (bad ones are named); a refusal says when to retry."""
-    delivery = Delivery.from_mapping({"lead_ms": 1500, "continuation": "true", "max_wait_ms": 2000})
-    assert delivery == Delivery(lead_s=1.5, continuation=True, max_wait_s=2.0)
+def test_deadline_parameters_are_validated_and_refusals_carry_their_retry_hint():
+    """Deadline parameters parse from request parameters (bad ones are named); a refusal says when to retry."""
+    deadline = Deadline.from_mapping({"lead_ms": 1500, "continuation": "true", "max_wait_ms": 2000})
+    assert deadline == Deadline(lead_s=1.5, continuation=True, max_wait_s=2.0)
     with pytest.raises(InvalidRequest, match="lead_ms"):
-        Delivery.from_mapping({"lead_ms": -1})
+        Deadline.from_mapping({"lead_ms": -1})
     with pytest.raises(InvalidRequest, match="continuation"):
-        Delivery.from_mapping({"continuation": 2})
+        Deadline.from_mapping({"continuation": 2})
     assert retry_after_ms(with_retry_after("[OVERLOADED] busy", 1234)) == 1234
     assert retry_after_ms("[OVERLOADED] busy") is None
 
@@ -181,10 +183,10 @@ def test_deadline_pacing_keeps_a_slow_stream_ahead_of_its_listener(loaded, xvect
     2x real time and runs dry after its first chunks)."""
     from tts_engine.generation.prompt import SynthesisRequest
     from tts_engine.generation.sampling import SamplingParams
-    from tts_engine.generation.scheduler import StreamJob, StreamScheduler
     from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.serving.engine import Engine
 
-    talker = BatchedTalker(loaded.tts, slots=2, max_tokens=1024)
+    talker = BatchedTalker(loaded.tts, rows=2, max_tokens=1024)
     step = talker.step
 
     def slow_step(streams=None):
@@ -194,16 +196,22 @@ def test_deadline_pacing_keeps_a_slow_stream_ahead_of_its_listener(loaded, xvect
         return results
 
     talker.step = slow_step
-    scheduler = StreamScheduler(talker)
-    listener, done = PlaybackClock(), threading.Event()
+    engine = Engine(talker)
+    listener, done = Listener(), threading.Event()
+
+    class Playing:
+        def chunk(self, codes, index, last):
+            listener.add(len(codes) * FRAME_SECONDS)
+
+        def end(self, error, reason):
+            done.set()
+
     request = SynthesisRequest("A slow stream must still play without a gap.", xvector_prompt, "English",
                                SamplingParams(greedy=True, max_new_tokens=41))
     try:
-        scheduler.submit(StreamJob(request=request, delivery=Delivery(max_wait_s=30),
-                                   on_chunk=lambda chunk, index, last: listener.add(len(chunk) * FRAME_SECONDS),
-                                   on_end=lambda error, job: done.set()))
+        engine.submit(engine.new_id(), request, Playing(), Deadline(max_wait_s=30))
         assert done.wait(60)
     finally:
-        scheduler.stop()
+        engine.stop()
     assert listener.audio_s == pytest.approx(40 * FRAME_SECONDS)
     assert listener.underruns == 0, f"the listener ran dry: {listener.stalls}"

@@ -157,8 +157,8 @@ def test_icl_stream_starts_once_its_text_fills_the_reference_alignment(loaded, e
                                                                        params):
     """An ICL voice lines reference text + text up with its reference frames: its stream starts as soon as the
     text reaches past them (before the text is closed), and its codes equal qwen-tts's for the whole text."""
-    from tts_engine.generation.admission import Delivery
-    from tts_engine.generation.scheduler import StreamJob
+    from tts_engine.serving.outbox import CallbackSink
+    from tts_engine.serving.tickets import Deadline
 
     expected, _ = reference_generation(loaded.tts, icl_prompt, LONG_SPOKEN, seed=params.get("seed"),
                                        **qwen_kwargs(params))
@@ -169,8 +169,8 @@ def test_icl_stream_starts_once_its_text_fills_the_reference_alignment(loaded, e
         chunks.append(chunk)
         first_chunk_at.append(time.monotonic())
 
-    engine.submit(StreamJob(request=request, on_chunk=on_chunk, on_end=lambda error, job: ended.set(),
-                            delivery=Delivery(max_wait_s=120)))
+    engine.submit(engine.new_id(), request, CallbackSink(on_chunk, lambda error: ended.set()),
+                  Deadline(max_wait_s=120))
     writer = _feed_slowly(feed, LONG_SPOKEN, seed=2, delay_s=0.06)
     assert ended.wait(120)
     writer.join(10)
@@ -182,19 +182,18 @@ def test_icl_stream_starts_once_its_text_fills_the_reference_alignment(loaded, e
 
 def test_idle_text_is_closed_as_if_it_had_ended(loaded, xvector_prompt, tokenizer):
     """Text that stops arriving is closed after the idle limit: the stream ends instead of waiting for ever."""
-    from tts_engine.generation.scheduler import StreamScheduler
     from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.serving.engine import Engine
 
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=2, max_tokens=1024), name="idle-text",
-                                text_idle_s=0.5)
+    idle_engine = Engine(BatchedTalker(loaded.tts, rows=2, max_tokens=1024), name="idle-text", text_idle_s=0.5)
     try:
         request, feed = _fed_request(tokenizer, xvector_prompt, dict(greedy=True, max_new_tokens=30))
         feed.append("Said, and then nothing more")
         started = time.monotonic()
-        got = scheduler.generate(request, timeout=60)
+        got = idle_engine.generate(request, timeout=60)
         assert feed.closed and got.codes.shape[0] > 0 and time.monotonic() - started < 30
     finally:
-        scheduler.stop()
+        idle_engine.stop()
 
 
 def test_flush_commits_the_last_word_and_what_follows_goes_on_from_there(tokenizer):
@@ -235,22 +234,21 @@ def test_feeds_take_text_from_many_threads_while_the_model_tokenises(loaded, tok
 def test_idle_text_that_cannot_be_closed_ends_its_own_stream_only(loaded, xvector_prompt, tokenizer):
     """Text left idle inside a UTF-8 character cannot be closed: that stream ends with a clear error, and a
     stream beside it is not touched."""
-    from tts_engine.generation.scheduler import StreamScheduler
     from tts_engine.generation.talker import BatchedTalker
+    from tts_engine.serving.engine import Engine
 
-    scheduler = StreamScheduler(BatchedTalker(loaded.tts, slots=2, max_tokens=1024), name="broken-text",
-                                text_idle_s=0.5)
+    idle_engine = Engine(BatchedTalker(loaded.tts, rows=2, max_tokens=1024), name="broken-text", text_idle_s=0.5)
     try:
         request, feed = _fed_request(tokenizer, xvector_prompt, dict(greedy=True, max_new_tokens=40))
         feed.append("Spoken words and then a broken caf\xc3".encode("latin-1"))
-        beside = threading.Thread(target=lambda: results.append(scheduler.generate(SynthesisRequest(
+        beside = threading.Thread(target=lambda: results.append(idle_engine.generate(SynthesisRequest(
             "A neighbour speaking at the same time.", xvector_prompt, "English",
             SamplingParams(greedy=True, max_new_tokens=150)), timeout=60)))
         results = []
         beside.start()
         with pytest.raises(InvalidText, match="inside a UTF-8 character"):
-            scheduler.generate(request, timeout=60)
+            idle_engine.generate(request, timeout=60)
         beside.join(60)
         assert results and results[0].codes.shape[0] == 149
     finally:
-        scheduler.stop()
+        idle_engine.stop()

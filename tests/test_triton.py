@@ -13,7 +13,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from conftest import SAMPLE_RATE, synthetic_reference
 from reference import FLOAT32_TOLERANCE, qwen_kwargs, reference_generation, rms
-from triton_helpers import scalar_input, scrape_metrics, stream, string_input, wait_until
+from triton_helpers import command_inputs, scalar_input, scrape_metrics, stream, string_input, wait_until
+from tts_contract import commands
 from tts_engine.tiny_model import EOS_MARKER
 
 LONG_TEXT = "Streaming speech arrives in pieces, and the first piece should come quickly."
@@ -165,20 +166,74 @@ async def test_talker_streams_codes_with_stream_control(client, reference_voices
     assert [bool(f[0]) for f in result.arrays("final")] == [False] * (len(sizes) - 1) + [True]
 
 
-async def test_the_talker_answers_a_status_query_with_its_real_time_capacity(client):
-    """A status control request gets one response: slots, active and queued streams, the real-time batch (from
-    measured step times, at most the slots), headroom and the predicted step time."""
-    flag = InferInput("status_query", [1], "BOOL")
-    flag.set_data_from_numpy(np.array([True]))
-    result = await stream(client, "talker", outputs=("status",), extra_inputs=[flag])
+async def test_the_talker_answers_a_status_command_with_its_real_time_capacity(client):
+    """A `status` command gets one response: rows, active and queued streams, the real-time batch (from measured
+    step times, at most the rows), headroom and the predicted step time."""
+    result = await stream(client, "talker", outputs=("status",), extra_inputs=command_inputs(commands.Status()))
     assert result.error is None and len(result.responses) == 1
     status = json.loads(result.arrays("status")[0][0])
-    assert status["slots"] == 16 and 1 <= status["realtime_batch"] <= 16 and status["step_ms"] > 0
+    assert status["rows"] == 16 and 1 <= status["realtime_batch"] <= 16 and status["step_ms"] > 0
     assert {"active", "queued", "headroom", "behind", "margin_ms", "retry_after_ms"} <= set(status)
 
 
+@pytest.mark.parametrize("message, refusal", [
+    (b'{"version": 1, "kind": "pause", "stream_id": 1}', "unknown command kind 'pause'"),
+    (b'{"version": 2, "kind": "cancel", "stream_id": 1}', "command version 2 is not supported"),
+    (b'{"kind": "status"}', "command version None is not supported"),
+    (b'{"version": 1, "kind": "cancel"}', "'cancel' needs one of 'stream_id' and 'stream_key'"),
+    (b'{"version": 1, "kind": "append", "text_key": -3}', "'append' needs 'text_key'"),
+    (b"not json", "not a JSON object"),
+])
+async def test_an_unknown_command_kind_or_version_is_refused(client, message, refusal):
+    """A control request whose command is not one this talker speaks is refused, saying what is wrong; the talker
+    goes on serving."""
+    result = await stream(client, "talker", outputs=("status",), extra_inputs=[string_input("command", message)])
+    assert result.error is not None and "[INVALID_REQUEST]" in result.error and refusal in result.error
+    status = await stream(client, "talker", outputs=("status",), extra_inputs=command_inputs(commands.Status()))
+    assert status.error is None
+
+
+async def test_a_cancel_command_stops_a_talker_stream_by_its_id(client, triton):
+    """A `cancel` command naming a running stream's id ends that stream at once, with its empty final response,
+    and its talker row stops (as the decoder cancels a tts stream whose client went away)."""
+    before = scrape_metrics(triton.metrics_url)['qwen_tts_talker_streams_total{outcome="cancelled"}']
+    text = [string_input("text", LONG_TEXT)]
+
+    async def requests(first_response: asyncio.Future):
+        yield {"model_name": "talker", "inputs": text, "request_id": "speak",
+               "parameters": {"greedy": True, "max_new_tokens": 4000, "min_new_tokens": 4000},
+               "outputs": [InferRequestedOutput(n) for n in ("codes", "stream_id", "final")]}
+        stream_id = await first_response
+        yield {"model_name": "talker", "request_id": "cancel", "inputs": command_inputs(commands.Cancel(stream_id))}
+
+    first: asyncio.Future = asyncio.get_running_loop().create_future()
+    codes, finals, acknowledged = [], [], []
+
+    async def consume():
+        async for result, error in client.stream_infer(requests(first)):
+            assert error is None, error
+            reply = result.get_response()
+            if reply.id == "cancel":
+                acknowledged.append(True)
+            elif reply.outputs:
+                codes.append(result.as_numpy("codes"))
+                finals.append(bool(result.as_numpy("final")[0]))
+                if not first.done():
+                    first.set_result(int(result.as_numpy("stream_id")[0]))
+            if finals and finals[-1] and acknowledged:
+                return
+
+    await asyncio.wait_for(consume(), 60)
+    assert finals[-1] and codes[-1].shape == (0, 16), "the stream ends with its empty final response"
+    assert sum(len(c) for c in codes) < 4000
+    assert await wait_until(lambda: scrape_metrics(triton.metrics_url)[
+        'qwen_tts_talker_streams_total{outcome="cancelled"}'] > before, timeout=10)
+
+
 async def test_cancelling_tts_stops_generation_and_frees_decoder_state(client, triton):
-    """Cancelling the tts stream stops the talker within a chunk or two and frees the decoder state."""
+    """Cancelling the tts stream stops the talker within a chunk or two and frees the decoder state. (Triton 2.51
+    never reports this cancellation to the talker's own request: the decoder sends the talker a `cancel` command;
+    without it the talker generates all 4000 frames.)"""
     before = scrape_metrics(triton.metrics_url)
     result = await stream(client, "tts", LONG_TEXT, parameters={"max_new_tokens": 4000, "greedy": True},
                           stop_after=2)
@@ -259,9 +314,8 @@ async def test_voice_encoder_refuses_too_short_audio(client):
 # -- text still being written --------------------------------------------------------------------------------
 
 async def _speak_while_writing(client, model: str, key: int, pieces: list, outputs, **inputs) -> tuple:
-    """Open a stream with the first piece of its text (``text_key``), then send the others as ``append_to``
-    control requests on the same gRPC stream, the last with ``text_end``. Returns (the stream's responses,
-    {append request id: error or None})."""
+    """Open a stream with the first piece of its text (``text_key``), then send the others as `append` commands
+    on the same gRPC stream, then `end`. Returns (the stream's responses, {command request id: error or None})."""
     first = [string_input("text", pieces[0]), scalar_input("text_key", key, "UINT64")] + \
         [string_input(name, value) for name, value in inputs.items()]
 
@@ -271,9 +325,9 @@ async def _speak_while_writing(client, model: str, key: int, pieces: list, outpu
                "outputs": [InferRequestedOutput(name) for name in outputs]}
         for index, piece in enumerate(pieces[1:], 1):
             await asyncio.sleep(0.05)
-            end = [scalar_input("text_end", True, "BOOL")] if index == len(pieces) - 1 else []
             yield {"model_name": "talker", "request_id": f"append-{index}",
-                   "inputs": [string_input("text", piece), scalar_input("append_to", key, "UINT64")] + end}
+                   "inputs": command_inputs(commands.Append(key, piece))}
+        yield {"model_name": "talker", "request_id": "end", "inputs": command_inputs(commands.End(key))}
 
     responses, appends, ended = [], {}, []
 
@@ -290,7 +344,7 @@ async def _speak_while_writing(client, model: str, key: int, pieces: list, outpu
                     ended.append(final)
                 elif final:
                     appends[request_id] = None
-                if any(ended) and len(appends) == len(pieces) - 1:
+                if any(ended) and len(appends) == len(pieces):
                     return
             else:
                 appends[request_id or f"error-{len(appends)}"] = str(error)
@@ -305,13 +359,13 @@ SPOKEN_WHILE_WRITTEN = "Text arrives while it is spoken — naïvely split, even
 
 
 async def test_talker_speaks_text_appended_while_it_runs(client, loaded, reference_voices):
-    """A talker stream opened with the start of its text and continued by ``append_to`` requests (5-byte pieces,
-    split inside characters, 50 ms apart: it starves) gives exactly qwen-tts's codes for the whole text."""
+    """A talker stream opened with the start of its text and continued by `append` commands (5-byte pieces, split
+    inside characters, 50 ms apart: it starves) gives exactly qwen-tts's codes for the whole text."""
     data = SPOKEN_WHILE_WRITTEN.encode()
     pieces = [data[:12]] + [data[i:i + 5] for i in range(12, len(data), 5)]
     responses, appends = await _speak_while_writing(client, "talker", 1001, pieces, ("codes", "final"),
                                                     voice="plain", language="English")
-    assert all(error is None for error in appends.values()) and len(appends) == len(pieces) - 1
+    assert all(error is None for error in appends.values()) and len(appends) == len(pieces)
     expected, _ = reference_generation(loaded.tts, reference_voices["plain"], SPOKEN_WHILE_WRITTEN,
                                        **qwen_kwargs({"greedy": True, "max_new_tokens": 120}))
     got = torch.from_numpy(np.concatenate([r.as_numpy("codes") for r in responses])).long()
@@ -341,8 +395,7 @@ async def test_tts_speaks_text_appended_while_it_runs(triton, loaded, reference_
 async def test_appending_to_an_unknown_text_key_is_a_clear_error(client):
     """More text for a key nobody opened is refused with a message that says so; the server goes on."""
     async def requests():
-        yield {"model_name": "talker", "request_id": "stray",
-               "inputs": [string_input("text", "more"), scalar_input("append_to", 777, "UINT64")]}
+        yield {"model_name": "talker", "request_id": "stray", "inputs": command_inputs(commands.Append(777, b"more"))}
 
     errors = []
     async for result, error in client.stream_infer(requests()):
@@ -351,4 +404,4 @@ async def test_appending_to_an_unknown_text_key_is_a_clear_error(client):
             break
         if result.get_response().parameters["triton_final_response"].bool_param:
             break
-    assert errors and "no open text with key 777" in errors[0]
+    assert errors and "no open stream with text key 777" in errors[0]

@@ -19,6 +19,16 @@ def string_input(name: str, value) -> InferInput:
     return tensor
 
 
+def command_inputs(command) -> list[InferInput]:
+    """A talker control request's inputs for a ``tts_contract.commands`` command (an append's text beside it)."""
+    from tts_contract import commands
+
+    inputs = [string_input("command", commands.encode(command))]
+    if isinstance(command, commands.Append):
+        inputs.append(string_input("text", command.text))
+    return inputs
+
+
 def scalar_input(name: str, value, wire_dtype: str) -> InferInput:
     """A [1] input of UINT64 or BOOL."""
     tensor = InferInput(name, [1], wire_dtype)

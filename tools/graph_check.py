@@ -2,9 +2,9 @@
 function, on the machine this runs on.
 
     python -m tools.graph_check [--model-dir DIR | --preset full] [--device cpu|cuda] [--dtype fp32|bf16]
-                                [--slots 16] [--steps 10]
+                                [--rows 16] [--steps 10]
 
-For every batch bucket up to the slots it fills the batch with streams (greedy and sampled, x-vector and ICL
+For every batch bucket up to the rows it fills the batch with streams (greedy and sampled, x-vector and ICL
 voices, different lengths), then from one and the same state runs the step eagerly and traced by torch dynamo
 with ``fullgraph=True`` (a graph break or a host synchronisation fails the trace) — on CUDA also captured as a
 CUDA graph and replayed — and checks that each gives exactly the eager step's codes and state. It prints the
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                         help="without --model-dir: the architecture to build with random weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="fp32 (CPU default) or bf16 (CUDA default)")
-    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per bucket")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args(argv)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     model_dir = args.model_dir or _built(args.preset)
     loaded = load_model(model_dir, device=args.device, dtype=args.dtype)
     torch.set_num_threads(1)
-    talker = BatchedTalker(loaded.tts, slots=args.slots, max_tokens=4096 + 1024, pool_tokens=args.slots * 1024,
+    talker = BatchedTalker(loaded.tts, rows=args.rows, max_tokens=4096 + 1024, pool_tokens=args.rows * 1024,
                            pad_batches=True, noise="counter")
     rows, ok = [], True
     for size in talker.buckets:
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         ok = _report(f"talker bucket {size:>3}", row) and ok
     decoder = StreamingDecoder(loaded.tts.model.speech_tokenizer.model)
     for streams, frames in DECODER_BUCKETS:
-        if streams <= args.slots:
+        if streams <= args.rows:
             row = check_decoder_bucket(decoder, streams, frames, args.steps, not args.no_profile)
             ok = _report(f"codec decoder {streams:>3} streams x {frames:>2} frames", row) and ok
     print(f"graph-check {'passed' if ok else 'FAILED'} on {loaded.device} ({loaded.dtype}, {model_dir})")

@@ -1,130 +1,99 @@
-"""The talker's side of a stream: ids that name it to the codec decoder, cancellation watched off the serving
-loop, and the responses that carry its codes (each request ends exactly once with COMPLETE_FINAL)."""
+"""The talker's side of a stream: the responses that carry its codes (each request ends exactly once with
+COMPLETE_FINAL), the keys clients name their streams by, and the decoder's side of a chunk."""
 from __future__ import annotations
 
-import itertools
 import logging
-import secrets
 import threading
+from typing import Callable, Optional
 
 import numpy as np
 
-from tts_contract import tensors as names
+from tts_contract import commands, tensors as names
 from tts_contract.audio import NUM_CODEBOOKS
 from tts_engine.codec.streams import DecodeItem
-from tts_engine.errors import Cancelled
-from tts_engine.generation.scheduler import StreamJob
-from tts_engine.recent import RecentIds
+from tts_engine.errors import Cancelled, InvalidRequest
 
+from .cancellation import CancellationWatcher
 from .tensors import error_response, read_array, response
 
 EMPTY_CODES = np.zeros((0, NUM_CODEBOOKS), dtype=np.int32)
 log = logging.getLogger("triton_support")
 
 
-class StreamIds:
-    """Unique stream ids: a random per-process prefix and a counter (unique across instances and restarts)."""
+class CodesSink:
+    """Where one talker stream's output goes (the engine's output thread calls it): `codes` responses, the first
+    carrying the voice's reference codes (ICL) for the decoder to prime with, the last carrying ``final`` and
+    COMPLETE_FINAL itself. A stream that ends before its first frame still gets one (empty) final response; so
+    does a cancelled one; a failed one gets an error. ``on_end`` runs first when the stream ends."""
 
-    def __init__(self):
-        self._counter = itertools.count(1)
-        self._prefix = secrets.randbits(31) << 32
-        self._lock = threading.Lock()
+    def __init__(self, pb_utils, request, stream_id: int, context_codes, watcher: CancellationWatcher,
+                 on_end: Optional[Callable[[], None]] = None):
+        self._pb_utils, self._sender = pb_utils, request.get_response_sender()
+        self._stream_id, self._watcher, self._on_end = stream_id, watcher, on_end
+        self._context = EMPTY_CODES if context_codes is None else context_codes.numpy().astype(np.int32)
+        self._id_tensor = np.array([stream_id], dtype=np.uint64)
+        self._final_sent = False
+        watcher.watch(stream_id, request)
 
-    def next(self) -> int:
-        with self._lock:
-            return self._prefix | next(self._counter)
+    def _response(self, codes: np.ndarray, context: np.ndarray, final: bool):
+        return response(self._pb_utils, {names.CODES: codes, names.CONTEXT_CODES: context,
+                                         names.STREAM_ID: self._id_tensor, names.FINAL: np.array([final], dtype=bool)})
 
-
-class CancelWatcher:
-    """Which streams were cancelled. ``request.is_cancelled()`` is a call into the Triton parent process, so
-    this thread asks it for every active request a few times a second, and the serving loop only reads a set
-    (a dead parent then blocks this thread, never the loop). Control requests add ids directly."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.cancelled = RecentIds(4096)  # ids of ended streams are never checked again
-        self._requests: dict[int, object] = {}
-        self._lock = threading.Lock()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, name="cancel-watcher", daemon=True).start()
-
-    def watch(self, stream_id: int, request) -> None:
-        with self._lock:
-            self._requests[stream_id] = request
-
-    def forget(self, stream_id: int) -> None:
-        with self._lock:
-            self._requests.pop(stream_id, None)
-
-    def is_cancelled(self, stream_id: int) -> bool:
-        return stream_id in self.cancelled
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            with self._lock:
-                stream_ids = list(self._requests)
-            for stream_id in stream_ids:
-                # Asked under the lock: once ``forget`` returns, this request is never asked about again, and
-                # it must not be once its final response is sent (Triton frees it: asking then crashes it).
-                with self._lock:
-                    request = self._requests.get(stream_id)
-                    try:
-                        cancelled = request is not None and request.is_cancelled()
-                    except Exception as exc:  # a request Triton no longer knows: stop asking about it
-                        log.warning("cannot ask Triton whether stream %x was cancelled: %s", stream_id, exc)
-                        cancelled = False
-                        self._requests.pop(stream_id, None)
-                    if cancelled:
-                        self.cancelled.add(stream_id)
-                        self._requests.pop(stream_id, None)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def codes_job(pb_utils, request, synthesis, delivery, stream_id: int, watcher: CancelWatcher) -> StreamJob:
-    """A scheduler job that streams ``codes`` responses for one talker request, paced for its listener
-    (``delivery``: when the listener needs its audio).
-
-    The first response carries the voice's reference codes (ICL) for the decoder to prime with; the last
-    carries ``final`` and COMPLETE_FINAL itself. A stream that ends before its first frame still gets one
-    (empty) final response; so does a cancelled one; a failed one gets an error."""
-    sender = request.get_response_sender()
-    final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-    context = synthesis.prompt.ref_code
-    context_codes = EMPTY_CODES if context is None else context.numpy().astype(np.int32)
-    id_tensor = np.array([stream_id], dtype=np.uint64)
-    ended = []
-
-    def respond(codes: np.ndarray, context_np: np.ndarray, final: bool):
-        return response(pb_utils, {names.CODES: codes, names.CONTEXT_CODES: context_np, names.STREAM_ID: id_tensor,
-                                   names.FINAL: np.array([final], dtype=bool)})
-
-    def on_chunk(chunk, index, is_last):
-        response = respond(chunk.numpy().astype(np.int32), context_codes if index == 0 else EMPTY_CODES, is_last)
-        if is_last:  # clients see the end with the last chunk, not in an extra message
-            watcher.forget(stream_id)  # before the final response: Triton frees the request with it
-            sender.send(response, flags=final_flag)
-            ended.append(True)  # (if that send failed, on_end still tries to end the request)
+    def chunk(self, codes, index: int, last: bool) -> None:
+        reply = self._response(codes.numpy().astype(np.int32), self._context if index == 0 else EMPTY_CODES, last)
+        if last:  # clients see the end with the last chunk, not in an extra message
+            self._final_sent = True  # (if that send fails, the stream ends with the error, and end tries again)
+            self._watcher.release(self._stream_id, lambda: self._send_final(reply))
         else:
-            sender.send(response)
+            self._sender.send(reply)
 
-    def on_end(error, job):
-        # The decoder frees a stream on `final`; streams that end by cancellation or error are freed by
-        # codec_decoder (its cancel, or its idle timeout).
-        watcher.forget(stream_id)
-        if ended:
+    def end(self, error: Optional[BaseException], reason: str) -> None:
+        if self._on_end is not None:
+            self._on_end()
+        if self._final_sent and error is None:
             return
-        if error is None or isinstance(error, Cancelled):
-            # A cancelled stream ends with an empty final chunk too: the decoder reports a failed stream's
-            # error on the chunk that ends it (Triton's ensemble cannot end a request on an earlier one).
-            sender.send(respond(EMPTY_CODES, EMPTY_CODES, True), flags=final_flag)
-        else:
-            sender.send(error_response(pb_utils, error), flags=final_flag)
+        # The decoder frees a stream on `final`. A cancelled stream ends with an empty final chunk too: the decoder
+        # reports a failed stream's error on the chunk that ends it (Triton's ensemble cannot end a request on an
+        # earlier one).
+        reply = self._response(EMPTY_CODES, EMPTY_CODES, True) if error is None or isinstance(error, Cancelled) \
+            else error_response(self._pb_utils, error)
+        self._final_sent = True
+        self._watcher.release(self._stream_id, lambda: self._send_final(reply, quiet=True))
 
-    watcher.watch(stream_id, request)
-    return StreamJob(request=synthesis, on_chunk=on_chunk, on_end=on_end,
-                     is_cancelled=lambda: watcher.is_cancelled(stream_id), delivery=delivery, label=f"{stream_id:x}")
+    def _send_final(self, reply, quiet: bool = False) -> None:
+        try:
+            self._sender.send(reply, flags=self._pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:
+            if not quiet:
+                raise
+            log.warning("stream %x: could not send its final response: %s", self._stream_id, exc)
+
+
+class ClientKeys:
+    """The keys a client named its streams by (a text's ``text_key``, a stream's ``stream_key``): the stream each
+    names, while it runs. ``kind`` names them in errors."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._streams: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def open(self, key: int, stream_id: int) -> None:
+        with self._lock:
+            if key in self._streams:
+                raise InvalidRequest(f"{self.kind} {key} is already in use")
+            self._streams[key] = stream_id
+
+    def stream(self, key: int) -> int:
+        with self._lock:
+            stream_id = self._streams.get(key)
+        if stream_id is None:
+            raise InvalidRequest(f"no open stream with {self.kind} {key} (never opened, or it has ended)")
+        return stream_id
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self._streams.pop(key, None)
 
 
 def read_decode_item(pb_utils, request) -> DecodeItem:
@@ -137,13 +106,14 @@ def read_decode_item(pb_utils, request) -> DecodeItem:
 
 
 def cancel_talker_stream(pb_utils, stream_id: int, log: logging.Logger) -> None:
-    """Ask the talker to stop generating ``stream_id``: Triton 2.51 does not cancel an ensemble's in-flight
-    first step, so codec_decoder does it when the tts request is cancelled or its decoding failed. Called on
-    the decoder's worker thread (sent from a thread of its own instead, one full test run left ensemble
-    requests in flight at shutdown)."""
-    request = pb_utils.InferenceRequest(
-        model_name=names.TALKER, requested_output_names=[],
-        inputs=[pb_utils.Tensor(names.CANCEL_STREAM_ID, np.array([stream_id], dtype=np.uint64))])
+    """Send the talker a `cancel` command for ``stream_id``: Triton 2.51 does not cancel an ensemble's in-flight
+    first step (tests/test_triton.py::test_cancelling_tts_stops_generation_and_frees_decoder_state shows the talker going
+    on without this), so codec_decoder does it when the tts request is cancelled or its decoding failed. Called on
+    the decoder's worker thread (sent from a thread of its own instead, one full test run left ensemble requests
+    in flight at shutdown)."""
+    message = np.array([commands.encode(commands.Cancel(stream_id))], dtype=np.object_)
+    request = pb_utils.InferenceRequest(model_name=names.TALKER, requested_output_names=[],
+                                        inputs=[pb_utils.Tensor(names.COMMAND, message)])
     try:
         for _ in request.exec(decoupled=True):
             pass

@@ -19,12 +19,8 @@ VOICE_ENCODER = "voice_encoder"
 TEXT = "text"  # BYTES [1], UTF-8
 VOICE = "voice"  # BYTES [1], a voice id
 LANGUAGE = "language"  # BYTES [1], a language name or Auto
-CANCEL_STREAM_ID = "cancel_stream_id"  # UINT64 [1], talker control input
-TEXT_KEY = "text_key"  # UINT64 [1], a client's key for text still being written: more arrives by `append_to`
-APPEND_TO = "append_to"  # UINT64 [1], talker control input: `text` (UTF-8 bytes, split anywhere) continues that key's text
-TEXT_END = "text_end"  # BOOL [1], with `append_to`: the text is complete
-TEXT_FLUSH = "text_flush"  # BOOL [1], with `append_to`: the text so far is final as written (commit its last word)
-STATUS_QUERY = "status_query"  # BOOL [1], talker control input: answer with `status` instead of synthesising
+TEXT_KEY = "text_key"  # UINT64 [1], a client's key for text still being written: more arrives by `append` commands
+COMMAND = "command"  # BYTES [1], a talker control request's typed, versioned message (tts_contract.commands)
 STATUS = "status"  # BYTES [1], JSON: the talker's capacity now (slots, active, realtime_batch, headroom, ...)
 CODES = "codes"  # INT32 [frames, 16]
 CONTEXT_CODES = "context_codes"  # INT32 [frames, 16], an ICL voice's reference frames (first chunk only)
@@ -73,12 +69,9 @@ MODELS = {
                             Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True)),
                outputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)),), decoupled=True),
     TALKER: Model(TALKER,
-                  # text is required for synthesis; only control requests (cancel, status) come without it
+                  # text is required for synthesis; a control request carries `command` (and an append its text)
                   inputs=(_string(TEXT, True), _string(VOICE, True), _string(LANGUAGE, True),
-                          Tensor(CANCEL_STREAM_ID, "TYPE_UINT64", (1,), True),
-                          Tensor(STATUS_QUERY, "TYPE_BOOL", (1,), True),
-                          Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True), Tensor(APPEND_TO, "TYPE_UINT64", (1,), True),
-                          Tensor(TEXT_END, "TYPE_BOOL", (1,), True), Tensor(TEXT_FLUSH, "TYPE_BOOL", (1,), True)),
+                          Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True), _string(COMMAND, True)),
                   outputs=(_codes(CODES), _codes(CONTEXT_CODES), Tensor(STREAM_ID, "TYPE_UINT64", (1,)),
                            Tensor(FINAL, "TYPE_BOOL", (1,)), _string(STATUS)),
                   decoupled=True),

@@ -165,15 +165,25 @@ class StreamTable:
                     self._free(item.stream_id, "final")
 
     def cancel(self, stream_id: int) -> bool:
-        """Free a cancelled stream; True the first time this id is cancelled."""
-        if not self._cancelled.add(stream_id):
-            return False
+        """Free a cancelled stream's state (every time: a chunk decoded before the cancel was known may have made
+        one); True the first time this id is cancelled."""
+        first = self._cancelled.add(stream_id)
         with self._lock:
             self._free(stream_id, "cancelled")
-            return True
+        return first
 
     def was_cancelled(self, stream_id: int) -> bool:
         return stream_id in self._cancelled
+
+    def split_cancelled(self, items: list["DecodeItem"], cancelled: list[bool]) -> tuple[list[int], list[int]]:
+        """Which of a batch's chunks to decode: a stream is cancelled for the whole batch once any of its chunks
+        says so (``cancelled``, per item) or it was cancelled before. A chunk whose request was made before the
+        client cancelled never says so, and decoding it would make a new state for a stream that is gone (it stayed
+        held until the idle timeout). Cancelled streams are freed here. Returns (indices to decode, the stream ids
+        cancelled for the first time)."""
+        gone = {item.stream_id for item, flag in zip(items, cancelled) if flag or item.stream_id in self._cancelled}
+        first = [stream_id for stream_id in gone if self.cancel(stream_id)]
+        return [i for i, item in enumerate(items) if item.stream_id not in gone], first
 
     def expire(self, now: Optional[float] = None) -> int:
         """Drop streams with no chunk for ``idle_timeout`` seconds (cancelled or failed upstream)."""

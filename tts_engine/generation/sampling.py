@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional, Sequence
 
 from tts_contract.limits import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
+from tts_contract.speech_length import CAP_FRAMES_BASE, frame_cap
 
 from ..errors import InvalidRequest
 
@@ -31,16 +32,16 @@ class SamplingParams:
     subtalker_top_k: int = 50
     subtalker_top_p: float = 1.0
     subtalker_greedy: Optional[bool] = None  # None: follow ``greedy``
-    # > 0: a stream also stops after frames_base + frames_per_char tokens per character of its (closed) text, so
-    # the cap grows with text that is still being written (max_new_tokens stays the upper bound)
+    # > 0: a stream also stops at tts_contract.speech_length.frame_cap of its (closed) text, so the cap grows with
+    # text that is still being written (max_new_tokens stays the upper bound); 0: max_new_tokens alone, as qwen-tts
     frames_per_char: float = 0.0
-    frames_base: int = 24
+    frames_base: int = CAP_FRAMES_BASE
 
     def frame_cap(self, characters: int) -> int:
         """The most tokens a stream of ``characters`` characters samples."""
         if not self.frames_per_char:
             return self.max_new_tokens
-        return min(self.max_new_tokens, self.frames_base + int(self.frames_per_char * characters))
+        return min(self.max_new_tokens, frame_cap(characters, self.frames_base, self.frames_per_char))
 
     @property
     def do_sample(self) -> bool:

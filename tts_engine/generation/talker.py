@@ -46,6 +46,7 @@ class TalkerStream:
     trailing_text: torch.Tensor  # [text tokens, hidden]: one is added to each step's input, then tts_pad
     tts_pad: torch.Tensor  # [hidden]
     generator: Optional[torch.Generator]  # the reference path's noise
+    key: int = 0  # the engine's id of this stream (set when it starts)
     generated: int = 0  # code-0 tokens sampled so far (frames + the next one)
     frames: int = 0
     finished: bool = False
@@ -78,7 +79,7 @@ def context_buckets(max_blocks: int, smallest: int = 8) -> tuple[int, ...]:
 
 
 class BatchedTalker:
-    """The talker and code predictor over up to ``slots`` streams: ``add`` prefills one stream, ``step`` advances
+    """The talker and code predictor over up to ``rows`` streams: ``add`` prefills one stream, ``step`` advances
     streams by one frame, ``remove`` frees a row. Not thread-safe: one thread drives it.
 
     ``pool_tokens``: the KV pool, in tokens, shared by all rows (blocks are given out as streams grow; one row
@@ -86,7 +87,7 @@ class BatchedTalker:
     its KV span to the next of ``context_buckets``, so each bucket's step has the same shapes every time (what a
     CUDA graph needs; on a CPU the padding is pure cost). ``noise``: "reference" or "counter" (see the module)."""
 
-    def __init__(self, tts, slots: int = DEFAULT_ACTIVE_STREAMS, max_tokens: int = MAX_NEW_TOKENS_LIMIT + PROMPT_TOKENS,
+    def __init__(self, tts, rows: int = DEFAULT_ACTIVE_STREAMS, max_tokens: int = MAX_NEW_TOKENS_LIMIT + PROMPT_TOKENS,
                  pool_tokens: Optional[int] = None,
                  pad_batches: bool = False, noise: str = "reference"):
         if noise not in NOISE_MODES:
@@ -96,24 +97,24 @@ class BatchedTalker:
         self.talker = model.talker
         self.device = self.talker.device
         config = self.talker.config
-        self.slots, self.max_tokens, self.noise = slots, max_tokens, noise
-        self.buckets = batch_buckets(slots) if pad_batches else None
+        self.rows, self.max_tokens, self.noise = rows, max_tokens, noise
+        self.buckets = batch_buckets(rows) if pad_batches else None
         self.vocab = config.vocab_size
         self.sub_vocab = self.talker.code_predictor.config.vocab_size
         self.eos = config.codec_eos_token_id
-        self.scratch_row = slots  # padding rows step here, never in a stream's row
-        self.pool = BlockPool(config, slots + 1, max_tokens, pool_tokens or slots * 1024, self.device,
+        self.scratch_row = rows  # padding rows step here, never in a stream's row
+        self.pool = BlockPool(config, rows + 1, max_tokens, pool_tokens or rows * 1024, self.device,
                               self.talker.dtype)
-        self.state = RowState.allocate(slots + 1, config.hidden_size, self.vocab, self.device, self.talker.dtype)
+        self.state = RowState.allocate(rows + 1, config.hidden_size, self.vocab, self.device, self.talker.dtype)
         suppress = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
         suppress[[i for i in range(self.vocab - 1024, self.vocab) if i != self.eos]] = True  # as qwen-tts
         self.step_function = DecodeStep(self.talker, self.pool, self.state, suppress, self.eos, self.scratch_row)
         self.active: list[TalkerStream] = []
-        self._free_rows = list(range(slots - 1, -1, -1))
+        self._free_rows = list(range(rows - 1, -1, -1))
         self.graphs: Optional[CapturedGraphs] = None
         log.info("talker KV pool: %d blocks of %d tokens = %.1f MiB (%s on %s; %.0f KiB per token); %d rows",
                  self.pool.blocks, self.pool.block_tokens, self.pool.nbytes / 2**20,
-                 str(self.talker.dtype).replace("torch.", ""), self.device, self.pool.bytes_per_token / 1024, slots)
+                 str(self.talker.dtype).replace("torch.", ""), self.device, self.pool.bytes_per_token / 1024, rows)
 
     def __len__(self) -> int:
         return len(self.active)
@@ -128,8 +129,8 @@ class BatchedTalker:
                                                self.talker.config.hidden_size, self.talker.dtype, self.device,
                                                CANDIDATES)
 
-    def buckets_up_to_slots(self) -> tuple[int, ...]:
-        return batch_buckets(self.slots)
+    def buckets_up_to_rows(self) -> tuple[int, ...]:
+        return batch_buckets(self.rows)
 
     # -- admission ------------------------------------------------------------------------------------------
 
@@ -150,7 +151,7 @@ class BatchedTalker:
         for index, request in enumerate(requests):
             try:
                 if len(self._free_rows) <= len(admitted):
-                    raise RuntimeError("no free talker slot")  # the scheduler admits within capacity
+                    raise RuntimeError("no free talker row")  # the scheduler admits within capacity
                 inputs = build_talker_inputs(self.tts, request)
                 length = inputs["inputs_embeds"].shape[1]
                 if length + request.params.max_new_tokens > self.max_tokens:

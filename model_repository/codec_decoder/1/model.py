@@ -88,21 +88,33 @@ class TritonPythonModel:
         return None
 
     def _decode(self, requests) -> None:
-        items, senders = [], []
+        pairs = []
         for request in requests:
             try:
-                item = read_decode_item(pb_utils, request)
+                pairs.append((request, read_decode_item(pb_utils, request)))
             except Exception as exc:  # unreadable tensors: no stream to follow, the request just ends
                 self._respond(request, error_response(pb_utils, exc))
-                continue
+        # Chunks of cancelled tts requests get empty audio (see _fail_stream: the client is gone, the request must
+        # still end). Triton 2.51 never tells the talker that a tts request was cancelled (its in-flight step
+        # request never reports it: tests/test_triton.py::test_cancelling_tts_stops_generation_and_frees_decoder_state shows
+        # the talker going on to its frame cap without this), so the decoder sends it the `cancel` command.
+        decode, cancelled = self.table.split_cancelled([item for _, item in pairs],
+                                                       [request.is_cancelled() for request, _ in pairs])
+        for stream_id in cancelled:
+            cancel_talker_stream(pb_utils, stream_id, self.log)
+        items, senders = [], []
+        chosen = set(decode)
+        for index, (request, item) in enumerate(pairs):
             try:
-                if self._answered_without_decoding(request, item):
-                    continue
+                if item.stream_id in self.failed:
+                    self._fail_stream(request, item)
+                elif index not in chosen:
+                    self._respond(request, self._audio_response(EMPTY_AUDIO))
+                else:
+                    items.append(item)
+                    senders.append(request)
             except Exception as exc:
                 self._fail_stream(request, item, exc)
-                continue
-            items.append(item)
-            senders.append(request)
         answered = set()
 
         def answer(index, result):  # as soon as its forward is done: short (urgent) chunks come first
@@ -132,19 +144,6 @@ class TritonPythonModel:
             self.failed.add(item.stream_id, error)
             cancel_talker_stream(pb_utils, item.stream_id, self.log)
         self._respond(request, self._audio_response(EMPTY_AUDIO))
-
-    def _answered_without_decoding(self, request, item: DecodeItem) -> bool:
-        """Chunks of cancelled tts requests get empty audio (see _fail_stream: the client is gone, the request
-        must still end); those of failed streams too, and the last one the stream's error."""
-        if item.stream_id in self.failed:
-            self._fail_stream(request, item)
-            return True
-        if request.is_cancelled() or self.table.was_cancelled(item.stream_id):
-            if self.table.cancel(item.stream_id):  # free this stream and stop the talker generating it
-                cancel_talker_stream(pb_utils, item.stream_id, self.log)
-            self._respond(request, self._audio_response(EMPTY_AUDIO))
-            return True
-        return False
 
     def _fail(self, requests, error) -> None:
         for request in requests:

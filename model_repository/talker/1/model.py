@@ -1,5 +1,6 @@
-"""Triton adapter for the talker: request tensors -> a synthesis request -> the batched serving loop, whose
-chunks stream back as ``codes`` responses paced to each listener."""
+"""Triton adapter for the talker: a request is decoded once (a synthesis request, or a typed control command), the
+engine is called, and each stream's chunks stream back as ``codes`` responses paced to its listener, sent from the
+engine's output thread; every decoupled request ends exactly once."""
 from __future__ import annotations
 
 import json
@@ -11,19 +12,23 @@ import triton_python_backend_utils as pb_utils
 
 from triton_support import params as config
 from triton_support.metrics import LEAD_BUCKETS, MetricsPublisher
-from triton_support.streaming import CancelWatcher, StreamIds, codes_job, send_final
+from triton_support.cancellation import CancellationWatcher
+from triton_support.commands import read_command
+from triton_support.streaming import ClientKeys, CodesSink, send_final
 from triton_support.tensors import error_response, read_array, read_bytes, read_string, request_parameters, response
-from tts_contract import delivery, tensors as names
+from tts_contract import commands, deadlines, tensors as names
 from tts_contract.limits import PROMPT_TOKENS
 from tts_engine.codec.decoder import StreamingDecoder
 from tts_engine.errors import InvalidRequest, InvalidText
-from tts_engine.generation.admission import Delivery
-from tts_engine.generation.pacing import DeadlinePacing
 from tts_engine.generation.prompt import SynthesisRequest
 from tts_engine.generation.sampling import SamplingParams
-from tts_engine.generation.scheduler import OUTCOMES, StreamJob, StreamScheduler
-from tts_engine.generation.text_feed import OpenTexts, TextFeed
 from tts_engine.generation.talker import BatchedTalker
+from tts_engine.generation.text_feed import TextFeed
+from tts_engine.serving.engine import Engine
+from tts_engine.serving.pacing import DeadlinePacing
+from tts_engine.serving.scheduler import SchedulerConfig
+from tts_engine.serving.stats import HELD_BACK_REASONS, OUTCOMES
+from tts_engine.serving.tickets import Deadline
 from tts_engine.loading import load_model
 from tts_engine.voices.prompts import build_prompt
 from tts_engine.voices.store import VoiceStore
@@ -47,7 +52,7 @@ FAMILIES = {
     "qwen_tts_talker_held_back_total": ("counter", "Loop passes in which a new request waited, by reason (capacity: "
                                         "the real-time batch is full; behind: a stream is close to running dry; "
                                         "memory: the KV pool is spoken for)", "reason",
-                                        lambda s: {r: s.held_back[r] for r in ("capacity", "behind", "memory")}),
+                                        lambda s: {r: s.held_back[r] for r in HELD_BACK_REASONS}),
     "qwen_tts_talker_steps_total": ("counter", "Batched talker steps", None, lambda s: s.steps),
     "qwen_tts_talker_step_streams_total": ("counter", "Streams advanced, summed over steps (/ steps = mean batch)",
                                            None, lambda s: s.step_rows),
@@ -87,7 +92,7 @@ class TritonPythonModel:
         self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
         self.base_params = SamplingParams(max_new_tokens=int(params["default_max_new_tokens"]))
         graphs = params["cuda_graphs"] == "on" and self.loaded.device.startswith("cuda")
-        talker = BatchedTalker(tts, slots=int(params["max_active_streams"]),
+        talker = BatchedTalker(tts, rows=int(params["max_active_streams"]),
                                max_tokens=self.max_new_tokens_limit + PROMPT_TOKENS,
                                pool_tokens=int(params["kv_cache_tokens"]), pad_batches=graphs,
                                noise=params["sampling_noise"])
@@ -95,24 +100,24 @@ class TritonPythonModel:
             talker.capture_graphs()
         policy = DeadlinePacing(int(params["first_chunk_frames"]), int(params["max_chunk_frames"]),
                                 float(params["pacing_margin_ms"]) / 1000)
-        self.scheduler = StreamScheduler(talker, max_queued=int(params["max_queued_streams"]),
-                                         max_queue_wait_s=float(params["max_queue_wait_s"]),
-                                         torch_threads=int(params["torch_threads"]), policy=policy,
-                                         speed=float(params["realtime_speed"]),
-                                         first_audio_budget_s=float(params["first_audio_budget_ms"]) / 1000)
-        self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.scheduler.stats, buckets=LEAD_BUCKETS)
-        self.stream_ids = StreamIds()
-        self.cancels = CancelWatcher()
-        self.open_texts = OpenTexts()  # texts still being written, by their client's key
+        limits = SchedulerConfig(rows=talker.rows, max_queued=int(params["max_queued_streams"]),
+                                 max_queue_wait_s=float(params["max_queue_wait_s"]),
+                                 speed=float(params["realtime_speed"]),
+                                 first_audio_budget_s=float(params["first_audio_budget_ms"]) / 1000)
+        self.engine = Engine(talker, limits, policy, torch_threads=int(params["torch_threads"]))
+        self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.engine.stats, buckets=LEAD_BUCKETS)
+        self.watcher = CancellationWatcher(self.engine.cancel)
+        self.text_keys = ClientKeys("text key")  # texts still being written: a client's text_key -> stream
+        self.stream_keys = ClientKeys("stream key")  # streams a client named (stream_key parameter) -> stream
         default = self.voices.default_id()
         try:
             if default:
                 self._warm_up(default)
         except Exception as exc:  # a broken voice must not keep the server from starting
             self.log.error("default voice '%s' is unusable: %s", default, exc)
-        self.log.info("talker ready: voices=%s default=%s pacing=%s slots=%d real-time batch=%d queue=%d",
-                      self.voices.root, default, policy, talker.slots, self.scheduler.stats.realtime_batch,
-                      self.scheduler.max_queued)
+        self.log.info("talker ready: voices=%s default=%s pacing=%s rows=%d real-time batch=%d queue=%d",
+                      self.voices.root, default, policy, talker.rows, self.engine.stats.realtime_batch,
+                      limits.max_queued)
 
     def _warm_up(self, voice: str) -> None:
         """Compute the default voice's prompt, run the serving loop once, measure a step at each batch size
@@ -120,23 +125,25 @@ class TritonPythonModel:
         batch, so that the first real requests find every code path and buffer ready."""
         _, prompt = self.voices.get_prompt(voice)
         request = SynthesisRequest("Warm up.", prompt, "auto", SamplingParams(max_new_tokens=4, seed=0))
-        self.scheduler.generate(request)
+        self.engine.generate(request)
         decoder = StreamingDecoder(self.loaded.tts.model.speech_tokenizer.model)
-        steps = self.scheduler.calibrate(SynthesisRequest("Calibrating the step time.", prompt, "auto",
-                                                          SamplingParams(seed=0)), decode_probe=decoder.chunk_costs)
+        steps = self.engine.calibrate(SynthesisRequest("Calibrating the step time.", prompt, "auto",
+                                                       SamplingParams(seed=0)), decode_probe=decoder.chunk_costs)
         self.log.info("step ms by batch: %s; decode ms by chunk frames: %s",
                       {b: round(1000 * t, 1) for b, t in steps.items()},
-                      {f: round(1000 * t, 1) for f, t in self.scheduler.decode_cost.snapshot().items()})
-        done, count = threading.Semaphore(0), min(self.scheduler.capacity, self.scheduler.max_queued)
-        for _ in range(count):
-            self.scheduler.submit(StreamJob(request=request, on_chunk=lambda *args: None,
-                                            on_end=lambda error, job: done.release(), label="warm-up",
-                                            delivery=Delivery(max_wait_s=120)))
-        for _ in range(count):
-            done.acquire(timeout=120)
+                      {f: round(1000 * t, 1) for f, t in self.engine.costs.decode.snapshot().items()})
+        count = min(self.engine.rows, self.engine.config.max_queued)
+        warming = [threading.Thread(target=self.engine.generate, args=(request,),
+                                    kwargs={"deadline": Deadline(max_wait_s=120), "timeout": 120})
+                   for _ in range(count)]
+        for thread in warming:
+            thread.start()
+        for thread in warming:
+            thread.join(125)
 
-    def _parse(self, request) -> tuple[SynthesisRequest, Delivery, Optional[int]]:
-        """The synthesis request, when its listener needs it, and the key of its open text (None: all of it)."""
+    def _parse(self, request) -> tuple[SynthesisRequest, Deadline, Optional[int], Optional[int]]:
+        """The synthesis request, when its listener needs it, the key of its open text (None: all of it), and the
+        client's key for the stream (None: it gave none)."""
         key = read_array(pb_utils, request, names.TEXT_KEY, required=False)
         feed = None
         if key is not None:  # the beginning of a text still being written (it may be empty)
@@ -153,67 +160,65 @@ class TritonPythonModel:
         voice = (read_string(pb_utils, request, names.VOICE) or "").strip() or None
         language = (read_string(pb_utils, request, names.LANGUAGE) or "").strip() or "auto"
         values = request_parameters(request)
-        timing = Delivery.from_mapping({k: values.pop(k) for k in delivery.NAMES if k in values})
+        stream_key = values.pop(commands.STREAM_KEY, None)
+        if stream_key is not None and (isinstance(stream_key, bool) or not isinstance(stream_key, int)
+                                       or not 0 <= stream_key <= commands.MAX_ID):
+            raise InvalidRequest(f"parameter '{commands.STREAM_KEY}' must be an integer within 0..2**64-1")
+        deadline = Deadline.from_mapping({k: values.pop(k) for k in deadlines.NAMES if k in values})
         params = SamplingParams.from_mapping(values, base=self.base_params,
                                              max_new_tokens_limit=self.max_new_tokens_limit)
         _, prompt = self.voices.get_prompt(voice)
-        return SynthesisRequest(text=text, prompt=prompt, language=language, params=params, feed=feed), timing, key
+        return SynthesisRequest(text=text, prompt=prompt, language=language, params=params, feed=feed), deadline, key, \
+            stream_key
 
-    def _append(self, request, key) -> None:
-        """A control request continuing an open text: one final response without outputs, or an error."""
+    def _synthesize(self, request) -> None:
+        synthesis, deadline, text_key, stream_key = self._parse(request)
+        stream_id = self.engine.new_id()
+        named = [(keys, key) for keys, key in ((self.text_keys, text_key), (self.stream_keys, stream_key))
+                 if key is not None]
+        for index, (keys, key) in enumerate(named):  # until the stream ends, commands may name it by its keys
+            try:
+                keys.open(key, stream_id)
+            except InvalidRequest:
+                for opened, opened_key in named[:index]:
+                    opened.forget(opened_key)
+                raise
+        sink = CodesSink(pb_utils, request, stream_id, synthesis.prompt.ref_code, self.watcher,
+                         on_end=lambda: [keys.forget(key) for keys, key in named])
         try:
-            end, flush = (read_array(pb_utils, request, name, required=False)
-                          for name in (names.TEXT_END, names.TEXT_FLUSH))
-            self.open_texts.append(int(key.reshape(-1)[0]), read_bytes(pb_utils, request, names.TEXT) or b"",
-                                   end=end is not None and bool(end.reshape(-1)[0]),
-                                   flush=flush is not None and bool(flush.reshape(-1)[0]))
-        except Exception as exc:  # unknown or closed key, bad text: that request fails, the stream goes on
-            send_final(pb_utils, request, error_response(pb_utils, exc), self.log)
-            return
+            self.engine.submit(stream_id, synthesis, sink, deadline)
+        except Exception as exc:  # shutting down: the sink ends the request (it is watched from now on)
+            sink.end(exc, "rejected")
+
+    def _control(self, request, command) -> None:
+        """A control command: one final response without outputs (`status`: with it), or an error."""
+        outputs = {}
+        if isinstance(command, commands.Cancel):
+            self.engine.cancel(command.stream_id if command.stream_key is None
+                               else self.stream_keys.stream(command.stream_key))
+        elif isinstance(command, commands.Status):
+            outputs[names.STATUS] = np.array([json.dumps(self.engine.status()).encode()], dtype=np.object_)
+        else:  # append, flush or end of an open text
+            stream_id = self.text_keys.stream(command.text_key)
+            if isinstance(command, commands.Append):
+                self.engine.append(stream_id, command.text)
+            elif isinstance(command, commands.Flush):
+                self.engine.flush(stream_id)
+            else:
+                self.engine.end(stream_id)
         # A response without outputs, not a bare final flag: gRPC stream clients see the bare flag only if they
-        # asked for empty final responses, and each append deserves its acknowledgement.
-        send_final(pb_utils, request, response(pb_utils, {}), self.log)
-
-    def _submit(self, request, stream_id: int) -> None:
-        synthesis, timing, key = self._parse(request)
-        job = codes_job(pb_utils, request, synthesis, timing, stream_id, self.cancels)
-        if key is not None:  # its text stays open to `append_to` requests until the stream ends
-            self.open_texts.open(key, synthesis.feed)
-            ended = job.on_end
-
-            def on_end(error, job):
-                self.open_texts.forget(key)
-                ended(error, job)
-
-            job.on_end = on_end
-        try:
-            self.scheduler.submit(job)
-        except Exception:
-            if key is not None:
-                self.open_texts.forget(key)
-            raise
+        # asked for empty final responses, and each command deserves its acknowledgement.
+        send_final(pb_utils, request, response(pb_utils, outputs), self.log)
 
     def execute(self, requests):
         for request in requests:
-            cancel_id = read_array(pb_utils, request, names.CANCEL_STREAM_ID, required=False)
-            if cancel_id is not None:  # control request (from codec_decoder): stop that stream, no response
-                self.cancels.cancelled.add(int(cancel_id.reshape(-1)[0]))
-                request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            append_to = read_array(pb_utils, request, names.APPEND_TO, required=False)
-            if append_to is not None:
-                self._append(request, append_to)
-                continue
-            if read_array(pb_utils, request, names.STATUS_QUERY, required=False) is not None:
-                status = self.scheduler.stats.status(self.scheduler.capacity, self.scheduler.margin_s)
-                send_final(pb_utils, request, response(pb_utils, {names.STATUS: np.array(
-                    [json.dumps(status).encode()], dtype=np.object_)}), self.log)
-                continue
-            stream_id = self.stream_ids.next()
             try:
-                self._submit(request, stream_id)
-            except Exception as exc:  # bad input or a full queue: one error response, the server goes on
-                self.cancels.forget(stream_id)  # watched from codes_job on: never ask about a freed request
+                command = read_command(pb_utils, request)
+                if command is None:
+                    self._synthesize(request)
+                else:
+                    self._control(request, command)
+            except Exception as exc:  # bad input, an unknown key or command: one error response, the server goes on
                 if not isinstance(exc, (InvalidRequest, InvalidText)):
                     self.log.info("request refused: %s", exc)
                 send_final(pb_utils, request, error_response(pb_utils, exc), self.log)
@@ -221,5 +226,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.metrics.stop()
-        self.cancels.stop()
-        self.scheduler.stop()
+        self.watcher.stop()
+        self.engine.stop()

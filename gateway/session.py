@@ -1,5 +1,6 @@
-"""One session's utterances: the queue, playback (sentences pipelined by ``synthesis``), and each utterance's
-end message."""
+"""One session: a queue of utterances played one after another, and its listener's figures (what it still plays,
+how often it ran dry). It sends through an ``Outlet`` (the socket's sending side) and knows nothing else of the
+connection that owns it."""
 from __future__ import annotations
 
 import asyncio
@@ -8,24 +9,34 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 from tts_contract.audio import SAMPLE_RATE
 from tts_contract.errors import PROTOCOL_CODE
+from tts_contract.listener import Listener
 
 from . import metrics
 from .audio import AudioConverter
-from .delivery import PlaybackClock, hear
+from .engine_stream import SynthesisFailed
 from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode
-from .synthesis import Timing, sentence_audio, written_audio
-from .text import OpenText, TextFeed
-from .triton_client import SynthesisFailed
+from .speech import Timing, sentence_audio, written_audio
+from .text import SentenceFeed, WrittenText
 
-log = logging.getLogger("gateway.speaker")
+log = logging.getLogger("gateway.session")
 
 
 class SessionClosed(Exception):
     """The session is over (stop, auth failure, or the client went away)."""
+
+
+class Outlet(Protocol):
+    """The sending side of a session's socket: one frame at a time, awaiting each (the backpressure)."""
+
+    closed: bool
+
+    async def send_message(self, message) -> None: ...
+
+    async def send_audio(self, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,7 @@ class AudioFormat:
 
 @dataclass
 class Utterance:
-    feed: "TextFeed | OpenText"  # its sentences, all known (speak) or arriving (append); or one continuous text
+    feed: "SentenceFeed | WrittenText"  # its sentences, all known (speak) or arriving (append); or one continuous text
     characters: int
     voice: Optional[str]
     language: str
@@ -57,16 +68,14 @@ class _Playback:
     samples: int = 0
     sequence: int = 0
     first_audio: Optional[float] = None
-    listener: PlaybackClock = field(default_factory=PlaybackClock)
+    listener: Listener = field(default_factory=Listener)
 
 
-class Speaker:
-    """Plays a session's utterances one after another; the next sentence is requested while one plays.
+class Session:
+    """Plays a session's utterances one after another (see the module)."""
 
-    ``out`` is the connection: ``send_message``, ``send_audio`` and ``closed``."""
-
-    def __init__(self, out, triton, settings, session_id: str):
-        self.out, self.triton, self.settings, self.session_id = out, triton, settings, session_id
+    def __init__(self, out: Outlet, endpoints, settings, session_id: str):
+        self.out, self.endpoints, self.settings, self.session_id = out, endpoints, settings, session_id
         self.queue: "asyncio.Queue[Utterance]" = asyncio.Queue()
         self.playing: Optional[asyncio.Task] = None
         self.current: Optional[Utterance] = None  # the utterance of ``playing``
@@ -156,8 +165,8 @@ class Speaker:
         timing = Timing(max(0.0, self.listening_until - time.monotonic()), utterance.max_wait_s)
         try:
             # aclosing: however playback ends, the sentence requests still in flight are cancelled now.
-            speech = written_audio if isinstance(utterance.feed, OpenText) else sentence_audio
-            async with contextlib.aclosing(speech(self.triton, self.settings, utterance.feed, utterance.voice,
+            speech = written_audio if isinstance(utterance.feed, WrittenText) else sentence_audio
+            async with contextlib.aclosing(speech(self.endpoints, self.settings, utterance.feed, utterance.voice,
                                                   utterance.language, playback.listener, timing)) as stream:
                 async for chunk in stream:
                     await self._send_audio(utterance, converter, playback, converter.convert(chunk))
@@ -204,7 +213,7 @@ class Speaker:
         samples = len(data) // converter.bytes_per_sample
         playback.samples += samples
         if samples:
-            hear(playback.listener, samples / utterance.audio.sample_rate, now)
+            metrics.record_chunk(playback.listener, samples / utterance.audio.sample_rate, now)
 
     async def _finish(self, utterance: Utterance, playback: _Playback, cancelled: bool, completed: bool) -> None:
         """Metrics, then the utterance's end message (complete, or audio_end for legacy clients)."""

@@ -1,61 +1,17 @@
-"""Admission by deadline and real-time capacity.
+"""What work costs on this machine now: a step by its batch, a chunk's decode by its frames, a prefill. Admission
+and pacing read these numbers; the loop measures them (calibration while idle, every real step in between).
 
-A request says when its listener needs audio (``Delivery``): a new utterance needs its first audio within a
-budget; a continuation (the next sentence of an utterance that is playing) only once its listener's buffer
-runs out. Waiting requests are served earliest deadline first. How many streams step together comes from
-measured step times (``CostCurve``): the largest batch whose step keeps every stream ahead of real time by
-``speed``; the slot count (KV memory) stays the upper bound. A new request that could not get its first audio
-within its budget is refused at once, with an estimate of when to retry.
+How many streams step together comes from the step curve: the largest batch whose step keeps every stream ahead
+of real time by a factor (``realtime_batch``); the rows (KV memory) stay the upper bound.
 """
 from __future__ import annotations
 
 import bisect
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass, field
 
-from tts_contract import delivery as names
 from tts_contract.audio import FRAME_SECONDS
-
-from ..errors import InvalidRequest
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """When a request's listener needs its audio (request parameters; see tts_contract.delivery)."""
-
-    lead_s: float = 0.0  # audio the listener already has ahead of this request's first audio
-    continuation: bool = False  # a later sentence of an utterance that is playing: never refused for load
-    first_audio_budget_s: Optional[float] = None  # None: the server's default
-    max_wait_s: float = 0.0  # may wait this long for capacity instead of being refused
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "Delivery":
-        """The delivery parameters among a request's parameters; bad values are InvalidRequest."""
-        def number(name: str, low: float, high: float) -> Optional[float]:
-            raw = values.get(name)
-            if raw is None:
-                return None
-            try:
-                value = float(raw)
-            except (TypeError, ValueError):
-                value = float("nan")
-            if isinstance(raw, bool) or not low <= value <= high:
-                raise InvalidRequest(f"parameter '{name}'={raw!r} must be a number within {low:g}..{high:g}")
-            return value
-
-        continuation = values.get(names.CONTINUATION, False)
-        if isinstance(continuation, str) and continuation.lower() in ("true", "false", "1", "0"):
-            continuation = continuation.lower() in ("true", "1")
-        if not isinstance(continuation, bool):
-            raise InvalidRequest(f"parameter '{names.CONTINUATION}'={continuation!r} must be a boolean")
-        lead = number(names.LEAD_MS, 0, names.MAX_LEAD_MS)
-        budget = number(names.FIRST_AUDIO_BUDGET_MS, 1, names.MAX_WAIT_LIMIT_MS)
-        wait = number(names.MAX_WAIT_MS, 0, names.MAX_WAIT_LIMIT_MS)
-        return cls(lead_s=(lead or 0.0) / 1000, continuation=continuation,
-                   first_audio_budget_s=None if budget is None else budget / 1000,
-                   max_wait_s=(wait or 0.0) / 1000)
 
 
 class CostCurve:
@@ -138,13 +94,17 @@ def _interpolate(sizes: list[int], values: list[float], size: int) -> float:
     return values[at - 1] + (values[at] - values[at - 1]) * (size - low) / (high - low)
 
 
-def realtime_batch(step_times: CostCurve, speed: float, slots: int) -> int:
-    """The largest batch (1..slots) whose step leaves each stream ``speed`` times faster than real time."""
-    best = 1
-    for batch in range(1, slots + 1):
-        if step_times(batch) * speed <= FRAME_SECONDS:
-            best = batch
-    return best
+def realtime_batch(step_times: CostCurve, speed: float, rows: int) -> int:
+    """The largest batch (1..rows) whose step leaves each stream ``speed`` times faster than real time (the step
+    curve is monotone in the batch: a binary search)."""
+    low, high = 1, rows
+    while low < high:
+        middle = (low + high + 1) // 2
+        if step_times(middle) * speed <= FRAME_SECONDS:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def place_free_times(remaining_s: list[float], free_now: int, count: int) -> list[float]:
@@ -157,3 +117,20 @@ def place_free_times(remaining_s: list[float], free_now: int, count: int) -> lis
         last = ordered[-1] if ordered else 0.0
         times += [last * (2 + i // max(1, len(ordered))) for i in range(count - len(times))]
     return times
+
+
+@dataclass
+class CostModel:
+    """The costs admission and pacing use: ``step`` (seconds by batch), ``decode`` (seconds by chunk frames, on the
+    codec decoder), ``prefill_s`` (a moving average of one admission pass's prefill)."""
+
+    step: CostCurve = field(default_factory=CostCurve)
+    decode: CostCurve = field(default_factory=CostCurve)  # empty: decoding assumed free until measured
+    prefill_s: float = 0.0
+
+    def observe_prefill(self, seconds: float) -> None:
+        self.prefill_s = seconds if not self.prefill_s else self.prefill_s + 0.1 * (seconds - self.prefill_s)
+
+    def first_audio_s(self, batch: int, first_chunk_frames: int) -> float:
+        """Expected time from admission to a new stream's first chunk at this batch size."""
+        return self.prefill_s + (first_chunk_frames + 1) * self.step.predict(batch) + self.decode(first_chunk_frames)

@@ -1,0 +1,397 @@
+"""The one place that decides what runs: admission by deadline within the real-time capacity, honest refusals,
+which rows step, and, from what a step made, which frames go to their listeners and which streams end.
+
+Plain data in, decisions out: no threads, no model, no I/O, and time is an argument, so each decision is tested on
+its own. The engine loop feeds it (``add``, ``cancel``, ``text_ready``), asks it for a ``Plan`` each pass
+(``schedule``), executes the plan on the model and hands back what that gave (``update``), which returns the
+events (chunks, ends) for the output thread.
+
+Waiting streams are served earliest deadline first: a new stream's deadline is its first-audio budget, a
+continuation's (the next sentence of an utterance that is playing) its listener's lead. New streams start within
+the real-time batch (the largest whose measured step keeps every stream ahead of real time by ``speed``), while no
+running stream is falling behind and the KV memory the running ones will still need allows; continuations may go
+beyond the real-time batch, up to the rows, once they are due, and are never refused for load. A new stream that
+cannot get its first audio within its budget (or within ``max_hold_s`` unless it said it can wait) is refused at
+once, with when to try again. When more rows are ready than the real-time batch, the ones closest to their
+deadlines step and the others wait a step.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Optional
+
+from tts_contract.deadlines import DEFAULT_FIRST_AUDIO_BUDGET_MS, with_retry_after
+
+from ..errors import Cancelled, EngineError, InvalidRequest, Overloaded
+from .costs import CostModel, place_free_times, realtime_batch
+from .pacing import ChunkPolicy, DeadlinePacing, Pacer, most_urgent
+from .stats import EngineStats
+from .tickets import ENDED, HELD, RUNNING, WAITING, Chunk, End, Outcome, Plan, Ticket
+
+# A stream whose listener has less than this part of the pacing margin left is falling behind.
+BEHIND = 0.5
+MAX_LEADS = 4096  # chunk leads kept for the metrics publisher between its reads
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``rows``: streams the talker holds at once; ``max_queued``: streams waiting at most (more are refused);
+    ``max_queue_wait_s``: the longest any stream waits in line; ``prefill_tokens_per_pass``: prompt tokens started
+    per pass (running streams never stall long for new ones); ``speed``: how much faster than real time every
+    stepped stream must run; ``first_audio_budget_s``: the default budget of a stream's first audio;
+    ``max_hold_s``: how long a new stream that did not say it can wait may wait for a row;
+    ``realtime_admission``: False admits up to the rows whatever the step time (throughput benchmarks)."""
+
+    rows: int
+    max_queued: int = 64
+    max_queue_wait_s: float = 30.0
+    prefill_tokens_per_pass: int = 512
+    speed: float = 1.5
+    first_audio_budget_s: float = DEFAULT_FIRST_AUDIO_BUDGET_MS / 1000
+    max_hold_s: float = 0.3
+    realtime_admission: bool = True
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, policy: Optional[ChunkPolicy] = None,
+                 costs: Optional[CostModel] = None):
+        self.config = config
+        self.policy = policy or DeadlinePacing()
+        self.margin_s = getattr(self.policy, "margin_s", 0.0)
+        self.first_chunk_frames = getattr(self.policy, "first_chunk_frames", 2)
+        self.costs = costs or CostModel()
+        self.stats = EngineStats()
+        self._tickets: dict[int, Ticket] = {}  # every ticket not ended, by stream id
+        self._line: list = []  # waiting tickets: a heap of (admit_by, sequence, ticket)
+        self._held: dict[int, Ticket] = {}  # tickets whose text cannot start them yet
+        self._running: dict[int, Ticket] = {}  # in the order they started
+        self._cancels: list[Ticket] = []  # cancelled since the last pass
+        self._sequence = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        """Streams not started yet (in line, or held for their text)."""
+        return len(self._line) + len(self._held)
+
+    @property
+    def running(self) -> list[Ticket]:
+        return list(self._running.values())
+
+    def ticket(self, stream_id: int) -> Optional[Ticket]:
+        return self._tickets.get(stream_id)
+
+    # -- what comes in ------------------------------------------------------------------------------------------
+
+    def add(self, ticket: Ticket) -> list:
+        """A new stream; returns its end event at once (Overloaded) when ``max_queued`` streams are already
+        waiting. One whose text cannot start it yet (``awaiting_text``) waits without a place in line until
+        ``text_ready``."""
+        if ticket.id in self._tickets:
+            return self._refuse(ticket, InvalidRequest(f"stream {ticket.id:x} exists already"))
+        if self.waiting >= self.config.max_queued:
+            return self._refuse(ticket, Overloaded(with_retry_after(
+                f"{self.config.max_queued} requests are already waiting for the talker", self._retry_ms())))
+        self._tickets[ticket.id] = ticket
+        if ticket.awaiting_text:
+            ticket.state = HELD
+            self._held[ticket.id] = ticket
+        else:
+            self._line_up(ticket)
+        return []
+
+    def _refuse(self, ticket: Ticket, error: EngineError) -> list:
+        events: list = []
+        ticket.state = HELD  # never in line: nothing to take it out of
+        self._end(ticket, error, events)
+        return events
+
+    def text_ready(self, stream_id: int, now: float) -> None:
+        """A held stream's text now lets it start: it lines up, its first-audio budget counting from now."""
+        ticket = self._held.pop(stream_id, None)
+        if ticket is not None:
+            ticket.awaiting_text, ticket.ready_at = False, now
+            self._line_up(ticket)
+
+    def cancel(self, stream_id: int, error: Optional[BaseException] = None) -> bool:
+        """End a stream at the next pass, with ``error`` (default: Cancelled); False when it is unknown or
+        already ending. Whoever asks (a client through Triton, the decoder, a timeout), this is the one way."""
+        ticket = self._tickets.get(stream_id)
+        if ticket is None or ticket.ending or ticket.end_error is not None:
+            return False
+        ticket.end_error = error or Cancelled(f"cancelled after {ticket.frames} frames" if ticket.state == RUNNING
+                                              else "cancelled before it started")
+        self._cancels.append(ticket)
+        return True
+
+    # -- one pass -----------------------------------------------------------------------------------------------
+
+    def schedule(self, now: float, free_kv_tokens: int) -> Plan:
+        """What this pass does (see ``Plan``): ``free_kv_tokens`` is what the KV pool can still give out."""
+        plan = Plan()
+        for ticket in self._cancels:
+            if not ticket.ending:
+                self._leave(plan, ticket, ticket.end_error)
+        self._cancels.clear()
+        limit = self._admission_limit()
+        # Streams whose listeners got within half the margin of running dry: the machine gives less than the
+        # measured step times promised (other work on it), so nothing new starts until they catch up.
+        # (A stream waiting for its writer's text is not behind: its listener waits for the writer, not for us.)
+        behind = sum(1 for t in self._running.values() if t.pacer.listener.play_start is not None
+                     and not t.awaiting_text and t.pacer.lead(now) < self.margin_s * BEHIND) \
+            if self.config.realtime_admission else 0
+        self._admit(plan, now, limit, behind, free_kv_tokens)
+        self._refuse_late(plan, now, limit)
+        self._choose_steps(plan, now)
+        stats = self.stats
+        stats.realtime_batch, stats.behind = limit, behind
+        stats.active, stats.queued = len(self._running), self.waiting
+        stats.headroom = 0 if behind else max(0, limit - len(self._running) - len(self._line))
+        stats.step_s = self.costs.step.predict(max(1, len(self._running)))
+        return plan
+
+    def update(self, plan: Plan, outcome: Outcome, now: float) -> list:
+        """Take what executing ``plan`` gave; returns the events: each stream's due chunk and each end."""
+        events: list = []
+        stats, costs = self.stats, self.costs
+        for ticket, error in plan.end:
+            self._end(ticket, error, events)
+        for ticket in plan.start:
+            started = outcome.started.get(ticket.id)
+            if isinstance(started, BaseException):
+                self._end(ticket, started, events)
+            elif started is not None:
+                ticket.kv_tokens = started
+        if plan.start:
+            costs.observe_prefill(outcome.prefill_s)
+        if outcome.stepped:
+            costs.step.observe(outcome.stepped, outcome.step_s)
+            stats.steps += 1
+            stats.step_rows += outcome.stepped
+            stats.frames += outcome.stepped
+            stats.step_seconds += outcome.step_s
+        for stream_id, reason in outcome.finished.items():
+            ticket = self._running.get(stream_id)
+            if ticket is not None:
+                ticket.finish = reason
+        self._pace(outcome.frames, now, events)
+        stats.active = len(self._running)
+        return events
+
+    # -- admission ----------------------------------------------------------------------------------------------
+
+    def _line_up(self, ticket: Ticket) -> None:
+        ticket.state = WAITING
+        heapq.heappush(self._line, (self._admit_by(ticket), next(self._sequence), ticket))
+
+    def _budget_s(self, ticket: Ticket) -> float:
+        """How long after its budget started a stream may wait for its first audio."""
+        budget = ticket.deadline.first_audio_budget_s or self.config.first_audio_budget_s
+        return max(budget, ticket.deadline.max_wait_s)
+
+    def _first_audio_due(self, ticket: Ticket) -> float:
+        """The latest a new stream's first chunk may leave, to reach its listener within its budget."""
+        return ticket.budget_from + self._budget_s(ticket) - self.margin_s
+
+    def _admit_by(self, ticket: Ticket) -> float:
+        """Its place in line: when its listener needs its first chunk (earliest deadline first)."""
+        if ticket.deadline.continuation:
+            return ticket.budget_from + ticket.deadline.lead_s - self.margin_s
+        return ticket.budget_from + self._budget_s(ticket)
+
+    def _admission_limit(self) -> int:
+        """Streams that may run at once: the real-time batch, at most the rows."""
+        rows = self.config.rows
+        return realtime_batch(self.costs.step, self.config.speed, rows) if self.config.realtime_admission else rows
+
+    def _admit(self, plan: Plan, now: float, limit: int, behind: int, free_kv_tokens: int) -> None:
+        """Start waiting streams earliest deadline first (see the module), within this pass's prefill budget."""
+        config, costs = self.config, self.costs
+        budget = config.prefill_tokens_per_pass
+        # KV memory is given out as streams grow: keep room for what the running ones will still need.
+        kv_headroom = free_kv_tokens - sum(max(0, t.kv_needed - t.kv_tokens) for t in self._running.values())
+        while self._line and len(self._running) < config.rows and budget > 0:
+            admit_by, _, ticket = self._line[0]
+            if now - ticket.budget_from > config.max_queue_wait_s:
+                heapq.heappop(self._line)
+                self._leave(plan, ticket, self._waited_too_long(now, ticket))
+                continue
+            running = len(self._running)
+            first_audio = costs.first_audio_s(running + 1, self.first_chunk_frames)
+            needed = ticket.kv_needed
+            if ticket.deadline.continuation:
+                if running >= limit and admit_by > now + first_audio:
+                    break  # not due yet
+            elif running >= limit or behind or needed > kv_headroom:
+                self.stats.held_back["capacity" if running >= limit else "behind" if behind else "memory"] += 1
+                break
+            elif now + first_audio > self._first_audio_due(ticket):
+                heapq.heappop(self._line)  # it would start, but too late for its first audio
+                self._leave(plan, ticket, self._too_late())
+                continue
+            heapq.heappop(self._line)
+            ticket.state = RUNNING
+            # A listener with audio left plays this stream's audio when that runs out.
+            ticket.pacer = Pacer.start(ticket.policy or self.policy, ticket.budget_from, ticket.deadline.lead_s,
+                                       self._budget_s(ticket))
+            self._running[ticket.id] = ticket
+            plan.start.append(ticket)
+            kv_headroom -= needed
+            budget -= ticket.prompt_tokens
+
+    def _refuse_late(self, plan: Plan, now: float, limit: int) -> None:
+        """Refuse, at once, each waiting new stream whose place in line would not free before its first audio is
+        due (continuations wait: their utterance is playing)."""
+        if not self._line:
+            self.stats.retry_after_s = 0.0
+            return
+        waiting = [entry[2] for entry in sorted(self._line)]
+        free_now = max(0, limit - len(self._running))
+        frees = place_free_times(self._remaining_s(), free_now, len(waiting))
+        first_audio = self.costs.first_audio_s(limit, self.first_chunk_frames)
+        self.stats.retry_after_s = frees[0] + first_audio
+        refused, place = [], 0
+        for ticket in waiting:
+            refusal = None
+            if now - ticket.budget_from > self.config.max_queue_wait_s:
+                refusal = self._waited_too_long(now, ticket)
+            elif not ticket.deadline.continuation:
+                wait = frees[min(place, len(frees) - 1)]
+                # A listener waits for a row only briefly (a client that said it can wait, longer): an estimate
+                # that far ahead is rarely right, and a fast "busy" beats a late one.
+                hold = ticket.deadline.max_wait_s or self.config.max_hold_s
+                if now + wait + first_audio > self._first_audio_due(ticket) or now + wait > ticket.budget_from + hold:
+                    refusal = self._too_late(wait + first_audio)
+            if refusal is not None:
+                refused.append((ticket, refusal))
+            else:
+                place += 1
+        for ticket, refusal in refused:
+            self._leave(plan, ticket, refusal)
+
+    def _remaining_s(self) -> list[float]:
+        """Each running stream's expected remaining generation time at the current step time."""
+        step = self.costs.step.predict(max(1, len(self._running)))
+        return [max(4.0, t.expected_frames - t.frames) * step for t in self._running.values()]
+
+    def _retry_ms(self, retry_after_s: Optional[float] = None) -> int:
+        return max(100, int(1000 * (self.stats.retry_after_s if retry_after_s is None else retry_after_s)))
+
+    def _too_late(self, retry_after_s: Optional[float] = None) -> Overloaded:
+        return Overloaded(with_retry_after(
+            "the talker cannot start this stream in time for its first audio (at real-time capacity)",
+            self._retry_ms(retry_after_s)))
+
+    def _waited_too_long(self, now: float, ticket: Ticket) -> Overloaded:
+        return Overloaded(with_retry_after(f"waited {now - ticket.budget_from:.0f} s for a free talker row",
+                                           self._retry_ms()))
+
+    # -- stepping and pacing ------------------------------------------------------------------------------------
+
+    def _choose_steps(self, plan: Plan, now: float) -> None:
+        """Every ready row steps while a step of all of them keeps real time (batching is what makes a step cheap);
+        beyond that, the rows closest to their deadlines step and the others wait this step."""
+        ready = [t for t in self._running.values() if not t.awaiting_text and t.finish is None]
+        limit = realtime_batch(self.costs.step, 1.0, len(ready)) if self.config.realtime_admission and ready \
+            else len(ready)
+        if len(ready) > limit:
+            urgent = most_urgent([t.pacer for t in ready], now, limit)
+            self.stats.skipped_rows += len(ready) - limit
+            ready = [ready[i] for i in sorted(urgent)]
+        plan.step = ready
+
+    def _pace(self, frames: dict, now: float, events: list) -> None:
+        """Hand each running stream's new frame (or nothing) to its pacer; the chunks that are due become events,
+        and the streams the model ended, their ends."""
+        stats = self.stats
+        waiting_text = 0
+        next_step = self.costs.step.predict(max(1, len(self._running)))
+        decode = self.costs.decode
+        decode_costs: dict[int, float] = {}  # per chunk size, once per pass
+        for ticket in list(self._running.values()):
+            frame = frames.get(ticket.id)
+            if frame is not None:
+                ticket.frames += 1
+                ticket.kv_tokens += 1
+            pacer, finished = ticket.pacer, ticket.finish is not None
+            if ticket.awaiting_text:
+                waiting_text += 1
+                if ticket.text_wait_since is None:  # a gap its listener hears from now is the writer's
+                    ticket.text_wait_since = now
+                    pacer.listener.pause(now)
+            elif ticket.text_wait_since is not None:
+                stats.text_wait_s += now - ticket.text_wait_since
+                ticket.text_wait_since = None
+                pacer.listener.resume(now)
+            held = len(pacer.pending) + (frame is not None) + 1
+            deliver = decode_costs.get(held)
+            if deliver is None:
+                deliver = decode_costs[held] = decode(held)
+            chunk = pacer.add(frame, finished, now, next_step, deliver, drain=ticket.awaiting_text)
+            if chunk is not None:
+                listener = pacer.listener
+                stats.chunks += 1
+                stats.chunk_frames += len(chunk)
+                stats.leads.append(listener.last_lead)
+                if listener.last_stall:
+                    stats.underruns += 1
+                    stats.stalled_s += listener.last_stall
+                events.append(Chunk(ticket.id, chunk, pacer.chunks - 1, finished))
+            if finished:
+                self._end(ticket, None, events)
+        if len(stats.leads) > MAX_LEADS:  # bounded if nobody reads them
+            del stats.leads[:-MAX_LEADS]
+        stats.waiting_text = waiting_text + len(self._held)
+
+    # -- ends ---------------------------------------------------------------------------------------------------
+
+    def _leave(self, plan: Plan, ticket: Ticket, error: BaseException) -> None:
+        """Take a stream out of line (or its row) now; it ends with ``error`` when the plan is done."""
+        ticket.ending = True
+        self._held.pop(ticket.id, None)
+        self._running.pop(ticket.id, None)
+        if ticket.state == WAITING:
+            self._line = [entry for entry in self._line if entry[2] is not ticket]
+            heapq.heapify(self._line)
+        plan.end.append((ticket, error))
+
+    def _end(self, ticket: Ticket, error: Optional[BaseException], events: list) -> None:
+        if ticket.state == ENDED:
+            return
+        if ticket.state == WAITING and not ticket.ending:  # (a failed start leaves no line entry: it had left it)
+            self._line = [entry for entry in self._line if entry[2] is not ticket]
+            heapq.heapify(self._line)
+        ticket.state, ticket.ending = ENDED, True
+        for table in (self._tickets, self._held, self._running):
+            if table.get(ticket.id) is ticket:  # (a refused duplicate id must not take its namesake out)
+                del table[ticket.id]
+        if error is None:
+            outcome = ticket.finish or "eos"
+        elif isinstance(error, Cancelled):
+            outcome = "cancelled"
+        elif isinstance(error, EngineError):
+            outcome = "rejected"
+        else:
+            outcome = "error"
+        self.stats.outcomes[outcome] += 1
+        events.append(End(ticket.id, error, outcome))
+
+    def end_all(self, error: BaseException) -> list:
+        """End every stream (the loop is stopping, or a step failed for all of them); returns their end events."""
+        events: list = []
+        for ticket in list(self._tickets.values()):
+            self._end(ticket, error, events)
+        self._line.clear()
+        self._cancels.clear()
+        return events
+
+    def fail(self, plan: Optional[Plan], error: BaseException) -> list:
+        """A pass failed (a bug in the step): the streams it was ending end as planned, the running ones with
+        ``error``; those waiting go on. Returns their end events."""
+        events: list = []
+        for ticket, planned in plan.end if plan is not None else ():
+            self._end(ticket, planned, events)
+        for ticket in list(self._running.values()):
+            self._end(ticket, error, events)
+        return events
