@@ -15,7 +15,7 @@ help:
 	@echo "make gateway    - the gateway alone (TRITON_URL, GATEWAY_PORT, ...)"
 	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
 	@echo "make test       - all tests (engine + real tritonserver)"
-	@echo "make bench      - benchmarks (batching, gateway load, open-loop real time, fidelity); numbers in results/"
+	@echo "make bench      - benchmarks (batching, host overhead, gateway load, open-loop real time, fidelity); numbers in results/"
 	@echo "make graph-check - the talker's decode step and the codec decoder's step trace (CUDA: capture) as one graph per bucket and equal the eager step"
 	@echo "make bench-gpu  - the engine on a GPU: full-size random weights, bf16, CUDA graphs; results/gpu_bench.json"
 	@echo "make soak       - load with faults (Triton killed and restarted, clients dropping); SOAK_SECONDS"
@@ -77,6 +77,7 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.core
+	$(PY) -m bench.host_overhead
 	$(PY) -m bench.gateway
 	$(PY) -m bench.openloop
 	$(PY) -m bench.streaming_text

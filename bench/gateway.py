@@ -44,7 +44,7 @@ async def session(url: str, utterances: int, max_retries: int = 20) -> dict:
     each utterance at real time from its first byte."""
     from websockets.asyncio.client import connect
 
-    from gateway.delivery import PlaybackClock
+    from tts_contract.listener import Listener
 
     out = {"firsts": [], "errors": [], "refusals": [], "retry_after_ms": [], "retries_served": 0, "lost": 0,
            "underruns": 0, "stall_s": 0.0}
@@ -56,7 +56,7 @@ async def session(url: str, utterances: int, max_retries: int = 20) -> dict:
             return out
         for index in range(utterances):
             for attempt in range(max_retries + 1):
-                started, first, refused, listener = time.monotonic(), None, None, PlaybackClock()
+                started, first, refused, listener = time.monotonic(), None, None, Listener()
                 await ws.send(json.dumps({"type": "speak", "text": TEXT, "requestId": str(index)}))
                 while True:
                     frame = await asyncio.wait_for(ws.recv(), 120)

@@ -5,7 +5,7 @@
 
 Utterances arrive as a Poisson process, each on its own connection: a WebSocket session (`start`, then one
 `speak`) or one OpenAI speech request (`response_format: pcm`, streamed). A simulated listener plays each one
-at real time from its first byte (``gateway.delivery.PlaybackClock``); every moment its buffer runs dry is an
+at real time from its first byte (``tts_contract.listener.Listener``); every moment its buffer runs dry is an
 underrun. Lengths are realistic: voice-agent replies of one or two sentences, 8-17 words, with the frame cap
 near real speech (4 + 0.8 frames per character; the random-weight model never ends by itself). Per rate:
 completed, refused (and how soon), first audio p50/p95/p99, utterances that underran, underruns and stall
@@ -31,7 +31,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.delivery import PlaybackClock  # noqa: E402
+from tts_contract.listener import Listener  # noqa: E402
 
 SAMPLE_RATE = 24000
 FRAMES_BASE, FRAMES_PER_CHAR = 4, 0.8  # near real speech: the random-weight model never stops by itself
@@ -87,14 +87,14 @@ class Result:
     stalls: list = field(default_factory=list)
 
 
-def _listen(result: Result, clock: PlaybackClock, started: float, nbytes: int) -> None:
+def _listen(result: Result, clock: Listener, started: float, nbytes: int) -> None:
     now = time.monotonic()
     if result.first_audio_s is None:
         result.first_audio_s = now - started
     clock.add(nbytes / 2 / SAMPLE_RATE, now)
 
 
-def _finish(result: Result, clock: PlaybackClock) -> Result:
+def _finish(result: Result, clock: Listener) -> Result:
     result.audio_s, result.underruns = round(clock.audio_s, 3), clock.underruns
     result.stall_s, result.stalls = round(clock.stalled_s, 3), clock.stalls
     return result
@@ -104,7 +104,7 @@ async def ws_utterance(base: str, text: str, arrival: float, timeout: float) -> 
     """One WebSocket session: start, speak, listen until complete."""
     from websockets.asyncio.client import connect
 
-    result, clock = Result("ws", round(arrival, 3), len(text)), PlaybackClock()
+    result, clock = Result("ws", round(arrival, 3), len(text)), Listener()
     url = base.replace("http", "ws", 1) + "/api/v1/speak"
     started = time.monotonic()
     try:
@@ -142,7 +142,7 @@ async def ws_utterance(base: str, text: str, arrival: float, timeout: float) -> 
 
 async def openai_utterance(http, base: str, text: str, arrival: float, timeout: float) -> Result:
     """One OpenAI speech request, streamed as raw PCM."""
-    result, clock = Result("openai", round(arrival, 3), len(text)), PlaybackClock()
+    result, clock = Result("openai", round(arrival, 3), len(text)), Listener()
     body = {"model": "qwen3-tts", "input": text, "voice": "default", "response_format": "pcm",
             "language": "English"}
     started = time.monotonic()

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.delivery import PlaybackClock  # noqa: E402
+from tts_contract.listener import Listener  # noqa: E402
 from tts_contract.audio import SAMPLE_RATE  # noqa: E402
 
 ANSWER = ("Sure, I can help with that. Your flight to Lisbon leaves at nine forty tomorrow morning from gate "
@@ -49,7 +49,7 @@ def llm_tokens(text: str) -> list[str]:
 async def one_utterance(base: str, voice: str, mode: str, rate: float, timeout: float = 120.0) -> dict:
     from websockets.asyncio.client import connect
 
-    clock, first_audio, end = PlaybackClock(), None, None
+    clock, first_audio, end = Listener(), None, None
     url = base.replace("http", "ws", 1) + "/api/v1/speak"
     async with asyncio.timeout(timeout):
         async with connect(url, max_size=None, open_timeout=10) as ws:

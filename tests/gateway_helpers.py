@@ -86,13 +86,14 @@ def open_session(url: str, **kwargs):
 HELD_TEXT = "Hold the line while I think about it"  # 36 characters: its FAST cap is 40 tokens, 39 frames
 
 
-async def hold_a_row(ws) -> None:
-    """Start an utterance whose text is still being written (x-vector voice, continuous text): it keeps its
-    engine row until ``release_the_row``, however fast the machine generates. Returns at its first audio."""
+async def hold_a_row(ws, request_id: str = "holding", **start) -> None:
+    """Start an utterance whose text is still being written (x-vector voice, continuous text): it is in progress,
+    holding its engine row, until ``release_the_row``, however fast the machine generates (a long `speak` ended
+    before a test's next step on a fast machine). Returns at its first audio."""
     assert (await receive_json(ws))["type"] == "ready"
-    await send(ws, type="start", voice="plain", textMode="continuous")
+    await send(ws, type="start", voice="plain", textMode="continuous", **start)
     assert (await receive_json(ws))["textMode"] == "continuous"
-    await send(ws, type="append", text=HELD_TEXT, requestId="holding")
+    await send(ws, type="append", text=HELD_TEXT, requestId=request_id)
     assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
 
 

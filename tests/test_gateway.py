@@ -3,20 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
-import time
 
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
 import soxr
 from websockets.exceptions import ConnectionClosed
 
-from conftest import SAMPLE_RATE, render_cpu_repository, synthetic_reference
-from gateway_helpers import (HELD_TEXT, collect, hold_a_row, open_session, receive_json, release_the_row, send,
-                             serve_gateway)
+from gateway_helpers import collect, open_session, receive_json, send, serve_gateway
 from triton_helpers import scrape_metrics, wait_until
 
 LONG = "This sentence is long enough to keep the model busy for a while, which is what a cancel test needs."
@@ -249,45 +244,6 @@ async def test_too_many_queued_utterances_are_refused(make_gateway):
         assert [r.end["requestId"] for r in results if r.end] == ["0", "1"]
 
 
-async def test_full_capacity_refuses_a_speak_at_once_with_retry_after(make_gateway, one_row_triton):
-    """With the engine's only row busy, a speak is refused at once (not after a wait) with the engine's own
-    RATE_LIMITED, recoverable, with retryAfterMs; the playing utterance goes on and the session stays usable."""
-    gateway = make_gateway(one_row_triton.grpc_url)
-    gateway.wait_ready()
-    async with open_session(gateway.ws) as busy, open_session(gateway.ws) as waiting:
-        await hold_a_row(busy)
-        await start_session(waiting)
-        asked = time.monotonic()
-        await send(waiting, type="speak", text="Is there room for me?", requestId="w")
-        result = await collect(waiting)
-        assert time.monotonic() - asked < 0.5
-        error = result.of_type("error")[0]
-        assert error["code"] == "RATE_LIMITED" and error["recoverable"] is True and error["requestId"] == "w"
-        assert isinstance(error["retryAfterMs"], int) and error["retryAfterMs"] > 0
-        assert result.end["cancelled"] is True and not result.audio
-        await release_the_row(busy)
-        await send(waiting, type="speak", text="Now there is room.")
-        again = await collect(waiting)
-        assert again.end["cancelled"] is False and again.audio and not again.of_type("error")
-
-
-async def test_a_client_that_can_wait_is_queued_instead_of_refused(make_gateway, one_row_triton):
-    """A session that says it can wait (start.maxWaitMs) waits in the engine's line for the busy row and plays once
-    it frees."""
-    gateway = make_gateway(one_row_triton.grpc_url)
-    gateway.wait_ready()
-    async with open_session(gateway.ws) as busy, open_session(gateway.ws) as patient:
-        await hold_a_row(busy)
-        await start_session(patient, maxWaitMs=30000)
-        await send(patient, type="speak", text="I can wait for my turn.")
-        assert await wait_until(lambda: scrape_metrics(one_row_triton.metrics_url)[
-            "qwen_tts_talker_queued_streams"] == 1, timeout=5), "it waits in the engine's line"
-        await asyncio.sleep(1.0)  # well past the hold of a stream that cannot wait
-        await release_the_row(busy)
-        result = await collect(patient)
-        assert result.end["cancelled"] is False and result.audio and not result.of_type("error")
-
-
 async def test_complete_reports_what_a_listener_heard(gateway):
     """`complete` says how often a listener playing at real time ran dry and for how long; the gateway's
     metrics count the same, with the lead each chunk found."""
@@ -309,29 +265,6 @@ async def test_readiness_shows_each_endpoints_real_time_headroom(gateway):
     (capacity,) = body["capacity"].values()
     assert capacity["ready"] is True and capacity["rows"] == 16
     assert 1 <= capacity["realtime_batch"] <= 16 and 0 <= capacity["headroom"] <= 16
-
-
-async def test_utterances_cancelled_while_every_row_is_busy_never_start(make_gateway, one_row_triton):
-    """Speak+cancel storms while the engine's only row is busy: each ends cancelled at once, the talker never steps
-    one of them (it generated exactly the frames of the two utterances that played), and the next utterance plays
-    normally."""
-    gateway = make_gateway(one_row_triton.grpc_url)
-    gateway.wait_ready()
-    frames = lambda: scrape_metrics(one_row_triton.metrics_url)["qwen_tts_talker_frames_total"]  # noqa: E731
-    async with open_session(gateway.ws) as busy, open_session(gateway.ws) as storm:
-        await start_session(storm)
-        before = frames()
-        await hold_a_row(busy)
-        for index in range(20):
-            await send(storm, type="speak", text=f"Never mind number {index}.")
-            await send(storm, type="cancel")
-            assert (await collect(storm)).end["cancelled"] is True
-        await release_the_row(busy)
-        await send(storm, type="speak", text="This one plays.")
-        assert (await collect(storm)).end["cancelled"] is False
-        expected = frames_for(HELD_TEXT) + frames_for("This one plays.")
-        assert await wait_until(lambda: frames() == before + expected, timeout=5), \
-            f"the talker generated {frames() - before} frames; the two that played take {expected}"
 
 
 async def test_auth_tokens(make_gateway):
@@ -441,80 +374,6 @@ async def test_eight_concurrent_sessions_each_get_their_own_audio(gateway):
         assert len(result.audio) == frames_for(text) * 1920 * 2
 
 
-# -- voices ------------------------------------------------------------------------------------------------
-
-def wav_bytes(seconds: float, seed: int = 5) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, synthetic_reference(seconds=seconds, seed=seed), SAMPLE_RATE, format="WAV")
-    return buffer.getvalue()
-
-
-async def test_voice_upload_list_speak_delete(gateway):
-    """Upload a voice, see it listed, speak with it, delete it; then it is gone."""
-    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
-        response = await http.post("/api/v1/voices", files={"audio": ("me.wav", wav_bytes(4.0), "audio/wav")},
-                                   data={"transcript": "This is me.", "name": "Me Myself", "id": "me",
-                                         "language": "english"})
-        assert response.status_code == 201, response.text
-        assert response.json() == {"id": "me", "name": "Me Myself", "language": "English", "description": "",
-                                   "isDefault": False}
-        listed = (await http.get("/api/v1/voices")).json()["voices"]
-        assert {"me", "default"} <= {v["id"] for v in listed}
-        assert [v["id"] for v in listed if v["isDefault"]] == ["default"]
-        async with open_session(gateway.ws) as ws:
-            started = await start_session(ws, voice="me")
-            assert started["voice"] == "me"
-            await send(ws, type="speak", text="Spoken in my voice.")
-            assert (await collect(ws)).end["cancelled"] is False
-        assert (await http.delete("/api/v1/voices/me")).status_code == 204
-        assert "me" not in {v["id"] for v in (await http.get("/api/v1/voices")).json()["voices"]}
-        assert (await http.delete("/api/v1/voices/me")).status_code == 404
-
-
-async def test_voice_upload_without_transcript_is_x_vector_only(gateway, voices_dir):
-    """An upload with no transcript makes an x-vector-only voice (no transcript file)."""
-    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
-        response = await http.post("/api/v1/voices", files={"audio": ("a.wav", wav_bytes(3.5), "audio/wav")},
-                                   data={"name": "No Words"})
-        assert response.status_code == 201
-        voice_id = response.json()["id"]
-        assert voice_id.startswith("no-words-")
-        assert not (voices_dir / voice_id / "transcript.txt").exists()
-        assert (voices_dir / voice_id / "prompt.safetensors").is_file()
-        assert (await http.delete(f"/api/v1/voices/{voice_id}")).status_code == 204
-
-
-@pytest.mark.parametrize("files, data, status, message", [
-    ({"audio": ("x.wav", b"definitely not audio", "audio/wav")}, {}, 400, "not decodable"),
-    ({"audio": ("x.wav", wav_bytes(1.0), "audio/wav")}, {}, 400, "between"),
-    ({"audio": ("x.wav", wav_bytes(31.0), "audio/wav")}, {}, 400, "between"),
-    ({}, {"name": "nothing"}, 400, "missing"),
-    ({"audio": ("x.wav", wav_bytes(4.0), "audio/wav")}, {"id": "../escape"}, 400, "invalid voice id"),
-    ({"audio": ("x.wav", wav_bytes(4.0), "audio/wav")}, {"id": "default"}, 409, "already exists"),
-])
-async def test_bad_uploads_are_refused(gateway, files, data, status, message):
-    """Undecodable, too short, too long, missing audio and bad ids get 400; an existing id gets 409."""
-    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
-        response = await http.post("/api/v1/voices", files=files or {"other": ("a", b"a")}, data=data)
-        assert response.status_code == status
-        assert message in response.json()["error"]
-
-
-async def test_too_large_upload_is_refused(make_gateway):
-    """An upload above GATEWAY_MAX_UPLOAD_BYTES (plus room for the form) gets 413."""
-    gateway = make_gateway(GATEWAY_MAX_UPLOAD_BYTES="50000")
-    async with httpx.AsyncClient(base_url=gateway.http, timeout=60) as http:
-        response = await http.post("/api/v1/voices", files={"audio": ("x.wav", wav_bytes(4.0), "audio/wav")})
-        assert response.status_code == 413 and "GATEWAY_MAX_UPLOAD_BYTES" in response.json()["error"]
-
-
-async def test_default_voice_cannot_be_deleted(gateway):
-    """DELETE of the default voice is refused."""
-    async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as http:
-        response = await http.delete("/api/v1/voices/default")
-        assert response.status_code == 400 and "default" in response.json()["error"]
-
-
 # -- operations --------------------------------------------------------------------------------------------
 
 async def test_health_readiness_and_metrics(gateway):
@@ -527,34 +386,3 @@ async def test_health_readiness_and_metrics(gateway):
                  "tts_gateway_time_to_first_audio_seconds_bucket", "tts_gateway_real_time_factor_bucket",
                  "tts_gateway_audio_seconds_total", "tts_gateway_triton_ready{endpoint="):
         assert name in text, name
-
-
-async def test_triton_killed_mid_session_then_back(tiny_model_dir, voices_dir, tmp_path, make_gateway):
-    """Killing Triton mid-utterance gives a recoverable error; the gateway stays up and recovers by itself."""
-    from tools.triton_local import LocalTriton
-
-    repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
-    server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
-    try:
-        gateway = make_gateway(triton_url=server.grpc_url)
-        gateway.wait_ready()
-        async with open_session(gateway.ws) as ws:
-            await start_session(ws)
-            await send(ws, type="speak", text=LONG * 4, requestId="doomed")
-            assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
-            server.kill()
-            result = await collect(ws, timeout=30)
-            error = result.of_type("error")[0]
-            assert error["code"] == "SYNTHESIS_ERROR" and error["recoverable"] is True
-            assert result.end["cancelled"] is True
-            await send(ws, type="speak", text="Is anyone there?")
-            assert (await receive_json(ws, 30))["code"] in ("MODEL_LOADING", "SYNTHESIS_ERROR")
-            server = LocalTriton(repository, server.http_port, server.grpc_port, server.metrics_port,
-                                 log_path=tmp_path / "triton2.log").start().wait_ready(180)
-            gateway.wait_ready(60)
-            await send(ws, type="speak", text="Back again.", requestId="back")
-            result = await collect(ws, timeout=60)
-            assert result.end["requestId"] == "back" and result.end["cancelled"] is False
-            assert len(result.audio) > 0
-    finally:
-        server.stop()

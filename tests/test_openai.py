@@ -14,7 +14,7 @@ import numpy as np
 import openai
 import pytest
 
-from gateway_helpers import collect, hold_a_row, open_session, release_the_row, send, serve_gateway
+from gateway_helpers import collect, open_session, send, serve_gateway
 from test_gateway import LONG, start_session
 from triton_helpers import scrape_metrics, wait_until
 
@@ -197,24 +197,6 @@ def test_a_token_is_required_when_auth_is_on(make_gateway):
         assert len(speech(sdk, response_format="pcm")) > 24000
 
 
-async def test_a_full_server_answers_429_at_once_with_retry_after(make_gateway, one_row_triton):
-    """With the engine's only row busy, the next request is at once a RateLimitError carrying retry-after-ms (the
-    engine's own hint, which the SDK's own retries honour)."""
-    gateway = make_gateway(one_row_triton.grpc_url)
-    gateway.wait_ready()
-    async with open_session(gateway.ws) as busy:
-        await hold_a_row(busy)
-        async with openai.AsyncOpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
-            asked = time.monotonic()
-            with pytest.raises(openai.RateLimitError) as raised:
-                await sdk.audio.speech.create(model=MODEL, voice="default", input="Is there room?",
-                                              response_format="pcm")
-            assert time.monotonic() - asked < 0.5
-        assert int(raised.value.response.headers["retry-after-ms"]) > 0
-        assert raised.value.body["code"] == "rate_limit_exceeded"
-        await release_the_row(busy)
-
-
 def test_model_loading_is_503(make_gateway):
     """Without a ready Triton the endpoint answers 503 (an InternalServerError to the SDK), code model_loading."""
     gateway = make_gateway(triton_url="127.0.0.1:9")
@@ -222,27 +204,6 @@ def test_model_loading_is_503(make_gateway):
         with pytest.raises(openai.InternalServerError) as raised:
             speech(sdk)
     assert raised.value.status_code == 503 and raised.value.body["code"] == "model_loading"
-
-
-async def test_a_client_that_leaves_while_waiting_for_a_row_never_starts(make_gateway, one_row_triton):
-    """A request that said it can wait (max_wait_ms), waiting in the engine's line behind the busy row, whose client
-    goes away leaves the line at once (its stream cancelled by its key), without waiting for its turn."""
-    gateway = make_gateway(one_row_triton.grpc_url, GATEWAY_QUEUE_TIMEOUT_S="60")
-    gateway.wait_ready()
-    talker = lambda: scrape_metrics(one_row_triton.metrics_url)  # noqa: E731
-    cancelled = 'qwen_tts_talker_streams_total{outcome="cancelled"}'
-    async with open_session(gateway.ws) as busy:
-        await hold_a_row(busy)
-        before = talker()[cancelled]
-        async with httpx.AsyncClient(base_url=gateway.http, timeout=1.0) as http:
-            with pytest.raises(httpx.ReadTimeout):  # waiting in line; then this client leaves
-                await http.post("/v1/audio/speech", json={"model": MODEL, "input": "Hi.", "voice": "default",
-                                                          "max_wait_ms": 30000})
-        assert await wait_until(lambda: talker()["qwen_tts_talker_queued_streams"] == 0 and
-                                talker()[cancelled] == before + 1, timeout=3)
-        metrics = scrape_metrics(gateway.http + "/metrics")
-        assert metrics['tts_gateway_openai_speech_requests_total{outcome="cancelled"}'] == 1
-        await release_the_row(busy)
 
 
 async def test_a_client_that_goes_away_cancels_its_synthesis(gateway, triton):

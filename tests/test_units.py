@@ -114,6 +114,22 @@ def test_stream_table_frees_state_on_final_cancel_and_idle(stream_table_decoder)
     assert table.freed == {"final": 1, "cancelled": 1, "failed": 0, "idle": 1}
 
 
+def test_a_stream_cancelled_anywhere_in_a_batch_keeps_no_decoder_state(stream_table_decoder):
+    """Two chunks of one stream in one batch, the first from before the client cancelled (its request never says
+    so), the second cancelled: neither is decoded and the stream holds no state; later chunks are not decoded
+    either. (Decoding the first made a new state that stayed held until the idle timeout.)"""
+    from tts_engine.codec.streams import DecodeItem
+
+    table = StreamTable(stream_table_decoder, idle_timeout=60)
+    codes = np.ones((2, 16), dtype=np.int32)
+    table.decode(7, codes, None, final=False)  # the stream is running
+    batch = [DecodeItem(7, codes), DecodeItem(7, codes), DecodeItem(8, codes)]
+    decode, cancelled = table.split_cancelled(batch, [False, True, False])
+    assert decode == [2] and cancelled == [7] and len(table) == 0
+    assert table.split_cancelled([DecodeItem(7, codes, final=True)], [False]) == ([], [])
+    assert table.freed["cancelled"] == 1
+
+
 def test_stream_table_refuses_bad_codes_and_late_context(stream_table_decoder):
     """Out-of-range codes, wrong shapes and context codes after the first chunk are refused."""
     table = StreamTable(stream_table_decoder)
