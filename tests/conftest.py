@@ -101,13 +101,12 @@ def voices_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def triton(tiny_model_dir, voices_dir, tmp_path_factory):
-    """A real tritonserver serving the rendered CPU repository on free ports."""
-    work = tmp_path_factory.mktemp("triton")
-    repository = render_cpu_repository(tiny_model_dir, voices_dir, work / "model_repository")
+def serve_triton(model_dir: Path, voices_dir: Path, work: Path, **overrides):
+    """A real tritonserver serving the rendered CPU repository (``overrides``: template parameters) on free
+    ports, for a fixture to yield; stopped after."""
     from tools.triton_local import LocalTriton
 
+    repository = render_cpu_repository(model_dir, voices_dir, work / "model_repository", **overrides)
     server = LocalTriton(repository, log_path=work / "tritonserver.log")
     server.start()
     try:
@@ -115,23 +114,30 @@ def triton(tiny_model_dir, voices_dir, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_model_dir, voices_dir, tmp_path_factory):
+    """A real tritonserver serving the rendered CPU repository on free ports."""
+    yield from serve_triton(tiny_model_dir, voices_dir, tmp_path_factory.mktemp("triton"))
 
 
 @pytest.fixture(scope="session")
 def one_row_triton(tiny_model_dir, voices_dir, tmp_path_factory):
     """A second real tritonserver whose talker holds one stream: full as soon as one utterance runs (capacity
     tests: the engines decide; the gateway keeps no count of its own)."""
-    work = tmp_path_factory.mktemp("one-row-triton")
-    repository = render_cpu_repository(tiny_model_dir, voices_dir, work / "model_repository", MAX_ACTIVE_STREAMS="1")
-    from tools.triton_local import LocalTriton
+    yield from serve_triton(tiny_model_dir, voices_dir, tmp_path_factory.mktemp("one-row-triton"),
+                            MAX_ACTIVE_STREAMS="1")
 
-    server = LocalTriton(repository, log_path=work / "tritonserver.log")
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
-        yield server
-    finally:
-        server.stop()
+
+@pytest.fixture
+async def client(triton):
+    """A gRPC client of the session's tritonserver."""
+    import tritonclient.grpc.aio as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    yield client
+    await client.close()
 
 
 @pytest.fixture

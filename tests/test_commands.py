@@ -6,21 +6,11 @@ import asyncio
 import json
 
 import pytest
-import pytest_asyncio
-import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferRequestedOutput
 
+from test_triton import LONG_TEXT
 from triton_helpers import command_inputs, scrape_metrics, stream, string_input, wait_until
 from tts_contract import commands
-
-LONG_TEXT = "Streaming speech arrives in pieces, and the first piece should come quickly."
-
-
-@pytest_asyncio.fixture
-async def client(triton):
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    yield client
-    await client.close()
 
 
 async def test_the_talker_answers_a_status_command_with_its_real_time_capacity(client):

@@ -5,9 +5,7 @@ import asyncio
 
 import numpy as np
 import pytest
-import pytest_asyncio
 import torch
-import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from conftest import SAMPLE_RATE, synthetic_reference
@@ -17,13 +15,6 @@ from tts_contract import commands
 from tts_engine.tiny_model import EOS_MARKER
 
 LONG_TEXT = "Streaming speech arrives in pieces, and the first piece should come quickly."
-
-
-@pytest_asyncio.fixture
-async def client(triton):
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    yield client
-    await client.close()
 
 
 @pytest.fixture(scope="module")
