@@ -108,6 +108,26 @@ def test_a_new_stream_is_refused_at_once_with_an_honest_retry_hint():
     assert 3 in started_order(model) and 3 not in model.ends()
 
 
+def test_clients_refused_one_after_another_are_told_to_come_back_at_different_times():
+    """Each refusal for load names a later row than the one before it (the clients refused earlier come back
+    first), so retries do not all come back together; once a client's time to come back has passed, it no longer
+    counts."""
+    scheduler = make(rows=1)
+    model = PretendModel(scheduler)
+    scheduler.add(ticket(1, characters=int((200 - 12) / 1.2)))  # expected: 200 frames, 2 s
+    model.run(0.0)
+    hints = []
+    for stream_id in (2, 3, 4):
+        scheduler.add(ticket(stream_id, STEP_S))
+        _, events = model.run(STEP_S)
+        hints += [retry_after_ms(str(e.error)) for e in events if isinstance(e, End)]
+    assert hints[0] < hints[1] < hints[2], hints
+    scheduler.add(ticket(5, 10.0))  # long after every one of them was due back
+    _, events = model.run(10.0)
+    (late,) = [retry_after_ms(str(e.error)) for e in events if isinstance(e, End)]
+    assert abs(late - hints[0]) <= 50 and late < hints[1], (late, hints)
+
+
 def test_continuations_are_never_refused_for_load():
     """A later sentence of a playing utterance waits for the busy row far past a new stream's hold, and starts
     when the row frees."""

@@ -68,6 +68,7 @@ class Scheduler:
         self._held: dict[int, Ticket] = {}  # tickets whose text cannot start them yet
         self._running: dict[int, Ticket] = {}  # in the order they started
         self._cancels: list[Ticket] = []  # cancelled since the last pass
+        self._returning: list[float] = []  # when the clients refused for load were told to try again
         self._sequence = itertools.count()
 
     @property
@@ -92,7 +93,8 @@ class Scheduler:
             return self._refuse(ticket, InvalidRequest(f"stream {ticket.id:x} exists already"))
         if self.waiting >= self.config.max_queued:
             return self._refuse(ticket, Overloaded(with_retry_after(
-                f"{self.config.max_queued} requests are already waiting for the talker", self._retry_ms())))
+                f"{self.config.max_queued} requests are already waiting for the talker",
+                self._retry_ms(self._retry_after_s(ticket.submitted)))))
         self._tickets[ticket.id] = ticket
         if ticket.awaiting_text:
             ticket.state = HELD
@@ -228,7 +230,7 @@ class Scheduler:
                 break
             elif now + first_audio > self._first_audio_due(ticket):
                 heapq.heappop(self._line)  # it would start, but too late for its first audio
-                self._leave(plan, ticket, self._too_late())
+                self._leave(plan, ticket, self._too_late(now))
                 continue
             heapq.heappop(self._line)
             ticket.state = RUNNING
@@ -253,39 +255,54 @@ class Scheduler:
         self.stats.retry_after_s = frees[0] + first_audio
         refused, place = [], 0
         for ticket in waiting:
-            refusal = None
+            refusal = False
             if now - ticket.budget_from > self.config.max_queue_wait_s:
-                refusal = self._waited_too_long(now, ticket)
+                refusal = True
             elif not ticket.deadline.continuation:
                 wait = frees[min(place, len(frees) - 1)]
                 # A listener waits for a row only briefly (a client that said it can wait, longer): an estimate
                 # that far ahead is rarely right, and a fast "busy" beats a late one.
                 hold = ticket.deadline.max_wait_s or self.config.max_hold_s
-                if now + wait + first_audio > self._first_audio_due(ticket) or now + wait > ticket.budget_from + hold:
-                    refusal = self._too_late(wait + first_audio)
-            if refusal is not None:
-                refused.append((ticket, refusal))
+                refusal = now + wait + first_audio > self._first_audio_due(ticket) or \
+                    now + wait > ticket.budget_from + hold
+            if refusal:
+                refused.append(ticket)
             else:
                 place += 1
-        for ticket, refusal in refused:
-            self._leave(plan, ticket, refusal)
+        for ticket in refused:
+            ticket.ending = True  # (not ahead of itself, nor of the others refused with it)
+        for ticket in refused:
+            waited = now - ticket.budget_from > self.config.max_queue_wait_s
+            self._leave(plan, ticket, self._waited_too_long(now, ticket) if waited else self._too_late(now))
 
     def _remaining_s(self) -> list[float]:
         """Each running stream's expected remaining generation time at the current step time."""
         step = self.costs.step.predict(max(1, len(self._running)))
         return [max(4.0, t.expected_frames - t.frames) * step for t in self._running.values()]
 
-    def _retry_ms(self, retry_after_s: Optional[float] = None) -> int:
-        return max(100, int(1000 * (self.stats.retry_after_s if retry_after_s is None else retry_after_s)))
+    def _retry_after_s(self, now: float) -> float:
+        """When a stream refused now should try again: when the row it would get frees, behind the streams in line
+        and the clients refused before it that will be back first (each refusal names a later row, so retries do
+        not all come back together and meet a full engine again)."""
+        self._returning = [at for at in self._returning if at > now]
+        limit = self.stats.realtime_batch or self.config.rows
+        ahead = sum(1 for entry in self._line if not entry[2].ending) + len(self._returning)
+        frees = place_free_times(self._remaining_s(), max(0, limit - len(self._running)), ahead + 1)
+        retry_s = frees[ahead] + self.costs.first_audio_s(limit, self.first_chunk_frames)
+        self._returning.append(now + retry_s)
+        return retry_s
 
-    def _too_late(self, retry_after_s: Optional[float] = None) -> Overloaded:
+    def _retry_ms(self, retry_after_s: float) -> int:
+        return max(100, int(1000 * retry_after_s))
+
+    def _too_late(self, now: float) -> Overloaded:
         return Overloaded(with_retry_after(
             "the talker cannot start this stream in time for its first audio (at real-time capacity)",
-            self._retry_ms(retry_after_s)))
+            self._retry_ms(self._retry_after_s(now))))
 
     def _waited_too_long(self, now: float, ticket: Ticket) -> Overloaded:
         return Overloaded(with_retry_after(f"waited {now - ticket.budget_from:.0f} s for a free talker row",
-                                           self._retry_ms()))
+                                           self._retry_ms(self._retry_after_s(now))))
 
     # -- stepping and pacing ------------------------------------------------------------------------------------
 
@@ -351,7 +368,7 @@ class Scheduler:
         ticket.ending = True
         self._held.pop(ticket.id, None)
         self._running.pop(ticket.id, None)
-        if ticket.state == WAITING:
+        if ticket.state == WAITING:  # (a refusal leaves several at once: each takes itself out)
             self._line = [entry for entry in self._line if entry[2] is not ticket]
             heapq.heapify(self._line)
         plan.end.append((ticket, error))
