@@ -235,12 +235,9 @@ def _talker_metrics(url: Optional[str]) -> dict:
     """The talker's counters on Triton's metrics port (when the benchmark runs its own stack)."""
     if not url:
         return {}
-    import urllib.request
+    from tools.triton_local import scrape_metrics
 
-    with urllib.request.urlopen(url, timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    pairs = (line.rpartition(" ") for line in lines if line.startswith("qwen_tts_talker"))
-    return {name: float(value) for name, _, value in pairs}
+    return {name: value for name, value in scrape_metrics(url).items() if name.startswith("qwen_tts_talker")}
 
 
 def sweep(base: str, transports: list[str], rates: list[float], seconds: float, budget_s: float,

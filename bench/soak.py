@@ -19,7 +19,6 @@ import random
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -136,11 +135,9 @@ async def faults(server, tally: Tally, every: float, stop: asyncio.Event, gatewa
 
 
 def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return float("nan")
+    from tools.triton_local import scrape_metrics
+
+    return scrape_metrics(url).get(name, float("nan"))
 
 
 async def soak(seconds: float, sessions: int, fault_every: float) -> dict:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
+
+from tools.triton_local import scrape_metrics  # noqa: F401 - the tests' metrics reader
 
 
 def string_input(name: str, value) -> InferInput:
@@ -81,17 +82,6 @@ async def stream(client, model: str, text: Optional[str] = None, voice: Optional
 
     await asyncio.wait_for(consume(), timeout)
     return result
-
-
-def scrape_metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1) -> bool:

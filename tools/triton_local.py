@@ -139,6 +139,18 @@ def remove_stale_regions() -> list[str]:
     return _unlink(path for path in candidates if path.name not in mapped)
 
 
+def scrape_metrics(url: str) -> dict[str, float]:
+    """A Prometheus text page (Triton's metrics port, the gateway's /metrics) as {series: value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
