@@ -27,7 +27,7 @@ AUTH_TIMEOUT_S = 10.0  # how long an unauthenticated connection may wait before 
 
 
 async def speak(websocket: WebSocket) -> None:
-    """The /api/v1/speak route: authenticate, then take one of GATEWAY_MAX_SESSIONS slots, then serve."""
+    """The /api/v1/speak route: authenticate, then take one of GATEWAY_MAX_SESSIONS sessions, then serve."""
     services = websocket.app.state.services
     await websocket.accept()
     connection = Connection(websocket, services)
@@ -185,7 +185,7 @@ class Connection:
         """The next text frame; None on idle timeout. Binary frames are ignored."""
         while True:
             try:
-                async with asyncio.timeout(timeout):  # (not wait_for: see Speaker._sentence_audio)
+                async with asyncio.timeout(timeout):  # (not wait_for: see speech._Generated.take)
                     message = await self.ws.receive()
             except TimeoutError:
                 return None

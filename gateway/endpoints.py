@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Optional
+from typing import Coroutine, Optional
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -27,6 +27,12 @@ DEMAND_WINDOW_S = 30.0  # refused requests count as demand this long (their clie
 CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 500)]
+
+
+def is_final(result) -> bool:
+    """Whether a streamed response is its request's last (Triton's ``triton_final_response`` parameter)."""
+    params = result.get_response().parameters
+    return "triton_final_response" in params and params["triton_final_response"].bool_param
 
 
 def command_inputs(command: commands.Command) -> list[InferInput]:
@@ -53,7 +59,7 @@ class Endpoint:
         self.closed = False
         self.streams = 0  # streams this gateway has open here now
         self.started_since_status = 0  # streams this gateway opened here since the talker last reported
-        self.encoding = 0  # voice encodes running here (a draining endpoint waits for them too)
+        self.calls = 0  # voice encodes and stream cancels running here (a draining endpoint waits for them too)
         self.status: dict = {}  # the talker's last answer to `status` (rows, real-time batch, headroom, ...)
         self._poller: Optional[asyncio.Task] = None
 
@@ -97,8 +103,7 @@ class Endpoint:
             async for result, error in self.client.stream_infer(requests()):
                 if error is not None:
                     raise error
-                params = result.get_response().parameters
-                if "triton_final_response" in params and params["triton_final_response"].bool_param:
+                if is_final(result):
                     return result
         raise TimeoutError("the talker closed the stream without answering")
 
@@ -149,6 +154,7 @@ class Endpoints:
         self._next = 0
         self._poll_interval: Optional[float] = None  # set once polling starts; endpoints that join poll too
         self._closing: set = set()  # channels of removed endpoints being closed
+        self._background: set = set()  # short calls running in the background (stream cancels)
         self._mean_stream_s = 2.0  # a running mean of how long a stream stays open
         self._refusals: deque = deque()  # when streams were refused within DEMAND_WINDOW_S
 
@@ -182,14 +188,28 @@ class Endpoints:
         usable = [e for e in rotated if e.usable and e not in exclude]
         return max(usable, key=lambda e: e.headroom, default=None)
 
-    def opened(self, endpoint: Endpoint) -> None:
+    def stream_opened(self, endpoint: Endpoint) -> None:
         endpoint.streams += 1
         endpoint.started_since_status += 1
 
-    def closed(self, endpoint: Endpoint, held_s: float) -> None:
+    def stream_closed(self, endpoint: Endpoint, held_s: float) -> None:
         endpoint.streams -= 1
         self._mean_stream_s += 0.1 * (held_s - self._mean_stream_s)
         self.forget_if_idle(endpoint)
+
+    def spawn(self, endpoint: Endpoint, call: Coroutine) -> None:
+        """Run a short call to this endpoint (a stream's cancel) in the background: nobody waits for it, and a
+        draining endpoint stays until it ends."""
+        endpoint.calls += 1
+        task = asyncio.get_running_loop().create_task(call)
+        self._background.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self._background.discard(task)
+            endpoint.calls -= 1
+            self.forget_if_idle(endpoint)
+
+        task.add_done_callback(done)
 
     def refused(self) -> None:
         """A stream every engine refused (part of the demand autoscaling sees)."""
@@ -222,7 +242,7 @@ class Endpoints:
                 self.forget_if_idle(endpoint)
 
     def forget_if_idle(self, endpoint: Endpoint) -> None:
-        if endpoint.draining and endpoint.streams == 0 and endpoint.encoding == 0 and endpoint in self.endpoints:
+        if endpoint.draining and endpoint.streams == 0 and endpoint.calls == 0 and endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
             endpoint.stop_polling()  # before its series go: a status answer in flight must not bring them back
             for gauge in (metrics.TRITON_READY, metrics.ENDPOINT_HEADROOM, metrics.ENDPOINT_REALTIME):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Coroutine, Optional
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -15,7 +15,7 @@ from tts_contract import commands, tensors as names
 from tts_contract.deadlines import retry_after_ms
 from tts_contract.errors import EngineCode, parse_wire
 
-from .endpoints import Endpoint, Endpoints, command_inputs
+from .endpoints import Endpoint, Endpoints, command_inputs, is_final
 
 log = logging.getLogger("gateway.engine_stream")
 SPEAK_ID = "speak"  # the synthesis request's id on its gRPC stream (commands have their own)
@@ -57,14 +57,16 @@ def _command(command: commands.Command) -> dict:
 
 
 async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], language: Optional[str],
-                       parameters: dict, written=None) -> AsyncIterator[np.ndarray]:
+                       parameters: dict, spawn: Callable[[Coroutine], None],
+                       written=None) -> AsyncIterator[np.ndarray]:
     """Yield float32 24 kHz chunks as Triton streams them. ``written``: a ``TextSegment`` still being written; the
     request then opens with its text so far (``text_key``) and sends the rest, its flushes and its end as commands
     on the same gRPC stream.
 
-    Closing the iterator early cancels the gRPC stream and the engine stream the one way an engine stream ends: a
+    Closing the iterator early cancels the gRPC stream, and the engine stream the one way an engine stream ends: a
     `cancel` command naming it by its ``stream_key`` (Triton does not pass a `tts` request's cancellation on to the
-    talker, which would otherwise keep the stream in its line, or go on until the decoder stops it)."""
+    talker, which would otherwise keep the stream in its line, or go on until the decoder stops it), sent in the
+    background by ``spawn`` (a barge-in never waits for it)."""
     stream_key = secrets.randbits(63)
     text_key = secrets.randbits(63) if written is not None else None
     if written is not None:
@@ -101,8 +103,7 @@ async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], lang
             if result.get_response().id != SPEAK_ID:  # a command's acknowledgement
                 continue
             audio = result.as_numpy(names.AUDIO)
-            params = result.get_response().parameters
-            last = "triton_final_response" in params and params["triton_final_response"].bool_param
+            last = is_final(result)
             if audio is not None and audio.size:
                 yield audio
             if last:
@@ -120,12 +121,12 @@ async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], lang
     finally:
         if not finished:  # the consumer stopped early (a cancel, a client gone): the engine ends the stream
             responses.cancel()
-            await _cancel(endpoint, stream_key)
+            spawn(_cancel(endpoint, stream_key))
 
 
 async def _cancel(endpoint: Endpoint, stream_key: int) -> None:
-    """Cancel an engine stream by its key, on a gRPC stream of its own (its own gRPC stream is cancelled already,
-    or about to be: a task cancelled while reading it cancels the call)."""
+    """Cancel an engine stream by its key, on a gRPC stream of its own (its own is cancelled already: a task
+    cancelled while reading a call cancels the call)."""
     try:
         await endpoint.command(commands.Cancel(stream_key=stream_key), timeout_s=CANCEL_WAIT_S)
     except Exception as exc:  # ended meanwhile (an unknown key), or the server is gone: nothing left to stop
@@ -138,7 +139,7 @@ async def encode_voice(endpoints: Endpoints, audio: np.ndarray, sample_rate: int
     last_error: Optional[SynthesisFailed] = None
     usable = [e for e in endpoints.endpoints if e.usable]
     for endpoint in sorted(usable, key=lambda e: e.streams) or list(endpoints.endpoints):
-        endpoint.encoding += 1  # keeps a leaving endpoint's channel open until the encode ends
+        endpoint.calls += 1  # keeps a leaving endpoint's channel open until the encode ends
         try:
             return await _encode_voice(endpoint, audio, sample_rate, ref_text)
         except SynthesisFailed as exc:
@@ -146,7 +147,7 @@ async def encode_voice(endpoints: Endpoints, audio: np.ndarray, sample_rate: int
                 raise
             last_error = exc
         finally:
-            endpoint.encoding -= 1
+            endpoint.calls -= 1
             endpoints.forget_if_idle(endpoint)
     raise last_error or SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is available", transport=True)
 

@@ -226,7 +226,7 @@ class _ClosingStream(StreamingResponse):
 
 
 async def _first_chunk(audio: AsyncIterator, request: Request) -> object:
-    """The first audio, while watching the client: one that leaves while the request waits for a slot or
+    """The first audio, while watching the client: one that leaves while the request waits for a row or
     its first frame cancels it."""
     first = asyncio.ensure_future(anext(audio))
     try:

@@ -53,9 +53,10 @@ class Route:
             if first_audio_by is not None:
                 parameters[FIRST_AUDIO_BUDGET_MS] = max(1, int(1000 * (first_audio_by - time.monotonic())))
             produced, opened = False, time.monotonic()
-            self.endpoints.opened(endpoint)
+            self.endpoints.stream_opened(endpoint)
             self.endpoint = endpoint
-            audio = stream_audio(endpoint, text, voice, language, parameters, written)
+            audio = stream_audio(endpoint, text, voice, language, parameters,
+                                 lambda call, at=endpoint: self.endpoints.spawn(at, call), written)
             try:
                 async for chunk in audio:
                     produced = True
@@ -71,7 +72,7 @@ class Route:
                     log.warning("Triton at %s failed before any audio; trying the next endpoint", endpoint.url)
             finally:
                 await audio.aclose()
-                self.endpoints.closed(endpoint, time.monotonic() - opened)
+                self.endpoints.stream_closed(endpoint, time.monotonic() - opened)
             tried.add(endpoint)
 
     def _next(self, tried: set) -> Optional[Endpoint]:

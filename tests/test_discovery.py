@@ -46,13 +46,13 @@ class Load:
         self.outcomes: Counter = Counter()
         self.errors: list[SynthesisFailed] = []
         self.running = True
-        opened = endpoints.opened
+        opened = endpoints.stream_opened
 
         def record(endpoint):
             self.opened.append((time.monotonic(), endpoint.url))
             opened(endpoint)
 
-        endpoints.opened = record
+        endpoints.stream_opened = record
         self.tasks = [asyncio.create_task(self._client(index)) for index in range(clients)]
 
     async def _client(self, index: int) -> None:

@@ -126,6 +126,19 @@ def test_the_loop_and_the_decode_worker_run_with_their_configured_torch_threads(
     assert seen == [3, 5] and torch.get_num_threads() == before
 
 
+def test_a_cancel_that_comes_before_its_stream_ends_it_at_once(run):
+    """A cancel may overtake its stream (Triton's cancellation seen before the submit is taken): the stream then
+    ends cancelled as soon as it comes, without a frame."""
+    log, done, talker = [], threading.Semaphore(0), FakeTalker(rows=2)
+    engine = run(talker)
+    stream_id = engine.new_id()
+    engine.cancel(stream_id)
+    time.sleep(0.1)  # taken by the loop before the stream exists
+    engine.submit(stream_id, FakeRequest(10**6), Recorder("early", log, done), Deadline(max_wait_s=10))
+    assert done.acquire(timeout=10)
+    assert log == [("early", "end", "Cancelled")] and sum(talker.batches) == 0
+
+
 class _Request:
     """A Triton request as the cancellation watcher sees it."""
 

@@ -127,7 +127,7 @@ def test_a_gap_while_the_text_is_still_being_written_is_not_a_stall():
 def test_step_times_are_monotone_interpolated_and_robust_to_one_slow_step():
     """Baselines are interpolated and never decrease with the batch; recent runs replace a baseline only once
     there are enough of them, so one cold step does not count."""
-    curve = CostCurve(min_runs=3)
+    curve = CostCurve(min_runs=3, refresh_s=0)
     curve.update({1: 0.010, 4: 0.016, 8: 0.014})
     assert curve(2) == pytest.approx(0.012) and curve(8) == pytest.approx(0.016)
     assert curve(16) == pytest.approx(0.032)  # beyond the largest known: in proportion
@@ -141,7 +141,7 @@ def test_step_times_are_monotone_interpolated_and_robust_to_one_slow_step():
 def test_sizes_not_running_follow_the_machines_contention_and_old_runs_expire():
     """A size without recent runs costs its baseline scaled by how much slower the recent runs are than theirs;
     runs older than max_age_s no longer count."""
-    curve = CostCurve(min_runs=1, max_age_s=0.05)
+    curve = CostCurve(min_runs=1, max_age_s=0.05, refresh_s=0)
     curve.update({1: 0.010, 4: 0.020})
     curve.observe(4, 0.080)
     assert curve(4) == pytest.approx(0.080) and curve(1) == pytest.approx(0.040)  # 4x slower than idle

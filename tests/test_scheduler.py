@@ -141,6 +141,17 @@ def test_continuations_are_never_refused_for_load():
     assert model.ends() == {1: None, 2: None}
 
 
+def test_a_full_line_never_refuses_a_continuation():
+    """With the line full of new streams, the next sentence of an utterance that is playing still gets in line."""
+    scheduler = make(rows=1, max_queued=1)
+    model = PretendModel(scheduler)
+    scheduler.add(ticket(1))
+    model.run(0.0)
+    assert scheduler.add(ticket(2, deadline=Deadline(max_wait_s=10))) == []
+    assert scheduler.add(ticket(3, deadline=Deadline(lead_s=2.0, continuation=True))) == []
+    assert scheduler.waiting == 2
+
+
 def test_new_streams_run_within_the_real_time_batch():
     """With a step costing 10 ms per stream and 1.5x real time asked of each, 5 streams run at once though 8
     rows are free; the others wait (they said they can) and start as those finish."""
@@ -282,6 +293,26 @@ def test_every_stream_ends_exactly_once_whatever_happens():
     assert isinstance(errors[1], InvalidRequest) and isinstance(errors[2], Cancelled) and errors[3] is None
     assert isinstance(errors[4], Overloaded)
     assert scheduler.stats.outcomes == {"rejected": 2, "cancelled": 1, "eos": 1}
+
+
+def test_a_pass_that_fails_still_ends_every_stream_it_touched_exactly_once():
+    """When a pass fails after the scheduler planned it (a bug in the step, or in the scheduler), the streams it was
+    ending end as planned, the running ones with the failure, the waiting ones go on; nothing ends twice."""
+    scheduler = make(rows=2)
+    model = PretendModel(scheduler)
+    for stream_id in (1, 2):
+        scheduler.add(ticket(stream_id))
+    model.run(0.0)
+    for stream_id in (3, 4):
+        scheduler.add(ticket(stream_id, deadline=Deadline(max_wait_s=10)))
+    scheduler.cancel(1)
+    plan = scheduler.schedule(STEP_S, 10**9)  # 1 leaves, 3 takes its row; then the step fails
+    assert [t.id for t in plan.start] == [3]
+    events = scheduler.fail(RuntimeError("boom"))
+    ends = {e.stream_id: e.error for e in events if isinstance(e, End)}
+    assert isinstance(ends[1], Cancelled) and isinstance(ends[2], RuntimeError) and isinstance(ends[3], RuntimeError)
+    assert 4 not in ends and scheduler.waiting == 1
+    assert scheduler.fail(RuntimeError("again")) == []
 
 
 def test_the_last_chunk_says_it_is_last_and_the_end_follows():

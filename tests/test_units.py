@@ -130,6 +130,37 @@ def test_a_stream_cancelled_anywhere_in_a_batch_keeps_no_decoder_state(stream_ta
     assert table.freed["cancelled"] == 1
 
 
+def test_a_failed_last_chunk_still_ends_its_triton_request():
+    """If sending a stream's last chunk fails, the stream's end still sends the request its final response (a
+    Triton request never left without one)."""
+    from types import SimpleNamespace
+
+    from triton_support.cancellation import CancellationWatcher
+    from triton_support.streaming import CodesSink
+
+    sent = []
+
+    class Sender:
+        def send(self, response=None, flags=0):
+            if flags and not sent:
+                sent.append("failed")
+                raise RuntimeError("the parent is busy")
+            sent.append(("final" if flags else "chunk", response))
+
+    pb_utils = SimpleNamespace(Tensor=lambda name, value: (name, value), TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
+                               InferenceResponse=lambda output_tensors=(), error=None: output_tensors)
+    watcher = CancellationWatcher(lambda stream_id: None, interval_s=60)
+    try:
+        request = SimpleNamespace(get_response_sender=Sender, is_cancelled=lambda: False)
+        sink = CodesSink(pb_utils, request, 7, None, watcher)
+        with pytest.raises(RuntimeError):
+            sink.chunk(torch.zeros((2, 16), dtype=torch.long), 0, last=True)
+        sink.end(None, "eos")
+    finally:
+        watcher.stop()
+    assert sent[0] == "failed" and [kind for kind, _ in sent[1:]] == ["final"]
+
+
 def test_stream_table_refuses_bad_codes_and_late_context(stream_table_decoder):
     """Out-of-range codes, wrong shapes and context codes after the first chunk are refused."""
     table = StreamTable(stream_table_decoder)

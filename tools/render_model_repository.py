@@ -35,7 +35,7 @@ PARAMETERS = {
                        "real-time batch is the largest whose measured step allows it"),
     "FIRST_AUDIO_BUDGET_MS": ("1000", "1000", "refuse a new request at once unless its first audio can come "
                               "within this (requests may set their own)"),
-    "MAX_ACTIVE_STREAMS": (str(limits.DEFAULT_ACTIVE_STREAMS), "64", "most streams the talker holds at once (KV slots: memory); how many it "
+    "MAX_ACTIVE_STREAMS": (str(limits.DEFAULT_ACTIVE_STREAMS), "64", "most streams the talker holds at once (its rows: memory); how many it "
                            "admits comes from measured real time (REALTIME_SPEED)"),
     "KV_CACHE_TOKENS": ("16384", "65536", "the talker's KV pool in tokens, shared by all streams and given out in "
                         "blocks as they grow (full size, bf16: 112 KiB per token)"),
@@ -45,8 +45,8 @@ PARAMETERS = {
     "CUDA_GRAPHS": ("off", "on", "capture the talker's decode step per (batch, KV span) and the codec decoder's step per (streams, frames) bucket at start-up, and replay them (CUDA; the talker on counter noise)"),
     "TALKER_THREADS": ("1", "1", "CPU threads (torch intra-op) of the talker's serving loop"),
     "DECODER_THREADS": ("1", "1", "CPU threads (torch intra-op) of codec_decoder's batching worker"),
-    "MAX_QUEUED_STREAMS": ("64", "256", "requests that may wait for a free slot; more are refused (OVERLOADED)"),
-    "MAX_QUEUE_WAIT_S": ("30", "30", "a request waiting longer than this for a slot is refused (OVERLOADED)"),
+    "MAX_QUEUED_STREAMS": ("64", "256", "new streams that may wait in line for a row; more are refused (OVERLOADED)"),
+    "MAX_QUEUE_WAIT_S": ("30", "30", "a stream waiting longer than this for a row is refused (OVERLOADED)"),
     "MAX_TEXT_CHARS": (str(limits.MAX_TEXT_CHARS), str(limits.MAX_TEXT_CHARS), "longest text a request may carry"),
     "MAX_NEW_TOKENS_LIMIT": (str(limits.MAX_NEW_TOKENS_LIMIT), str(limits.MAX_NEW_TOKENS_LIMIT), "largest max_new_tokens a request may ask for (frames)"),
     "DEFAULT_MAX_NEW_TOKENS": (str(limits.DEFAULT_MAX_NEW_TOKENS), str(limits.DEFAULT_MAX_NEW_TOKENS), "max_new_tokens when a request sets none"),

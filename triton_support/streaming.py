@@ -42,8 +42,8 @@ class CodesSink:
     def chunk(self, codes, index: int, last: bool) -> None:
         reply = self._response(codes.numpy().astype(np.int32), self._context if index == 0 else EMPTY_CODES, last)
         if last:  # clients see the end with the last chunk, not in an extra message
-            self._final_sent = True  # (if that send fails, the stream ends with the error, and end tries again)
             self._watcher.release(self._stream_id, lambda: self._send_final(reply))
+            self._final_sent = True  # (not if that send failed: ``end`` then sends the request its final response)
         else:
             self._sender.send(reply)
 

@@ -14,7 +14,7 @@ class EngineCode(str, Enum):
     INVALID_AUDIO = "INVALID_AUDIO"  # reference audio unusable (undecodable, too short or long, silent)
     MODEL_LOADING = "MODEL_LOADING"  # model directory missing or incomplete, model not loaded
     CANCELLED = "CANCELLED"
-    OVERLOADED = "OVERLOADED"  # every talker slot busy and the waiting line full, or the wait too long
+    OVERLOADED = "OVERLOADED"  # no row in time for the first audio, the line full, or the wait too long
     SYNTHESIS_ERROR = "SYNTHESIS_ERROR"  # anything unexpected inside a model
 
 

@@ -1,10 +1,10 @@
 """How long speech is, by the length of its text, in codec frames (12.5 a second): what to expect, for the
 engine's capacity, memory and retry estimates; and the cap that stops a stream whose speech never ends (random
-weights never end it, and real weights sometimes do not either). Speech runs at about 0.8 frames per character;
-a test checks that the cap stays above the expectation for every length."""
+weights never end it, and real weights sometimes do not either). Real speech runs at about 0.8 frames per
+character; a test checks that the cap stays above the expectation for every length."""
 
-# Expected: about a frame per character, and more for short texts (the model says each text token over several
-# frames and pads the start and the end).
+# Expected: 12 + 1.2 per character, on the long side of real speech (0.8 per character, with a start and an end
+# the model pads): an estimate that runs short would let admission promise rows and KV memory it does not have.
 EXPECTED_FRAMES_BASE = 12
 EXPECTED_FRAMES_PER_CHAR = 1.2
 # The cap: well beyond any real speech of the text, so it only stops runaway generation.

@@ -49,6 +49,7 @@ class Cancelled(EngineError):
 
 
 class Overloaded(EngineError):
-    """Every talker slot is busy and the waiting line is full, or a request waited too long for a slot."""
+    """The talker cannot start a stream in time for its first audio, its line is full, or a stream waited too long
+    for a row."""
 
     code = EngineCode.OVERLOADED

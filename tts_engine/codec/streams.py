@@ -172,9 +172,6 @@ class StreamTable:
             self._free(stream_id, "cancelled")
         return first
 
-    def was_cancelled(self, stream_id: int) -> bool:
-        return stream_id in self._cancelled
-
     def split_cancelled(self, items: list["DecodeItem"], cancelled: list[bool]) -> tuple[list[int], list[int]]:
         """Which of a batch's chunks to decode: a stream is cancelled for the whole batch once any of its chunks
         says so (``cancelled``, per item) or it was cancelled before. A chunk whose request was made before the

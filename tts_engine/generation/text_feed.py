@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..errors import InvalidRequest, InvalidText
+from ..errors import InvalidText
 
 # qwen-tts wraps the text as a chat turn (Qwen3TTSModel._build_assistant_text); the talker reads the first three
 # ids as the role, the fourth as the first text token, and the last five as the turn's end.
@@ -159,35 +159,3 @@ class TextFeed:
             if whole[:len(ids)] == ids:
                 self._ids, self._stable_chars = self._flushed_ids + ids, boundary
                 return
-
-
-class OpenTexts:
-    """Texts still being written, by the key their client gave them: more text and the end arrive addressed to
-    that key. Thread-safe."""
-
-    def __init__(self):
-        self._feeds: dict[int, TextFeed] = {}
-        self._lock = threading.Lock()
-
-    def open(self, key: int, feed: TextFeed) -> None:
-        with self._lock:
-            if key in self._feeds:
-                raise InvalidRequest(f"text key {key} is already open")
-            self._feeds[key] = feed
-
-    def append(self, key: int, piece: bytes, end: bool = False, flush: bool = False) -> None:
-        """Continue the text with this key; then ``flush`` it (commit its last word) or ``end`` it."""
-        with self._lock:
-            feed = self._feeds.get(key)
-        if feed is None:
-            raise InvalidRequest(f"no open text with key {key} (never opened, or its stream has ended)")
-        if piece:
-            feed.append(piece)
-        if end:
-            feed.close()
-        elif flush:
-            feed.flush()
-
-    def forget(self, key: int) -> None:
-        with self._lock:
-            self._feeds.pop(key, None)

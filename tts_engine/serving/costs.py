@@ -25,53 +25,64 @@ class CostCurve:
     (a pessimistic moment cannot keep it unused for good). Predictions are monotone in the size and
     interpolated between known sizes."""
 
-    def __init__(self, window: int = 200, min_runs: int = 5, max_age_s: float = 20.0):
+    def __init__(self, window: int = 200, min_runs: int = 5, max_age_s: float = 20.0, refresh_s: float = 0.05):
         self.window, self.min_runs, self.max_age_s = window, min_runs, max_age_s
+        # It is read every pass: new runs count within ``refresh_s``, and only the sizes that ran are re-read, all
+        # of them (old runs expire) every ``_sweep_s``.
+        self.refresh_s, self._sweep_s = refresh_s, min(1.0, max_age_s / 4)
         self._baseline: dict[int, float] = {}
         self._runs: dict[int, deque] = {}
+        self._recent: dict[int, float] = {}  # each size's median of its fresh runs, where it has enough
+        self._changed: set = set()  # sizes with runs not read yet
         self._sizes: list[int] = []
         self._envelope: list[float] = []
         self.contention = 1.0  # recent runs over the baseline at the same sizes
-        self._computed, self._dirty = -1e9, False
+        self._computed = self._swept = -1e9
 
     def update(self, measured: dict[int, float]) -> None:
         """Baselines: what each size costs on an idle machine (a measurement taken while something else ran
         is slower, never faster, so the best one is kept)."""
         for size, seconds in measured.items():
             self._baseline[size] = min(seconds, self._baseline.get(size, seconds))
-        self._recompute()
+        self._recompute(time.monotonic())
 
     def observe(self, size: int, seconds: float) -> None:
         self._runs.setdefault(size, deque(maxlen=self.window)).append((time.monotonic(), seconds))
-        self._dirty = True
+        self._changed.add(size)
 
-    def _recompute(self) -> None:
-        now = time.monotonic()
-        recent = {}
-        for size, runs in self._runs.items():
-            fresh = sorted(seconds for at, seconds in runs if now - at <= self.max_age_s)
+    def _recompute(self, now: float) -> None:
+        sweep = now - self._swept >= self._sweep_s
+        for size in list(self._runs) if sweep else self._changed:
+            fresh = sorted(seconds for at, seconds in self._runs[size] if now - at <= self.max_age_s)
             if len(fresh) >= self.min_runs:
-                recent[size] = fresh[len(fresh) // 2]
+                self._recent[size] = fresh[len(fresh) // 2]
+            else:
+                self._recent.pop(size, None)
+        if sweep:
+            self._swept = now
+        self._changed.clear()
         base_sizes = sorted(self._baseline)
-        ratios = sorted(seconds / base for size, seconds in recent.items()
-                        if (base := _interpolate(base_sizes, [self._baseline[s] for s in base_sizes], size)) > 0)
+        base_values = [self._baseline[size] for size in base_sizes]
+        ratios = sorted(seconds / base for size, seconds in self._recent.items()
+                        if (base := _interpolate(base_sizes, base_values, size)) > 0)
         self.contention = min(10.0, max(0.5, ratios[len(ratios) // 2])) if ratios else 1.0
         known = {size: seconds * self.contention for size, seconds in self._baseline.items()}
-        known.update(recent)
+        known.update(self._recent)
         self._sizes = sorted(known)
         self._envelope, worst = [], 0.0
         for size in self._sizes:  # a larger size never takes less than a smaller one
             worst = max(worst, known[size])
             self._envelope.append(worst)
-        self._computed, self._dirty = now, False
+        self._computed = now
 
     def __call__(self, size: int) -> float:
         return self.predict(size)
 
     def predict(self, size: int) -> float:
         """Seconds at this size (0.0 before anything was measured)."""
-        if self._dirty or time.monotonic() - self._computed > 1.0:  # new runs count, old ones expire
-            self._recompute()
+        now = time.monotonic()
+        if now - self._computed >= (self.refresh_s if self._changed else self._sweep_s):
+            self._recompute(now)  # new runs count, old ones expire
         return _interpolate(self._sizes, self._envelope, size)
 
     def snapshot(self) -> dict[int, float]:

@@ -2,9 +2,9 @@
 
     commands -> text -> scheduler.schedule(now) -> execute on the talker -> scheduler.update -> outbox
 
-Everything from other threads arrives as a command on one queue, keyed by stream id (submit, cancel, and calls
-such as calibration); text still being written is appended to its stream's thread-safe feed on the caller's
-thread (tokenising it there, off the stepping thread) and wakes the loop. Chunks and ends leave through the
+Everything from other threads arrives as a command on one queue, keyed by stream id (submit, cancel, text, and
+calls such as calibration); text still being written is appended to its stream's thread-safe feed on the caller's
+thread (tokenising it there, off the stepping thread), and the queue says which stream's text changed. Chunks and ends leave through the
 outbox's sender thread, so the step never waits for a response to be sent. A stream ends one way: the scheduler's
 end event, whether it finished, failed, was refused or was cancelled (by anyone, with ``cancel``).
 """
@@ -26,6 +26,7 @@ from tts_contract.audio import NUM_CODEBOOKS
 from ..errors import EngineError, InvalidRequest
 from ..generation.prompt import SynthesisRequest
 from ..generation.talker import TalkerStream
+from ..recent import RecentIds
 from .calibration import Calibration, measure
 from .outbox import Outbox, Sink
 from .pacing import ChunkPolicy
@@ -33,7 +34,8 @@ from .scheduler import Scheduler, SchedulerConfig
 from .tickets import HELD, Deadline, End, Outcome, Plan, Ticket
 
 log = logging.getLogger(__name__)
-_SUBMIT, _CANCEL, _CALL = "submit", "cancel", "call"
+_SUBMIT, _CANCEL, _TEXT, _CALL = "submit", "cancel", "text", "call"
+IDLE_TEXT_CHECK_S = 1.0  # how often every open text is checked for having gone idle
 
 
 @dataclass(eq=False)
@@ -91,6 +93,9 @@ class Engine:
         self._commands: "queue.SimpleQueue" = queue.SimpleQueue()
         self._streams: dict[int, _Stream] = {}  # the stepping thread's own
         self._feeds: dict = {}  # texts still being written, by stream id (appended from any thread)
+        self._text_changed: set[int] = set()  # streams whose text changed since the last pass
+        self._idle_checked = 0.0
+        self._early_cancels = RecentIds(4096)  # cancels that came before their stream (the stepping thread's own)
         self._prefix, self._counter = secrets.randbits(31) << 32, itertools.count(1)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
@@ -116,30 +121,33 @@ class Engine:
 
     def submit(self, stream_id: int, request: SynthesisRequest, sink: Sink, deadline: Deadline = Deadline(),
                policy: Optional[ChunkPolicy] = None) -> None:
-        """Start a stream: its chunks and its end go to ``sink`` on the output thread (a refusal too, as its end).
-        A request whose text is still arriving (``request.feed``) takes ``append``/``flush``/``end`` by its id."""
+        """Start a stream (``stream_id`` from ``new_id``): its chunks and its end go to ``sink`` on the output
+        thread (a refusal too, as its end). A request whose text is still arriving (``request.feed``) takes
+        ``append_text``/``flush_text``/``end_text`` by its id."""
         if self._stopping.is_set():
             raise EngineError("server is shutting down")
-        self.outbox.open(stream_id, sink)
+        if not self.outbox.open(stream_id, sink):
+            raise InvalidRequest(f"stream {stream_id:x} exists already")
         if request.feed is not None:
-            request.feed.on_append = self._wake  # text arriving wakes a loop that waits for it
+            request.feed.on_append = lambda: self._commands.put((_TEXT, stream_id))  # text arrived: wake for it
             self._feeds[stream_id] = request.feed
         self._commands.put((_SUBMIT, stream_id, request, deadline, policy, time.monotonic()))
 
     def cancel(self, stream_id: int, error: Optional[BaseException] = None) -> None:
-        """End a stream at the next pass (``error``: why, default Cancelled). Never blocks; unknown ids are ignored."""
+        """End a stream at the next pass (``error``: why, default Cancelled). Never blocks; a cancel that comes
+        before its stream ends it as soon as it arrives."""
         self._commands.put((_CANCEL, stream_id, error))
 
-    def append(self, stream_id: int, piece) -> None:
+    def append_text(self, stream_id: int, piece) -> None:
         """More of a stream's text (str, or UTF-8 bytes split anywhere). Raises what is wrong (no such open text,
         closed, bad UTF-8, too long)."""
         self._feed(stream_id).append(piece)
 
-    def flush(self, stream_id: int) -> None:
+    def flush_text(self, stream_id: int) -> None:
         """The stream's text so far is final as written: its held-back last word is committed now."""
         self._feed(stream_id).flush()
 
-    def end(self, stream_id: int) -> None:
+    def end_text(self, stream_id: int) -> None:
         """The stream's text is complete."""
         self._feed(stream_id).close()
 
@@ -201,7 +209,6 @@ class Engine:
             # (in a thread other than the main one, a second OpenMP team competes with the first).
             torch.set_num_threads(self.torch_threads)
         while not self._stopping.is_set():
-            plan = None
             try:
                 self._take_commands()
                 now = time.monotonic()
@@ -213,7 +220,7 @@ class Engine:
                     self._recalibrate_when_idle()
             except BaseException as exc:  # a bug in a step fails the streams in it, never the loop
                 log.exception("talker step failed")
-                self._emit(self.scheduler.fail(plan, exc))
+                self._emit(self.scheduler.fail(exc))
         self._shut_down()
 
     def _take_commands(self) -> None:
@@ -233,20 +240,26 @@ class Engine:
 
     def _idle_wait(self) -> float:
         """How long a pass may wait for a command: not at all while a row can step; briefly while rows wait for
-        their text (held frames may come due) or streams wait in line; otherwise until woken."""
+        their text (held frames may come due) or streams wait in line; otherwise until woken (text arriving wakes
+        the loop; idle texts are checked every IDLE_TEXT_CHECK_S)."""
         scheduler = self.scheduler
-        running = scheduler.running
-        if any(not t.awaiting_text and t.finish is None for t in running):
+        if scheduler.has_ready_rows():
             return 0.0
-        return 0.02 if running or scheduler.waiting else 0.2
+        return 0.02 if scheduler.stats.active or scheduler.in_line else 0.2
 
     def _apply(self, command: tuple) -> None:
         kind = command[0]
         if kind == _SUBMIT:
             _, stream_id, request, deadline, policy, submitted = command
             self._add(stream_id, request, deadline, policy, submitted)
+        elif kind == _TEXT:
+            self._text_changed.add(command[1])
         elif kind == _CANCEL:
-            self.scheduler.cancel(command[1], command[2])
+            _, stream_id, error = command
+            if self.scheduler.ticket(stream_id) is not None:
+                self.scheduler.cancel(stream_id, error)
+            elif stream_id not in self._streams:  # (ended streams were forgotten: no harm remembering it)
+                self._early_cancels.add(stream_id, error)
         elif kind == _CALL:
             _, function, done, outcome = command
             try:
@@ -265,15 +278,24 @@ class Engine:
                         awaiting_text=request.feed is not None)
         self._streams[stream_id] = _Stream(ticket, request)
         self._emit(self.scheduler.add(ticket))
+        if stream_id in self._early_cancels:  # its cancel came first (a watcher can see it before the submit)
+            self.scheduler.cancel(stream_id, self._early_cancels.pop(stream_id))
+        if request.feed is not None:
+            self._text_changed.add(stream_id)
 
     def _feed_text(self, now: float) -> None:
         """Text that arrived since the last pass: streams whose prompt can now be built exactly line up, running
-        rows get their new text ids, and text idle for ``text_idle_s`` is closed. A failure (idle text ending
-        inside a character, say) ends its own stream only."""
-        for stream_id, feed in list(self._feeds.items()):
-            stream = self._streams.get(stream_id)
-            if stream is None:
-                continue  # submitted, not taken yet
+        rows get their new text ids; every IDLE_TEXT_CHECK_S, text idle for ``text_idle_s`` is closed. A failure
+        (idle text ending inside a character, say) ends its own stream only."""
+        changed, self._text_changed = self._text_changed, set()
+        if now - self._idle_checked >= IDLE_TEXT_CHECK_S:
+            self._idle_checked = now
+            changed.update(stream_id for stream_id, feed in list(self._feeds.items())
+                           if not feed.closed and now - feed.last_append > self.text_idle_s)
+        for stream_id in changed:
+            stream, feed = self._streams.get(stream_id), self._feeds.get(stream_id)
+            if stream is None or feed is None:
+                continue  # ended, or submitted and not taken yet (taking it looks at its text)
             ticket, row = stream.ticket, stream.row
             held = ticket.state == HELD
             if not held and (row is None or not row.text_open):
@@ -305,12 +327,13 @@ class Engine:
             started = time.perf_counter()
             results = talker.add_many([streams[t.id].request for t in plan.start])
             outcome.prefill_s = time.perf_counter() - started
+            for ticket, row in zip(plan.start, results):  # every row recorded first: whatever fails, it is freed
+                if not isinstance(row, BaseException):
+                    row.key, streams[ticket.id].row = ticket.id, row
             for ticket, row in zip(plan.start, results):
                 if isinstance(row, BaseException):
                     outcome.started[ticket.id] = row
                     continue
-                row.key = ticket.id
-                streams[ticket.id].row = row
                 outcome.started[ticket.id] = row.length
                 if row.finished:  # EOS or max_new_tokens before any frame
                     outcome.finished[ticket.id] = row.finish_reason

@@ -54,9 +54,9 @@ class Outbox:
         self._thread = threading.Thread(target=self._run, name=f"{name}-output", daemon=True)
         self._thread.start()
 
-    def open(self, stream_id: int, sink: Sink) -> None:
-        """A stream's sink, before any of its events."""
-        self._sinks[stream_id] = sink
+    def open(self, stream_id: int, sink: Sink) -> bool:
+        """A stream's sink, before any of its events; False (nothing changed) when that stream is open already."""
+        return self._sinks.setdefault(stream_id, sink) is sink
 
     def put(self, events: list) -> None:
         if events:

@@ -80,7 +80,7 @@ class FixedChunks:
 
 @dataclass(eq=False)
 class Pacer:
-    """One stream's delivery: the frames it holds back, the chunks it sent, and its listener."""
+    """One stream's pacing: the frames it holds back, the chunks it sent, and its listener."""
 
     policy: ChunkPolicy
     listener: Listener = field(default_factory=Listener)

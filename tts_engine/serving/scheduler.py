@@ -24,7 +24,7 @@ from typing import Optional
 
 from tts_contract.deadlines import DEFAULT_FIRST_AUDIO_BUDGET_MS, with_retry_after
 
-from ..errors import Cancelled, EngineError, InvalidRequest, Overloaded
+from ..errors import Cancelled, EngineError, Overloaded
 from .costs import CostModel, place_free_times, realtime_batch
 from .pacing import ChunkPolicy, DeadlinePacing, Pacer, most_urgent
 from .stats import EngineStats
@@ -69,6 +69,7 @@ class Scheduler:
         self._running: dict[int, Ticket] = {}  # in the order they started
         self._cancels: list[Ticket] = []  # cancelled since the last pass
         self._returning: list[float] = []  # when the clients refused for load were told to try again
+        self._events: list = []  # events not handed out yet (a pass that fails still hands out its ends)
         self._sequence = itertools.count()
 
     @property
@@ -80,21 +81,29 @@ class Scheduler:
     def running(self) -> list[Ticket]:
         return list(self._running.values())
 
+    @property
+    def in_line(self) -> int:
+        """Streams in line (held ones wait for their text, not for the loop)."""
+        return len(self._line)
+
+    def has_ready_rows(self) -> bool:
+        """Whether a running stream can step now (not waiting for its text, not finished)."""
+        return any(not t.awaiting_text and t.finish is None for t in self._running.values())
+
     def ticket(self, stream_id: int) -> Optional[Ticket]:
         return self._tickets.get(stream_id)
 
     # -- what comes in ------------------------------------------------------------------------------------------
 
     def add(self, ticket: Ticket) -> list:
-        """A new stream; returns its end event at once (Overloaded) when ``max_queued`` streams are already
-        waiting. One whose text cannot start it yet (``awaiting_text``) waits without a place in line until
-        ``text_ready``."""
-        if ticket.id in self._tickets:
-            return self._refuse(ticket, InvalidRequest(f"stream {ticket.id:x} exists already"))
-        if self.waiting >= self.config.max_queued:
-            return self._refuse(ticket, Overloaded(with_retry_after(
+        """A new stream (its id unique: the engine's); returns its end event at once (Overloaded) when
+        ``max_queued`` new streams are already waiting (a continuation is never refused for load). One whose text
+        cannot start it yet (``awaiting_text``) waits without a place in line until ``text_ready``."""
+        if self.waiting >= self.config.max_queued and not ticket.deadline.continuation:
+            self._end(ticket, Overloaded(with_retry_after(
                 f"{self.config.max_queued} requests are already waiting for the talker",
                 self._retry_ms(self._retry_after_s(ticket.submitted)))))
+            return self._take_events()
         self._tickets[ticket.id] = ticket
         if ticket.awaiting_text:
             ticket.state = HELD
@@ -102,12 +111,6 @@ class Scheduler:
         else:
             self._line_up(ticket)
         return []
-
-    def _refuse(self, ticket: Ticket, error: EngineError) -> list:
-        events: list = []
-        ticket.state = HELD  # never in line: nothing to take it out of
-        self._end(ticket, error, events)
-        return events
 
     def text_ready(self, stream_id: int, now: float) -> None:
         """A held stream's text now lets it start: it lines up, its first-audio budget counting from now."""
@@ -155,14 +158,13 @@ class Scheduler:
 
     def update(self, plan: Plan, outcome: Outcome, now: float) -> list:
         """Take what executing ``plan`` gave; returns the events: each stream's due chunk and each end."""
-        events: list = []
         stats, costs = self.stats, self.costs
         for ticket, error in plan.end:
-            self._end(ticket, error, events)
+            self._end(ticket, error)
         for ticket in plan.start:
             started = outcome.started.get(ticket.id)
             if isinstance(started, BaseException):
-                self._end(ticket, started, events)
+                self._end(ticket, started)
             elif started is not None:
                 ticket.kv_tokens = started
         if plan.start:
@@ -177,9 +179,9 @@ class Scheduler:
             ticket = self._running.get(stream_id)
             if ticket is not None:
                 ticket.finish = reason
-        self._pace(outcome.frames, now, events)
+        self._pace(outcome.frames, now)
         stats.active = len(self._running)
-        return events
+        return self._take_events()
 
     # -- admission ----------------------------------------------------------------------------------------------
 
@@ -209,13 +211,15 @@ class Scheduler:
 
     def _admit(self, plan: Plan, now: float, limit: int, behind: int, free_kv_tokens: int) -> None:
         """Start waiting streams earliest deadline first (see the module), within this pass's prefill budget."""
+        if not self._line:
+            return
         config, costs = self.config, self.costs
         budget = config.prefill_tokens_per_pass
         # KV memory is given out as streams grow: keep room for what the running ones will still need.
         kv_headroom = free_kv_tokens - sum(max(0, t.kv_needed - t.kv_tokens) for t in self._running.values())
         while self._line and len(self._running) < config.rows and budget > 0:
             admit_by, _, ticket = self._line[0]
-            if now - ticket.budget_from > config.max_queue_wait_s:
+            if now - self._waiting_since(ticket) > config.max_queue_wait_s:
                 heapq.heappop(self._line)
                 self._leave(plan, ticket, self._waited_too_long(now, ticket))
                 continue
@@ -252,11 +256,11 @@ class Scheduler:
         free_now = max(0, limit - len(self._running))
         frees = place_free_times(self._remaining_s(), free_now, len(waiting))
         first_audio = self.costs.first_audio_s(limit, self.first_chunk_frames)
-        self.stats.retry_after_s = frees[0] + first_audio
+        self.stats.retry_after_s = self._retry_after_s(now, record=False)  # what a refusal now would say
         refused, place = [], 0
         for ticket in waiting:
             refusal = False
-            if now - ticket.budget_from > self.config.max_queue_wait_s:
+            if now - self._waiting_since(ticket) > self.config.max_queue_wait_s:
                 refusal = True
             elif not ticket.deadline.continuation:
                 wait = frees[min(place, len(frees) - 1)]
@@ -269,27 +273,31 @@ class Scheduler:
                 refused.append(ticket)
             else:
                 place += 1
+        if not refused:
+            return
+        for ticket in refused:  # out of line at once: none is ahead of itself, nor of the others refused with it
+            ticket.ending = True
+        self._drop_from_line(refused)
         for ticket in refused:
-            ticket.ending = True  # (not ahead of itself, nor of the others refused with it)
-        for ticket in refused:
-            waited = now - ticket.budget_from > self.config.max_queue_wait_s
-            self._leave(plan, ticket, self._waited_too_long(now, ticket) if waited else self._too_late(now))
+            waited = now - self._waiting_since(ticket) > self.config.max_queue_wait_s
+            plan.end.append((ticket, self._waited_too_long(now, ticket) if waited else self._too_late(now)))
 
     def _remaining_s(self) -> list[float]:
         """Each running stream's expected remaining generation time at the current step time."""
         step = self.costs.step.predict(max(1, len(self._running)))
         return [max(4.0, t.expected_frames - t.frames) * step for t in self._running.values()]
 
-    def _retry_after_s(self, now: float) -> float:
+    def _retry_after_s(self, now: float, record: bool = True) -> float:
         """When a stream refused now should try again: when the row it would get frees, behind the streams in line
         and the clients refused before it that will be back first (each refusal names a later row, so retries do
-        not all come back together and meet a full engine again)."""
+        not all come back together and meet a full engine again). ``record``: it is refused (it will be back)."""
         self._returning = [at for at in self._returning if at > now]
         limit = self.stats.realtime_batch or self.config.rows
         ahead = sum(1 for entry in self._line if not entry[2].ending) + len(self._returning)
         frees = place_free_times(self._remaining_s(), max(0, limit - len(self._running)), ahead + 1)
         retry_s = frees[ahead] + self.costs.first_audio_s(limit, self.first_chunk_frames)
-        self._returning.append(now + retry_s)
+        if record:
+            self._returning.append(now + retry_s)
         return retry_s
 
     def _retry_ms(self, retry_after_s: float) -> int:
@@ -300,8 +308,13 @@ class Scheduler:
             "the talker cannot start this stream in time for its first audio (at real-time capacity)",
             self._retry_ms(self._retry_after_s(now))))
 
+    def _waiting_since(self, ticket: Ticket) -> float:
+        """Since when a stream has been waiting for a row: its budget's start, or for a continuation the moment it
+        came due (its listener may have had many seconds of audio when it was sent)."""
+        return max(ticket.budget_from, self._admit_by(ticket)) if ticket.deadline.continuation else ticket.budget_from
+
     def _waited_too_long(self, now: float, ticket: Ticket) -> Overloaded:
-        return Overloaded(with_retry_after(f"waited {now - ticket.budget_from:.0f} s for a free talker row",
+        return Overloaded(with_retry_after(f"waited {now - self._waiting_since(ticket):.0f} s for a free talker row",
                                            self._retry_ms(self._retry_after_s(now))))
 
     # -- stepping and pacing ------------------------------------------------------------------------------------
@@ -318,7 +331,7 @@ class Scheduler:
             ready = [ready[i] for i in sorted(urgent)]
         plan.step = ready
 
-    def _pace(self, frames: dict, now: float, events: list) -> None:
+    def _pace(self, frames: dict, now: float) -> None:
         """Hand each running stream's new frame (or nothing) to its pacer; the chunks that are due become events,
         and the streams the model ended, their ends."""
         stats = self.stats
@@ -354,35 +367,39 @@ class Scheduler:
                 if listener.last_stall:
                     stats.underruns += 1
                     stats.stalled_s += listener.last_stall
-                events.append(Chunk(ticket.id, chunk, pacer.chunks - 1, finished))
+                self._events.append(Chunk(ticket.id, chunk, pacer.chunks - 1, finished))
             if finished:
-                self._end(ticket, None, events)
+                self._end(ticket, None)
         if len(stats.leads) > MAX_LEADS:  # bounded if nobody reads them
             del stats.leads[:-MAX_LEADS]
         stats.waiting_text = waiting_text + len(self._held)
 
     # -- ends ---------------------------------------------------------------------------------------------------
 
+    def _drop_from_line(self, tickets) -> None:
+        """Take these tickets out of the line (one rebuild of the heap, however many)."""
+        gone = {id(ticket) for ticket in tickets}
+        self._line = [entry for entry in self._line if id(entry[2]) not in gone]
+        heapq.heapify(self._line)
+
     def _leave(self, plan: Plan, ticket: Ticket, error: BaseException) -> None:
         """Take a stream out of line (or its row) now; it ends with ``error`` when the plan is done."""
         ticket.ending = True
         self._held.pop(ticket.id, None)
         self._running.pop(ticket.id, None)
-        if ticket.state == WAITING:  # (a refusal leaves several at once: each takes itself out)
-            self._line = [entry for entry in self._line if entry[2] is not ticket]
-            heapq.heapify(self._line)
+        if ticket.state == WAITING:
+            self._drop_from_line([ticket])
         plan.end.append((ticket, error))
 
-    def _end(self, ticket: Ticket, error: Optional[BaseException], events: list) -> None:
+    def _end(self, ticket: Ticket, error: Optional[BaseException]) -> None:
         if ticket.state == ENDED:
             return
-        if ticket.state == WAITING and not ticket.ending:  # (a failed start leaves no line entry: it had left it)
-            self._line = [entry for entry in self._line if entry[2] is not ticket]
-            heapq.heapify(self._line)
+        if ticket.state == WAITING and not ticket.ending:
+            self._drop_from_line([ticket])
         ticket.state, ticket.ending = ENDED, True
-        for table in (self._tickets, self._held, self._running):
-            if table.get(ticket.id) is ticket:  # (a refused duplicate id must not take its namesake out)
-                del table[ticket.id]
+        self._tickets.pop(ticket.id, None)
+        self._held.pop(ticket.id, None)
+        self._running.pop(ticket.id, None)
         if error is None:
             outcome = ticket.finish or "eos"
         elif isinstance(error, Cancelled):
@@ -392,23 +409,25 @@ class Scheduler:
         else:
             outcome = "error"
         self.stats.outcomes[outcome] += 1
-        events.append(End(ticket.id, error, outcome))
+        self._events.append(End(ticket.id, error, outcome))
+
+    def _take_events(self) -> list:
+        events, self._events = self._events, []
+        return events
 
     def end_all(self, error: BaseException) -> list:
-        """End every stream (the loop is stopping, or a step failed for all of them); returns their end events."""
-        events: list = []
+        """End every stream (the loop is stopping); returns the events not handed out yet."""
         for ticket in list(self._tickets.values()):
-            self._end(ticket, error, events)
+            self._end(ticket, error)
         self._line.clear()
         self._cancels.clear()
-        return events
+        return self._take_events()
 
-    def fail(self, plan: Optional[Plan], error: BaseException) -> list:
-        """A pass failed (a bug in the step): the streams it was ending end as planned, the running ones with
-        ``error``; those waiting go on. Returns their end events."""
-        events: list = []
-        for ticket, planned in plan.end if plan is not None else ():
-            self._end(ticket, planned, events)
-        for ticket in list(self._running.values()):
-            self._end(ticket, error, events)
-        return events
+    def fail(self, error: BaseException) -> list:
+        """A pass failed (a bug in the step, or here): the streams it was ending end as planned, the running ones
+        with ``error``; those waiting go on. Returns every event not handed out yet, those the failed pass made
+        before it failed included, so each stream still ends exactly once."""
+        for ticket in list(self._tickets.values()):
+            if ticket.ending or ticket.state == RUNNING:
+                self._end(ticket, ticket.end_error if ticket.ending and ticket.end_error else error)
+        return self._take_events()

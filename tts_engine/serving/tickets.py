@@ -49,13 +49,13 @@ class Deadline:
                    max_wait_s=(wait or 0.0) / 1000)
 
 
-HELD, WAITING, RUNNING, ENDED = "held", "waiting", "running", "ended"
+NEW, HELD, WAITING, RUNNING, ENDED = "new", "held", "waiting", "running", "ended"
 
 
 @dataclass(eq=False)
 class Ticket:
-    """One stream as the scheduler sees it. ``held``: its text cannot start it yet (no place in line); ``waiting``:
-    in line; ``running``: it has a row; ``ended``: its end event is out."""
+    """One stream as the scheduler sees it. ``new``: not taken yet; ``held``: its text cannot start it yet (no place
+    in line); ``waiting``: in line; ``running``: it has a row; ``ended``: its end event is out."""
 
     id: int
     submitted: float
@@ -65,7 +65,7 @@ class Ticket:
     prompt_tokens: int = 16  # KV tokens its prompt takes (an estimate until it started)
     policy: Optional[ChunkPolicy] = None  # None: the scheduler's
     awaiting_text: bool = False  # its next text has not arrived: it neither starts nor steps
-    state: str = WAITING
+    state: str = NEW
     ready_at: Optional[float] = None  # when it could start (its text allowed it); its budget counts from here
     frames: int = 0
     kv_tokens: int = 0  # KV tokens it holds (prompt and frames)

@@ -99,7 +99,7 @@ class TritonPythonModel:
         # request never reports it: tests/test_triton.py::test_cancelling_tts_stops_generation_and_frees_decoder_state shows
         # the talker going on to its frame cap without this), so the decoder sends it the `cancel` command.
         decode, cancelled = self.table.split_cancelled([item for _, item in pairs],
-                                                       [request.is_cancelled() for request, _ in pairs])
+                                                       [self._cancelled(request) for request, _ in pairs])
         for stream_id in cancelled:
             cancel_talker_stream(pb_utils, stream_id, self.log)
         items, senders = [], []
@@ -144,6 +144,14 @@ class TritonPythonModel:
             self.failed.add(item.stream_id, error)
             cancel_talker_stream(pb_utils, item.stream_id, self.log)
         self._respond(request, self._audio_response(EMPTY_AUDIO))
+
+    def _cancelled(self, request) -> bool:
+        """Whether Triton says this request was cancelled; one it can no longer answer about is gone too."""
+        try:
+            return request.is_cancelled()
+        except Exception as exc:
+            self.log.warning("cannot ask Triton whether a chunk's request was cancelled: %s", exc)
+            return True
 
     def _fail(self, requests, error) -> None:
         for request in requests:

@@ -30,6 +30,7 @@ from tts_engine.serving.scheduler import SchedulerConfig
 from tts_engine.serving.stats import HELD_BACK_REASONS, OUTCOMES
 from tts_engine.serving.tickets import Deadline
 from tts_engine.loading import load_model
+from tts_engine.recent import RecentIds
 from tts_engine.voices.prompts import build_prompt
 from tts_engine.voices.store import VoiceStore
 
@@ -41,7 +42,7 @@ FAMILIES = {
     "qwen_tts_talker_active_streams": ("gauge", "Talker streams being generated now", None, lambda s: s.active),
     "qwen_tts_talker_queued_streams": ("gauge", "Requests waiting to start", None, lambda s: s.queued),
     "qwen_tts_talker_realtime_streams": ("gauge", "Streams that can step together and stay ahead of real time "
-                                         "(from measured step times; at most the slots)", None,
+                                         "(from measured step times; at most the rows)", None,
                                          lambda s: s.realtime_batch),
     "qwen_tts_talker_headroom_streams": ("gauge", "New streams that could start now", None, lambda s: s.headroom),
     "qwen_tts_talker_behind_streams": ("gauge", "Streams whose listeners are within half the pacing margin of "
@@ -109,6 +110,9 @@ class TritonPythonModel:
         self.watcher = CancellationWatcher(self.engine.cancel)
         self.text_keys = ClientKeys("text key")  # texts still being written: a client's text_key -> stream
         self.stream_keys = ClientKeys("stream key")  # streams a client named (stream_key parameter) -> stream
+        # A client's cancel by key can overtake its stream (it goes to the talker directly, the stream through the
+        # tts ensemble): such keys are kept, and their stream ends as soon as it comes.
+        self.cancelled_keys = RecentIds(4096)
         default = self.voices.default_id()
         try:
             if default:
@@ -189,23 +193,30 @@ class TritonPythonModel:
             self.engine.submit(stream_id, synthesis, sink, deadline)
         except Exception as exc:  # shutting down: the sink ends the request (it is watched from now on)
             sink.end(exc, "rejected")
+            return
+        if stream_key is not None and stream_key in self.cancelled_keys:
+            self.engine.cancel(stream_id)
 
     def _control(self, request, command) -> None:
         """A control command: one final response without outputs (`status`: with it), or an error."""
         outputs = {}
-        if isinstance(command, commands.Cancel):
-            self.engine.cancel(command.stream_id if command.stream_key is None
-                               else self.stream_keys.stream(command.stream_key))
+        if isinstance(command, commands.Cancel) and command.stream_key is not None:
+            try:
+                self.engine.cancel(self.stream_keys.stream(command.stream_key))
+            except InvalidRequest:  # not here yet (or ended): a stream that comes with this key ends at once
+                self.cancelled_keys.add(command.stream_key)
+        elif isinstance(command, commands.Cancel):
+            self.engine.cancel(command.stream_id)
         elif isinstance(command, commands.Status):
             outputs[names.STATUS] = np.array([json.dumps(self.engine.status()).encode()], dtype=np.object_)
         else:  # append, flush or end of an open text
             stream_id = self.text_keys.stream(command.text_key)
             if isinstance(command, commands.Append):
-                self.engine.append(stream_id, command.text)
+                self.engine.append_text(stream_id, command.text)
             elif isinstance(command, commands.Flush):
-                self.engine.flush(stream_id)
+                self.engine.flush_text(stream_id)
             else:
-                self.engine.end(stream_id)
+                self.engine.end_text(stream_id)
         # A response without outputs, not a bare final flag: gRPC stream clients see the bare flag only if they
         # asked for empty final responses, and each command deserves its acknowledgement.
         send_final(pb_utils, request, response(pb_utils, outputs), self.log)
