@@ -141,14 +141,20 @@ def test_continuations_are_never_refused_for_load():
     assert model.ends() == {1: None, 2: None}
 
 
+def busy_line(max_queued: int) -> Scheduler:
+    """One row, taken; ``max_queued`` new streams that can wait fill the line."""
+    scheduler = make(rows=1, max_queued=max_queued)
+    scheduler.add(ticket(1))
+    PretendModel(scheduler).run(0.0)
+    for stream_id in range(2, 2 + max_queued):
+        assert scheduler.add(ticket(stream_id, deadline=Deadline(max_wait_s=10))) == []
+    return scheduler
+
+
 def test_a_full_line_never_refuses_a_continuation():
     """With the line full of new streams, the next sentence of an utterance that is playing still gets in line."""
-    scheduler = make(rows=1, max_queued=1)
-    model = PretendModel(scheduler)
-    scheduler.add(ticket(1))
-    model.run(0.0)
-    assert scheduler.add(ticket(2, deadline=Deadline(max_wait_s=10))) == []
-    assert scheduler.add(ticket(3, deadline=Deadline(lead_s=2.0, continuation=True))) == []
+    scheduler = busy_line(max_queued=1)
+    assert scheduler.add(ticket(9, deadline=Deadline(lead_s=2.0, continuation=True))) == []
     assert scheduler.waiting == 2
 
 
@@ -180,13 +186,8 @@ def test_rows_beyond_the_real_time_step_step_by_urgency():
 
 def test_a_full_line_refuses_the_next_stream():
     """With max_queued streams already waiting, the next one ends Overloaded at once."""
-    scheduler = make(rows=1, max_queued=2)
-    model = PretendModel(scheduler)
-    scheduler.add(ticket(1))
-    model.run(0.0)
-    assert scheduler.add(ticket(2, deadline=Deadline(max_wait_s=10))) == []
-    assert scheduler.add(ticket(3, deadline=Deadline(max_wait_s=10))) == []
-    (refusal,) = scheduler.add(ticket(4))
+    scheduler = busy_line(max_queued=2)
+    (refusal,) = scheduler.add(ticket(9))
     assert isinstance(refusal.error, Overloaded) and "already waiting" in str(refusal.error)
 
 

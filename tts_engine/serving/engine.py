@@ -16,19 +16,17 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-
-from tts_contract.audio import NUM_CODEBOOKS
 
 from ..errors import EngineError, InvalidRequest
 from ..generation.prompt import SynthesisRequest
 from ..generation.talker import TalkerStream
 from ..recent import RecentIds
 from .calibration import Calibration, measure
-from .outbox import Outbox, Sink
+from .outbox import Collector, Generation, Outbox, Sink
 from .pacing import ChunkPolicy
 from .scheduler import Scheduler, SchedulerConfig
 from .tickets import HELD, Deadline, End, Outcome, Plan, Ticket
@@ -43,33 +41,6 @@ class _Stream:
     ticket: Ticket
     request: SynthesisRequest
     row: Optional[TalkerStream] = None  # its talker row, once started
-
-
-@dataclass
-class Generation:
-    """Everything one stream produced (``Engine.generate``): its chunks in order and why it ended."""
-
-    chunks: list = field(default_factory=list)
-    finish_reason: Optional[str] = None
-
-    @property
-    def codes(self) -> torch.Tensor:
-        """All frames, [frames, 16] (zero rows when the stream ended before its first frame)."""
-        return torch.cat(self.chunks) if self.chunks else torch.zeros((0, NUM_CODEBOOKS), dtype=torch.long)
-
-
-class _Collector:
-    """A sink that keeps a stream's chunks (``generate``)."""
-
-    def __init__(self):
-        self.result, self.error, self.done = Generation(), None, threading.Event()
-
-    def chunk(self, codes, index, last):
-        self.result.chunks.append(codes)
-
-    def end(self, error, reason):
-        self.error, self.result.finish_reason = error, reason if error is None else None
-        self.done.set()
 
 
 class Engine:
@@ -164,7 +135,7 @@ class Engine:
                  deadline: Optional[Deadline] = None) -> Generation:
         """Run one request to its end and collect its chunks (tests, benchmarks, warm-up); raises the error the
         stream ended with."""
-        sink, stream_id = _Collector(), self.new_id()
+        sink, stream_id = Collector(), self.new_id()
         self.submit(stream_id, request, sink, deadline or Deadline(max_wait_s=timeout), policy)
         if not sink.done.wait(timeout):
             self.cancel(stream_id)

@@ -1,6 +1,7 @@
 """Output leaves the stepping thread here: the loop puts each pass's events (chunks, ends) in one queue and goes
-on stepping; one sender thread hands them, in order, to each stream's sink (in Triton, its responses). Whatever a
-sink costs (serialising codes, a call into the Triton parent), the step never waits for it.
+on stepping; one sender thread hands them, in order, to each stream's sink (in Triton, its responses; in process,
+a ``Collector`` or a ``CallbackSink``). Whatever a sink costs (serialising codes, a call into the Triton parent),
+the step never waits for it.
 
 A sink that fails on a chunk has its stream cancelled with that error (through the engine, the one way a stream
 ends); its later chunks are dropped, and its end still comes, once.
@@ -10,9 +11,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 import torch
+
+from tts_contract.audio import NUM_CODEBOOKS
 
 from ..errors import Cancelled, EngineError
 from .tickets import Chunk, End
@@ -28,6 +32,33 @@ class Sink(Protocol):
 
     def end(self, error: Optional[BaseException], reason: str) -> None:
         """The stream ended (``error`` None: normally, ``reason`` says how)."""
+
+
+@dataclass
+class Generation:
+    """Everything one stream produced (``Engine.generate``): its chunks in order and why it ended."""
+
+    chunks: list = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """All frames, [frames, 16] (zero rows when the stream ended before its first frame)."""
+        return torch.cat(self.chunks) if self.chunks else torch.zeros((0, NUM_CODEBOOKS), dtype=torch.long)
+
+
+class Collector:
+    """A sink that keeps a stream's chunks (``generate``)."""
+
+    def __init__(self):
+        self.result, self.error, self.done = Generation(), None, threading.Event()
+
+    def chunk(self, codes, index, last):
+        self.result.chunks.append(codes)
+
+    def end(self, error, reason):
+        self.error, self.result.finish_reason = error, reason if error is None else None
+        self.done.set()
 
 
 class CallbackSink:

@@ -14,6 +14,10 @@ beyond the real-time batch, up to the rows, once they are due, and are never ref
 cannot get its first audio within its budget (or within ``max_hold_s`` unless it said it can wait) is refused at
 once, with when to try again. When more rows are ready than the real-time batch, the ones closest to their
 deadlines step and the others wait a step.
+
+(A little over 400 lines on purpose: the parts of one decision, admission, refusal, stepping, pacing and ends,
+are kept in one class so the order of a pass reads in one place; its data, costs and pacing are modules of
+their own.)
 """
 from __future__ import annotations
 
