@@ -28,7 +28,7 @@ async def test_full_capacity_refuses_a_speak_at_once_with_retry_after(make_gatew
         asked = time.monotonic()
         await send(waiting, type="speak", text="Is there room for me?", requestId="w")
         result = await collect(waiting)
-        assert time.monotonic() - asked < 0.5
+        assert time.monotonic() - asked < 0.8  # (the engine holds a new stream up to 0.3 s for a row to free)
         error = result.of_type("error")[0]
         assert error["code"] == "RATE_LIMITED" and error["recoverable"] is True and error["requestId"] == "w"
         assert isinstance(error["retryAfterMs"], int) and error["retryAfterMs"] > 0
@@ -91,7 +91,7 @@ async def test_a_full_server_answers_429_at_once_with_retry_after(make_gateway, 
             with pytest.raises(openai.RateLimitError) as raised:
                 await sdk.audio.speech.create(model=MODEL, voice="default", input="Is there room?",
                                               response_format="pcm")
-            assert time.monotonic() - asked < 0.5
+            assert time.monotonic() - asked < 0.8  # (within the engine's 0.3 s hold, not the row's release)
         assert int(raised.value.response.headers["retry-after-ms"]) > 0
         assert raised.value.body["code"] == "rate_limit_exceeded"
         await release_the_row(busy)
