@@ -261,8 +261,7 @@ class Engine:
         changed, self._text_changed = self._text_changed, set()
         if now - self._idle_checked >= IDLE_TEXT_CHECK_S:
             self._idle_checked = now
-            changed.update(stream_id for stream_id, feed in list(self._feeds.items())
-                           if not feed.closed and now - feed.last_append > self.text_idle_s)
+            changed.update(stream_id for stream_id, feed in list(self._feeds.items()) if self._idle(feed, now))
         for stream_id in changed:
             stream, feed = self._streams.get(stream_id), self._feeds.get(stream_id)
             if stream is None or feed is None:
@@ -272,7 +271,7 @@ class Engine:
             if not held and (row is None or not row.text_open):
                 continue
             try:
-                if not feed.closed and now - feed.last_append > self.text_idle_s:
+                if self._idle(feed, now):
                     feed.close()
                 if held:
                     if not self.talker.ready_to_start(stream.request):
@@ -288,6 +287,10 @@ class Engine:
             ticket.frame_cap = stream.request.params.frame_cap(ticket.characters)
             if held:
                 self.scheduler.text_ready(stream_id, now)
+
+    def _idle(self, feed, now: float) -> bool:
+        """Text still open with nothing new for ``text_idle_s``: closed as if it had ended."""
+        return not feed.closed and now - feed.last_append > self.text_idle_s
 
     def _execute(self, plan: Plan) -> Outcome:
         """Run the plan on the talker: free the rows of the streams that end, prefill the new ones together, step."""

@@ -257,33 +257,31 @@ class Scheduler:
             self.stats.retry_after_s = 0.0
             return
         waiting = [entry[2] for entry in sorted(self._line)]
-        free_now = max(0, limit - len(self._running))
-        frees = place_free_times(self._remaining_s(), free_now, len(waiting))
+        self._returning = [at for at in self._returning if at > now]
+        # Every place in line, then the one a stream refused now would get (behind the clients coming back).
+        frees = place_free_times(self._remaining_s(), max(0, limit - len(self._running)),
+                                 len(waiting) + len(self._returning) + 1)
         first_audio = self.costs.first_audio_s(limit, self.first_chunk_frames)
-        self.stats.retry_after_s = self._retry_after_s(now, record=False)  # what a refusal now would say
-        refused, place = [], 0
+        self.stats.retry_after_s = frees[-1] + first_audio  # what a refusal now would say
+        refused, place = [], 0  # (ticket, whether it waited too long)
         for ticket in waiting:
-            refusal = False
             if now - self._waiting_since(ticket) > self.config.max_queue_wait_s:
-                refusal = True
-            elif not ticket.deadline.continuation:
-                wait = frees[min(place, len(frees) - 1)]
+                refused.append((ticket, True))
+                continue
+            if not ticket.deadline.continuation:
+                wait = frees[place]
                 # A listener waits for a row only briefly (a client that said it can wait, longer): an estimate
                 # that far ahead is rarely right, and a fast "busy" beats a late one.
                 hold = ticket.deadline.max_wait_s or self.config.max_hold_s
-                refusal = now + wait + first_audio > self._first_audio_due(ticket) or \
-                    now + wait > ticket.budget_from + hold
-            if refusal:
-                refused.append(ticket)
-            else:
-                place += 1
+                if now + wait + first_audio > self._first_audio_due(ticket) or now + wait > ticket.budget_from + hold:
+                    refused.append((ticket, False))
+                    continue
+            place += 1
         if not refused:
             return
-        for ticket in refused:  # out of line at once: none is ahead of itself, nor of the others refused with it
+        self._drop_from_line([ticket for ticket, _ in refused])  # at once: none is ahead of the others refused
+        for ticket, waited in refused:
             ticket.ending = True
-        self._drop_from_line(refused)
-        for ticket in refused:
-            waited = now - self._waiting_since(ticket) > self.config.max_queue_wait_s
             plan.end.append((ticket, self._waited_too_long(now, ticket) if waited else self._too_late(now)))
 
     def _remaining_s(self) -> list[float]:
@@ -291,17 +289,16 @@ class Scheduler:
         step = self.costs.step.predict(max(1, len(self._running)))
         return [max(4.0, t.expected_frames - t.frames) * step for t in self._running.values()]
 
-    def _retry_after_s(self, now: float, record: bool = True) -> float:
+    def _retry_after_s(self, now: float) -> float:
         """When a stream refused now should try again: when the row it would get frees, behind the streams in line
         and the clients refused before it that will be back first (each refusal names a later row, so retries do
-        not all come back together and meet a full engine again). ``record``: it is refused (it will be back)."""
+        not all come back together and meet a full engine again). It will be back then too."""
         self._returning = [at for at in self._returning if at > now]
         limit = self.stats.realtime_batch or self.config.rows
-        ahead = sum(1 for entry in self._line if not entry[2].ending) + len(self._returning)
+        ahead = len(self._line) + len(self._returning)
         frees = place_free_times(self._remaining_s(), max(0, limit - len(self._running)), ahead + 1)
         retry_s = frees[ahead] + self.costs.first_audio_s(limit, self.first_chunk_frames)
-        if record:
-            self._returning.append(now + retry_s)
+        self._returning.append(now + retry_s)
         return retry_s
 
     def _retry_ms(self, retry_after_s: float) -> int:
