@@ -18,6 +18,8 @@ from . import metrics, openai_api, voices
 from .auth import Authenticator, SubjectSessions
 from .config import Settings
 from .connection import speak
+from .contracts import Conversations, interrupt_route
+from .interrupt_bus import make_bus
 from .discovery import Discovery
 from .security import Guard
 from .endpoints import Endpoints
@@ -39,6 +41,7 @@ class Services:
     voices: VoiceLibrary
     authenticator: Authenticator
     subjects: SubjectSessions  # sessions open per token subject
+    conversations: Conversations  # sessions by contract, and interrupts across replicas
     sessions: int = 0
     connections: set = field(default_factory=set)  # the sessions open now (for draining)
     draining: bool = False  # shutting down: no new sessions
@@ -56,7 +59,10 @@ async def healthz(request: Request):
 async def readyz(request: Request):
     endpoints = request.app.state.services.endpoints
     ready = await endpoints.check_ready()
-    return JSONResponse({"ready": ready, "triton": endpoints.status(), "capacity": endpoints.report()},
+    # A bus that is down does not make the gateway unready (speech goes on); it says interrupts stay local.
+    return JSONResponse({"ready": ready, "triton": endpoints.status(), "capacity": endpoints.report(),
+                         "wordTimestamps": endpoints.aligner,
+                         "interruptBus": request.app.state.services.conversations.bus.describe()},
                         status_code=200 if ready else 503)
 
 
@@ -84,8 +90,10 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app):
         endpoints = Endpoints()
         discovery = Discovery(endpoints, list(settings.triton_urls), interval_s=settings.discovery_interval_s)
+        conversations = Conversations(make_bus(settings))
         app.state.services = Services(settings, endpoints, VoiceLibrary(settings.voices_dir, settings.default_voice),
-                                      authenticator, SubjectSessions(settings.max_sessions_per_subject))
+                                      authenticator, SubjectSessions(settings.max_sessions_per_subject), conversations)
+        await conversations.start()
         await discovery.refresh()
         await endpoints.check_ready()
         endpoints.start_polling(settings.ready_poll_s)
@@ -96,6 +104,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             discovery.close()
+            await conversations.close()
             await endpoints.close()
 
     app = Starlette(lifespan=lifespan, routes=[
@@ -103,6 +112,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/voices", voices.list_voices, methods=["GET"]),
         Route("/api/v1/voices", voices.upload_voice, methods=["POST"]),
         Route("/api/v1/voices/{voice_id}", voices.delete_voice, methods=["DELETE"]),
+        Route("/api/v1/contracts/{contract_id}/interrupt", interrupt_route, methods=["POST"]),
         Route("/v1/audio/speech", openai_api.speech, methods=["POST"]),
         Route("/v1/models", openai_api.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", openai_api.get_model, methods=["GET"]),

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
 from tts_contract.deadlines import DEFAULT_FIRST_AUDIO_BUDGET_MS
 from tts_contract.speech_length import CAP_FRAMES_BASE, CAP_FRAMES_PER_CHAR
+from tts_contract.voices import VOICE_ID, VoiceDirectory
 
 from .auth import JWKS_ALGORITHMS, AuthSettings
 from .discovery import parse_dns_entry
+
+log = logging.getLogger("gateway.config")
 
 
 def _int(name: str, default: int) -> int:
@@ -45,6 +49,32 @@ def _list(name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
 
 
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
+
+
+def _voice_map(name: str) -> dict[str, str]:
+    """``requested=stored,requested=stored``: voice names clients send (OpenAI's, say), each to a stored voice id."""
+    voice_map: dict[str, str] = {}
+    for entry in _list(name):
+        requested, equals, stored = (part.strip() for part in entry.partition("="))
+        if not equals or not requested or not stored:
+            raise ValueError(f"{name}: {entry!r} is not name=voice_id (e.g. alloy=my_voice,nova=other_voice)")
+        for voice_id in (requested, stored):
+            if not VOICE_ID.fullmatch(voice_id):
+                raise ValueError(f"{name}: {voice_id!r} in {entry!r} is not a voice name (1-64 characters of "
+                                 f"a-z, 0-9, '_' and '-')")
+        if requested in voice_map:
+            raise ValueError(f"{name} maps {requested!r} twice")
+        voice_map[requested] = stored
+    return voice_map
+
+
 def _triton_urls() -> tuple[str, ...]:
     """TRITON_URLS (comma-separated) or TRITON_URL; several endpoints spread the load, and a ``dns://name:port``
     entry stands for every address the name resolves to (a headless Service's ready pods)."""
@@ -75,6 +105,9 @@ class Settings:
     idle_timeout_s: float = 300.0
     drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
     openai_model: str = "qwen3-tts"  # the model id GET /v1/models lists
+    # voice names OpenAI clients send (alloy, nova...) → stored voice ids; OpenAI names not in it: the default voice
+    openai_voice_map: dict = field(default_factory=dict)
+    openai_ignore_instructions: bool = False  # `instructions` the model cannot follow: ignored (drop-in), not refused
     text_idle_s: float = 5.0  # buffered incremental text with no append for this long is spoken
     ready_poll_s: float = 2.0
     discovery_interval_s: float = 5.0  # how often dns:// entries of TRITON_URLS are resolved again
@@ -93,6 +126,14 @@ class Settings:
     frames_base: int = CAP_FRAMES_BASE
     frames_per_char: float = CAP_FRAMES_PER_CHAR
     synthesis_parameters: dict = field(default_factory=dict)  # sent with every Triton request
+    # Word marks (start.wordTimestamps) and what a listener heard (see gateway/words.py)
+    marks_interval_s: float = 0.64  # align an utterance's new audio this often while marks are asked for
+    marks_settle_s: float = 0.4  # a word settles once it ended this long before the aligned audio's end
+    heard_timeout_s: float = 1.0  # the longest an interrupted utterance's `complete` waits for its heard text
+    # Interrupts by contract across replicas: a Redis pub/sub bus (empty: this replica only)
+    redis_url: str = ""
+    interrupt_channel: str = "tts:interrupts"
+    max_contract_id_chars: int = 128
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -122,6 +163,8 @@ class Settings:
             drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
             text_idle_s=_float("GATEWAY_TEXT_IDLE_S", cls.text_idle_s),
             openai_model=os.environ.get("GATEWAY_OPENAI_MODEL", "").strip() or cls.openai_model,
+            openai_voice_map=_voice_map("GATEWAY_OPENAI_VOICE_MAP"),
+            openai_ignore_instructions=_flag("GATEWAY_OPENAI_IGNORE_INSTRUCTIONS"),
             ready_poll_s=_float("GATEWAY_READY_POLL_S", cls.ready_poll_s),
             auth=auth,
             max_sessions_per_subject=_int("GATEWAY_MAX_SESSIONS_PER_SUBJECT", cls.max_sessions_per_subject),
@@ -134,7 +177,19 @@ class Settings:
             frames_base=_int("GATEWAY_FRAMES_BASE", cls.frames_base),
             frames_per_char=_float("GATEWAY_FRAMES_PER_CHAR", cls.frames_per_char),
             synthesis_parameters=_json_object("GATEWAY_SYNTHESIS_PARAMETERS"),
+            marks_interval_s=_int("GATEWAY_MARKS_INTERVAL_MS", int(cls.marks_interval_s * 1000)) / 1000,
+            marks_settle_s=_int("GATEWAY_MARKS_SETTLE_MS", int(cls.marks_settle_s * 1000)) / 1000,
+            heard_timeout_s=_int("GATEWAY_HEARD_TIMEOUT_MS", int(cls.heard_timeout_s * 1000)) / 1000,
+            redis_url=os.environ.get("GATEWAY_REDIS_URL", "").strip(),
+            interrupt_channel=os.environ.get("GATEWAY_INTERRUPT_CHANNEL", "").strip() or cls.interrupt_channel,
         )
+        if not 0.08 <= settings.marks_interval_s <= 10 or not 0 <= settings.marks_settle_s <= 5 or \
+                not 0.05 <= settings.heard_timeout_s <= 30:
+            raise ValueError("GATEWAY_MARKS_INTERVAL_MS must be within 80..10000, GATEWAY_MARKS_SETTLE_MS within "
+                             "0..5000 and GATEWAY_HEARD_TIMEOUT_MS within 50..30000")
+        if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"GATEWAY_REDIS_URL must be a redis://, rediss:// or unix:// URL, got "
+                             f"{settings.redis_url[:40]!r}")
         for name in ("max_sessions", "max_queued_utterances", "max_text_chars", "max_message_bytes",
                      "max_upload_bytes", "max_sentence_chars", "first_audio_budget_ms", "continuous_segment_chars",
                      "max_request_chars"):
@@ -148,4 +203,17 @@ class Settings:
             raise ValueError("TRITON_DISCOVERY_INTERVAL_S must be > 0")
         if settings.queue_timeout_s <= 0:
             raise ValueError("GATEWAY_QUEUE_TIMEOUT_S must be > 0")
+        _warn_of_unmapped_voices(settings)
         return settings
+
+
+def _warn_of_unmapped_voices(settings: Settings) -> None:
+    """A map entry whose voice is not stored (yet) is logged, not fatal: voices are added and deleted while the
+    gateway runs, and one missing voice should not keep every other route down; its requests get a 404 naming
+    the entry."""
+    voices = VoiceDirectory(settings.voices_dir)
+    missing = [f"{name}={voice_id}" for name, voice_id in settings.openai_voice_map.items()
+               if not voices.exists(voice_id)]
+    if missing:
+        log.warning("GATEWAY_OPENAI_VOICE_MAP names voices that are not in %s: %s (requests for them get 404 "
+                    "until the voices are added)", settings.voices_dir, ", ".join(missing))

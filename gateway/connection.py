@@ -13,9 +13,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from . import metrics
 from .protocol import (
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES,
-    TEXT_MODES, TRANSPORTS, Append, Cancel, End, Error, ErrorCode, Flush, ProtocolError, Ready, Speak, Start, Started, Stop,
-    Stopped, normalise_language, parse_client_message,
+    TEXT_MODES, TRANSPORTS, Append, Cancel, End, Error, ErrorCode, Flush, Interrupt, Played, ProtocolError, Ready, Speak,
+    Start, Started, Stop, Stopped, normalise_language, parse_client_message,
 )
+from .contracts import contract_problem
 from .auth import ANONYMOUS, AuthRefused, Identity
 from .security import bearer_token
 from .outlet import SocketOutlet
@@ -79,11 +80,14 @@ class Connection:
         self.identity: Identity = ANONYMOUS  # who authenticated (a new `start` token may renew it)
         self.max_wait_s = 0.0  # how long this session's utterances may queue for capacity (start.maxWaitMs)
         self.text_mode = "auto"  # start.textMode
+        self.word_timestamps = False  # start.wordTimestamps: marks for each utterance (when there is an aligner)
+        self.conversation: Optional[tuple[str, str]] = None  # (subject, contractId) this session is part of
         self.outlet = SocketOutlet(websocket)
         self.session = Session(self.outlet, services.endpoints, self.settings, self.id)
         self.open_stream: Optional[Utterance] = None  # the streamed utterance taking `append`s
         self._handlers = {Start: self._on_start, Speak: self._on_speak, Append: self._on_append,
-                          Flush: self._on_flush, End: self._on_end, Cancel: self._on_cancel, Stop: self._on_stop}
+                          Flush: self._on_flush, End: self._on_end, Cancel: self._on_cancel, Stop: self._on_stop,
+                          Played: self._on_played, Interrupt: self._on_interrupt}
 
     @property
     def closed(self) -> bool:
@@ -179,6 +183,7 @@ class Connection:
             pass
         finally:
             self.outlet.closed = True
+            self._join(None)
             await self.session.close()
 
     async def _receive(self, timeout: float) -> Optional[str]:
@@ -230,10 +235,16 @@ class Connection:
             raise ProtocolError(ErrorCode.INVALID_CONFIG, f"unsupported audioTransport "
                                 f"{message.audioTransport!r}; supported: {', '.join(TRANSPORTS)}")
         language = normalise_language(message.language)
+        if message.contractId is not None:
+            problem = contract_problem(message.contractId, self.settings.max_contract_id_chars)
+            if problem:
+                raise ProtocolError(ErrorCode.INVALID_CONFIG, problem)
         self.audio = AudioFormat(message.sampleRate, message.encoding, message.audioTransport)
         self.language = language
         self.legacy = False
         self.contract_id = message.contractId or self.contract_id
+        self._join(self.contract_id)
+        self.word_timestamps = message.wordTimestamps
         self.max_wait_s = self._max_wait_s(message.maxWaitMs)
         self.text_mode = self._checked_mode(message.textMode)
         if message.voice is not None:
@@ -247,7 +258,8 @@ class Connection:
                  self.contract_id)
         await self.send_message(Started(sampleRate=self.audio.sample_rate, encoding=self.audio.encoding,
                                         voice=self.voice, language=self.language,
-                                        textMode=self._text_mode(self.text_mode, self.voice)))
+                                        textMode=self._text_mode(self.text_mode, self.voice),
+                                        wordTimestamps=self.word_timestamps and self.services.endpoints.aligner))
 
     async def _on_speak(self, message: Speak) -> None:
         rid = message.requestId
@@ -267,7 +279,8 @@ class Connection:
             return SentenceFeed(self.settings.max_sentence_chars,
                                 split_sentences(text, self.settings.max_sentence_chars))
 
-        await self._accept(message, feed, len(text))
+        utterance = await self._accept(message, feed, len(text))
+        utterance.text = text
 
     async def _on_append(self, message: Append) -> None:
         """Text for the open streamed utterance; the first append opens one (queued like a speak)."""
@@ -293,6 +306,7 @@ class Connection:
             utterance = self.open_stream = await self._accept(message, feed, 0)
             utterance.streamed = True
         utterance.characters += len(message.text)
+        utterance.text += message.text
         utterance.feed.append(message.text)
 
     async def _on_flush(self, message: Flush) -> None:
@@ -309,6 +323,41 @@ class Connection:
 
     async def _on_cancel(self, message: Cancel) -> None:
         await self.cancel_all()
+
+    async def _on_played(self, message: Played) -> None:
+        self.session.report_played(message.requestId, message.ms)
+
+    async def _on_interrupt(self, message: Interrupt) -> None:
+        """Interrupt a conversation of this session's subject (its own, when the message names none)."""
+        contract_id = message.contractId if message.contractId is not None else self.contract_id
+        if contract_id is None:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "interrupt needs a contractId (this session started "
+                                "with none)")
+        problem = contract_problem(contract_id, self.settings.max_contract_id_chars)
+        if problem:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, problem)
+        await self.services.conversations.interrupt(self.identity.subject, contract_id)
+
+    def _join(self, contract_id: Optional[str]) -> None:
+        """Be part of the conversation ``contract_id`` of this session's subject (None: of none)."""
+        wanted = (self.identity.subject, contract_id) if contract_id is not None else None
+        if wanted == self.conversation:
+            return
+        conversations = self.services.conversations
+        if self.conversation is not None:
+            conversations.leave(*self.conversation, self)
+        if wanted is not None:
+            conversations.join(*wanted, self)
+        self.conversation = wanted
+
+    async def interrupt(self) -> int:
+        """Its conversation was interrupted: what plays and what waits end (``interrupted: true``); returns how
+        many utterances ended."""
+        self.open_stream = None
+        try:
+            return await self.session.interrupt()
+        except SessionClosed:
+            return 0
 
     async def _on_stop(self, message: Stop) -> None:
         await self.cancel_all()
@@ -352,7 +401,7 @@ class Connection:
         max_wait_s = self.max_wait_s if message.maxWaitMs is None else self._max_wait_s(message.maxWaitMs)
         utterance = Utterance(feed=make_feed(self._text_mode(mode, voice)), characters=characters, voice=voice,
                               language=language, audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid,
-                              max_wait_s=max_wait_s)
+                              max_wait_s=max_wait_s, marks=self.word_timestamps and not self.legacy)
         self.session.enqueue(utterance)
         return utterance
 

@@ -61,6 +61,7 @@ class Endpoint:
         self.started_since_status = 0  # streams this gateway opened here since the talker last reported
         self.calls = 0  # voice encodes and stream cancels running here (a draining endpoint waits for them too)
         self.status: dict = {}  # the talker's last answer to `status` (rows, real-time batch, headroom, ...)
+        self.aligner = False  # it serves the word aligner (optional: a deployment may have none)
         self._poller: Optional[asyncio.Task] = None
 
     @property
@@ -86,6 +87,10 @@ class Endpoint:
             ready = False
         if ready:
             await self._refresh_status()
+            try:
+                self.aligner = await asyncio.wait_for(self.client.is_model_ready(names.ALIGNER), 2.0)
+            except Exception:
+                self.aligner = False
         if ready != self.ready:
             log.warning("Triton at %s is %s%s", self.url, "ready" if ready else "NOT ready",
                         f" ({self.status.get('rows', '?')} rows)" if ready else "")
@@ -169,9 +174,19 @@ class Endpoints:
     def status(self) -> dict[str, bool]:
         return {e.url: e.ready for e in self.endpoints}
 
+    @property
+    def aligner(self) -> bool:
+        """Whether a usable endpoint serves the word aligner (word marks and what a listener heard need it)."""
+        return any(e.usable and e.aligner for e in self.endpoints)
+
+    def aligner_endpoint(self) -> Optional[Endpoint]:
+        """A usable endpoint serving the aligner, the one with the fewest of this gateway's streams; None if none."""
+        serving = [e for e in self.endpoints if e.usable and e.aligner]
+        return min(serving, key=lambda e: e.streams + e.calls, default=None)
+
     def report(self) -> dict[str, dict]:
         """Each endpoint's capacity as its talker last reported it, and this gateway's streams there."""
-        return {e.url: {"ready": e.ready, "draining": e.draining, "streams": e.streams,
+        return {e.url: {"ready": e.ready, "draining": e.draining, "streams": e.streams, "aligner": e.aligner,
                         **{k: v for k, v in e.status.items() if k in ("rows", "realtime_batch", "headroom", "behind",
                                                                      "active", "queued", "step_ms")}}
                 for e in self.endpoints}

@@ -46,7 +46,16 @@ UTILIZATION = Gauge("tts_gateway_realtime_utilization", "Demand over the real-ti
                     registry=REGISTRY)
 TRITON_READY = Gauge("tts_gateway_triton_ready", "1 when a Triton endpoint and its models are ready, by endpoint",
                      ["endpoint"], registry=REGISTRY)
+INTERRUPT_BUS_UP = Gauge("tts_gateway_interrupt_bus_up", "1 when interrupts by contract reach every gateway replica "
+                         "(the Redis bus is subscribed, or there is no bus: one replica); 0: this replica only",
+                         registry=REGISTRY)
+INTERRUPTS = Counter("tts_gateway_interrupts_total", "Interrupts by contract taken by this replica, by how far they "
+                     "reached (all_replicas, or this_replica when the bus was down)", ["reach"], registry=REGISTRY)
+MARKS_WORDS = Counter("tts_gateway_marked_words_total", "Words whose times were sent to clients in marks messages",
+                      registry=REGISTRY)
 
+for _reach in ("all_replicas", "this_replica"):
+    INTERRUPTS.labels(_reach)
 for _outcome in ("completed", "cancelled", "failed"):
     UTTERANCES.labels(_outcome)
     OPENAI_REQUESTS.labels(_outcome)

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from tts_contract.audio import SAMPLE_RATE
 from tts_contract.deadlines import MAX_WAIT_LIMIT_MS
@@ -51,6 +51,7 @@ class Start(_ClientMessage):
     audioTransport: StrictStr = "binary"
     maxWaitMs: StrictInt = Field(0, ge=0, le=MAX_WAIT_LIMIT_MS)  # this session's utterances may queue this long
     textMode: StrictStr = "auto"  # how appended text is spoken: continuous, sentences, or auto
+    wordTimestamps: StrictBool = False  # stream `marks` (word times on each utterance's audio clock)
 
 
 class _TextMessage(_ClientMessage):
@@ -92,9 +93,24 @@ class Stop(_ClientMessage):
     reason: StrictStr = "user_requested"
 
 
+class Played(_ClientMessage):
+    """What the client has really played of an utterance (its own clock corrects the server's estimate)."""
+
+    type: Literal["played"]
+    requestId: Optional[StrictStr] = None  # None: the utterance playing now
+    ms: StrictInt = Field(ge=0, le=24 * 3600 * 1000)
+
+
+class Interrupt(_ClientMessage):
+    """Stop what plays in every session of this subject's conversation ``contractId``, on every replica."""
+
+    type: Literal["interrupt"]
+    contractId: Optional[StrictStr] = None  # None: this session's own contract
+
+
 CLIENT_MESSAGES = {"start": Start, "speak": Speak, "append": Append, "flush": Flush, "end": End, "cancel": Cancel,
-                   "stop": Stop}
-ClientMessage = Union[Start, Speak, Append, Flush, End, Cancel, Stop]
+                   "stop": Stop, "played": Played, "interrupt": Interrupt}
+ClientMessage = Union[Start, Speak, Append, Flush, End, Cancel, Stop, Played, Interrupt]
 
 
 def parse_client_message(raw: str) -> ClientMessage:
@@ -184,6 +200,7 @@ class Started(_ServerMessage):
     voice: Optional[str]
     language: str
     textMode: str = "sentences"
+    wordTimestamps: bool = False  # whether `marks` come (asked for, and this deployment has an aligner)
     type = "started"
     _keep_none = ("voice",)
 
@@ -207,8 +224,26 @@ class Complete(_ServerMessage):
     requestId: Optional[str] = None
     underruns: int = 0  # times the audio came later than real-time playback from its first audio needed it
     stallMs: int = 0  # how long a listener playing at real time would have waited, in all
+    interrupted: Optional[bool] = None  # true when an interrupt (by contract) ended it
+    heardMs: Optional[int] = None  # a cancelled or interrupted utterance: audio its listener had played
+    heardText: Optional[str] = None  # ...and its text as written up to the last word that ended by then
     type = "complete"
     _keep_none = ("firstAudioMs",)
+
+    def __post_init__(self):
+        if self.heardMs is not None:  # heardText is null (not absent) when no aligner could say it
+            self._keep_none = ("firstAudioMs", "heardText")
+
+
+@dataclass
+class Marks(_ServerMessage):
+    """Words whose times have settled, on the utterance's own audio clock (0 = its first sample). ``aligned`` is
+    the window of audio and text the aligner was given for them (times and characters within the utterance)."""
+
+    words: list
+    requestId: Optional[str] = None
+    aligned: Optional[dict] = None
+    type = "marks"
 
 
 @dataclass

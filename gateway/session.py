@@ -18,9 +18,11 @@ from tts_contract.listener import Listener
 from . import metrics
 from .audio import AudioConverter
 from .engine_stream import SynthesisFailed
-from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode
+from .alignment import align
+from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode, Marks
 from .speech import Timing, sentence_audio, written_audio
 from .text import SentenceFeed, WrittenText
+from .words import UtteranceWords, closing
 
 log = logging.getLogger("gateway.session")
 
@@ -59,16 +61,33 @@ class Utterance:
     ended: bool = False  # its end message is sent (exactly once)
     streamed: bool = False  # its text arrives with `append` (an LLM's pace, not ours)
     max_wait_s: float = 0.0  # may queue this long for capacity instead of being refused
+    text: str = ""  # its text as written so far (what a listener heard is a prefix of it)
+    marks: bool = False  # the client asked for word marks (and the deployment has an aligner)
+    interrupted: bool = False  # an interrupt (by contract) ended it
 
 
 @dataclass
 class _Playback:
-    """What one utterance has sent so far, and what its listener heard of it (playing at real time)."""
+    """What one utterance has sent so far, and what its listener heard of it (playing at real time, unless the
+    client reported what it really played)."""
 
     samples: int = 0
     sequence: int = 0
     first_audio: Optional[float] = None
     listener: Listener = field(default_factory=Listener)
+    words: Optional[UtteranceWords] = None  # its words on its audio clock (with an aligner)
+    played: Optional[tuple[int, float]] = None  # the client's last `played` report: (ms, when it came)
+
+    def heard_ms(self, now: float) -> int:
+        """Audio the listener has played: the client's last report, played on at real time since, or else the
+        listener clock's estimate; never more than was sent."""
+        sent_ms = 1000 * self.listener.audio_s
+        if self.played is not None:
+            ms, at = self.played
+            heard = ms + 1000 * (now - at)
+        else:
+            heard = sent_ms - 1000 * self.listener.buffered(now)
+        return int(max(0.0, min(sent_ms, heard)))
 
 
 class Session:
@@ -81,6 +100,7 @@ class Session:
         self.current: Optional[Utterance] = None  # the utterance of ``playing``
         self.listening_until = 0.0  # when the listener finishes playing what this session has sent
         self._worker: Optional[asyncio.Task] = None
+        self._playback: Optional[_Playback] = None  # the playing utterance's
 
     @property
     def busy(self) -> bool:
@@ -108,6 +128,22 @@ class Session:
         """Cancel the utterance playing and drop the queued ones; each ends with its end message
         (``cancelled: true``), in order, before this returns."""
         await self._end_all(grace_s=0)
+
+    async def interrupt(self) -> int:
+        """Like ``cancel_all``, each end message saying ``interrupted: true``; returns how many utterances ended."""
+        ending = [u for u in ([self.current] if self.playing is not None and not self.playing.done() else [])
+                  + list(self.queue._queue) if u is not None and not u.ended]  # noqa: SLF001 (asyncio.Queue's deque)
+        for utterance in ending:
+            utterance.interrupted = True
+        await self._end_all(grace_s=0)
+        return len(ending)
+
+    def report_played(self, request_id: Optional[str], ms: int) -> None:
+        """The client says it has played ``ms`` of the utterance ``request_id`` (None: the one playing)."""
+        playback, current = self._playback, self.current
+        if playback is not None and current is not None and not current.ended and \
+                (request_id is None or request_id == current.request_id):
+            playback.played = (ms, time.monotonic())
 
     async def drain(self, grace_s: float) -> None:
         """For a shutdown: like ``cancel_all``, but the utterance playing gets ``grace_s`` to finish first."""
@@ -157,9 +193,26 @@ class Session:
             if self.out.closed:
                 return
 
+    def _words(self, utterance: Utterance) -> Optional[UtteranceWords]:
+        """A tracker of the utterance's words when the deployment has an aligner (legacy clients get none)."""
+        if utterance.legacy or not self.endpoints.aligner:
+            return None
+
+        async def aligner(audio, text):
+            return await align(self.endpoints, audio, text, utterance.language)
+
+        async def send_marks(words, aligned):
+            metrics.MARKS_WORDS.inc(len(words))
+            await self.out.send_message(Marks(words=[w.to_wire() for w in words], requestId=utterance.request_id,
+                                              aligned=aligned))
+
+        settings = self.settings
+        return UtteranceWords(aligner, lambda: utterance.text, send_marks if utterance.marks else None,
+                              settings.marks_interval_s, settings.marks_settle_s)
+
     async def _play(self, utterance: Utterance) -> None:
         converter = AudioConverter(utterance.audio.sample_rate, utterance.audio.encoding)
-        playback = _Playback()
+        playback = self._playback = _Playback(words=self._words(utterance))
         cancelled, outcome = False, "completed"
         # The listener still plays the session's previous utterance: this one's first audio is due after it.
         timing = Timing(max(0.0, self.listening_until - time.monotonic()), utterance.max_wait_s)
@@ -169,8 +222,12 @@ class Session:
             async with contextlib.aclosing(speech(self.endpoints, self.settings, utterance.feed, utterance.voice,
                                                   utterance.language, playback.listener, timing)) as stream:
                 async for chunk in stream:
+                    if playback.words is not None:
+                        playback.words.add_audio(chunk)
                     await self._send_audio(utterance, converter, playback, converter.convert(chunk))
             await self._send_audio(utterance, converter, playback, converter.flush(), final=True)
+            if playback.words is not None:
+                await playback.words.finish()  # the last marks, before `complete`
         except asyncio.CancelledError:
             cancelled, outcome = True, "cancelled"
             if self.out.closed:
@@ -193,7 +250,8 @@ class Session:
         finally:
             metrics.UTTERANCES.labels(outcome).inc()
             self.listening_until = playback.listener.playing_until or self.listening_until
-        await self._finish(utterance, playback, cancelled, completed=outcome == "completed")
+        with closing(playback.words):
+            await self._finish(utterance, playback, cancelled, completed=outcome == "completed")
 
     async def _send_audio(self, utterance: Utterance, converter: AudioConverter, playback: _Playback, data: bytes,
                           final: bool = False) -> None:
@@ -231,10 +289,24 @@ class Session:
             await self.out.send_message(AudioEnd(cancelled=cancelled))
             return
         first = playback.first_audio
+        heard_ms = heard_text = None
+        if cancelled:
+            heard_ms, heard_text = await self._heard(playback, finished)
+            log.info("session %s: utterance %s %s after %d ms heard: %r", self.session_id, utterance.request_id,
+                     "interrupted" if utterance.interrupted else "cancelled", heard_ms, heard_text)
         await self.out.send_message(Complete(
             durationMs=int((finished - utterance.received_at) * 1000), charactersProcessed=utterance.characters,
             audioLengthMs=int(round(seconds * 1000)),
             firstAudioMs=None if first is None else int((first - utterance.received_at) * 1000),
             cancelled=cancelled, requestId=utterance.request_id, underruns=playback.listener.underruns,
-            stallMs=int(round(1000 * playback.listener.stalled_s))))
+            stallMs=int(round(1000 * playback.listener.stalled_s)), interrupted=utterance.interrupted or None,
+            heardMs=heard_ms, heardText=heard_text))
+
+    async def _heard(self, playback: _Playback, now: float) -> tuple[int, Optional[str]]:
+        """What the listener of a cancelled utterance had played (ms) and the text up to the last word it heard
+        (None without an aligner)."""
+        heard_ms = playback.heard_ms(now)
+        if playback.words is not None:
+            return heard_ms, await playback.words.heard_text(heard_ms, self.settings.heard_timeout_s)
+        return heard_ms, "" if heard_ms == 0 and self.endpoints.aligner else None
 

@@ -49,6 +49,16 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
       || { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends prometheus; }; } \
     >/dev/null 2>&1 || echo "warning: could not install prometheus (apt-get install prometheus); the monitoring tests will skip"
 fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  # The interrupt bus between gateway replicas; the turn-taking tests start a real one (tools/redis_local.py).
+  echo "== installing redis-server"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  export DEBIAN_FRONTEND=noninteractive
+  { $SUDO apt-get install -y -q --no-install-recommends redis-server \
+      || { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends redis-server; }; } \
+    >/dev/null 2>&1 || echo "warning: could not install redis-server (apt-get install redis-server); the cross-replica interrupt tests will fail"
+fi
 echo "== building the tiny model"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model build/tiny-model 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
 echo "== setup done"
