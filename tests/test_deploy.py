@@ -42,7 +42,7 @@ def test_compose_file_validates_against_the_compose_spec(compose_text):
 
     parsed = compose_spec.PyCompose.from_yaml(compose_text)
     parsed.validate()
-    assert set(parsed.service_names()) == {"triton", "gateway", "prometheus", "grafana", "perf"}
+    assert set(parsed.service_names()) == {"triton", "gateway", "redis", "prometheus", "grafana", "perf"}
 
 
 def test_compose_validation_rejects_a_broken_file(compose_text):
