@@ -1,6 +1,7 @@
 """OpenAI's speech API on the gateway: ``POST /v1/audio/speech`` streams the audio as it is generated (chunked,
-in the requested format, or as server-sent events), ``GET /v1/models`` lists the model. Errors take OpenAI's
-shape, so the official SDKs work unchanged."""
+in the requested format, or as server-sent events), ``GET /v1/models`` lists the model and the OpenAI names it
+answers to. Errors take OpenAI's shape, so the official SDKs, and the voice-agent frameworks built on them, work
+unchanged."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +10,9 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -32,6 +35,18 @@ from .text import SentenceFeed, split_sentences
 
 log = logging.getLogger("gateway.openai")
 MODEL_OWNER = "qwen"
+# OpenAI's speech model names (the dated ones are its snapshots): code written for OpenAI sends one of these, the
+# voice-agent frameworks gpt-4o-mini-tts by default, and each means the model served here.
+OPENAI_MODEL_NAMES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-03-20",
+                      "gpt-4o-mini-tts-2025-12-15")
+# OpenAI's built-in voices: a name here that GATEWAY_OPENAI_VOICE_MAP does not map, and that is no stored voice,
+# is spoken by the default voice (Pipecat, for one, sends nothing else).
+OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
+                      "shimmer", "verse")
+INSTRUCTIONS_IGNORED_HEADER = "x-instructions-ignored"
+# OpenAI's response header naming a request: the SDKs expose it (LiveKit Agents warns on every utterance
+# without it), and the gateway's log line of the request carries the same id
+REQUEST_ID_HEADER = "x-request-id"
 STREAM_FORMATS = ("audio", "sse")
 _STARTED = time.time()
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -78,20 +93,71 @@ def unauthorized_body(reason: str) -> dict:
     return OpenAIError(401, f"{reason} (Authorization: Bearer <token>)", code="invalid_api_key").body()
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A model this endpoint speaks with, and what its requests may ask of it."""
+
+    id: str
+    takes_instructions: bool = False  # the Base model clones a voice from its clip: it has no style prompt
+
+
+def accepted_models(settings) -> dict[str, ServedModel]:
+    """Every `model` value accepted, and the served model it names: the served id first, then OpenAI's names."""
+    served = ServedModel(settings.openai_model)
+    return {served.id: served, **{name: served for name in OPENAI_MODEL_NAMES if name != served.id}}
+
+
+def resolve_model(requested: str, settings) -> ServedModel:
+    models = accepted_models(settings)
+    if requested not in models:
+        raise OpenAIError(404, f"model {requested!r} is not served here; accepted: {', '.join(models)}", "model",
+                          "model_not_found")
+    return models[requested]
+
+
+def resolve_voice(requested: Optional[str], settings, voices) -> str:
+    """The stored voice a request's `voice` names. An entry of GATEWAY_OPENAI_VOICE_MAP comes first (the operator
+    chose it: an uploaded voice of the same name does not take it over), then a stored voice of that id, then, for
+    OpenAI's own names, the default voice."""
+    if not requested:
+        voice_id = voices.default_id()
+    elif requested in settings.openai_voice_map:
+        voice_id = settings.openai_voice_map[requested]
+        if not voices.exists(voice_id):
+            raise OpenAIError(404, f"voice {requested!r} is mapped to {voice_id!r} by GATEWAY_OPENAI_VOICE_MAP, and "
+                                   f"there is no voice {voice_id!r}; voices here: {_voice_ids(voices)}", "voice",
+                              "voice_not_found")
+        return voice_id
+    elif voices.exists(requested):
+        return requested
+    else:
+        voice_id = voices.default_id() if requested in OPENAI_VOICE_NAMES else None
+    if voice_id is None or not voices.exists(voice_id):
+        raise OpenAIError(404, f"voice {requested!r} not found; voices here: {_voice_ids(voices)}", "voice",
+                          "voice_not_found")
+    return voice_id
+
+
+def _voice_ids(voices) -> str:
+    return ", ".join(v["id"] for v in voices.list()) or "none"
+
+
 class _VoiceRef(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: StrictStr
 
 
 class _SpeechBody(BaseModel):
+    """The request body; an optional field sent as null takes its default, as when it is left out."""
+
     model_config = ConfigDict(extra="ignore")
     model: StrictStr
     input: StrictStr
     voice: Union[StrictStr, _VoiceRef, None] = None
-    instructions: Optional[StrictStr] = None  # accepted; the Base model takes no style instructions
-    response_format: StrictStr = "wav"
-    speed: Union[StrictInt, StrictFloat] = 1.0
-    stream_format: StrictStr = "audio"
+    instructions: Optional[StrictStr] = None
+    response_format: Optional[StrictStr] = None  # wav
+    speed: Union[StrictInt, StrictFloat, None] = None  # 1.0
+    stream_format: Optional[StrictStr] = None  # audio
     language: Optional[StrictStr] = None  # not OpenAI's: the language of `input` (default Auto)
     max_wait_ms: Optional[StrictInt] = None  # not OpenAI's: queue this long for capacity instead of a 429
 
@@ -113,7 +179,16 @@ class SpeechRequest:
             param = str(first["loc"][0]) if first["loc"] else None
             problem = "is required" if first["type"] == "missing" else f"has the wrong type ({first['msg']})"
             raise OpenAIError(400, f"'{param}' {problem}", param) from None
-        self.model = parsed.model
+        self.model = resolve_model(parsed.model, settings)
+        # empty or null instructions ask for nothing, so they are no reason to refuse (the frameworks leave the
+        # field out unless it is set; a few clients send it empty)
+        unfollowable = bool((parsed.instructions or "").strip()) and not self.model.takes_instructions
+        if unfollowable and not settings.openai_ignore_instructions:
+            raise OpenAIError(400, f"'instructions' is not supported: the model {self.model.id} speaks in the voice "
+                                   f"of its reference clip and takes no style instructions (leave it out, or have "
+                                   f"the operator set GATEWAY_OPENAI_IGNORE_INSTRUCTIONS=1 to ignore it)",
+                              "instructions", "unsupported_parameter")
+        self.ignored_instructions_chars = len(parsed.instructions) if unfollowable else 0
         self.input = parsed.input.strip()
         if not self.input:
             raise OpenAIError(400, "'input' is empty", "input")
@@ -121,14 +196,17 @@ class SpeechRequest:
             raise OpenAIError(400, f"'input' has {len(parsed.input)} characters; the limit is "
                                    f"{settings.max_text_chars}", "input", "string_above_max_length")
         formats = available_formats()
-        if parsed.response_format not in formats:
-            raise OpenAIError(400, f"response_format {parsed.response_format!r} is not supported; supported: "
+        self.response_format = "wav" if parsed.response_format is None else parsed.response_format
+        if self.response_format not in formats:
+            raise OpenAIError(400, f"response_format {self.response_format!r} is not supported; supported: "
                                    f"{', '.join(formats)}", "response_format")
-        self.response_format = parsed.response_format
-        if not MIN_SPEED <= parsed.speed <= MAX_SPEED or not math.isfinite(parsed.speed):
+        speed = 1.0 if parsed.speed is None else parsed.speed
+        if not MIN_SPEED <= speed <= MAX_SPEED or not math.isfinite(speed):
             raise OpenAIError(400, f"speed must be between {MIN_SPEED} and {MAX_SPEED}", "speed")
-        self.speed = float(parsed.speed)
-        if parsed.stream_format not in STREAM_FORMATS:
+        self.speed = float(speed)
+        # OpenAI refuses sse for tts-1 and tts-1-hd; here every model name means the same model, which streams
+        # either way, so no client written for OpenAI is refused
+        if parsed.stream_format not in (None, *STREAM_FORMATS):
             raise OpenAIError(400, f"stream_format must be one of {', '.join(STREAM_FORMATS)}", "stream_format")
         self.sse = parsed.stream_format == "sse"
         try:
@@ -138,11 +216,8 @@ class SpeechRequest:
         if parsed.max_wait_ms is not None and not 0 <= parsed.max_wait_ms <= MAX_WAIT_LIMIT_MS:
             raise OpenAIError(400, f"max_wait_ms must be between 0 and {MAX_WAIT_LIMIT_MS}", "max_wait_ms")
         self.max_wait_s = min((parsed.max_wait_ms or 0) / 1000, settings.queue_timeout_s)
-        voice = parsed.voice.id if isinstance(parsed.voice, _VoiceRef) else parsed.voice
-        self.voice = voice or voices.default_id()
-        if self.voice is None or not voices.exists(self.voice):
-            known = ", ".join(v["id"] for v in voices.list()) or "none"
-            raise OpenAIError(404, f"voice {voice!r} not found; voices here: {known}", "voice", "voice_not_found")
+        self.voice = resolve_voice(parsed.voice.id if isinstance(parsed.voice, _VoiceRef) else parsed.voice,
+                                   settings, voices)
 
 
 async def _read_json(request: Request, limit: int) -> object:
@@ -166,12 +241,16 @@ async def speech(request: Request):
     services = request.app.state.services
     received = time.monotonic()
     identity = request.scope.get("state", {}).get("identity", ANONYMOUS)
+    request_id = f"req_{secrets.token_hex(12)}"
     if not services.subjects.try_open(identity):
         metrics.OPENAI_REQUESTS.labels("refused").inc()
-        return OpenAIError(429, f"too many requests at once for this token's subject (limit "
-                                f"{services.subjects.limit})", code="rate_limit_exceeded", retry_after_ms=1000).response()
+        response = OpenAIError(429, f"too many requests at once for this token's subject (limit "
+                                    f"{services.subjects.limit})", code="rate_limit_exceeded",
+                               retry_after_ms=1000).response()
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
     try:
-        response = await _speech(request, services, received, identity)
+        response = await _speech(request, services, received, identity, request_id)
     except BaseException:
         services.subjects.close(identity)
         raise
@@ -179,10 +258,11 @@ async def speech(request: Request):
         response.on_close = lambda: services.subjects.close(identity)
     else:
         services.subjects.close(identity)
+    response.headers[REQUEST_ID_HEADER] = request_id
     return response
 
 
-async def _speech(request: Request, services, received: float, identity: Identity):
+async def _speech(request: Request, services, received: float, identity: Identity, request_id: str):
     """The speech request: an error response, or the audio as a ``_ClosingStream``."""
     try:
         limit = 4 * services.settings.max_text_chars + 16384  # the longest input in any UTF-8, plus JSON
@@ -199,12 +279,17 @@ async def _speech(request: Request, services, received: float, identity: Identit
         metrics.OPENAI_REQUESTS.labels("refused" if exc.status != CLIENT_GONE else "cancelled").inc()
         return exc.response()
     metrics.TIME_TO_FIRST_AUDIO.observe(time.monotonic() - received)
-    log.info("speech request of subject %s: %d characters, voice %s", identity.subject, len(params.input),
-             params.voice)
+    log.info("speech request %s of subject %s: %d characters, voice %s", request_id, identity.subject,
+             len(params.input), params.voice)
+    headers = {"cache-control": "no-cache"}
+    if params.ignored_instructions_chars:  # the text itself stays out of the log: it may say anything
+        log.info("speech request %s: instructions of %d characters ignored (GATEWAY_OPENAI_IGNORE_INSTRUCTIONS): "
+                 "the model %s takes none", request_id, params.ignored_instructions_chars, params.model.id)
+        headers[INSTRUCTIONS_IGNORED_HEADER] = "true"
     body = _events(first, audio, params, listener) if params.sse else \
         _encoded(first, audio, params, {"samples": 0}, listener)
     media_type = "text/event-stream" if params.sse else CONTENT_TYPES[params.response_format]
-    return _ClosingStream(body, media_type=media_type, headers={"cache-control": "no-cache"})
+    return _ClosingStream(body, media_type=media_type, headers=headers)
 
 
 class _ClosingStream(StreamingResponse):
@@ -313,14 +398,17 @@ def _event(payload: dict) -> bytes:
 
 
 async def list_models(request: Request):
-    return JSONResponse({"object": "list", "data": [_model(request.app.state.services.settings.openai_model)]})
+    """The served model's id, then each OpenAI name it answers to."""
+    return JSONResponse({"object": "list",
+                         "data": [_model(name) for name in accepted_models(request.app.state.services.settings)]})
 
 
 async def get_model(request: Request):
-    model_id = request.path_params["model"]
-    if model_id != request.app.state.services.settings.openai_model:
-        return OpenAIError(404, f"model {model_id!r} not found", "model", "model_not_found").response()
-    return JSONResponse(_model(model_id))
+    try:
+        resolve_model(request.path_params["model"], request.app.state.services.settings)
+    except OpenAIError as exc:
+        return exc.response()
+    return JSONResponse(_model(request.path_params["model"]))
 
 
 def _model(model_id: str) -> dict:

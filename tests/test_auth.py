@@ -218,11 +218,12 @@ async def test_openai_speech_requests_give_their_subjects_place_back(gateway):
     more requests than the per-subject limit, one after another, all succeed."""
     headers = {"Authorization": f"Bearer {token('grace')}"}
     async with httpx.AsyncClient(timeout=60) as http:
-        for body in ({"model": "m", "input": "Hello.", "voice": "default", "response_format": "pcm"},
-                     {"model": "m", "input": "", "voice": "default"}, {"model": "m", "input": "Again.",
-                                                                       "voice": "default", "response_format": "pcm"}):
+        for body in ({"model": "tts-1", "input": "Hello.", "voice": "default", "response_format": "pcm"},
+                     {"model": "tts-1", "input": "", "voice": "default"},
+                     {"model": "tts-1", "input": "Again.", "voice": "default", "response_format": "pcm"}):
             reply = await http.post(gateway.http + "/v1/audio/speech", json=body, headers=headers)
             assert reply.status_code in (200, 400), reply.text
         reply = await http.post(gateway.http + "/v1/audio/speech", headers=headers,
-                                json={"model": "m", "input": "Once more.", "voice": "default", "response_format": "pcm"})
+                                json={"model": "tts-1", "input": "Once more.", "voice": "default",
+                                      "response_format": "pcm"})
         assert reply.status_code == 200 and len(reply.content) > 0
