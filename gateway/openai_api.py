@@ -32,6 +32,7 @@ from .engine_stream import SynthesisFailed
 from .protocol import invalid_unicode
 from .speech import Timing, sentence_audio
 from .text import SentenceFeed, split_sentences
+from .words import UtteranceWords, utterance_words
 
 log = logging.getLogger("gateway.openai")
 MODEL_OWNER = "qwen"
@@ -286,8 +287,11 @@ async def _speech(request: Request, services, received: float, identity: Identit
         log.info("speech request %s: instructions of %d characters ignored (GATEWAY_OPENAI_IGNORE_INSTRUCTIONS): "
                  "the model %s takes none", request_id, params.ignored_instructions_chars, params.model.id)
         headers[INSTRUCTIONS_IGNORED_HEADER] = "true"
-    body = _events(first, audio, params, listener) if params.sse else \
-        _encoded(first, audio, params, {"samples": 0}, listener)
+    heard = _Heard(request_id, listener, params.speed,
+                   utterance_words(services.endpoints, services.settings, params.language, lambda: params.input),
+                   services.settings.heard_timeout_s)
+    body = _events(first, audio, params, listener, heard) if params.sse else \
+        _encoded(first, audio, params, {"samples": 0}, listener, heard)
     media_type = "text/event-stream" if params.sse else CONTENT_TYPES[params.response_format]
     return _ClosingStream(body, media_type=media_type, headers=headers)
 
@@ -340,8 +344,41 @@ async def _first_chunk(audio: AsyncIterator, request: Request) -> object:
             await audio.aclose()
 
 
+class _Heard:
+    """What the listener of a speech request heard, logged when its client goes away mid-stream (the speak
+    protocol's ``heardMs``/``heardText``; this API has no message to carry them)."""
+
+    _logging: set = set()  # the log tasks running (nobody awaits them)
+
+    def __init__(self, request_id: str, listener: Listener, speed: float, words: Optional[UtteranceWords],
+                 timeout_s: float):
+        self.request_id, self.listener, self.speed, self.words, self.timeout_s = \
+            request_id, listener, speed, words, timeout_s
+
+    def add(self, chunk) -> None:
+        if self.words is not None:
+            self.words.add_audio(chunk)
+
+    def client_gone(self) -> None:
+        """Log heardMs (on the generated audio's clock: the listener plays it at ``speed``) and heardText."""
+        played_s = self.listener.audio_s - self.listener.buffered()
+        heard_ms = int(max(0.0, 1000 * played_s * self.speed))
+        task = asyncio.get_running_loop().create_task(self._log(heard_ms))
+        self._logging.add(task)
+        task.add_done_callback(self._logging.discard)
+
+    async def _log(self, heard_ms: int) -> None:
+        text = await self.words.heard_text(heard_ms, self.timeout_s) if self.words is not None else None
+        log.info("speech request %s: the client went away after %d ms heard: %r", self.request_id, heard_ms, text)
+        self.close()
+
+    def close(self) -> None:
+        if self.words is not None:
+            self.words.close()
+
+
 async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: dict,
-                   listener: Listener) -> AsyncIterator[bytes]:
+                   listener: Listener, heard: Optional[_Heard] = None) -> AsyncIterator[bytes]:
     """The response format's bytes as the audio arrives; the Triton requests are cancelled when the client
     goes away (the response stops being sent). Encoding runs off the event loop where ffmpeg does it.
 
@@ -355,6 +392,8 @@ async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: di
             chunk = first
             while chunk is not None:
                 stats["samples"] += len(chunk)
+                if heard is not None:
+                    heard.add(chunk)
                 data = await asyncio.to_thread(encoder.encode, chunk) if off_loop else encoder.encode(chunk)
                 if data:
                     yield data
@@ -364,6 +403,9 @@ async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: di
         outcome = "completed"
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "cancelled"
+        if heard is not None:
+            heard.client_gone()
+            heard = None  # its log task closes it
         raise
     except (SynthesisFailed, TimeoutError) as exc:
         log.warning("speech request failed mid-stream: %s", exc)
@@ -371,15 +413,18 @@ async def _encoded(first, audio: AsyncIterator, params: SpeechRequest, stats: di
     finally:
         metrics.OPENAI_REQUESTS.labels(outcome).inc()
         metrics.AUDIO_SECONDS.inc(stats["samples"] / SAMPLE_RATE)
+        if heard is not None:
+            heard.close()
 
 
-async def _events(first, audio: AsyncIterator, params: SpeechRequest, listener: Listener) -> AsyncIterator[bytes]:
+async def _events(first, audio: AsyncIterator, params: SpeechRequest, listener: Listener,
+                  heard: Optional[_Heard] = None) -> AsyncIterator[bytes]:
     """``speech.audio.delta`` events (base64 of the format's bytes), then ``speech.audio.done`` with usage
     (input: characters; output: codec frames, 12.5 per second of audio); a failure mid-stream becomes an
     ``error`` event."""
     stats = {"samples": 0}
     try:
-        async with contextlib.aclosing(_encoded(first, audio, params, stats, listener)) as stream:
+        async with contextlib.aclosing(_encoded(first, audio, params, stats, listener, heard)) as stream:
             async for data in stream:
                 yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
     except SynthesisFailed as exc:

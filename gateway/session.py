@@ -18,11 +18,10 @@ from tts_contract.listener import Listener
 from . import metrics
 from .audio import AudioConverter
 from .engine_stream import SynthesisFailed
-from .alignment import align
 from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode, Marks
 from .speech import Timing, sentence_audio, written_audio
 from .text import SentenceFeed, WrittenText
-from .words import UtteranceWords, closing
+from .words import UtteranceWords, closing, utterance_words
 
 log = logging.getLogger("gateway.session")
 
@@ -195,20 +194,16 @@ class Session:
 
     def _words(self, utterance: Utterance) -> Optional[UtteranceWords]:
         """A tracker of the utterance's words when the deployment has an aligner (legacy clients get none)."""
-        if utterance.legacy or not self.endpoints.aligner:
+        if utterance.legacy:
             return None
-
-        async def aligner(audio, text):
-            return await align(self.endpoints, audio, text, utterance.language)
 
         async def send_marks(words, aligned):
             metrics.MARKS_WORDS.inc(len(words))
             await self.out.send_message(Marks(words=[w.to_wire() for w in words], requestId=utterance.request_id,
                                               aligned=aligned))
 
-        settings = self.settings
-        return UtteranceWords(aligner, lambda: utterance.text, send_marks if utterance.marks else None,
-                              settings.marks_interval_s, settings.marks_settle_s)
+        return utterance_words(self.endpoints, self.settings, utterance.language, lambda: utterance.text,
+                               send_marks if utterance.marks else None)
 
     async def _play(self, utterance: Utterance) -> None:
         converter = AudioConverter(utterance.audio.sample_rate, utterance.audio.encoding)

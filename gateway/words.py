@@ -22,7 +22,7 @@ import numpy as np
 
 from tts_contract.audio import SAMPLE_RATE
 
-from .alignment import AlignerUnavailable, Word
+from .alignment import AlignerUnavailable, Word, align
 
 log = logging.getLogger("gateway.words")
 SAMPLES_PER_MS = SAMPLE_RATE // 1000
@@ -105,7 +105,8 @@ class UtteranceWords:
                     window, chars = self._window(final=self._generated)
                     words += [w.shifted(self._start_ms, self._start_char) for w in await self._align(window, chars)]
         except (AlignerUnavailable, TimeoutError) as exc:
-            log.warning("what the listener heard is unknown: %s", exc or f"the aligner took over {timeout_s:g} s")
+            reason = str(exc) or f"the aligner took over {timeout_s:g} s"
+            log.warning("what the listener heard is unknown: %s", reason)
             return None
         if self.failed:
             return None
@@ -167,6 +168,18 @@ class UtteranceWords:
         self._window_samples = audio.size - drop
         self._start_ms += end_ms
         self._start_char += char_end
+
+
+def utterance_words(endpoints, settings, language: Optional[str], text: Callable[[], str],
+                    on_marks: Optional[MarksSink] = None) -> Optional[UtteranceWords]:
+    """A tracker of an utterance's words through the endpoints' aligner; None when no endpoint serves one."""
+    if not endpoints.aligner:
+        return None
+
+    async def aligner(audio: np.ndarray, window_text: str) -> list[Word]:
+        return await align(endpoints, audio, window_text, language)
+
+    return UtteranceWords(aligner, text, on_marks, settings.marks_interval_s, settings.marks_settle_s)
 
 
 @contextlib.contextmanager
