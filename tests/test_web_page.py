@@ -1,13 +1,17 @@
 """The web page at `/`, in a real headless Chromium (Debian's `chromium`, driven by Playwright): it speaks with
 audio streaming into the player, stops, adds voices from a file and from the microphone, asks for a token
-when auth is on, and logs no errors."""
+when auth is on, takes turns (a user talking over a reply interrupts it; word marks highlight the word playing),
+and logs no errors."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -20,21 +24,58 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT_ENV = "WEB_PAGE_SCREENSHOT"
 TOKEN = "page-test-token"
 WAIT_MS = 60_000  # for Playwright's own waits
+# The fake microphone of the turn-taking tests: QUIET_S of silence (the page measures the room in its first 300 ms,
+# and the reply starts), then TALK_S of someone talking; Chromium loops the file.
+QUIET_S, TALK_S, MIC_RATE = 3.0, 4.0, 48000
+# A reply still being generated when the microphone turns loud: FAST settings give 4 + 1 frame (80 ms) per character
+# and sentence, so 160 s of audio, generated in about 25 s on a 2-core CPU (the tiny model never stops by itself),
+# still going QUIET_S in on a machine several times faster. Under the page gateway's 2,000-character limit.
+LONG_REPLY = " ".join([LONG] * 19)
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     if CHROMIUM is None:
         pytest.fail("chromium is not installed; `make setup` installs Debian's chromium package")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
-        yield browser
-        browser.close()
+        yield playwright
+
+
+def launch(playwright, *args: str):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", *args])
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    """Chromium whose fake microphone is its own (a beep every second)."""
+    browser = launch(playwright)
+    yield browser
+    browser.close()
+
+
+def talking_clip(path: Path) -> Path:
+    """QUIET_S of digital silence, then TALK_S of a voiced, syllable-like sound (harmonics of 140 Hz, loudness
+    rising and falling four times a second, never below a third of its peak): far over the page's threshold."""
+    t = np.arange(int(TALK_S * MIC_RATE)) / MIC_RATE
+    phase = 2 * np.pi * np.cumsum(140 + 20 * np.sin(2 * np.pi * 2 * t)) / MIC_RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8)) * (0.67 + 0.33 * np.sin(2 * np.pi * 4 * t))
+    clip = np.concatenate([np.zeros(int(QUIET_S * MIC_RATE)), 0.3 * voiced / np.abs(voiced).max()])
+    sf.write(path, clip.astype(np.float32), MIC_RATE, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def talking_browser(playwright, tmp_path_factory):
+    """Chromium whose fake microphone plays ``talking_clip`` (from its start each time it is opened, looped)."""
+    clip = talking_clip(tmp_path_factory.mktemp("microphone") / "talking.wav")
+    browser = launch(playwright, f"--use-file-for-fake-audio-capture={clip}")
+    yield browser
+    browser.close()
 
 
 def copy_voices(voices_dir: Path, work: Path) -> Path:
@@ -55,8 +96,11 @@ class Page:
         self.context = browser.new_context(viewport={"width": 1100, "height": 900})
         self.tab = self.context.new_page()
         self.errors: list[str] = []
+        self.sent: list[dict] = []  # the JSON messages the page sent on its WebSockets
         self.tab.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
         self.tab.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.tab.on("websocket", lambda ws: ws.on("framesent", lambda payload: isinstance(payload, str) and
+                                                  self.sent.append(json.loads(payload))))
         self.tab.goto(url)
 
     def stats(self) -> dict:
@@ -84,6 +128,23 @@ def page(browser, gateway):
     opened = Page(browser, gateway.http + "/").connected()
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def talking_page(talking_browser, gateway):
+    """The page in the browser whose microphone is quiet for QUIET_S, then loud."""
+    opened = Page(talking_browser, gateway.http + "/").connected()
+    yield opened
+    opened.close()
+
+
+def listen(page: Page) -> float:
+    """Switch "Talk over it" on and wait until the page has measured the room; returns when the microphone opened."""
+    page.tab.check("#talk-over")
+    page.wait_for("window.ttsPage.turn.mic && window.ttsPage.turn.mic.listening", timeout_s=10)
+    opened = time.monotonic()
+    page.wait_for("window.ttsPage.turn.mic.calibrated", timeout_s=5)
+    return opened
 
 
 def screenshot_path(tmp_path: Path) -> Path:
@@ -217,10 +278,137 @@ def test_with_auth_on_the_page_asks_for_a_token_then_speaks(browser, make_gatewa
 
 def test_the_page_is_served_with_a_content_security_policy(gateway):
     """`/` is HTML with a CSP that keeps the page to its own origin; its scripts and styles are served."""
-    import httpx
-
     response = httpx.get(gateway.http + "/", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in response.headers["content-security-policy"]
-    for asset in ("app.js", "player.js", "worklets.js", "wav.js", "style.css"):
+    for asset in ("app.js", "player.js", "reply.js", "worklets.js", "wav.js", "style.css"):
         assert httpx.get(f"{gateway.http}/static/{asset}", timeout=10).status_code == 200
+
+
+def test_word_marks_highlight_the_word_playing(page, gateway):
+    """With an aligner, the words of the `marks` are highlighted one after another as playback passes their start,
+    never before, each over its own span of the reply's text."""
+    if not httpx.get(gateway.http + "/readyz", timeout=10).json()["wordTimestamps"]:
+        pytest.skip("the test Triton serves no aligner yet: started.wordTimestamps is false and no marks come")
+    text = "Hello there. This is the page speaking, one word after another, while it plays."
+    page.tab.fill("#text", text)
+    page.tab.click("#speak")
+    seen = []  # while it plays: (the text in <mark>, the word the page last highlighted, the playback position)
+    deadline = time.monotonic() + 60
+    while True:
+        mark, latest, position, playing = page.tab.evaluate("""() => [
+            document.querySelector('#reply mark')?.textContent ?? null, window.ttsPage.turn.highlighted.at(-1) ?? null,
+            window.ttsPage.player && window.ttsPage.player.positionMs(),
+            window.ttsPage.utterances === 0 || window.ttsPage.player.stats.buffered > 0]""")
+        if not playing:
+            break
+        seen.append((mark, latest, position))
+        assert time.monotonic() < deadline, seen[-5:]
+        page.tab.wait_for_timeout(30)
+    stats = page.stats()
+    assert stats["wordTimestamps"] is True and stats["marks"] > 0 and not stats["completes"][0]["cancelled"]
+    highlighted = stats["turn"]["highlighted"]
+    assert highlighted, "no word was highlighted"
+    arrived = [(message["atMs"], word) for message in stats["turn"]["marks"] for word in message["words"]]
+    key = lambda word: (word["text"], word["startMs"], word["charStart"])  # noqa: E731
+    assert {key(word) for word in highlighted} <= {key(word) for _, word in arrived}, (highlighted, arrived)
+    for mark, latest, position in seen:  # the word the marks put there, over its own span, once its start is played
+        if mark is not None:
+            assert mark == latest["text"] and text[latest["charStart"]:].startswith(mark), (mark, latest)
+            assert latest["startMs"] <= position, (latest, position)
+    starts = [word["startMs"] for word in highlighted]
+    assert starts == sorted(starts), highlighted
+    # Every word that came well before playback reached it and was the latest started for a while was highlighted
+    # (the tiny model's random-weight aligner may place words anywhere, some even past the audio's end).
+    played = max(position or 0 for _, _, position in seen)
+    ordered = sorted(arrived, key=lambda pair: pair[1]["startMs"])  # stable, as the page sorts them
+    for i, (at_ms, word) in enumerate(ordered):
+        next_start = ordered[i + 1][1]["startMs"] if i + 1 < len(ordered) else float("inf")
+        if word["startMs"] >= at_ms + 200 and next_start >= word["startMs"] + 200 and word["startMs"] + 200 <= played:
+            assert key(word) in {key(w) for w in highlighted}, (word, highlighted, arrived)
+    assert not page.errors, page.errors
+
+
+def test_talking_over_a_reply_interrupts_it(talking_page, gateway):
+    """With "Talk over it" on, the microphone turning loud while a long reply plays makes the page report what it
+    played, interrupt its contract and silence its player, and the reply shows the heard words with the rest struck
+    through (without an aligner: the milliseconds heard)."""
+    page = talking_page
+    page.tab.fill("#text", LONG_REPLY)
+    listen(page)
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.turn.interrupts === 1", timeout_s=QUIET_S + TALK_S + 10)
+    page.wait_for("window.ttsPage.completes.length === 1", timeout_s=10)
+    stats = page.stats()
+    complete = stats["completes"][0]
+    assert complete.get("interrupted") is True and complete["cancelled"] is True, complete
+    assert stats["turn"]["interrupts"] == 1 and stats["turn"]["mic"]["speaking"] is True
+    # the page said what it had played, then interrupted its own conversation; the server heard exactly that
+    turns = [m for m in page.sent if m["type"] in ("played", "interrupt", "cancel")]
+    interrupt = next(i for i, m in enumerate(turns) if m["type"] == "interrupt")
+    assert turns[interrupt] == {"type": "interrupt", "contractId": stats["turn"]["contractId"]}, turns
+    played = turns[interrupt - 1]
+    assert played["type"] == "played" and played["requestId"] == complete["requestId"], turns
+    assert played["ms"] <= complete["heardMs"] <= played["ms"] + 500, (played, complete)
+    assert complete["heardMs"] < complete["audioLengthMs"]  # cut before the end of what was sent
+    assert stats["turn"]["cut"] == {"requestId": complete["requestId"], "heardMs": complete["heardMs"],
+                                    "heardText": complete["heardText"], "by": "server"}
+    page.wait_for("window.ttsPage.player.stats.buffered === 0", timeout_s=2)  # silenced at once
+    shown = page.tab.text_content("#reply")
+    if complete["heardText"] is None:  # no aligner: what was heard is known in milliseconds only
+        assert shown == f"{LONG_REPLY} heard {complete['heardMs']} ms", shown
+        assert page.tab.locator("#reply s").count() == 0
+    else:
+        assert page.tab.text_content("#reply .heard") == complete["heardText"]
+        assert complete["heardText"] + page.tab.text_content("#reply s.unheard") == LONG_REPLY
+    assert not page.errors, page.errors
+
+
+def test_with_talk_over_it_off_the_microphone_does_not_interrupt(talking_page):
+    """Switched on then off before speaking, the page stops listening: the same microphone turning loud leaves the
+    reply playing, with no interrupt sent and nothing struck through."""
+    page = talking_page
+    page.tab.fill("#text", LONG_REPLY)
+    opened = listen(page)
+    page.tab.uncheck("#talk-over")
+    page.wait_for("window.ttsPage.turn.mic === null", timeout_s=5)
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.player && window.ttsPage.player.stats.samplesPlayed > 0", timeout_s=30)
+    # well into the loud part of the microphone had it stayed open (it interrupts within 100 ms of it)
+    page.tab.wait_for_timeout(max(0.0, opened + QUIET_S + 1.5 - time.monotonic()) * 1000)
+    stats = page.stats()
+    assert stats["player"]["buffered"] > 0, stats["player"]  # still playing
+    assert stats["turn"]["interrupts"] == 0 and not [m for m in page.sent if m["type"] == "interrupt"]
+    assert not [c for c in stats["completes"] if c["cancelled"]], stats["completes"]
+    assert page.tab.locator("#reply s").count() == 0 and "heard" not in page.tab.text_content("#reply")
+    assert page.tab.text_content("#talk-state") == "off"
+    assert not page.errors, page.errors
+
+
+def test_talking_over_a_reply_generated_already_cuts_it_in_the_page(talking_page):
+    """A reply the server has finished generating but that still plays is cut by the page itself when the user
+    talks over it: interrupt sent, player silenced, and what it had played by its own clock and marks shown as
+    heard."""
+    page = talking_page
+    text = " ".join([LONG] * 2)  # 17 s of audio, generated in a few seconds
+    page.tab.fill("#text", text)
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.utterances === 1", timeout_s=30)
+    listen(page)  # the microphone turns loud QUIET_S from now: the reply still plays
+    page.wait_for("window.ttsPage.turn.interrupts === 1", timeout_s=QUIET_S + 10)
+    page.wait_for("window.ttsPage.player.stats.buffered === 0", timeout_s=2)
+    stats = page.stats()
+    complete, cut = stats["completes"][0], stats["turn"]["cut"]
+    assert complete["cancelled"] is False and len(stats["completes"]) == 1  # the server had nothing left to stop
+    assert {"type": "interrupt", "contractId": stats["turn"]["contractId"]} in page.sent
+    assert cut["by"] == "page" and cut["requestId"] == complete["requestId"], cut
+    assert 0 < cut["heardMs"] < complete["audioLengthMs"], (cut, complete)
+    shown = page.tab.text_content("#reply")
+    if not stats["wordTimestamps"]:
+        assert cut["heardText"] is None and shown == f"{text} heard {cut['heardMs']} ms", shown
+    else:  # the text up to the last word that had ended by then, as the server would say it
+        ends = [w["charEnd"] for m in stats["turn"]["marks"] for w in m["words"] if w["endMs"] <= cut["heardMs"]]
+        assert cut["heardText"] == text[:max(ends, default=0)], (cut, stats["turn"]["marks"])
+        assert page.tab.text_content("#reply .heard") == cut["heardText"]
+        assert cut["heardText"] + (page.tab.text_content("#reply s.unheard") or "") == text
+    assert not page.errors, page.errors

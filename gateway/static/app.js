@@ -1,16 +1,37 @@
 // The try-it page: one speak session over the WebSocket, audio played while it streams, voices managed
 // through the REST API. No build step, no dependencies.
-import {Recorder, StreamPlayer} from "./player.js";
+//
+// Turn-taking: the session starts with this page's contractId and asks for word marks. The page tells the server
+// what it has really played (`played`, every 250 ms and when it stops), highlights the word being spoken, and,
+// with "Talk over it" on, listens to the microphone: when the user speaks while a reply plays, it stops playing at
+// once and sends `interrupt` for its contract; the reply then shows what was heard and strikes the rest.
+import {Recorder, SpeechDetector, StreamPlayer} from "./player.js";
+import {Reply} from "./reply.js";
 import {wavBlob} from "./wav.js";
 
 const RATE = 24000;           // the session's rate = the AudioContext's: no resampling in the browser
 const MAX_RECORD_SECONDS = 29.5;  // under the server's 30 s limit, with room for the timer's 200 ms
+const PLAYED_EVERY_MS = 250;  // how often the page tells the server how much of the reply it has played
 const $ = (id) => document.getElementById(id);
+
+function randomId() {  // crypto.randomUUID needs a secure context; getRandomValues does not
+  return Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// One conversation per page load: every session of this page starts with it, and an interrupt names it.
+const CONTRACT = `page-${randomId()}`;
 
 // What the page has done, for people curious in the console and for the browser test.
 const page = window.ttsPage = {
   framesReceived: 0, samplesReceived: 0, utterances: 0, completes: [], errors: [], player: null, mode: null,
-  liveAppends: 0,
+  liveAppends: 0, wordTimestamps: false, marks: 0,
+  turn: {
+    contractId: CONTRACT, interrupts: 0, playedReports: 0,
+    marks: [],  // each `marks` message of the reply shown, with where playback was when it came: {atMs, words}
+    cut: null,  // the last reply cut short: {requestId, heardMs, heardText, by: "server" (its complete) or "page"}
+    get mic() { return detector ? {...detector.state} : null; },
+    get highlighted() { return reply.highlighted; },
+  },
 };
 
 let token = localStorage.getItem("qwen-tts-token") || "";
@@ -20,7 +41,10 @@ let socket = null;
 let sessionReady = null;      // resolves once the session answered `started`
 let pendingStart = null;      // {resolve, reject} while a `start` awaits its answer
 let configured = {};          // voice and language of the last `started`
-let current = null;           // the utterance playing: {requestId, sentAt, firstAudioAt, chunks, stopped}
+let current = null;           // the utterance being generated: {requestId, text, sentAt, firstAudioAt, chunks, stopped}
+let shown = null;             // the utterance the reply shows: `current`, and after it still while it plays
+let reply = null;             // the reply's text on the page (reply.js)
+let detector = null;          // the microphone's speech detector while "Talk over it" is on
 let lastDownload = null;
 let live = null;              // speaking as the user types: {sent: text appended so far, ready: session set up}
 let recorder = null;
@@ -89,7 +113,7 @@ function fillLanguages(languages) {
 // -- the session ------------------------------------------------------------------------------------------
 
 function startMessage() {
-  const message = {type: "start", sampleRate: RATE, encoding: "pcm32f"};
+  const message = {type: "start", sampleRate: RATE, encoding: "pcm32f", contractId: CONTRACT, wordTimestamps: true};
   if ($("voice").value) message.voice = $("voice").value;
   if ($("language").value) message.language = $("language").value;
   if (token) message.authToken = token;
@@ -143,12 +167,20 @@ function onMessage(message) {
       fillLanguages(message.capabilities.languages);
       break;
     case "started":
-      configured = {voice: message.voice, language: message.language};
+      configured = {voice: message.voice, language: message.language, wordTimestamps: message.wordTimestamps};
+      page.wordTimestamps = Boolean(message.wordTimestamps);
       if (pendingStart) pendingStart.resolve(message);
       pendingStart = null;
       break;
     case "complete":
       finish(message);
+      break;
+    case "marks":
+      if (shown && message.requestId === shown.requestId && !shown.stopped) {
+        page.marks += message.words.length;
+        page.turn.marks.push({atMs: shown.firstAudioAt === null ? 0 : player.positionMs(), words: message.words});
+        reply.addMarks(message.words);
+      }
       break;
     case "error":
       page.errors.push(message);
@@ -187,6 +219,11 @@ function finish(complete) {
   const seconds = utterance.chunks.reduce((n, c) => n + c.length, 0) / RATE;
   $("audio-seconds").textContent = `${seconds.toFixed(2)} s`;
   showStalls(utterance);
+  if (complete && complete.interrupted && !utterance.stopped) {
+    // interrupted from elsewhere (another session of this conversation, or its REST route): silent here too
+    utterance.stopped = true;
+    player.clear();
+  }
   if (complete) {
     page.utterances += 1;
     page.completes.push(complete);
@@ -197,6 +234,13 @@ function finish(complete) {
     $("stalls").title = `this page's player; the server's view of a real-time listener: ${complete.underruns} ` +
       `(${complete.stallMs} ms)`;
     say($("message"), complete.cancelled ? "Stopped." : `Done: ${complete.charactersProcessed} characters.`);
+    if (complete.cancelled && complete.heardMs !== undefined) {
+      showCut(utterance, complete.heardText === undefined ? null : complete.heardText, complete.heardMs,
+              Boolean(complete.interrupted), "server");
+    } else if (utterance.cutAtMs !== undefined) {  // the page stopped it just as its generation ended
+      showCut(utterance, reply.heardTextAt(utterance.cutAtMs, configured.wordTimestamps), utterance.cutAtMs,
+              utterance.interrupting, "page");
+    }
   }
   if (seconds) {
     if (lastDownload) URL.revokeObjectURL(lastDownload);
@@ -231,15 +275,17 @@ async function speak() {
     say($("message"), `Cannot start: ${error.message}`, "error");
     return;
   }
-  beginUtterance();
+  beginUtterance(text);
   socket.send(JSON.stringify({type: "speak", text, requestId: current.requestId}));
 }
 
-function beginUtterance() {
+function beginUtterance(text) {
   player.clear();
   for (const id of ["ttfa", "rtf", "audio-seconds", "stalls"]) $(id).textContent = "…";
-  current = {requestId: `page-${++utteranceCounter}`, sentAt: performance.now(), firstAudioAt: null, chunks: [],
-             stopped: false, stalls: player.stats.stalls, stalledSamples: player.stats.stalledSamples};
+  shown = current = {requestId: `page-${++utteranceCounter}`, text, sentAt: performance.now(), firstAudioAt: null,
+                     chunks: [], stopped: false, stalls: player.stats.stalls,
+                     stalledSamples: player.stats.stalledSamples};
+  reply.begin(text);
 }
 
 // Speak as I type: text added at the end of the box goes out as `append`s of one continuous utterance (spoken
@@ -253,7 +299,7 @@ async function typed() {
       await ensureSession();
       setBusy(true);
       say($("message"), "Speaking as you type: Ctrl+Enter ends the utterance.");
-      beginUtterance();
+      beginUtterance("");
     })();
   }
   const session = live;
@@ -276,6 +322,8 @@ async function typed() {
   const opens = !session.sent;
   session.sent = text;
   page.liveAppends += 1;
+  current.text += piece;  // the text the server speaks (and counts characters of), as sent
+  reply.setText(current.text);
   socket.send(JSON.stringify(opens ? {type: "append", text: piece, requestId: current.requestId, textMode: "continuous"}
                                    : {type: "append", text: piece}));
 }
@@ -289,10 +337,94 @@ function endTyped() {
 }
 
 function stop() {
-  if (current) current.stopped = true;
-  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({type: "cancel"}));
-  if (player) player.clear();
+  cutShort(false);
   updateStop();
+}
+
+// -- turn-taking ------------------------------------------------------------------------------------------
+
+/** Whether the reply is being heard now: its audio started, it is not stopped, and some is still to play. */
+function replyPlaying() {
+  return Boolean(shown && !shown.stopped && shown.firstAudioAt !== null &&
+                 (shown === current || player.stats.buffered > 0));
+}
+
+/** Stop the reply now (Stop, or the user talking over it: `interrupting`): silence the player, tell the server
+ * what was played, then cancel or interrupt the conversation. The server answers with what was heard; a reply
+ * whose generation had already ended is cut here, from the page's own playback position and word marks. */
+function cutShort(interrupting) {
+  const utterance = shown && !shown.stopped && (shown === current || replyPlaying()) ? shown : null;
+  const ms = utterance && utterance.firstAudioAt !== null ? Math.round(player.positionMs()) : 0;
+  if (current) current.stopped = true;
+  if (player) player.clear();
+  if (utterance) Object.assign(utterance, {stopped: true, cutAtMs: ms, interrupting});
+  if (socket && socket.readyState === WebSocket.OPEN) {
+    if (current && current.firstAudioAt !== null) reportPlayed(current, ms);
+    socket.send(JSON.stringify(interrupting ? {type: "interrupt", contractId: CONTRACT} : {type: "cancel"}));
+  }
+  if (interrupting) page.turn.interrupts += 1;
+  if (utterance && utterance !== current) {
+    showCut(utterance, reply.heardTextAt(ms, configured.wordTimestamps), ms, interrupting, "page");
+  }
+}
+
+function reportPlayed(utterance, ms) {
+  socket.send(JSON.stringify({type: "played", requestId: utterance.requestId, ms}));
+  utterance.playedMs = ms;
+  page.turn.playedReports += 1;
+}
+
+/** Every PLAYED_EVERY_MS while the server still generates the reply: how much of it has really been played. */
+function reportPlaying() {
+  const utterance = current;
+  if (!utterance || utterance !== shown || utterance.stopped || utterance.firstAudioAt === null) return;
+  if (!socket || socket.readyState !== WebSocket.OPEN) return;
+  const ms = Math.round(player.positionMs());
+  if (ms !== utterance.playedMs) reportPlayed(utterance, ms);
+}
+
+function showCut(utterance, heardText, heardMs, interrupted, by) {
+  if (utterance !== shown) return;
+  page.turn.cut = {requestId: utterance.requestId, heardMs, heardText, by};
+  reply.stopped(heardText, heardMs);
+  const what = heardText !== null ? `${heardText.trim().split(/\s+/).filter(Boolean).length} words` : `${heardMs} ms`;
+  say($("message"), `${interrupted ? "Interrupted" : "Stopped"}: heard ${what}.`);
+}
+
+function onSpeech(state) {
+  showTalkState();
+  if (state.speaking && $("talk-over").checked && replyPlaying()) cutShort(true);
+}
+
+async function toggleTalkOver() {
+  const on = $("talk-over").checked;
+  if (!on) {
+    if (detector) detector.stop();
+    detector = null;
+    showTalkState();
+    return;
+  }
+  if (detector) return;
+  const starting = detector = new SpeechDetector(onSpeech);
+  showTalkState();
+  try {
+    await starting.start();
+  } catch (error) {
+    if (detector === starting) detector = null;
+    $("talk-over").checked = false;
+    say($("message"), `Cannot listen: ${error.message}`, "error");
+  }
+  if (detector !== starting) starting.stop();  // switched off (and maybe on again) meanwhile
+  showTalkState();
+}
+
+function showTalkState() {
+  const state = detector ? detector.state : null;
+  const text = !state ? "off" : !state.listening ? "opening the microphone…"
+    : !state.calibrated ? "listening (measuring the room: stay quiet)…" : "listening";
+  if ($("talk-state").textContent !== text) $("talk-state").textContent = text;  // aria-live: changes only
+  $("talk-meter").hidden = !state || !state.listening;
+  $("talk-dot").dataset.speaking = String(Boolean(state && state.speaking));
 }
 
 function showStalls(utterance) {
@@ -306,6 +438,16 @@ function showStalls(utterance) {
 function drawMeter() {
   updateStop();
   showStalls(current);
+  if (shown && !shown.stopped && shown.firstAudioAt !== null) {
+    if (replyPlaying()) reply.at(player.positionMs());
+    else if (shown !== current) reply.done();
+  }
+  if (detector && detector.state.speaking && $("talk-over").checked && replyPlaying()) cutShort(true);
+  if (detector && detector.state.listening) {
+    const {level, threshold} = detector.state;
+    $("talk-level").style.width = `${Math.min(100, threshold ? 50 * level / threshold : 0)}%`;  // half: threshold
+    showTalkState();
+  }
   const buffered = player ? player.stats.buffered / RATE : 0;
   $("buffered").style.width = `${Math.min(100, buffered * 10)}%`;
   $("buffered").title = `${buffered.toFixed(1)} s buffered`;
@@ -391,6 +533,14 @@ async function load() {
 }
 
 function wire() {
+  reply = new Reply($("reply"));
+  $("contract").textContent = CONTRACT;
+  $("talk-over").addEventListener("change", toggleTalkOver);
+  if (!SpeechDetector.available()) {
+    $("talk-over").disabled = true;
+    $("talk-over").parentElement.title = "Listening to the microphone needs https (or localhost)";
+  }
+  setInterval(reportPlaying, PLAYED_EVERY_MS);
   $("speak").addEventListener("click", speak);
   $("stop").addEventListener("click", stop);
   $("text").addEventListener("keydown", (event) => {

@@ -1,4 +1,4 @@
-// Gapless playback of streamed PCM, and microphone recording, at the AudioContext's rate.
+// Gapless playback of streamed PCM (and where it is), microphone recording, and a speech detector on the microphone.
 
 export class StreamPlayer {
   constructor(context) {
@@ -8,6 +8,11 @@ export class StreamPlayer {
     this.node = null;        // the pcm-player worklet (secure contexts)
     this.sources = new Set(); // scheduled buffers (the fallback elsewhere)
     this.nextTime = 0;
+    // Where the utterance playing is. Each clear() starts a new utterance (epoch) whose samples are counted from 0.
+    this.epoch = 0;
+    this.pushed = 0;          // samples of this utterance queued
+    this.report = null;       // the worklet's last report for this epoch: {position, buffered, time}
+    this.scheduled = [];      // the fallback's buffers of this utterance: {start (audio clock), length}
   }
 
   async init() {
@@ -19,6 +24,7 @@ export class StreamPlayer {
         this.stats.buffered = data.buffered;
         this.stats.stalls = data.stalls;
         this.stats.stalledSamples = data.stalledSamples;
+        if (data.epoch === this.epoch) this.report = data;
       };
       this.node.connect(this.context.destination);
     }
@@ -30,6 +36,7 @@ export class StreamPlayer {
   /** Queue a chunk right after the previous one. */
   push(samples) {
     this.stats.samplesScheduled += samples.length;
+    this.pushed += samples.length;
     if (this.node) {
       this.node.port.postMessage(samples, [samples.buffer]);
       return;
@@ -49,6 +56,7 @@ export class StreamPlayer {
       this.nextTime = now + 0.05;
     }
     source.start(this.nextTime);
+    this.scheduled.push({start: this.nextTime, length: samples.length});
     this.nextTime += buffer.duration;
     this.sources.add(source);
     source.onended = () => {
@@ -63,13 +71,33 @@ export class StreamPlayer {
     if (this.node) this.node.port.postMessage({type: "end"});
   }
 
-  /** Silence now: drop what is queued. */
+  /** Silence now: drop what is queued; what is pushed next is a new utterance, its position counted from 0. */
   clear() {
-    if (this.node) this.node.port.postMessage({type: "clear"});
+    this.epoch += 1;
+    this.pushed = 0;
+    this.report = null;
+    this.scheduled = [];
+    if (this.node) this.node.port.postMessage({type: "clear", epoch: this.epoch});
     for (const source of this.sources) source.stop();
     this.sources.clear();
     this.nextTime = 0;
     this.stats.buffered = 0;
+  }
+
+  /** Milliseconds of the utterance (since the last clear) that have come out of the loudspeakers by now, on the
+   * AudioContext's own clock: the samples the audio thread has rendered, less the output's latency. */
+  positionMs() {
+    const rate = this.context.sampleRate;
+    const now = this.context.currentTime;
+    let samples = 0;
+    if (this.node) {
+      const report = this.report;  // rendered as of report.time; it went on playing since, unless it had run dry
+      if (report) samples = report.position + (report.buffered > 0 ? Math.max(0, now - report.time) * rate : 0);
+    } else {
+      for (const {start, length} of this.scheduled) samples += Math.min(length, Math.max(0, (now - start) * rate));
+    }
+    const latency = this.context.outputLatency || this.context.baseLatency || 0;
+    return Math.max(0, Math.min(samples, this.pushed) / rate - latency) * 1000;
   }
 }
 
@@ -117,5 +145,53 @@ export class Recorder {
     for (const track of this.stream.getTracks()) track.stop();
     this.context.close();
     return this.chunks;
+  }
+}
+
+export class SpeechDetector {
+  // Listens to the microphone and says when someone speaks (worklets.js, "speech-detector", explains how).
+  // Its own AudioContext at the device's rate, as the Recorder's. onChange({speaking}) is called when speech
+  // starts and ends; `state` holds the figures ({listening, calibrated, floor, threshold, level, speaking}).
+  constructor(onChange) {
+    this.onChange = onChange;
+    this.context = null;
+    this.state = {listening: false, calibrated: false, floor: null, threshold: null, level: 0, speaking: false};
+  }
+
+  static available() {
+    return Boolean(window.isSecureContext && navigator.mediaDevices && window.AudioWorkletNode);
+  }
+
+  async start() {
+    this.context = new AudioContext();
+    try {
+      // Echo cancellation: the reply coming out of the loudspeakers must not count as the user talking.
+      this.stream = await navigator.mediaDevices.getUserMedia(
+        {audio: {channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: false}});
+      await this.context.audioWorklet.addModule("/static/worklets.js");
+      this.source = this.context.createMediaStreamSource(this.stream);
+      this.node = new AudioWorkletNode(this.context, "speech-detector");
+    } catch (error) {  // no microphone, or no permission: nothing stays open
+      if (this.stream) for (const track of this.stream.getTracks()) track.stop();
+      this.context.close();
+      throw error;
+    }
+    this.node.port.onmessage = ({data}) => {
+      Object.assign(this.state, data);
+      if ("speaking" in data) this.onChange(this.state);
+    };
+    this.source.connect(this.node);
+    if (this.context.state !== "running") await this.context.resume();
+    this.state.listening = true;
+  }
+
+  stop() {
+    if (!this.state.listening) return;
+    this.state = {...this.state, listening: false, speaking: false};
+    this.source.disconnect();
+    this.node.port.onmessage = null;
+    this.node.port.postMessage("stop");
+    for (const track of this.stream.getTracks()) track.stop();
+    this.context.close();
   }
 }
