@@ -9,7 +9,7 @@ export TRANSFORMERS_VERBOSITY := error
 .PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench bench-gpu graph-check soak perf alerts-check clean help
 
 help:
-	@echo "make setup      - virtualenv, pinned packages, tiny model (idempotent)"
+	@echo "make setup      - virtualenv, pinned packages, tiny model and tiny aligner (idempotent)"
 	@echo "make run        - Triton + gateway on CPU with QWEN_TTS_MODEL_DIR, else the tiny model"
 	@echo "make triton     - Triton alone on the rendered repository (TRITON_*_PORT)"
 	@echo "make gateway    - the gateway alone (TRITON_URL, GATEWAY_PORT, ...)"
@@ -22,7 +22,8 @@ help:
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
 	@echo "make alerts-check - promtool: the alert rules, their unit tests, and the compose Prometheus config"
 
-$(STAMP): requirements.txt requirements-model.txt pyproject.toml scripts/setup.sh tts_engine/tiny_model.py
+$(STAMP): requirements.txt requirements-model.txt requirements-model-nodeps.txt pyproject.toml scripts/setup.sh \
+          tts_engine/tiny_model.py tts_engine/alignment/tiny_aligner.py
 	./scripts/setup.sh
 	@touch $(STAMP)
 

@@ -175,7 +175,8 @@ def through_triton(model_dir: str, profile: str, frames: int, counts: list[int],
     from tools.triton_local import LocalTriton
 
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "build"))
-    repository = render(work / "model_repository", resolve(profile, {"MODEL_DIR": model_dir,
+    # Speech alone: no aligner (the GPU profile's default aligner directory need not exist where this runs).
+    repository = render(work / "model_repository", resolve(profile, {"MODEL_DIR": model_dir, "ALIGNER_DIR": "",
                                                                      "MAX_ACTIVE_STREAMS": str(max_active)}))
     server = LocalTriton(repository, log_path=work / "tritonserver.log").start()
     try:

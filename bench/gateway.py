@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     from tools.triton_local import LocalTriton
 
     work = Path(tempfile.mkdtemp(prefix="bench-gw-", dir=ROOT / "build"))
-    values = resolve(args.profile, {"MODEL_DIR": args.model_dir})
+    # Speech alone: no aligner (the GPU profile's default aligner directory need not exist where this runs).
+    values = resolve(args.profile, {"MODEL_DIR": args.model_dir, "ALIGNER_DIR": ""})
     server = LocalTriton(render(work / "model_repository", values), log_path=work / "tritonserver.log").start()
     gateway = None
     try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up the project on a fresh machine: virtualenv, pinned packages, the tiny model. Idempotent.
+# Set up the project on a fresh machine: virtualenv, pinned packages, the tiny model and aligner. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -27,6 +27,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "== installing requirements"
 quiet $PIP install -q --disable-pip-version-check -r requirements.txt
+# qwen-asr without its own pins and demo extras (requirements-model-nodeps.txt says why)
+quiet $PIP install -q --disable-pip-version-check --no-deps -r requirements-model-nodeps.txt
 quiet $PIP install -q --disable-pip-version-check --no-deps -e .
 "$VENV/bin/python" -m tools.fix_torchaudio
 "$VENV/bin/python" -c "import numpy; assert numpy.__version__ < '2', 'numpy must be < 2 for the Triton stub'"
@@ -61,4 +63,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 echo "== building the tiny model"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model build/tiny-model 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
+echo "== building the tiny aligner"
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.alignment.tiny_aligner build/tiny-aligner 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
 echo "== setup done"

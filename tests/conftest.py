@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model (built once per checkout), a loaded copy, and reference voices."""
+"""Shared fixtures: the tiny model and tiny aligner (built once per checkout), a loaded copy, and reference voices."""
 from __future__ import annotations
 
 import os
@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TINY_MODEL_DIR = Path(os.environ.get("QWEN_TTS_TINY_MODEL_DIR", ROOT / "build" / "tiny-model"))
+TINY_ALIGNER_DIR = Path(os.environ.get("QWEN_TTS_TINY_ALIGNER_DIR", ROOT / "build" / "tiny-aligner"))
 SAMPLE_RATE = 24000
 
 
@@ -36,6 +37,13 @@ def tiny_model_dir() -> Path:
     if not is_current(TINY_MODEL_DIR):
         build_tiny_model(TINY_MODEL_DIR)
     return TINY_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_aligner_dir() -> Path:
+    from tts_engine.alignment.tiny_aligner import ensure_tiny_aligner
+
+    return ensure_tiny_aligner(TINY_ALIGNER_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -117,9 +125,10 @@ def serve_triton(model_dir: Path, voices_dir: Path, work: Path, **overrides):
 
 
 @pytest.fixture(scope="session")
-def triton(tiny_model_dir, voices_dir, tmp_path_factory):
-    """A real tritonserver serving the rendered CPU repository on free ports."""
-    yield from serve_triton(tiny_model_dir, voices_dir, tmp_path_factory.mktemp("triton"))
+def triton(tiny_model_dir, tiny_aligner_dir, voices_dir, tmp_path_factory):
+    """A real tritonserver serving the rendered CPU repository, with the tiny aligner, on free ports."""
+    yield from serve_triton(tiny_model_dir, voices_dir, tmp_path_factory.mktemp("triton"),
+                            ALIGNER_DIR=str(tiny_aligner_dir))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from tts_contract.tensors import MODELS
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_every_model_config_matches_the_contract(triton, model):
-    """Each loaded model's inputs, outputs and transaction policy are exactly what the contract says."""
+    """Each loaded model's inputs, outputs, transaction policy and batch size are exactly what the contract says."""
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     config = client.get_model_config(model, as_json=True)["config"]
     spec = MODELS[model]
@@ -28,6 +28,7 @@ def test_every_model_config_matches_the_contract(triton, model):
     assert described(config["input"]) == {t.name: (t.dtype, t.dims, t.optional) for t in spec.inputs}
     assert described(config["output"]) == {t.name: (t.dtype, t.dims, False) for t in spec.outputs}
     assert bool(config.get("model_transaction_policy", {}).get("decoupled", False)) == spec.decoupled
+    assert int(config.get("max_batch_size", 0)) == spec.max_batch_size
 
 
 def _imports_without(blocked: str, modules: str, absent: str) -> subprocess.CompletedProcess:

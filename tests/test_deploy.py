@@ -60,7 +60,7 @@ def test_compose_requires_the_weights_directory():
 
 
 def test_compose_triton_service_is_a_proper_gpu_triton(compose):
-    """GPU reserved, shm set, ports 8000-8002, readiness healthcheck, weights read-only, voices mounted."""
+    """GPU reserved, shm set, ports 8000-8002, readiness healthcheck, TTS and aligner weights read-only, voices."""
     triton = compose["services"]["triton"]
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -70,6 +70,7 @@ def test_compose_triton_service_is_a_proper_gpu_triton(compose):
     mounts = {m["target"]: m for m in triton["volumes"]}
     assert mounts["/models/Qwen3-TTS-12Hz-0.6B-Base"]["read_only"] is True
     assert mounts["/models/Qwen3-TTS-12Hz-0.6B-Base"]["source"] == ENV["QWEN_TTS_WEIGHTS_DIR"]
+    assert mounts["/models/Qwen3-ForcedAligner-0.6B"]["read_only"] is True  # no weights there: no word timestamps
     assert "/voices" in mounts and triton["environment"]["QWEN_TTS_PROFILE"] == "gpu"
 
 

@@ -17,13 +17,17 @@ sys.path.insert(0, str(ROOT))
 from tts_contract import limits  # noqa: E402  (the one place these limits are written)
 
 TEMPLATE_DIR = ROOT / "model_repository"
-MODELS = ("talker", "codec_decoder", "voice_encoder", "tts")
+MODELS = ("talker", "codec_decoder", "voice_encoder", "tts", "aligner")
+OPTIONAL_MODELS = {"aligner": "ALIGNER_DIR"}  # rendered only when this parameter is set
 
 # name -> (cpu default, gpu default, description)
 PARAMETERS = {
     "KIND": ("KIND_CPU", "KIND_GPU", "Triton instance kind for the Python models"),
     "VOICE_ENCODER_INSTANCES": ("1", "1", "voice_encoder instances"),
     "MODEL_DIR": ("", "/models/Qwen3-TTS-12Hz-0.6B-Base", "local Qwen3-TTS model directory"),
+    "ALIGNER_DIR": ("", "/models/Qwen3-ForcedAligner-0.6B", "local Qwen3-ForcedAligner directory for word timestamps "
+                    "(empty: no `aligner` model, the deployment serves no word timestamps)"),
+    "ALIGNER_INSTANCES": ("1", "1", "aligner instances"),
     "VOICES_DIR": (str(ROOT / "voices"), "/voices", "voices directory"),
     "DEFAULT_VOICE": ("", "", "default voice id (empty: the voice marked isDefault)"),
     "DEVICE": ("cpu", "cuda", "torch device: cpu, cuda, cuda:N or auto"),
@@ -52,10 +56,10 @@ PARAMETERS = {
     "DEFAULT_MAX_NEW_TOKENS": (str(limits.DEFAULT_MAX_NEW_TOKENS), str(limits.DEFAULT_MAX_NEW_TOKENS), "max_new_tokens when a request sets none"),
     "STREAM_IDLE_TIMEOUT_S": ("60", "60", "seconds before codec_decoder frees an abandoned stream's state"),
 }
-POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "KV_CACHE_TOKENS", "FIRST_CHUNK_FRAMES", "MAX_CHUNK_FRAMES", "PACING_MARGIN_MS",
-                 "FIRST_AUDIO_BUDGET_MS", "MAX_ACTIVE_STREAMS", "TALKER_THREADS", "DECODER_THREADS",
-                 "MAX_QUEUED_STREAMS", "MAX_QUEUE_WAIT_S", "MAX_TEXT_CHARS", "MAX_NEW_TOKENS_LIMIT",
-                 "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
+POSITIVE_INTS = ("VOICE_ENCODER_INSTANCES", "ALIGNER_INSTANCES", "KV_CACHE_TOKENS", "FIRST_CHUNK_FRAMES",
+                 "MAX_CHUNK_FRAMES", "PACING_MARGIN_MS", "FIRST_AUDIO_BUDGET_MS", "MAX_ACTIVE_STREAMS",
+                 "TALKER_THREADS", "DECODER_THREADS", "MAX_QUEUED_STREAMS", "MAX_QUEUE_WAIT_S", "MAX_TEXT_CHARS",
+                 "MAX_NEW_TOKENS_LIMIT", "DEFAULT_MAX_NEW_TOKENS", "STREAM_IDLE_TIMEOUT_S")
 
 
 class RenderError(ValueError):
@@ -102,6 +106,8 @@ def render(out_dir: Path, values: dict[str, str]) -> Path:
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     for model in MODELS:
+        if model in OPTIONAL_MODELS and not values.get(OPTIONAL_MODELS[model]):
+            continue
         src = TEMPLATE_DIR / model
         dst = staging / model
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.template"))
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
     except RenderError as exc:
         print(f"render_model_repository: {exc}", file=sys.stderr)
         return 2
-    print(f"rendered {args.profile} model repository at {out} (model dir {values['MODEL_DIR']})")
+    aligner = f"aligner {values['ALIGNER_DIR']}" if values["ALIGNER_DIR"] else "no aligner"
+    print(f"rendered {args.profile} model repository at {out} (model dir {values['MODEL_DIR']}; {aligner})")
     return 0
 
 

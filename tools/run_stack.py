@@ -1,6 +1,8 @@
 """`make run`: render the model repository, then run and supervise tritonserver and the gateway.
 
-Uses QWEN_TTS_MODEL_DIR when set; otherwise the embedded tiny random-weight model, and says so loudly.
+Uses QWEN_TTS_MODEL_DIR when set; otherwise the embedded tiny random-weight model, and says so loudly. Word
+timestamps (the `aligner` model) come from QWEN_TTS_ALIGNER_DIR when set (empty: none); with the tiny model and no
+QWEN_TTS_ALIGNER_DIR, from the tiny random-weight aligner, so that the embedded stack has them too.
 When tritonserver dies, what it leaves (model processes, shared memory) is removed and it is restarted (at
 once the first time, then with backoff) while the gateway stays up: sessions get MODEL_LOADING meanwhile
 and work again once Triton is back. Ctrl-C or SIGTERM drains the gateway (every
@@ -30,19 +32,28 @@ LOGS = Path(os.environ.get("QWEN_TTS_LOG_DIR") or ROOT / "build" / "logs")
 
 
 def _values() -> dict:
-    """The rendered parameters; builds the tiny model when no model directory is configured."""
+    """The rendered parameters; builds the tiny model (and tiny aligner) when no model directory is configured."""
     model_dir = os.environ.get("QWEN_TTS_MODEL_DIR", "")
+    # Real weights: an aligner only when one is named (the GPU profile's default path need not exist here).
+    aligner_dir = os.environ.get("QWEN_TTS_ALIGNER_DIR", "")
     if not model_dir:
         from tts_engine.tiny_model import build_tiny_model, is_current
 
         model_dir = str(ROOT / "build" / "tiny-model")
         if not is_current(model_dir):
             build_tiny_model(model_dir)
+        if "QWEN_TTS_ALIGNER_DIR" not in os.environ:
+            from tts_engine.alignment.tiny_aligner import ensure_tiny_aligner
+
+            aligner_dir = str(ensure_tiny_aligner(ROOT / "build" / "tiny-aligner"))
         print(TINY_BANNER, file=sys.stderr, flush=True)
-    values = resolve(os.environ.get("QWEN_TTS_PROFILE", "cpu"), {"MODEL_DIR": model_dir})
+    values = resolve(os.environ.get("QWEN_TTS_PROFILE", "cpu"), {"MODEL_DIR": model_dir, "ALIGNER_DIR": aligner_dir})
+    from tts_engine.alignment.aligner import check_aligner_dir
     from tts_engine.loading import check_model_dir
 
     check_model_dir(values["MODEL_DIR"])
+    if values["ALIGNER_DIR"]:
+        check_aligner_dir(values["ALIGNER_DIR"])
     return values
 
 
@@ -66,10 +77,11 @@ class Restarts:
         self.started = time.monotonic()
 
 
-def _banner(server: LocalTriton, port: int) -> str:
+def _banner(server: LocalTriton, port: int, aligner_dir: str) -> str:
     gateway_log = LOGS / "gateway.log"
+    aligner = f" Word timestamps from {aligner_dir}." if aligner_dir else " No word timestamps (QWEN_TTS_ALIGNER_DIR)."
     return f"""
-Ready.
+Ready.{aligner}
   gateway  ws://127.0.0.1:{port}/api/v1/speak   http://127.0.0.1:{port}/api/v1/voices
            /healthz /readyz /metrics   (log: {gateway_log})
   Triton   gRPC {server.grpc_url}   HTTP {server.http_url}   metrics {server.metrics_url}
@@ -125,7 +137,7 @@ def main() -> int:
     try:
         server.start().wait_ready(timeout=float(os.environ.get("TRITON_START_TIMEOUT", 600)))
         gateway.start()
-        print(_banner(server, port), flush=True)
+        print(_banner(server, port, values["ALIGNER_DIR"]), flush=True)
         supervise(server, gateway, stop)
     except KeyboardInterrupt:
         pass

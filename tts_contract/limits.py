@@ -17,3 +17,6 @@ DEFAULT_ACTIVE_STREAMS = 16
 MAX_TRANSCRIPT_CHARS = 1000
 MAX_VOICE_NAME_CHARS = 100
 MAX_VOICE_DESCRIPTION_CHARS = 500
+# Audio the word aligner takes in one request: qwen-asr never aligns more than 180 s at once
+# (MAX_FORCE_ALIGN_INPUT_SECONDS; its own ASR cuts longer audio into pieces first).
+MAX_ALIGN_SECONDS = 180.0

@@ -14,6 +14,7 @@ TTS = "tts"  # the ensemble: text in, audio out
 TALKER = "talker"
 CODEC_DECODER = "codec_decoder"
 VOICE_ENCODER = "voice_encoder"
+ALIGNER = "aligner"  # word times: audio and its text in, each word's start and end out (optional in a deployment)
 
 # Tensors (the same name means the same thing in every model that has it)
 TEXT = "text"  # BYTES [1], UTF-8
@@ -32,6 +33,7 @@ REF_TEXT = "ref_text"  # BYTES [1], the reference clip's transcript
 SPK_EMBEDDING = "spk_embedding"  # FP32 [hidden]
 REF_CODE = "ref_code"  # INT32 [frames, 16]
 PROMPT = "prompt"  # BYTES [1], a serialised voice prompt
+WORDS = "words"  # BYTES [1], JSON: [{"text", "startMs", "endMs", "charStart", "charEnd"}] (the aligner's answer)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Model:
     inputs: tuple
     outputs: tuple
     decoupled: bool = False
+    # Requests the server batches into one execution (0: none). A batched model's clients send each tensor with
+    # a leading batch dimension of 1 (audio [1, samples], text [1, 1]); the dims above exclude it.
+    max_batch_size: int = 0
 
 
 def _string(name: str, optional: bool = False) -> Tensor:
@@ -83,4 +88,8 @@ MODELS = {
                          inputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)), Tensor(SAMPLE_RATE, "TYPE_INT32", (1,)),
                                  _string(REF_TEXT, True)),
                          outputs=(Tensor(SPK_EMBEDDING, "TYPE_FP32", (-1,)), _codes(REF_CODE), _string(PROMPT))),
+    ALIGNER: Model(ALIGNER,
+                   inputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)), Tensor(SAMPLE_RATE, "TYPE_INT32", (1,)), _string(TEXT),
+                           _string(LANGUAGE, True)),
+                   outputs=(_string(WORDS),), max_batch_size=16),
 }

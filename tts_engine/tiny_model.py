@@ -111,8 +111,12 @@ def _speech_tokenizer_config() -> dict:
     }
 
 
-def _train_text_tokenizer(out_dir: Path) -> None:
-    """Train a tiny byte-level BPE and save it as a Qwen2TokenizerFast with the real special-token ids."""
+def train_text_tokenizer(out_dir: Path, special_tokens: dict = SPECIAL_TOKENS, plain_tokens: frozenset = frozenset(),
+                         **tokenizer_kwargs) -> None:
+    """Train a tiny byte-level BPE and save it as a Qwen2TokenizerFast with the real ids of ``special_tokens``.
+
+    ``plain_tokens`` are added tokens that are not special in the real tokenizer (the aligner's ``<timestamp>``);
+    ``tokenizer_kwargs`` go to Qwen2TokenizerFast (the aligner's named audio tokens)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.processors import ByteLevel as ByteLevelProcessor
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
@@ -143,23 +147,23 @@ def _train_text_tokenizer(out_dir: Path) -> None:
     # An added token whose content is already in the model vocabulary takes that entry's id.
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
-    vocab.update({content: token_id for token_id, content in SPECIAL_TOKENS.items()})
+    vocab.update({content: token_id for token_id, content in special_tokens.items()})
     # Fill the gap with never-produced placeholders: a vocabulary with holes is rejected on save.
-    vocab.update({f"<|reserved_{i}|>": i for i in range(tok.get_vocab_size(), max(SPECIAL_TOKENS))
-                  if i not in SPECIAL_TOKENS})
+    vocab.update({f"<|reserved_{i}|>": i for i in range(tok.get_vocab_size(), max(special_tokens))
+                  if i not in special_tokens})
     spec["added_tokens"] = [
         {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
-        for token_id, content in sorted(SPECIAL_TOKENS.items())
+         "normalized": False, "special": content not in plain_tokens}
+        for token_id, content in sorted(special_tokens.items())
     ]
     tok = Tokenizer.from_str(json.dumps(spec))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    for token_id, content in SPECIAL_TOKENS.items():
+    for token_id, content in special_tokens.items():
         assert fast.convert_tokens_to_ids(content) == token_id, (content, token_id)
     tmp = out_dir / "_tok"
     fast.save_pretrained(tmp)
     qwen = Qwen2TokenizerFast(tokenizer_file=str(tmp / "tokenizer.json"), unk_token=None,
-                              bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+                              bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", **tokenizer_kwargs)
     qwen.save_pretrained(out_dir)
     shutil.rmtree(tmp)
 
@@ -318,7 +322,7 @@ def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
     try:
         torch.manual_seed(BUILD_SEED)
         generator = torch.Generator().manual_seed(BUILD_SEED)
-        _train_text_tokenizer(staging)
+        train_text_tokenizer(staging)
         marker_id = _single_token_id(staging, EOS_MARKER)
         model_cfg, tokenizer_cfg = _model_config(), _speech_tokenizer_config()
         _apply_preset(model_cfg, tokenizer_cfg, preset)

@@ -1,0 +1,37 @@
+"""Word timestamps: what the `aligner` model returns for audio and the text it says.
+
+Its `words` output is one JSON list per request, in the text's order:
+``[{"text": "Don't", "startMs": 120, "endMs": 480, "charStart": 0, "charEnd": 5}, ...]``.
+``text`` is the aligner's word (only letters, digits and apostrophes; one CJK character is one word);
+``charStart``/``charEnd`` is where that word lies in the request's text (Python string indexes, end
+exclusive), so ``text[:charEnd]`` ends at a word boundary. Times are integer milliseconds from the audio's start.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start_ms: int
+    end_ms: int
+    char_start: int
+    char_end: int
+
+
+_FIELDS = (("text", "text"), ("start_ms", "startMs"), ("end_ms", "endMs"), ("char_start", "charStart"),
+           ("char_end", "charEnd"))
+
+
+def encode_words(words: Iterable[Word]) -> bytes:
+    """The `words` output tensor's value: UTF-8 JSON."""
+    return json.dumps([{wire: getattr(word, field) for field, wire in _FIELDS} for word in words],
+                      ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_words(value: bytes | str) -> list[Word]:
+    """The words of a `words` output tensor's value."""
+    return [Word(**{field: item[wire] for field, wire in _FIELDS}) for item in json.loads(value)]
