@@ -4,8 +4,6 @@ listener heard."""
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -13,6 +11,7 @@ from tritonclient.grpc import InferInput
 
 from tts_contract import tensors as names
 from tts_contract.audio import SAMPLE_RATE
+from tts_contract.words import Word, decode_words
 
 from .endpoints import Endpoints
 
@@ -21,25 +20,6 @@ ALIGN_TIMEOUT_S = 10.0  # one forward pass; a long wait means the endpoint is in
 
 class AlignerUnavailable(Exception):
     """No ready endpoint serves the aligner, or it failed."""
-
-
-@dataclass(frozen=True)
-class Word:
-    """One aligned word: its text as the aligner splits it, its times (ms) and its characters in the text."""
-
-    text: str
-    start_ms: int
-    end_ms: int
-    char_start: int
-    char_end: int
-
-    def shifted(self, ms: int, chars: int) -> "Word":
-        """The same word with times and characters counted from ``ms`` and ``chars`` earlier."""
-        return Word(self.text, self.start_ms + ms, self.end_ms + ms, self.char_start + chars, self.char_end + chars)
-
-    def to_wire(self) -> dict:
-        return {"text": self.text, "startMs": self.start_ms, "endMs": self.end_ms, "charStart": self.char_start,
-                "charEnd": self.char_end}
 
 
 def _tensor(name: str, value: np.ndarray, dtype: str) -> InferInput:
@@ -69,6 +49,4 @@ async def align(endpoints: Endpoints, audio: np.ndarray, text: str, language: Op
     finally:
         endpoint.calls -= 1
         endpoints.forget_if_idle(endpoint)
-    raw = result.as_numpy(names.WORDS).reshape(-1)[0]
-    return [Word(w["text"], int(w["startMs"]), int(w["endMs"]), int(w["charStart"]), int(w["charEnd"]))
-            for w in json.loads(raw)]
+    return decode_words(result.as_numpy(names.WORDS).reshape(-1)[0])

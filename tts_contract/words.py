@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 
+_FIELDS = (("text", "text"), ("start_ms", "startMs"), ("end_ms", "endMs"), ("char_start", "charStart"),
+           ("char_end", "charEnd"))
+
+
 @dataclass(frozen=True)
 class Word:
     text: str
@@ -21,15 +25,19 @@ class Word:
     char_start: int
     char_end: int
 
+    def shifted(self, ms: int, chars: int) -> "Word":
+        """The same word in a longer audio and text that start ``ms`` and ``chars`` earlier."""
+        return Word(self.text, self.start_ms + ms, self.end_ms + ms, self.char_start + chars, self.char_end + chars)
 
-_FIELDS = (("text", "text"), ("start_ms", "startMs"), ("end_ms", "endMs"), ("char_start", "charStart"),
-           ("char_end", "charEnd"))
+    def to_wire(self) -> dict:
+        """The word as JSON carries it (the `words` tensor, and the gateway's `marks` messages)."""
+        return {wire: getattr(self, field) for field, wire in _FIELDS}
 
 
 def encode_words(words: Iterable[Word]) -> bytes:
     """The `words` output tensor's value: UTF-8 JSON."""
-    return json.dumps([{wire: getattr(word, field) for field, wire in _FIELDS} for word in words],
-                      ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps([word.to_wire() for word in words], ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
 
 
 def decode_words(value: bytes | str) -> list[Word]:
