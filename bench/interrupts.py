@@ -4,7 +4,7 @@
 
 One tritonserver (the tiny model, and the tiny aligner when it is built, as ``make run`` serves them), a real
 redis-server and two gateway replicas sharing it. Each trial: every session of one contract speaks a long text,
-and once each has played a random 0.3–1.0 s the interrupt is posted to the first replica. Scenarios:
+(appended, still being written), and once each has played a random 0.3–1.0 s the interrupt is posted to the first replica. Scenarios:
 - ``one_replica``: all sessions on the replica that takes the interrupt;
 - ``two_replicas``: half on each, the other half reached through Redis;
 - ``redis_killed``: Redis killed first; the first replica's sessions must still end at once (and the request
@@ -37,10 +37,12 @@ def _percentile(values: list, q: float):
 
 
 async def _speak_until_playing(ws, request_id: str, contract: str) -> None:
+    """An answer still being written (as an LLM writes it): in progress until interrupted, however fast the
+    machine generates."""
     await ws.send(json.dumps({"type": "start", "contractId": contract, "encoding": "pcm16"}))
     while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "started":
         pass
-    await ws.send(json.dumps({"type": "speak", "text": TEXT, "requestId": request_id}))
+    await ws.send(json.dumps({"type": "append", "text": TEXT, "requestId": request_id}))
     while not isinstance(await asyncio.wait_for(ws.recv(), 30), bytes):
         pass
 

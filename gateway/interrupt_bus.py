@@ -105,6 +105,8 @@ class RedisBus:
             attempt += 1
 
     async def _handle(self, message: dict, handler: Handler) -> None:
+        if message.get("type") != "message":  # (the answers to our pings come this way too)
+            return
         try:
             data = json.loads(message["data"])
             if not isinstance(data, dict) or data.get("v") != MESSAGE_VERSION:

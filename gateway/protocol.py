@@ -236,6 +236,19 @@ class Complete(_ServerMessage):
 
 
 @dataclass
+class Interrupted(_ServerMessage):
+    """An interrupt came while the listener still played an utterance whose audio had all been sent (its
+    `complete` is out already): what it heard of it."""
+
+    requestId: Optional[str]
+    heardMs: int
+    heardText: Optional[str]
+    audioLengthMs: int
+    type = "interrupted"
+    _keep_none = ("requestId", "heardText")
+
+
+@dataclass
 class Marks(_ServerMessage):
     """Words whose times have settled, on the utterance's own audio clock (0 = its first sample). ``aligned`` is
     the window of audio and text the aligner was given for them (times and characters within the utterance)."""

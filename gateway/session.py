@@ -18,7 +18,7 @@ from tts_contract.listener import Listener
 from . import metrics
 from .audio import AudioConverter
 from .engine_stream import SynthesisFailed
-from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode, Marks
+from .protocol import AudioChunk, AudioEnd, Complete, Error, ErrorCode, Interrupted, Marks
 from .speech import Timing, sentence_audio, written_audio
 from .text import SentenceFeed, WrittenText
 from .words import UtteranceWords, closing, utterance_words
@@ -100,6 +100,9 @@ class Session:
         self.listening_until = 0.0  # when the listener finishes playing what this session has sent
         self._worker: Optional[asyncio.Task] = None
         self._playback: Optional[_Playback] = None  # the playing utterance's
+        # The last utterance whose audio was all sent: its listener may play it for seconds more (generation runs
+        # ahead of real time), and an interrupt then still says what was heard of it.
+        self._sent: Optional[tuple[Utterance, _Playback]] = None
 
     @property
     def busy(self) -> bool:
@@ -134,15 +137,36 @@ class Session:
                   + list(self.queue._queue) if u is not None and not u.ended]  # noqa: SLF001 (asyncio.Queue's deque)
         for utterance in ending:
             utterance.interrupted = True
+        sent, self._sent = self._sent, None
         await self._end_all(grace_s=0)
+        if sent is not None and not ending and await self._interrupt_sent(*sent):
+            return 1
         return len(ending)
 
+    async def _interrupt_sent(self, utterance: Utterance, playback: _Playback) -> bool:
+        """An utterance whose audio is all sent, if its listener still plays it: say what was heard of it."""
+        now = time.monotonic()
+        heard_ms = playback.heard_ms(now)
+        length_ms = int(round(1000 * playback.listener.audio_s))
+        if heard_ms >= length_ms:
+            return False
+        heard_ms, heard_text = await self._heard(playback, now)
+        log.info("session %s: utterance %s interrupted while its listener played it, after %d ms heard: %r",
+                 self.session_id, utterance.request_id, heard_ms, heard_text)
+        await self.out.send_message(Interrupted(requestId=utterance.request_id, heardMs=heard_ms,
+                                                heardText=heard_text, audioLengthMs=length_ms))
+        return True
+
     def report_played(self, request_id: Optional[str], ms: int) -> None:
-        """The client says it has played ``ms`` of the utterance ``request_id`` (None: the one playing)."""
+        """The client says it has played ``ms`` of the utterance ``request_id`` (None: the one playing, or else
+        the last one sent, which its listener may still be playing)."""
+        now = time.monotonic()
         playback, current = self._playback, self.current
         if playback is not None and current is not None and not current.ended and \
                 (request_id is None or request_id == current.request_id):
-            playback.played = (ms, time.monotonic())
+            playback.played = (ms, now)
+        elif self._sent is not None and request_id in (None, self._sent[0].request_id):
+            self._sent[1].played = (ms, now)
 
     async def drain(self, grace_s: float) -> None:
         """For a shutdown: like ``cancel_all``, but the utterance playing gets ``grace_s`` to finish first."""
@@ -247,6 +271,8 @@ class Session:
             self.listening_until = playback.listener.playing_until or self.listening_until
         with closing(playback.words):
             await self._finish(utterance, playback, cancelled, completed=outcome == "completed")
+        if outcome == "completed" and not utterance.legacy:
+            self._sent = (utterance, playback)
 
     async def _send_audio(self, utterance: Utterance, converter: AudioConverter, playback: _Playback, data: bytes,
                           final: bool = False) -> None:

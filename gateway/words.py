@@ -68,6 +68,7 @@ class UtteranceWords:
         self._start_char = 0  # ...and in its text
         self._unaligned_samples = 0  # audio added since the last alignment began
         self._generated = False  # all audio is in
+        self._all_settled = False  # ...and every word has settled (heard text needs no more alignment)
         self._aligning: Optional[asyncio.Task] = None
 
     @property
@@ -91,6 +92,7 @@ class UtteranceWords:
         await self._wait()
         if not self.failed and self._window_samples and self._start_char < len(self._text()):
             await self._settle(final=True)
+        self._all_settled = not self.failed
 
     async def heard_text(self, heard_ms: float, timeout_s: float) -> Optional[str]:
         """The text up to the last word that ended by ``heard_ms``, from the audio generated so far; None when the
@@ -101,7 +103,7 @@ class UtteranceWords:
                 words = list(self.settled)
                 text = self._text()
                 if heard_ms > (words[-1].end_ms if words else 0) and self._window_samples and \
-                        self._start_char < len(text) and not self.failed:
+                        self._start_char < len(text) and not self.failed and not self._all_settled:
                     window, chars = self._window(final=self._generated)
                     words += [w.shifted(self._start_ms, self._start_char) for w in await self._align(window, chars)]
         except (AlignerUnavailable, TimeoutError) as exc:

@@ -171,3 +171,22 @@ async def test_an_openai_client_that_goes_away_has_what_it_heard_logged(make_gat
     heard = line.split("heard: ", 1)[1]
     assert heard != "None", "with an aligner, the heard text is known"
     assert TEXT.startswith(eval(heard))  # a prefix of the input (the log has its repr)
+
+
+async def test_an_interrupt_after_the_audio_was_sent_says_what_was_heard_of_it(make_gateway):
+    """Generation runs ahead of playback: an interrupt after `complete`, while the listener still plays the
+    utterance, gets an `interrupted` message with what was heard of it."""
+    gateway = make_gateway()
+    gateway.wait_ready()
+    async with open_session(gateway.ws) as ws:
+        await start_with_marks(ws, contractId="after")
+        await send(ws, type="speak", text=TEXT, requestId="r5")
+        done = await collect(ws, timeout=120)
+        assert done.end["cancelled"] is False
+        await send(ws, type="played", requestId="r5", ms=1000)  # the listener is 1 s into its 9.6 s
+        await send(ws, type="interrupt")
+        message = await receive_json(ws, timeout=10)
+    assert message["type"] == "interrupted" and message["requestId"] == "r5", message
+    assert 1000 <= message["heardMs"] < message["audioLengthMs"]
+    words = [w for m in done.of_type("marks") for w in m["words"] if w["endMs"] <= message["heardMs"]]
+    assert message["heardText"] == (TEXT[:words[-1]["charEnd"]] if words else "")
