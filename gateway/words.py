@@ -30,6 +30,9 @@ SAMPLES_PER_MS = SAMPLE_RATE // 1000
 # over its audio and one second more would reach. Too long only crowds the window's tail, which never settles.
 READ_AHEAD_CHARS_PER_S = 20.0
 READ_AHEAD_S = 1.0
+# What was heard is aligned on the audio up to this far past the listener's position (not all that was generated:
+# generation runs seconds ahead of playback, and the aligner's cost grows with the audio it is given).
+HEARD_CONTEXT_MS = 1000
 
 Aligner = Callable[[np.ndarray, str], Awaitable[list[Word]]]
 MarksSink = Callable[[list[Word], dict], Awaitable[None]]
@@ -104,7 +107,7 @@ class UtteranceWords:
                 text = self._text()
                 if heard_ms > (words[-1].end_ms if words else 0) and self._window_samples and \
                         self._start_char < len(text) and not self.failed and not self._all_settled:
-                    window, chars = self._window(final=self._generated)
+                    window, chars = self._window(final=self._generated, until_ms=heard_ms + HEARD_CONTEXT_MS)
                     words += [w.shifted(self._start_ms, self._start_char) for w in await self._align(window, chars)]
         except (AlignerUnavailable, TimeoutError) as exc:
             reason = str(exc) or f"the aligner took over {timeout_s:g} s"
@@ -122,12 +125,16 @@ class UtteranceWords:
         if self._aligning is not None:
             await asyncio.gather(self._aligning, return_exceptions=True)
 
-    def _window(self, final: bool) -> tuple[np.ndarray, str]:
-        """The window's audio and its text (all of the rest when ``final``, else what the talker has read)."""
+    def _window(self, final: bool, until_ms: Optional[float] = None) -> tuple[np.ndarray, str]:
+        """The window's audio (up to ``until_ms`` on the utterance's clock, if given) and its text: all of the
+        rest when ``final`` and the audio is whole, else what the talker had read by the audio's end."""
         audio = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
         self._chunks = [audio]
+        if until_ms is not None and (until_ms - self._start_ms) * SAMPLES_PER_MS < audio.size:
+            audio, final = audio[:max(0, int((until_ms - self._start_ms) * SAMPLES_PER_MS))], False
         rest = self._text()[self._start_char:]
         return audio, rest if final else rest[:read_ahead_chars(rest, audio.size / SAMPLE_RATE)]
+
 
     async def _settle(self, final: bool) -> None:
         try:

@@ -66,7 +66,7 @@ async def test_marks_equal_the_reference_aligner_on_the_same_audio_and_text(make
 async def test_heard_text_is_the_text_up_to_the_last_word_played(make_gateway, reference_aligner):
     """After `played` at a known position and an interrupt, heardText ends with the last word that ended by
     heardMs, as the reference aligner places the words (the marks sent, and the audio generated since)."""
-    from gateway.words import read_ahead_chars
+    from gateway.words import HEARD_CONTEXT_MS, read_ahead_chars
 
     gateway = make_gateway()
     gateway.wait_ready()
@@ -95,14 +95,14 @@ async def test_heard_text_is_the_text_up_to_the_last_word_played(make_gateway, r
     assert end["interrupted"] is True and end["requestId"] == "r2"
     samples = np.frombuffer(bytes(audio), dtype="<f4")
     assert reported <= end["heardMs"] <= len(samples) / 24
-    # At the interruption the gateway aligned what followed the last settled word: that audio, and the text the
-    # talker had read by then. The reference does the same.
+    # At the interruption the gateway aligned what followed the last settled word: that audio up to a second past
+    # heardMs, and the text the talker had read by its end. The reference does the same.
     start_ms, start_char = settled[-1]["endMs"], settled[-1]["charEnd"]
-    window = samples[start_ms * 24:]
+    window = samples[start_ms * 24:(end["heardMs"] + HEARD_CONTEXT_MS) * 24]
     unread = TEXT[start_char:]
     window_text = unread[:read_ahead_chars(unread, window.size / RATE)]
     window_words = []
-    if window.size and window_text.strip():
+    if end["heardMs"] > start_ms and window.size and window_text.strip():  # (else the marks said it all)
         spans = [(w.text, w.start_time, w.end_time) for w in reference_aligner.align((window, RATE), window_text,
                                                                                      "English")[0]]
         offset = start_char
