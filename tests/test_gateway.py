@@ -50,7 +50,8 @@ async def test_spec_client_flow(gateway):
         await send(ws, type="start", sampleRate=24000, encoding="pcm16", language="English", contractId="c-1")
         started = await receive_json(ws)
         assert started == {"type": "started", "sampleRate": 24000, "encoding": "pcm16", "voice": "default",
-                           "language": "English", "textMode": "sentences"}  # auto, with an ICL voice
+                           "language": "English", "textMode": "sentences",  # auto, with an ICL voice
+                           "wordTimestamps": False}  # (not asked for)
         await send(ws, type="speak", text="Hello there.", requestId="req-1")
         result = await collect(ws)
         complete = result.end
