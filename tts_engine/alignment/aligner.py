@@ -17,7 +17,6 @@ from tts_contract.words import Word
 from ..errors import InvalidAudio, InvalidText, ModelDirError, UnsupportedLanguage
 from ..loading import _load_lock, resolve_device, resolve_dtype
 from .spans import alignment_language, has_words, word_spans
-from .tiny_aligner import MARKER as TINY_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +90,8 @@ class WordAligner:
     def __init__(self, aligner, aligner_dir: Path, device: str, dtype):
         self.aligner = aligner  # qwen_asr.Qwen3ForcedAligner
         self.aligner_dir, self.device, self.dtype = aligner_dir, device, dtype
+        from .tiny_aligner import MARKER as TINY_MARKER  # (here: `python -m ...tiny_aligner` runs it unimported)
+
         self.is_tiny = (aligner_dir / TINY_MARKER).is_file()  # built by tiny_aligner (either preset): random weights
 
     def align_batch(self, items: Sequence[AlignItem]) -> list[list[Word]]:
