@@ -44,9 +44,9 @@ async def align(endpoints: Endpoints, audio: np.ndarray, text: str, language: Op
     try:
         async with asyncio.timeout(timeout_s):
             result = await endpoint.client.infer(names.ALIGNER, inputs)
+        return decode_words(result.as_numpy(names.WORDS).reshape(-1)[0])
     except Exception as exc:
-        raise AlignerUnavailable(f"the aligner at {endpoint.url} failed: {exc}") from None
+        raise AlignerUnavailable(f"the aligner at {endpoint.url} failed: {exc!r}") from None
     finally:
         endpoint.calls -= 1
         endpoints.forget_if_idle(endpoint)
-    return decode_words(result.as_numpy(names.WORDS).reshape(-1)[0])

@@ -82,6 +82,9 @@ class Connection:
         self.text_mode = "auto"  # start.textMode
         self.word_timestamps = False  # start.wordTimestamps: marks for each utterance (when there is an aligner)
         self.conversation: Optional[tuple[str, str]] = None  # (subject, contractId) this session is part of
+        # An interrupt from elsewhere ended the streamed utterance being written: the writer (an LLM) does not know
+        # yet, and what it still appends to it is dropped until its `end` (True: the utterance had no requestId).
+        self.interrupted_stream: "str | bool | None" = None
         self.outlet = SocketOutlet(websocket)
         self.session = Session(self.outlet, services.endpoints, self.settings, self.id)
         self.open_stream: Optional[Utterance] = None  # the streamed utterance taking `append`s
@@ -239,6 +242,7 @@ class Connection:
             problem = contract_problem(message.contractId, self.settings.max_contract_id_chars)
             if problem:
                 raise ProtocolError(ErrorCode.INVALID_CONFIG, problem)
+        text_mode = self._checked_mode(message.textMode)  # (every check before anything changes)
         self.audio = AudioFormat(message.sampleRate, message.encoding, message.audioTransport)
         self.language = language
         self.legacy = False
@@ -246,7 +250,7 @@ class Connection:
         self._join(self.contract_id)
         self.word_timestamps = message.wordTimestamps
         self.max_wait_s = self._max_wait_s(message.maxWaitMs)
-        self.text_mode = self._checked_mode(message.textMode)
+        self.text_mode = text_mode
         if message.voice is not None:
             if self._known_voice(message.voice):
                 self.voice = message.voice
@@ -287,6 +291,10 @@ class Connection:
         rid = message.requestId
         if not message.text:
             raise ProtocolError(ErrorCode.INVALID_TEXT, "'text' is missing or empty", rid)
+        if self.interrupted_stream is not None and self.open_stream is None and \
+                (self.interrupted_stream is True or self.interrupted_stream == rid):
+            return  # the rest of an interrupted answer: not spoken
+        self.interrupted_stream = None
         utterance = self.open_stream
         if utterance is not None and utterance.ended:
             utterance = self.open_stream = None  # cancelled meanwhile
@@ -317,6 +325,7 @@ class Connection:
         self._end_stream()
 
     def _end_stream(self) -> None:
+        self.interrupted_stream = None
         if self.open_stream is not None:
             self.open_stream.feed.close()
             self.open_stream = None
@@ -329,6 +338,7 @@ class Connection:
 
     async def _on_interrupt(self, message: Interrupt) -> None:
         """Interrupt a conversation of this session's subject (its own, when the message names none)."""
+        self._check_token(message)
         contract_id = message.contractId if message.contractId is not None else self.contract_id
         if contract_id is None:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "interrupt needs a contractId (this session started "
@@ -353,6 +363,8 @@ class Connection:
     async def interrupt(self) -> int:
         """Its conversation was interrupted: what plays and what waits end (``interrupted: true``); returns how
         many utterances ended."""
+        if self.open_stream is not None and not self.open_stream.ended:
+            self.interrupted_stream = self.open_stream.request_id or True
         self.open_stream = None
         try:
             return await self.session.interrupt()

@@ -15,6 +15,9 @@ from . import metrics
 from .auth import ANONYMOUS
 
 log = logging.getLogger("gateway.contracts")
+# An interrupt's answer waits this long for the sessions to end (each waits for its client's socket and for the
+# aligner's heard text); a session that takes longer still ends, after the answer.
+DELIVERY_WAIT_S = 2.0
 
 
 def contract_problem(contract_id: object, limit: int) -> "str | None":
@@ -23,8 +26,8 @@ def contract_problem(contract_id: object, limit: int) -> "str | None":
         return "contractId must be a non-empty string"
     if len(contract_id) > limit:
         return f"contractId has {len(contract_id)} characters; the limit is {limit}"
-    if any(ord(c) < 32 for c in contract_id):
-        return "contractId must not contain control characters"
+    if any(ord(c) < 32 or c == "/" for c in contract_id):
+        return "contractId must not contain control characters or '/' (it is a path segment of the interrupt route)"
     return None
 
 
@@ -35,6 +38,7 @@ class Conversations:
         self.bus = bus
         self.replica = uuid.uuid4().hex[:12]  # this replica's own messages come back on the bus: skipped
         self._sessions: dict[tuple[str, str], set] = {}
+        self._delivering: set = set()  # session interrupts still running after their answer went
 
     async def start(self) -> None:
         await self.bus.start(self._from_bus)
@@ -83,13 +87,23 @@ class Conversations:
                          message.get("origin"), utterances, sessions)
 
     async def _deliver(self, subject: str, contract_id: str) -> tuple[int, int]:
-        """Interrupt this replica's sessions of the conversation; (sessions, utterances ended)."""
+        """Interrupt this replica's sessions of the conversation, waiting for them at most DELIVERY_WAIT_S (a
+        client that does not read must not hold up the others); (sessions, utterances ended by then)."""
         connections = list(self._sessions.get((subject, contract_id), ()))
-        ended = await asyncio.gather(*(c.interrupt() for c in connections), return_exceptions=True)
-        for result in ended:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                log.warning("interrupting a session failed: %r", result)
-        return len(connections), sum(r for r in ended if isinstance(r, int))
+        tasks = [asyncio.create_task(c.interrupt()) for c in connections]
+        if not tasks:
+            return 0, 0
+        done, pending = await asyncio.wait(tasks, timeout=DELIVERY_WAIT_S)
+        for task in pending:
+            self._delivering.add(task)
+            task.add_done_callback(self._delivering.discard)
+        ended = 0
+        for task in done:
+            if task.exception() is not None:
+                log.warning("interrupting a session failed: %r", task.exception())
+            else:
+                ended += task.result()
+        return len(connections), ended
 
 
 async def interrupt_route(request: Request):

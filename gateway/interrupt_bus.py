@@ -15,6 +15,8 @@ log = logging.getLogger("gateway.interrupt_bus")
 Handler = Callable[[dict], Awaitable[None]]
 PUBLISH_TIMEOUT_S = 0.5  # an interrupt never waits longer on the bus than this
 RETRY_S = (0.25, 0.5, 1.0, 2.0)  # reconnect backoff (a restarted Redis is used again within 2 s)
+PING_S = 1.0  # the subscription pings Redis this often...
+SILENT_S = 3.0  # ...and reconnects when nothing answered for this long (a Redis that went silent, not closed)
 MESSAGE_VERSION = 1
 
 
@@ -55,6 +57,7 @@ class RedisBus:
         self.connected = False
         self._task: Optional[asyncio.Task] = None
         self._since: Optional[float] = None  # when the bus went down
+        self._handling: set = set()  # deliveries running (each message in its own task: none waits for another)
 
     async def start(self, handler: Handler) -> None:
         self._set_connected(False)
@@ -79,17 +82,24 @@ class RedisBus:
     async def _subscribe(self, handler: Handler) -> None:
         attempt = 0
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
-                self._set_connected(True)
-                attempt = 0
+                heard_at = pinged_at = time.monotonic()
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        await pubsub.ping()  # a silent Redis is found within seconds, not at the next publish
-                        continue
-                    await self._handle(message, handler)
+                    message = await pubsub.get_message(timeout=PING_S)
+                    now = time.monotonic()
+                    if message is not None:
+                        heard_at = now
+                        if message.get("type") == "subscribe":  # Redis confirmed the subscription
+                            self._set_connected(True)
+                            attempt = 0
+                        self._spawn(message, handler)
+                    if now - heard_at > SILENT_S:
+                        raise ConnectionError(f"no answer from Redis for {SILENT_S:g} s")
+                    if now - pinged_at >= PING_S:  # answered by a "pong" message (counted as heard above)
+                        await asyncio.wait_for(pubsub.ping(), PING_S)
+                        pinged_at = now
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -104,9 +114,14 @@ class RedisBus:
             await asyncio.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
             attempt += 1
 
-    async def _handle(self, message: dict, handler: Handler) -> None:
-        if message.get("type") != "message":  # (the answers to our pings come this way too)
+    def _spawn(self, message: dict, handler: Handler) -> None:
+        if message.get("type") != "message":  # (subscription confirmations and the answers to pings)
             return
+        task = asyncio.get_running_loop().create_task(self._handle(message, handler))
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+
+    async def _handle(self, message: dict, handler: Handler) -> None:
         try:
             data = json.loads(message["data"])
             if not isinstance(data, dict) or data.get("v") != MESSAGE_VERSION:

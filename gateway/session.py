@@ -76,6 +76,7 @@ class _Playback:
     listener: Listener = field(default_factory=Listener)
     words: Optional[UtteranceWords] = None  # its words on its audio clock (with an aligner)
     played: Optional[tuple[int, float]] = None  # the client's last `played` report: (ms, when it came)
+    plays_from: float = 0.0  # when its listener finishes the utterance before it (its own audio plays after)
 
     def heard_ms(self, now: float) -> int:
         """Audio the listener has played: the client's last report, played on at real time since, or else the
@@ -85,7 +86,8 @@ class _Playback:
             ms, at = self.played
             heard = ms + 1000 * (now - at)
         else:
-            heard = sent_ms - 1000 * self.listener.buffered(now)
+            waited = max(0.0, self.plays_from - self.listener.play_start) if self.listener.play_start else 0.0
+            heard = sent_ms - 1000 * (self.listener.buffered(now) + waited)
         return int(max(0.0, min(sent_ms, heard)))
 
 
@@ -100,6 +102,7 @@ class Session:
         self.listening_until = 0.0  # when the listener finishes playing what this session has sent
         self._worker: Optional[asyncio.Task] = None
         self._playback: Optional[_Playback] = None  # the playing utterance's
+        self._ending = asyncio.Lock()  # held while utterances are being ended (cancel, interrupt, drain)
         # The last utterance whose audio was all sent: its listener may play it for seconds more (generation runs
         # ahead of real time), and an interrupt then still says what was heard of it.
         self._sent: Optional[tuple[Utterance, _Playback]] = None
@@ -139,8 +142,8 @@ class Session:
             utterance.interrupted = True
         sent, self._sent = self._sent, None
         await self._end_all(grace_s=0)
-        if sent is not None and not ending and await self._interrupt_sent(*sent):
-            return 1
+        if sent is not None and await self._interrupt_sent(*sent):
+            return len(ending) + 1
         return len(ending)
 
     async def _interrupt_sent(self, utterance: Utterance, playback: _Playback) -> bool:
@@ -173,17 +176,20 @@ class Session:
         await self._end_all(grace_s)
 
     async def _end_all(self, grace_s: float) -> None:
-        dropped = self.drop_queue()
-        playing, current = self.playing, self.current
-        if playing is not None and not playing.done():
-            if grace_s > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(playing), grace_s)
-            playing.cancel()
-            await asyncio.gather(playing, return_exceptions=True)
-        for utterance in ([current] if current is not None else []) + dropped:
-            if not utterance.ended:  # e.g. cancelled before its task ever ran
-                await self._finish(utterance, _Playback(), cancelled=True, completed=False)
+        # One at a time: an interrupt (from another task) and the client's own cancel may come together.
+        async with self._ending:
+            dropped = self.drop_queue()
+            playing, current = self.playing, self.current
+            if playing is not None and not playing.done():
+                if grace_s > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(playing), grace_s)
+                if current is None or not current.ended:  # (ended: it is sending its end message; let it)
+                    playing.cancel()
+                await asyncio.gather(playing, return_exceptions=True)
+            for utterance in ([current] if current is not None else []) + dropped:
+                if not utterance.ended:  # e.g. cancelled before its task ever ran
+                    await self._finish(utterance, _Playback(), cancelled=True, completed=False)
 
     async def close(self) -> None:
         """The socket is gone: stop everything, send nothing."""
@@ -231,7 +237,7 @@ class Session:
 
     async def _play(self, utterance: Utterance) -> None:
         converter = AudioConverter(utterance.audio.sample_rate, utterance.audio.encoding)
-        playback = self._playback = _Playback(words=self._words(utterance))
+        playback = self._playback = _Playback(words=self._words(utterance), plays_from=self.listening_until)
         cancelled, outcome = False, "completed"
         # The listener still plays the session's previous utterance: this one's first audio is due after it.
         timing = Timing(max(0.0, self.listening_until - time.monotonic()), utterance.max_wait_s)
@@ -272,7 +278,19 @@ class Session:
         with closing(playback.words):
             await self._finish(utterance, playback, cancelled, completed=outcome == "completed")
         if outcome == "completed" and not utterance.legacy:
-            self._sent = (utterance, playback)
+            self._keep_while_playing(utterance, playback)
+
+    def _keep_while_playing(self, utterance: Utterance, playback: _Playback) -> None:
+        """Keep an utterance whose audio is all sent (and its words) while its listener plays it, and no longer:
+        an interrupt may still ask what was heard of it."""
+        self._sent = (utterance, playback)
+        remaining = (playback.listener.playing_until or 0.0) - time.monotonic()
+
+        def forget() -> None:
+            if self._sent is not None and self._sent[0] is utterance:
+                self._sent = None
+
+        asyncio.get_running_loop().call_later(max(0.0, remaining) + 1.0, forget)
 
     async def _send_audio(self, utterance: Utterance, converter: AudioConverter, playback: _Playback, data: bytes,
                           final: bool = False) -> None:

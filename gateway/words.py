@@ -90,8 +90,11 @@ class UtteranceWords:
             self._aligning = asyncio.get_running_loop().create_task(self._settle(final=False))
 
     async def finish(self) -> None:
-        """All audio is in: align the rest and settle every word (sending the last marks)."""
+        """All audio is in: with marks asked for, align the rest and settle every word (sending the last marks);
+        without, nothing (what a listener heard is aligned only if an interrupt asks)."""
         self._generated = True
+        if self._on_marks is None:
+            return
         await self._wait()
         if not self.failed and self._window_samples and self._start_char < len(self._text()):
             await self._settle(final=True)
@@ -112,6 +115,9 @@ class UtteranceWords:
         except (AlignerUnavailable, TimeoutError) as exc:
             reason = str(exc) or f"the aligner took over {timeout_s:g} s"
             log.warning("what the listener heard is unknown: %s", reason)
+            return None
+        except Exception:  # a bug costs the heard text, never the utterance's end message
+            log.exception("what the listener heard is unknown")
             return None
         if self.failed:
             return None
