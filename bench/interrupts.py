@@ -116,34 +116,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "interrupts.json")
     args = parser.parse_args(argv)
-    import tempfile
-
-    from bench.openloop import FRAMES_BASE, FRAMES_PER_CHAR
-    from tools.gateway_local import GatewayProcess
+    from bench.openloop import start_gateway, start_triton
     from tools.redis_local import LocalRedis
-    from tools.render_model_repository import render, resolve
-    from tools.triton_local import LocalTriton
 
-    work = Path(tempfile.mkdtemp(prefix="bench-interrupts-", dir=ROOT / "build"))
-    overrides = {"MODEL_DIR": args.model_dir}
     aligner = Path(args.aligner_dir).is_dir()
-    if aligner:
-        overrides["ALIGNER_DIR"] = args.aligner_dir
-    values = resolve("cpu", overrides)
-    server = LocalTriton(render(work / "model_repository", values), log_path=work / "tritonserver.log").start()
+    server, values, work = start_triton(args.model_dir, aligner_dir=args.aligner_dir if aligner else None,
+                                        prefix="bench-interrupts-")
     redis = LocalRedis(work / "redis.log").start()
     gateways = []
     rng = random.Random(args.seed)
     results = {"sessions": args.sessions, "aligner": aligner, "scenarios": {}}
     try:
-        server.wait_ready(900)
         for index in range(2):
-            gateway = GatewayProcess(server.grpc_url, values["VOICES_DIR"], work / f"gateway-{index}.log",
-                                     GATEWAY_LOG_LEVEL="WARNING", GATEWAY_REDIS_URL=redis.url,
-                                     GATEWAY_FRAMES_BASE=str(FRAMES_BASE), GATEWAY_FRAMES_PER_CHAR=str(FRAMES_PER_CHAR))
-            gateways.append(gateway.start())
-        for gateway in gateways:
-            gateway.wait_ready()
+            gateways.append(start_gateway(server, values, work, f"gateway-{index}", GATEWAY_REDIS_URL=redis.url))
         time.sleep(1.0)  # both subscribed
         half = [0] * (args.sessions - args.sessions // 2) + [1] * (args.sessions // 2)
         scenarios = [("one_replica", [0] * args.sessions, True), ("two_replicas", half, True),

@@ -106,35 +106,21 @@ def main(argv=None) -> int:
     parser.add_argument("--utterances", type=int, default=6)
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "marks.json")
     args = parser.parse_args(argv)
-    import tempfile
+    from bench.openloop import FRAMES_PER_CHAR, _start_stack
 
-    from bench.openloop import FRAMES_BASE, FRAMES_PER_CHAR
-    from tools.gateway_local import GatewayProcess
-    from tools.render_model_repository import render, resolve
-    from tools.triton_local import LocalTriton
-
-    work = Path(tempfile.mkdtemp(prefix="bench-marks-", dir=ROOT / "build"))
-    values = resolve("cpu", {"MODEL_DIR": args.model_dir, "ALIGNER_DIR": args.aligner_dir})
-    server = LocalTriton(render(work / "model_repository", values), log_path=work / "tritonserver.log").start()
+    server, gateway = _start_stack(args.model_dir, prefix="bench-marks-", aligner_dir=args.aligner_dir)
     results: dict = {"frames_per_char": FRAMES_PER_CHAR, "mark_lead_over_playback_ms": {}}
     try:
-        server.wait_ready(900)
-        gateway = GatewayProcess(server.grpc_url, values["VOICES_DIR"], work / "gateway.log",
-                                 GATEWAY_LOG_LEVEL="WARNING", GATEWAY_FRAMES_BASE=str(FRAMES_BASE),
-                                 GATEWAY_FRAMES_PER_CHAR=str(FRAMES_PER_CHAR)).start()
-        try:
-            gateway.wait_ready()
-            for sessions in (int(n) for n in args.sessions.split(",")):
-                async def run():
-                    return await asyncio.gather(*(_session(gateway.ws, TEXTS[:args.utterances], i)
-                                                  for i in range(sessions)))
+        for sessions in (int(n) for n in args.sessions.split(",")):
+            async def run():
+                return await asyncio.gather(*(_session(gateway.ws, TEXTS[:args.utterances], i)
+                                              for i in range(sessions)))
 
-                leads = [lead for per_session in asyncio.run(run()) for lead in per_session]
-                results["mark_lead_over_playback_ms"][f"{sessions}_sessions"] = _percentiles(leads)
-                print(sessions, "sessions:", json.dumps(_percentiles(leads)), flush=True)
-        finally:
-            gateway.stop()
+            leads = [lead for per_session in asyncio.run(run()) for lead in per_session]
+            results["mark_lead_over_playback_ms"][f"{sessions}_sessions"] = _percentiles(leads)
+            print(sessions, "sessions:", json.dumps(_percentiles(leads)), flush=True)
     finally:
+        gateway.stop()
         server.stop()
     aligner = ROOT / "results" / "aligner.json"
     if aligner.exists():

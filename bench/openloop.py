@@ -292,6 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-going", action="store_true", help="run every rate even after one served nothing")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "openloop.json")
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. before/after)")
+    parser.add_argument("--aligner-dir", default="", help="serve this word aligner too (e.g. build/tiny-aligner)")
     args = parser.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",")]
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         if args.gateway:
             base = args.gateway.rstrip("/")
         else:
-            stack = _start_stack(args.model_dir)
+            stack = _start_stack(args.model_dir, aligner_dir=args.aligner_dir or None)
             base = stack[1].http
         report = sweep(base, transports, rates, args.seconds, args.budget_ms / 1000, args.timeout, args.keep_going,
                        stack[0].metrics_url if stack else None)
@@ -332,25 +333,49 @@ def _collapse(value, indent: int = 0) -> str:
     return json.dumps(value)
 
 
-def _start_stack(model_dir: str, voices_dir: Optional[str] = None, prefix: str = "bench-openloop-"):
-    """Triton and the gateway as ``make run`` starts them, with the realistic frame cap."""
-    from tools.gateway_local import GatewayProcess
+def start_triton(model_dir: str, voices_dir: Optional[str] = None, aligner_dir: Optional[str] = None,
+                 prefix: str = "bench-openloop-"):
+    """Triton as ``make run`` starts it (with the word aligner when ``aligner_dir`` is given), ready, rendered in a
+    fresh folder under build/; returns (server, template values, that folder)."""
     from tools.render_model_repository import render, resolve
     from tools.triton_local import LocalTriton
 
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=ROOT / "build"))
-    values = resolve("cpu", {"MODEL_DIR": model_dir, **({"VOICES_DIR": voices_dir} if voices_dir else {})})
+    overrides = {"MODEL_DIR": model_dir, **({"VOICES_DIR": voices_dir} if voices_dir else {}),
+                 **({"ALIGNER_DIR": aligner_dir} if aligner_dir else {})}
+    values = resolve("cpu", overrides)
     server = LocalTriton(render(work / "model_repository", values), log_path=work / "tritonserver.log").start()
     try:
         server.wait_ready(900)
-        gateway = GatewayProcess(server.grpc_url, values["VOICES_DIR"], work / "gateway.log",
-                                 GATEWAY_LOG_LEVEL="WARNING", GATEWAY_FRAMES_BASE=str(FRAMES_BASE),
-                                 GATEWAY_FRAMES_PER_CHAR=str(FRAMES_PER_CHAR))
-        gateway.start().wait_ready()
     except BaseException:
         server.stop()
         raise
-    return server, gateway
+    return server, values, work
+
+
+def start_gateway(server, values: dict, work: Path, name: str = "gateway", **env: str):
+    """A ready gateway on ``server`` with the realistic frame cap (``env``: more of its settings)."""
+    from tools.gateway_local import GatewayProcess
+
+    gateway = GatewayProcess(server.grpc_url, values["VOICES_DIR"], work / f"{name}.log", GATEWAY_LOG_LEVEL="WARNING",
+                             GATEWAY_FRAMES_BASE=str(FRAMES_BASE), GATEWAY_FRAMES_PER_CHAR=str(FRAMES_PER_CHAR), **env)
+    try:
+        gateway.start().wait_ready()
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+def _start_stack(model_dir: str, voices_dir: Optional[str] = None, prefix: str = "bench-openloop-",
+                 aligner_dir: Optional[str] = None):
+    """Triton and the gateway as ``make run`` starts them, with the realistic frame cap."""
+    server, values, work = start_triton(model_dir, voices_dir, aligner_dir, prefix)
+    try:
+        return server, start_gateway(server, values, work)
+    except BaseException:
+        server.stop()
+        raise
 
 
 if __name__ == "__main__":
