@@ -100,10 +100,7 @@ async def test_a_contract_id_beyond_the_limit_is_refused(make_gateway):
 
 async def test_an_interrupt_reaches_a_session_on_another_replica_through_redis(make_gateway, redis_server):
     """Sessions of one contract on two gateway replicas both end when one replica takes the interrupt."""
-    replicas = [make_gateway(GATEWAY_REDIS_URL=redis_server.url) for _ in range(2)]
-    for replica in replicas:
-        replica.wait_ready()
-        assert await wait_until(lambda r=replica: bus_state(r)["connected"], timeout=10)
+    replicas = await two_replicas(make_gateway, redis_server)
     async with open_session(replicas[0].ws) as here, open_session(replicas[1].ws) as there:
         await hold_a_row(here, contractId="across")
         await hold_a_row(there, contractId="across")
@@ -111,6 +108,15 @@ async def test_an_interrupt_reaches_a_session_on_another_replica_through_redis(m
         assert answer["otherReplicas"] == "told" and answer["sessions"] == 1
         for ws in (here, there):
             assert (await interrupted_end(ws))["interrupted"] is True
+
+
+async def two_replicas(make_gateway, redis_server) -> list:
+    """Two gateway replicas sharing the Redis bus, ready and subscribed."""
+    replicas = [make_gateway(GATEWAY_REDIS_URL=redis_server.url) for _ in range(2)]
+    for replica in replicas:
+        replica.wait_ready()
+        assert await wait_until(lambda r=replica: bus_state(r)["connected"], timeout=10)
+    return replicas
 
 
 def bus_state(gateway) -> dict:
@@ -127,10 +133,7 @@ def bus_metric(gateway) -> float:
 async def test_with_redis_down_interrupts_stay_local_and_speech_goes_on(make_gateway, redis_server):
     """Redis killed mid-conversation: readiness and the metric say so, a local interrupt still works at once, the
     other replica's session plays on, and new speech is served."""
-    replicas = [make_gateway(GATEWAY_REDIS_URL=redis_server.url) for _ in range(2)]
-    for replica in replicas:
-        replica.wait_ready()
-        assert await wait_until(lambda r=replica: bus_state(r)["connected"], timeout=10)
+    replicas = await two_replicas(make_gateway, redis_server)
     async with open_session(replicas[0].ws) as here, open_session(replicas[1].ws) as there:
         await hold_a_row(here, contractId="redis-down")
         await hold_a_row(there, contractId="redis-down")
@@ -151,9 +154,7 @@ async def test_with_redis_down_interrupts_stay_local_and_speech_goes_on(make_gat
 
 async def test_the_bus_reconnects_when_redis_comes_back(make_gateway, redis_server, tmp_path):
     """After Redis restarts on the same port, interrupts reach the other replica again."""
-    replicas = [make_gateway(GATEWAY_REDIS_URL=redis_server.url) for _ in range(2)]
-    for replica in replicas:
-        replica.wait_ready()
+    replicas = await two_replicas(make_gateway, redis_server)
     redis_server.kill()
     assert await wait_until(lambda: not bus_state(replicas[1])["connected"], timeout=10)
     revived = LocalRedis(tmp_path / "redis-2.log", port=redis_server.port).start()

@@ -38,6 +38,14 @@ class ScriptedAligner:
         return words_of(text)
 
 
+def marking_tracker(aligner: ScriptedAligner, sent: list) -> UtteranceWords:
+    """A tracker of TEXT that asks for marks (into ``sent``) every 0.5 s of audio, settling 0.4 s back."""
+    async def on_marks(words, aligned):
+        sent.append((words, aligned))
+
+    return UtteranceWords(aligner, lambda: TEXT, on_marks, interval_s=0.5, settle_s=0.4)
+
+
 def seconds(s: float) -> np.ndarray:
     return np.zeros(int(s * RATE), np.float32)
 
@@ -60,13 +68,8 @@ def test_read_ahead_finishes_the_word_it_falls_in():
 
 async def test_words_settle_only_well_before_the_window_end():
     """Marks carry words that ended settle_s before the aligned audio's end, never the window's last word."""
-    sent = []
-
-    async def on_marks(words, aligned):
-        sent.append((words, aligned))
-
-    aligner = ScriptedAligner()
-    tracker = UtteranceWords(aligner, lambda: TEXT, on_marks, interval_s=0.5, settle_s=0.4)
+    aligner, sent = ScriptedAligner(), []
+    tracker = marking_tracker(aligner, sent)
     tracker.add_audio(seconds(1.6))
     await asyncio.sleep(0.01)
     assert sent, "an alignment was due"
@@ -78,13 +81,8 @@ async def test_words_settle_only_well_before_the_window_end():
 
 async def test_the_next_window_starts_where_the_last_settled_word_ended():
     """After words settle, the aligner sees only the audio and text after them, and times come back shifted."""
-    sent = []
-
-    async def on_marks(words, aligned):
-        sent.append((words, aligned))
-
-    aligner = ScriptedAligner()
-    tracker = UtteranceWords(aligner, lambda: TEXT, on_marks, interval_s=0.5, settle_s=0.4)
+    aligner, sent = ScriptedAligner(), []
+    tracker = marking_tracker(aligner, sent)
     tracker.add_audio(seconds(1.6))
     await asyncio.sleep(0.01)
     tracker.add_audio(seconds(0.8))

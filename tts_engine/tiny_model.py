@@ -370,20 +370,26 @@ def is_current(model_dir: str | os.PathLike, preset: str = "tiny") -> bool:
     return marker.is_file() and marker.read_text().startswith(f"format {FORMAT_VERSION}\npreset {preset}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", help="where to write the model directory")
+def builder_main(argv, description: str, noun: str, full_help: str, build, is_current) -> int:
+    """The command line of a random-weight builder (this model's, the aligner's): ``OUT_DIR [--preset P]
+    [--force]``; a current build is kept unless forced."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("out_dir", help=f"where to write the {noun} directory")
     parser.add_argument("--force", action="store_true", help="rebuild even when a current build exists")
     parser.add_argument("--preset", choices=PRESETS, default="tiny",
-                        help="tiny (default) or full (real 0.6B sizes, random weights, for GPU timing)")
+                        help=f"tiny (default) or full (real 0.6B sizes, random weights, {full_help})")
     args = parser.parse_args(argv)
     if is_current(args.out_dir, args.preset) and not args.force:
-        print(f"{args.preset} model already built at {args.out_dir}")
+        print(f"{args.preset} {noun} already built at {args.out_dir}")
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build_tiny_model(args.out_dir, args.preset)
-    print(f"{args.preset} random-weight model written to {path}")
+    path = build(args.out_dir, args.preset)
+    print(f"{args.preset} random-weight {noun} written to {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return builder_main(argv, __doc__, "model", "for GPU timing", build_tiny_model, is_current)
 
 
 if __name__ == "__main__":

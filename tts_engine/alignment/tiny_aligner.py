@@ -7,7 +7,6 @@ Qwen3-ForcedAligner-0.6B sizes (for timing). The weights are random: the times m
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -195,19 +194,9 @@ def ensure_tiny_aligner(aligner_dir: str | os.PathLike, preset: str = "tiny") ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", help="where to write the aligner directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even when a current build exists")
-    parser.add_argument("--preset", choices=PRESETS, default="tiny",
-                        help="tiny (default) or full (real 0.6B sizes, random weights, for timing)")
-    args = parser.parse_args(argv)
-    if is_current(args.out_dir, args.preset) and not args.force:
-        print(f"{args.preset} aligner already built at {args.out_dir}")
-        return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build_tiny_aligner(args.out_dir, args.preset)
-    print(f"{args.preset} random-weight aligner written to {path}")
-    return 0
+    from tts_engine.tiny_model import builder_main
+
+    return builder_main(argv, __doc__, "aligner", "for timing", build_tiny_aligner, is_current)
 
 
 if __name__ == "__main__":
