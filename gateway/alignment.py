@@ -40,13 +40,10 @@ async def align(endpoints: Endpoints, audio: np.ndarray, text: str, language: Op
               _tensor(names.SAMPLE_RATE, np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
               _tensor(names.TEXT, np.array([[text.encode("utf-8")]], dtype=np.object_), "BYTES"),
               _tensor(names.LANGUAGE, np.array([[(language or "Auto").encode("utf-8")]], dtype=np.object_), "BYTES")]
-    endpoint.calls += 1  # keeps a leaving endpoint's channel open until the call ends
     try:
-        async with asyncio.timeout(timeout_s):
-            result = await endpoint.client.infer(names.ALIGNER, inputs)
+        with endpoints.calling(endpoint):
+            async with asyncio.timeout(timeout_s):
+                result = await endpoint.client.infer(names.ALIGNER, inputs)
         return decode_words(result.as_numpy(names.WORDS).reshape(-1)[0])
     except Exception as exc:
         raise AlignerUnavailable(f"the aligner at {endpoint.url} failed: {exc!r}") from None
-    finally:
-        endpoint.calls -= 1
-        endpoints.forget_if_idle(endpoint)

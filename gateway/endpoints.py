@@ -221,10 +221,23 @@ class Endpoints:
 
         def done(task: asyncio.Task) -> None:
             self._background.discard(task)
-            endpoint.calls -= 1
-            self.forget_if_idle(endpoint)
+            self._call_ended(endpoint)
 
         task.add_done_callback(done)
+
+    @contextlib.contextmanager
+    def calling(self, endpoint: Endpoint):
+        """A call to ``endpoint`` that is not a stream (a voice encode, an alignment): a draining endpoint keeps its
+        channel open until the call ends."""
+        endpoint.calls += 1
+        try:
+            yield endpoint
+        finally:
+            self._call_ended(endpoint)
+
+    def _call_ended(self, endpoint: Endpoint) -> None:
+        endpoint.calls -= 1
+        self.forget_if_idle(endpoint)
 
     def refused(self) -> None:
         """A stream every engine refused (part of the demand autoscaling sees)."""

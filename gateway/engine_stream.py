@@ -139,16 +139,13 @@ async def encode_voice(endpoints: Endpoints, audio: np.ndarray, sample_rate: int
     last_error: Optional[SynthesisFailed] = None
     usable = [e for e in endpoints.endpoints if e.usable]
     for endpoint in sorted(usable, key=lambda e: e.streams) or list(endpoints.endpoints):
-        endpoint.calls += 1  # keeps a leaving endpoint's channel open until the encode ends
         try:
-            return await _encode_voice(endpoint, audio, sample_rate, ref_text)
+            with endpoints.calling(endpoint):
+                return await _encode_voice(endpoint, audio, sample_rate, ref_text)
         except SynthesisFailed as exc:
             if not exc.transport:
                 raise
             last_error = exc
-        finally:
-            endpoint.calls -= 1
-            endpoints.forget_if_idle(endpoint)
     raise last_error or SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is available", transport=True)
 
 

@@ -135,16 +135,13 @@ class Session:
         await self._end_all(grace_s=0)
 
     async def interrupt(self) -> int:
-        """Like ``cancel_all``, each end message saying ``interrupted: true``; returns how many utterances ended."""
-        ending = [u for u in ([self.current] if self.playing is not None and not self.playing.done() else [])
-                  + list(self.queue._queue) if u is not None and not u.ended]  # noqa: SLF001 (asyncio.Queue's deque)
-        for utterance in ending:
-            utterance.interrupted = True
+        """Like ``cancel_all``, each end message saying ``interrupted: true``; returns how many utterances ended
+        (the last one sent counts too, if its listener still played it)."""
         sent, self._sent = self._sent, None
-        await self._end_all(grace_s=0)
+        ended = await self._end_all(grace_s=0, interrupted=True)
         if sent is not None and await self._interrupt_sent(*sent):
-            return len(ending) + 1
-        return len(ending)
+            ended += 1
+        return ended
 
     async def _interrupt_sent(self, utterance: Utterance, playback: _Playback) -> bool:
         """An utterance whose audio is all sent, if its listener still plays it: say what was heard of it."""
@@ -175,11 +172,16 @@ class Session:
         """For a shutdown: like ``cancel_all``, but the utterance playing gets ``grace_s`` to finish first."""
         await self._end_all(grace_s)
 
-    async def _end_all(self, grace_s: float) -> None:
+    async def _end_all(self, grace_s: float, interrupted: bool = False) -> int:
+        """End the utterance playing and the queued ones (each with its end message); returns how many it ended."""
         # One at a time: an interrupt (from another task) and the client's own cancel may come together.
         async with self._ending:
             dropped = self.drop_queue()
             playing, current = self.playing, self.current
+            ending = [u for u in ([current] if playing is not None and not playing.done() else []) + dropped
+                      if u is not None and not u.ended]
+            for utterance in ending:
+                utterance.interrupted = interrupted
             if playing is not None and not playing.done():
                 if grace_s > 0:
                     with contextlib.suppress(asyncio.TimeoutError):
@@ -190,6 +192,7 @@ class Session:
             for utterance in ([current] if current is not None else []) + dropped:
                 if not utterance.ended:  # e.g. cancelled before its task ever ran
                     await self._finish(utterance, _Playback(), cancelled=True, completed=False)
+            return len(ending)
 
     async def close(self) -> None:
         """The socket is gone: stop everything, send nothing."""
