@@ -20,6 +20,7 @@ ALIGNER = "aligner"  # word times: audio and its text in, each word's start and 
 TEXT = "text"  # BYTES [1], UTF-8
 VOICE = "voice"  # BYTES [1], a voice id
 LANGUAGE = "language"  # BYTES [1], a language name or Auto
+INSTRUCT = "instruct"  # BYTES [1], UTF-8: a style instruction, or a VoiceDesign model's voice description
 TEXT_KEY = "text_key"  # UINT64 [1], a client's key for text still being written: more arrives by `append` commands
 COMMAND = "command"  # BYTES [1], a talker control request's typed, versioned message (tts_contract.commands)
 STATUS = "status"  # BYTES [1], JSON: the talker's capacity now (rows, active, realtime_batch, headroom, ...)
@@ -71,12 +72,13 @@ def _codes(name: str, optional: bool = False) -> Tensor:
 
 MODELS = {
     TTS: Model(TTS, inputs=(_string(TEXT), _string(VOICE, True), _string(LANGUAGE, True),
-                            Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True)),
+                            Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True), _string(INSTRUCT, True)),
                outputs=(Tensor(AUDIO, "TYPE_FP32", (-1,)),), decoupled=True),
     TALKER: Model(TALKER,
                   # text is required for synthesis; a control request carries `command` (and an append its text)
                   inputs=(_string(TEXT, True), _string(VOICE, True), _string(LANGUAGE, True),
-                          Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True), _string(COMMAND, True)),
+                          Tensor(TEXT_KEY, "TYPE_UINT64", (1,), True), _string(COMMAND, True),
+                          _string(INSTRUCT, True)),
                   outputs=(_codes(CODES), _codes(CONTEXT_CODES), Tensor(STREAM_ID, "TYPE_UINT64", (1,)),
                            Tensor(FINAL, "TYPE_BOOL", (1,)), _string(STATUS)),
                   decoupled=True),

@@ -53,3 +53,12 @@ class Overloaded(EngineError):
     for a row."""
 
     code = EngineCode.OVERLOADED
+
+
+class Unfollowable(EngineError):
+    """A voice or instruction this model cannot follow (tts_contract.models.conditioning_error): refused, never
+    dropped."""
+
+    def __init__(self, code: EngineCode, message: str):
+        super().__init__(message)
+        self.code = code

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from tts_contract.languages import LANGUAGES
+from tts_contract.models import KINDS, SIZES, ServedModel, Speaker, default_name
 
 from .errors import ModelDirError
 
@@ -35,7 +36,7 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise ModelDirError(
             f"model directory {path} does not exist. Set QWEN_TTS_MODEL_DIR to a local copy of "
-            "Qwen/Qwen3-TTS-12Hz-0.6B-Base (see README: 'Getting the weights').")
+            "a Qwen3-TTS-12Hz checkpoint, e.g. Qwen/Qwen3-TTS-12Hz-0.6B-Base (see README: 'Getting the weights').")
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         missing.append("tokenizer.json or vocab.json")
@@ -89,6 +90,28 @@ class LoadedModel:
     fingerprint: str
     is_tiny: bool
 
+    @property
+    def kind(self) -> str:
+        """base, custom_voice or voice_design (tts_contract.models)."""
+        return self.tts.model.tts_model_type
+
+    @property
+    def size(self) -> str:
+        return SIZES.get(self.tts.model.tts_model_size, self.tts.model.tts_model_size)
+
+    def speakers(self) -> tuple:
+        """A CustomVoice checkpoint's named speakers (others have none), sorted by name."""
+        talker = self.tts.model.config.talker_config
+        dialects = talker.spk_is_dialect or {}
+        return tuple(Speaker(name, dialects.get(name) or None) for name in sorted(talker.spk_id or {}))
+
+    def describe(self, name: str = "", tts_model: str = "tts", talker_model: str = "talker",
+                 default_voice: Optional[str] = None) -> ServedModel:
+        """What this checkpoint is, served under ``name`` (default: from its kind and size)."""
+        return ServedModel(name=name or default_name(self.kind, self.tts.model.tts_model_size), kind=self.kind,
+                           size=self.size, tts_model=tts_model, talker_model=talker_model, speakers=self.speakers(),
+                           languages=LANGUAGES, default_voice=default_voice)
+
 
 _load_lock = threading.Lock()
 
@@ -114,15 +137,16 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: Option
             kwargs["attn_implementation"] = attn_implementation
         tts = Qwen3TTSModel.from_pretrained(str(path), **kwargs)
     tts.model.eval()
-    if getattr(tts.model, "tts_model_type", None) != "base":
-        raise ModelDirError(f"{path} is a '{tts.model.tts_model_type}' model; this server needs a Base model "
-                            "(voice cloning), e.g. Qwen3-TTS-12Hz-0.6B-Base")
+    if getattr(tts.model, "tts_model_type", None) not in KINDS:
+        raise ModelDirError(f"{path} is a '{tts.model.tts_model_type}' model; this server serves the Qwen3-TTS "
+                            f"kinds {', '.join(KINDS)}")
     is_tiny = (path / "TINY_MODEL").is_file()
     unsupported = [name for name in LANGUAGES if name.lower() not in tts.model.get_supported_languages()]
     if unsupported:  # the contract promises these to every client
         raise ModelDirError(f"{path} does not speak {', '.join(unsupported)}")
-    log.info("loaded %s model from %s on %s (%s)", "TINY random-weight" if is_tiny else "Qwen3-TTS", path,
-             device, str(torch_dtype).replace("torch.", ""))
+    log.info("loaded %s %s %s model from %s on %s (%s)", "TINY random-weight" if is_tiny else "Qwen3-TTS",
+             SIZES.get(tts.model.tts_model_size, "?"), tts.model.tts_model_type, path, device,
+             str(torch_dtype).replace("torch.", ""))
     return LoadedModel(tts=tts, model_dir=path, device=device, dtype=torch_dtype,
                        fingerprint=model_fingerprint(path), is_tiny=is_tiny)
 

@@ -1,7 +1,10 @@
-"""Build a tiny random-weight Qwen3-TTS-12Hz Base model offline, in the hub repo's on-disk layout.
+"""Build a tiny random-weight Qwen3-TTS-12Hz model offline, in the hub repo's on-disk layout.
 
 The real architecture, codec ids and vocabulary sizes are kept; only widths and depths shrink, so the
-model loads through ``Qwen3TTSModel.from_pretrained`` and exercises every code path in seconds.
+model loads through ``Qwen3TTSModel.from_pretrained`` and exercises every code path in seconds. One preset per
+kind of the family: ``tiny`` (Base), ``tiny-custom-voice`` (a few named speakers, one of them a dialect speaker;
+sized as a 1.7B CustomVoice, so it follows instructions), ``tiny-voice-design``; and the real sizes with random
+weights for timing: ``full`` (0.6B Base) and ``full-1.7b`` (1.7B Base).
 """
 from __future__ import annotations
 
@@ -47,7 +50,25 @@ FULL_SIZE = {
                 "num_key_value_heads": 16, "head_dim": 64, "intermediate_size": 3072, "decoder_dim": 1536,
                 "layer_scale_initial_scale": 0.01},
 }
-PRESETS = ("tiny", "full")
+# Real Qwen3-TTS-12Hz-1.7B dimensions: a wider talker (its code predictor stays at 1024 and is reached through
+# small_to_mtp_projection) and a wider speaker embedding.
+FULL_SIZE_1B7 = {
+    "talker": {**FULL_SIZE["talker"], "hidden_size": 2048, "intermediate_size": 6144},
+    "speaker_encoder": {**FULL_SIZE["speaker_encoder"], "enc_dim": 2048},
+}
+# The tiny CustomVoice's speakers: name -> (codec id, dialect or False), as the real checkpoint's spk_id and
+# spk_is_dialect hold them (its nine speakers sit in the same control range of the codec vocabulary).
+TINY_SPEAKERS = {"aria": (3000, False), "kai": (3001, False), "mei": (3002, "sichuan_dialect")}
+DIALECT_CODEC_IDS = {"sichuan_dialect": 2080}
+# preset -> (tts_model_type, tts_model_size, sizes)
+PRESET_SPECS = {
+    "tiny": ("base", "0b6", None),
+    "tiny-custom-voice": ("custom_voice", "1b7", None),
+    "tiny-voice-design": ("voice_design", "1b7", None),
+    "full": ("base", "0b6", FULL_SIZE),
+    "full-1.7b": ("base", "1b7", {**FULL_SIZE, **FULL_SIZE_1B7}),
+}
+PRESETS = tuple(PRESET_SPECS)
 
 
 def _talker_config() -> dict:
@@ -298,18 +319,26 @@ def _wake_talker(talker, marker_id: int, eos_id: int, generator) -> None:
 def _apply_preset(model_cfg: dict, tokenizer_cfg: dict, preset: str) -> None:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
-    if preset == "full":
-        model_cfg["talker_config"].update(FULL_SIZE["talker"])
-        model_cfg["talker_config"]["code_predictor_config"].update(FULL_SIZE["code_predictor"])
-        model_cfg["speaker_encoder_config"].update(FULL_SIZE["speaker_encoder"])
-        tokenizer_cfg["encoder_config"].update(FULL_SIZE["encoder"])
-        tokenizer_cfg["decoder_config"].update(FULL_SIZE["decoder"])
+    kind, size, sizes = PRESET_SPECS[preset]
+    model_cfg["tts_model_type"], model_cfg["tts_model_size"] = kind, size
+    talker = model_cfg["talker_config"]
+    if kind == "custom_voice":
+        talker["spk_id"] = {name: codec_id for name, (codec_id, _) in TINY_SPEAKERS.items()}
+        talker["spk_is_dialect"] = {name: dialect for name, (_, dialect) in TINY_SPEAKERS.items()}
+        talker["codec_language_id"] = {**talker["codec_language_id"], **DIALECT_CODEC_IDS}
+    if sizes is not None:
+        talker.update(sizes["talker"])
+        talker["code_predictor_config"].update(sizes["code_predictor"])
+        model_cfg["speaker_encoder_config"].update(sizes["speaker_encoder"])
+        tokenizer_cfg["encoder_config"].update(sizes["encoder"])
+        tokenizer_cfg["decoder_config"].update(sizes["decoder"])
 
 
 def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
     """Write the random-weight model to ``out_dir`` (atomically) and return its path.
 
-    ``preset="tiny"`` shrinks widths and depths; ``"full"`` keeps the real 0.6B sizes (for GPU timing)."""
+    ``preset``: one of PRESETS (see the module); the tiny ones shrink widths and depths, the full ones keep the
+    real sizes (for memory and step-time benchmarks)."""
     import torch
     from transformers import EncodecFeatureExtractor
 
@@ -329,7 +358,7 @@ def build_tiny_model(out_dir: str | os.PathLike, preset: str = "tiny") -> Path:
         config = Qwen3TTSConfig(**model_cfg)
         model = Qwen3TTSForConditionalGeneration(config).eval()
         _wake_talker(model.talker, marker_id, config.talker_config.codec_eos_token_id, generator)
-        if preset == "full":
+        if preset.startswith("full"):
             model = model.to(torch.bfloat16)  # half the disk; served in bf16 on GPU anyway
         model.save_pretrained(staging, safe_serialization=True)
         # save_pretrained writes an empty model_type into speaker_encoder_config, which the loader rejects.
@@ -370,14 +399,15 @@ def is_current(model_dir: str | os.PathLike, preset: str = "tiny") -> bool:
     return marker.is_file() and marker.read_text().startswith(f"format {FORMAT_VERSION}\npreset {preset}\n")
 
 
-def builder_main(argv, description: str, noun: str, full_help: str, build, is_current) -> int:
+def builder_main(argv, description: str, noun: str, full_help: str, build, is_current,
+                 presets: tuple = ("tiny", "full")) -> int:
     """The command line of a random-weight builder (this model's, the aligner's): ``OUT_DIR [--preset P]
     [--force]``; a current build is kept unless forced."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help=f"where to write the {noun} directory")
     parser.add_argument("--force", action="store_true", help="rebuild even when a current build exists")
-    parser.add_argument("--preset", choices=PRESETS, default="tiny",
-                        help=f"tiny (default) or full (real 0.6B sizes, random weights, {full_help})")
+    parser.add_argument("--preset", choices=presets, default="tiny",
+                        help=f"tiny (default); full: real sizes, random weights, {full_help}")
     args = parser.parse_args(argv)
     if is_current(args.out_dir, args.preset) and not args.force:
         print(f"{args.preset} {noun} already built at {args.out_dir}")
@@ -389,7 +419,8 @@ def builder_main(argv, description: str, noun: str, full_help: str, build, is_cu
 
 
 def main(argv: list[str] | None = None) -> int:
-    return builder_main(argv, __doc__, "model", "for GPU timing", build_tiny_model, is_current)
+    return builder_main(argv, __doc__, "model", "for memory and step-time benchmarks", build_tiny_model, is_current,
+                        presets=PRESETS)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,43 @@ from .text_feed import ROLE_IDS, TURN_SUFFIX, TextFeed
 
 @dataclass
 class SynthesisRequest:
-    """What to say, in which voice and language, sampled how. ``feed``: text that is still arriving (``text`` is
-    then what has arrived so far); None when ``text`` is all of it."""
+    """What to say, in which voice and language, sampled how. The voice is one of: a cloned voice's ``prompt``
+    (Base models), a named ``speaker`` (CustomVoice), or neither (VoiceDesign: ``instruct`` describes it);
+    ``instruct``: a style instruction or a voice's description, for the models that follow one
+    (tts_contract.models). ``feed``: text that is still arriving (``text`` is then what has arrived so far); None
+    when ``text`` is all of it."""
 
     text: str
-    prompt: VoicePrompt
+    prompt: Optional[VoicePrompt]
     language: str = "auto"
     params: SamplingParams = field(default_factory=SamplingParams)
     feed: Optional[TextFeed] = None
+    speaker: Optional[str] = None
+    instruct: Optional[str] = None
+    # qwen-tts's switch: the whole text in the prompt (True) or read one token per frame (False). None: its
+    # default for the entry point of this kind (generate_voice_clone: False; generate_custom_voice and
+    # generate_voice_design: True). Text still being written is always read as it comes.
+    non_streaming_mode: Optional[bool] = None
+
+    @property
+    def text_in_prompt(self) -> bool:
+        if self.feed is not None:
+            return False
+        return self.prompt is None if self.non_streaming_mode is None else self.non_streaming_mode
 
     @property
     def text_open(self) -> bool:
         return self.feed is not None and not self.feed.closed
+
+    @property
+    def icl(self) -> bool:
+        """Whether its prompt holds a reference clip's frames and transcript (an ICL cloned voice)."""
+        return self.prompt is not None and not self.prompt.x_vector_only
+
+    @property
+    def reference_codes(self):
+        """The reference frames the codec decoder must see before this stream's codes (None: none)."""
+        return self.prompt.ref_code if self.prompt is not None else None
 
 
 class _PromptCaptured(Exception):
@@ -68,15 +93,20 @@ def build_talker_inputs(tts, request: SynthesisRequest) -> dict:
         language = normalise_language(request.language).lower()  # the model's spelling
     except UnknownLanguage as exc:
         raise UnsupportedLanguage(str(exc)) from None
-    item = request.prompt.to_item()
-    prompt_dict = tts._prompt_items_to_voice_clone_prompt([item])
     fed = _turn_ids(tts, request.feed) if request.feed is not None else None
     input_ids = [fed[0]] if fed is not None else tts._tokenize_texts([tts._build_assistant_text(text)])
-    ref_ids = [request.prompt.ref_text_ids(tts)]
+    conditioning = {}
+    if request.prompt is not None:  # generate_voice_clone's arguments
+        conditioning["voice_clone_prompt"] = tts._prompt_items_to_voice_clone_prompt([request.prompt.to_item()])
+        conditioning["ref_ids"] = [request.prompt.ref_text_ids(tts)]
+    else:  # generate_custom_voice's (a speaker) or generate_voice_design's (none)
+        conditioning["speakers"] = [request.speaker]
+    if request.instruct:  # as those two tokenise it; an empty instruction is none
+        conditioning["instruct_ids"] = [tts._tokenize_texts([tts._build_instruct_text(request.instruct)])[0]]
     model = tts.model
     try:  # sampling options do not shape the prompt; the engine applies them itself
-        type(model).generate(_ModelView(model), input_ids=input_ids, ref_ids=ref_ids,
-                             voice_clone_prompt=prompt_dict, languages=[language], non_streaming_mode=False)
+        type(model).generate(_ModelView(model), input_ids=input_ids, languages=[language],
+                             non_streaming_mode=request.text_in_prompt, **conditioning)
     except _PromptCaptured as captured:
         if fed is not None:  # how many of the feed's ids this prompt holds, and whether that was all of them
             captured.kwargs["fed_ids"], captured.kwargs["text_open"] = fed[1], fed[2]

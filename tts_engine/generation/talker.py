@@ -214,7 +214,7 @@ class BatchedTalker:
         if inputs.get("text_open"):  # the rest of the text is fed as it commits
             stream.text_open = True
             stream.tts_eos = stream.trailing_text[-1]  # the construction ends the text it saw with tts_eos
-            if request.prompt.x_vector_only:  # the prefill holds the first text id; the rest is projected here
+            if not request.icl:  # the prefill holds the first text id; the rest is projected here
                 stream.fed_ids, stream.trailing_text = ROLE_IDS + 1, stream.trailing_text[:0]
             else:  # ICL: the text past the reference frames' alignment is already trailing text
                 stream.fed_ids, stream.trailing_text = inputs["fed_ids"], stream.trailing_text[:-1]
@@ -248,13 +248,13 @@ class BatchedTalker:
 
     def ready_to_start(self, request: SynthesisRequest) -> bool:
         """Whether a request's prompt can be built exactly as for its whole text (its text may still be arriving):
-        an x-vector voice needs its first text id; an ICL voice enough text to fill the alignment of its reference
-        text and frames (qwen-tts lines reference text + text + tts_eos up with codec_bos + the reference frames:
-        the prefill must hold no tts_eos while the text is open)."""
+        an x-vector voice, a named speaker or a designed voice needs its first text id; an ICL voice enough text
+        to fill the alignment of its reference text and frames (qwen-tts lines reference text + text + tts_eos up
+        with codec_bos + the reference frames: the prefill must hold no tts_eos while the text is open)."""
         if not request.text_open:
             return True
         prompt = request.prompt
-        if prompt.x_vector_only:
+        if not request.icl:
             return request.feed.text_ids >= 1
         reference_ids = prompt.ref_text_ids(self.tts).shape[1] - ROLE_IDS - 2  # qwen-tts reads ref_ids[:, 3:-2]
         return request.feed.text_ids >= max(1, len(prompt.ref_code) + 1 - reference_ids)

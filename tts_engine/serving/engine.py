@@ -241,7 +241,7 @@ class Engine:
 
     def _add(self, stream_id: int, request: SynthesisRequest, deadline: Deadline, policy, submitted: float) -> None:
         characters = len(request.text)
-        reference = request.prompt.ref_code
+        reference = request.reference_codes
         ticket = Ticket(stream_id, submitted=submitted, deadline=deadline, characters=characters,
                         frame_cap=request.params.frame_cap(characters), policy=policy,
                         # role and codec tags, the voice's reference frames, about a token per 3 characters of text

@@ -187,7 +187,7 @@ class TritonPythonModel:
                 for opened, opened_key in named[:index]:
                     opened.forget(opened_key)
                 raise
-        sink = CodesSink(pb_utils, request, stream_id, synthesis.prompt.ref_code, self.watcher,
+        sink = CodesSink(pb_utils, request, stream_id, synthesis.reference_codes, self.watcher,
                          on_end=lambda: [keys.forget(key) for keys, key in named])
         try:
             self.engine.submit(stream_id, synthesis, sink, deadline)
