@@ -25,6 +25,9 @@ PARAMETERS = {
     "KIND": ("KIND_CPU", "KIND_GPU", "Triton instance kind for the Python models"),
     "VOICE_ENCODER_INSTANCES": ("1", "1", "voice_encoder instances"),
     "MODEL_DIR": ("", "/models/Qwen3-TTS-12Hz-0.6B-Base", "local Qwen3-TTS model directory"),
+    "SERVED_NAME": ("", "", "the name clients use for the model (empty: from its kind and size, e.g. "
+                    "qwen3-tts-0.6b-base)"),
+    "TTS_MODEL": ("tts", "tts", "the Triton name of the model's ensemble"),
     "ALIGNER_DIR": ("", "/models/Qwen3-ForcedAligner-0.6B", "local Qwen3-ForcedAligner directory for word timestamps "
                     "(empty: no `aligner` model, the deployment serves no word timestamps)"),
     "ALIGNER_INSTANCES": ("1", "1", "aligner instances"),

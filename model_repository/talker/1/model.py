@@ -19,7 +19,7 @@ from triton_support.tensors import error_response, read_array, read_bytes, read_
 from tts_contract import commands, deadlines, tensors as names
 from tts_contract.limits import PROMPT_TOKENS
 from tts_engine.codec.decoder import StreamingDecoder
-from tts_engine.errors import InvalidRequest, InvalidText
+from tts_engine.errors import InvalidRequest, InvalidText, Unfollowable
 from tts_engine.generation.prompt import SynthesisRequest
 from tts_engine.generation.sampling import SamplingParams
 from tts_engine.generation.talker import BatchedTalker
@@ -31,6 +31,7 @@ from tts_engine.serving.stats import HELD_BACK_REASONS, OUTCOMES
 from tts_engine.serving.tickets import Deadline
 from tts_engine.loading import load_model
 from tts_engine.recent import RecentIds
+from tts_engine.voices.conditioning import Conditioning
 from tts_engine.voices.prompts import build_prompt
 from tts_engine.voices.store import VoiceStore
 
@@ -86,9 +87,15 @@ class TritonPythonModel:
             self.log.warning("serving the TINY random-weight model from %s: output is noise, not speech",
                              self.loaded.model_dir)
         tts = self.loaded.tts
-        self.voices = VoiceStore(params["voices_dir"] or "voices", fingerprint=self.loaded.fingerprint,
-                                 builder=lambda audio, sr, text: build_prompt(tts, audio, sr, text),
-                                 default_voice=params["default_voice"] or None)
+        # Which served model this talker is: its name, and the Triton models that serve it (rendered per checkpoint)
+        self.served = self.loaded.describe(params.get("served_name", ""), params.get("tts_model") or "tts",
+                                           args.get("model_name", "talker"), params["default_voice"] or None)
+        voices = None
+        if self.served.clones:
+            voices = VoiceStore(params["voices_dir"] or "voices", fingerprint=self.loaded.fingerprint,
+                                builder=lambda audio, sr, text: build_prompt(tts, audio, sr, text),
+                                default_voice=params["default_voice"] or None)
+        self.conditioning = Conditioning(self.served, voices)
         self.max_text_chars = int(params["max_text_chars"])
         self.max_new_tokens_limit = int(params["max_new_tokens_limit"])
         self.base_params = SamplingParams(max_new_tokens=int(params["default_max_new_tokens"]))
@@ -113,26 +120,29 @@ class TritonPythonModel:
         # A client's cancel by key can overtake its stream (it goes to the talker directly, the stream through the
         # tts ensemble): such keys are kept, and their stream ends as soon as it comes.
         self.cancelled_keys = RecentIds(4096)
-        default = self.voices.default_id()
+        default = self.conditioning.default_voice()
         try:
-            if default:
+            if default or not self.served.clones:
                 self._warm_up(default)
         except Exception as exc:  # a broken voice must not keep the server from starting
             self.log.error("default voice '%s' is unusable: %s", default, exc)
-        self.log.info("talker ready: voices=%s default=%s pacing=%s rows=%d real-time batch=%d queue=%d",
-                      self.voices.root, default, policy, talker.rows, self.engine.stats.realtime_batch,
-                      limits.max_queued)
+        self.log.info("talker ready: model=%s (%s %s, Triton %s/%s) voices=%s default=%s pacing=%s rows=%d "
+                      "real-time batch=%d queue=%d", self.served.name, self.served.size, self.served.kind,
+                      self.served.tts_model, self.served.talker_model, voices.root if voices else "-", default,
+                      policy, talker.rows, self.engine.stats.realtime_batch, limits.max_queued)
 
-    def _warm_up(self, voice: str) -> None:
+    def _warm_up(self, voice: Optional[str]) -> None:
         """Compute the default voice's prompt, run the serving loop once, measure a step at each batch size
         and a decode at each chunk size (real-time capacity and pacing start from these), then run a full
         batch, so that the first real requests find every code path and buffer ready."""
-        _, prompt = self.voices.get_prompt(voice)
-        request = SynthesisRequest("Warm up.", prompt, "auto", SamplingParams(max_new_tokens=4, seed=0))
+        voicing = self.conditioning.resolve(voice, None)
+        request = SynthesisRequest("Warm up.", voicing.prompt, "auto", SamplingParams(max_new_tokens=4, seed=0),
+                                   speaker=voicing.speaker)
         self.engine.generate(request)
         decoder = StreamingDecoder(self.loaded.tts.model.speech_tokenizer.model)
-        steps = self.engine.calibrate(SynthesisRequest("Calibrating the step time.", prompt, "auto",
-                                                       SamplingParams(seed=0)), decode_probe=decoder.chunk_costs)
+        steps = self.engine.calibrate(SynthesisRequest("Calibrating the step time.", voicing.prompt, "auto",
+                                                       SamplingParams(seed=0), speaker=voicing.speaker),
+                                      decode_probe=decoder.chunk_costs)
         self.log.info("step ms by batch: %s; decode ms by chunk frames: %s",
                       {b: round(1000 * t, 1) for b, t in steps.items()},
                       {f: round(1000 * t, 1) for f, t in self.engine.costs.decode.snapshot().items()})
@@ -162,6 +172,7 @@ class TritonPythonModel:
         if len(text) > self.max_text_chars:
             raise InvalidText(f"text has {len(text)} characters; the limit is {self.max_text_chars}")
         voice = (read_string(pb_utils, request, names.VOICE) or "").strip() or None
+        instruct = read_string(pb_utils, request, names.INSTRUCT) or None
         language = (read_string(pb_utils, request, names.LANGUAGE) or "").strip() or "auto"
         values = request_parameters(request)
         stream_key = values.pop(commands.STREAM_KEY, None)
@@ -171,9 +182,9 @@ class TritonPythonModel:
         deadline = Deadline.from_mapping({k: values.pop(k) for k in deadlines.NAMES if k in values})
         params = SamplingParams.from_mapping(values, base=self.base_params,
                                              max_new_tokens_limit=self.max_new_tokens_limit)
-        _, prompt = self.voices.get_prompt(voice)
-        return SynthesisRequest(text=text, prompt=prompt, language=language, params=params, feed=feed), deadline, key, \
-            stream_key
+        voicing = self.conditioning.resolve(voice, instruct)
+        return SynthesisRequest(text=text, prompt=voicing.prompt, language=language, params=params, feed=feed,
+                                speaker=voicing.speaker, instruct=voicing.instruct), deadline, key, stream_key
 
     def _synthesize(self, request) -> None:
         synthesis, deadline, text_key, stream_key = self._parse(request)
@@ -208,7 +219,8 @@ class TritonPythonModel:
         elif isinstance(command, commands.Cancel):
             self.engine.cancel(command.stream_id)
         elif isinstance(command, commands.Status):
-            outputs[names.STATUS] = np.array([json.dumps(self.engine.status()).encode()], dtype=np.object_)
+            status = {**self.engine.status(), "model": self.served.to_json()}  # capacity, and which model this is
+            outputs[names.STATUS] = np.array([json.dumps(status).encode()], dtype=np.object_)
         else:  # append, flush or end of an open text
             stream_id = self.text_keys.stream(command.text_key)
             if isinstance(command, commands.Append):
@@ -230,7 +242,7 @@ class TritonPythonModel:
                 else:
                     self._control(request, command)
             except Exception as exc:  # bad input, an unknown key or command: one error response, the server goes on
-                if not isinstance(exc, (InvalidRequest, InvalidText)):
+                if not isinstance(exc, (InvalidRequest, InvalidText, Unfollowable)):
                     self.log.info("request refused: %s", exc)
                 send_final(pb_utils, request, error_response(pb_utils, exc), self.log)
         return None
