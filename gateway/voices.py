@@ -20,7 +20,7 @@ from tts_contract.limits import (
     MIN_REFERENCE_SECONDS,
 )
 from tts_contract.voices import (
-    METADATA_FILE, PROMPT_CACHE_FILE, REFERENCE_FILE, TRANSCRIPT_FILE, InvalidVoiceId, UndecodableAudio,
+    METADATA_FILE, REFERENCE_FILE, TRANSCRIPT_FILE, InvalidVoiceId, UndecodableAudio,
     VoiceDirectory, check_voice_id, read_audio, stamped_prompt,
 )
 
@@ -106,7 +106,8 @@ class VoiceLibrary:
                 (staging / TRANSCRIPT_FILE).write_text(transcript + "\n", encoding="utf-8")
             (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
             # stamped with the same cache key the talker checks, so it never recomputes this prompt
-            (staging / PROMPT_CACHE_FILE).write_bytes(stamped_prompt(prompt, staging, voice_id))
+            cache_name, cache = stamped_prompt(prompt, staging, voice_id)
+            (staging / cache_name).write_bytes(cache)
             try:
                 staging.rename(self.root / voice_id)
             except OSError:

@@ -101,7 +101,7 @@ def voices_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("voices")
     shutil.copytree(ROOT / "voices" / "default", root / "default",
-                    ignore=shutil.ignore_patterns("prompt.safetensors*"))
+                    ignore=shutil.ignore_patterns("prompt*.safetensors*"))
     plain = root / "plain"
     plain.mkdir()
     sf.write(plain / "reference.wav", synthetic_reference(seconds=3.5, seed=2), SAMPLE_RATE)

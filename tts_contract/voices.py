@@ -1,5 +1,7 @@
 """The voices directory, shared by the gateway (which adds and deletes voices) and the talker (which reads
-them): ``voices/<id>/{reference.wav, transcript.txt, metadata.json, prompt.safetensors}``."""
+them): ``voices/<id>/{reference.wav, transcript.txt, metadata.json, prompt-<model fingerprint>.safetensors}``.
+A voice's prompt depends on the Base checkpoint that computed it (a 1.7B speaker embedding is twice as wide), so
+each checkpoint caches its own."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +18,7 @@ VOICE_ID = re.compile(r"^[a-z0-9_-]{1,64}$")
 REFERENCE_FILE = "reference.wav"
 TRANSCRIPT_FILE = "transcript.txt"  # absent: the voice is x-vector only
 METADATA_FILE = "metadata.json"  # name, language, description, isDefault
-PROMPT_CACHE_FILE = "prompt.safetensors"  # the computed prompt, valid while its source digest matches
+PROMPT_CACHE_PREFIX = "prompt"  # prompt-<fingerprint>.safetensors: a computed prompt, valid while its digest matches
 PROMPT_FORMAT = "qwen3-tts-voice-prompt/1"  # the prompt file's "format" metadata
 
 
@@ -35,6 +37,13 @@ def check_voice_id(voice_id) -> str:
     return voice_id
 
 
+def prompt_cache_file(fingerprint: str) -> str:
+    """The file name of the prompt cached for the checkpoint with this fingerprint."""
+    if not re.fullmatch(r"[0-9A-Za-z_-]{0,64}", fingerprint or ""):  # it names a file
+        raise ValueError(f"invalid model fingerprint {fingerprint!r}")
+    return f"{PROMPT_CACHE_PREFIX}-{fingerprint or 'unknown'}.safetensors"
+
+
 def source_digest(folder: Path, fingerprint: str) -> str:
     """Hash of what a prompt is computed from: reference audio, transcript, and the model fingerprint."""
     digest = hashlib.sha256(fingerprint.encode())
@@ -51,15 +60,17 @@ def prompt_metadata(data: bytes) -> dict:
     return header.get("__metadata__", {}) or {}
 
 
-def stamped_prompt(data: bytes, folder: Path, voice_id: str) -> bytes:
-    """The prompt re-stamped with the cache key of ``folder``'s source files, ready to save as its cache."""
+def stamped_prompt(data: bytes, folder: Path, voice_id: str) -> tuple[str, bytes]:
+    """The prompt re-stamped with the cache key of ``folder``'s source files, ready to save as its cache: (the
+    cache file's name, its bytes)."""
     from safetensors.numpy import load, save
 
     meta = prompt_metadata(data)
     if meta.get("format") != PROMPT_FORMAT:
         raise ValueError(f"not a voice prompt (format {meta.get('format')!r})")
-    meta.update({"source_sha256": source_digest(folder, meta.get("model_fingerprint", "")), "voice": voice_id})
-    return save(load(data), metadata=meta)
+    fingerprint = meta.get("model_fingerprint", "")
+    meta.update({"source_sha256": source_digest(folder, fingerprint), "voice": voice_id})
+    return prompt_cache_file(fingerprint), save(load(data), metadata=meta)
 
 
 def read_audio(data: bytes):

@@ -10,8 +10,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from tts_contract.voices import (
-    PROMPT_CACHE_FILE, REFERENCE_FILE, TRANSCRIPT_FILE, InvalidVoiceId, VoiceDirectory, VoiceMissing, check_voice_id,
-    source_digest,
+    REFERENCE_FILE, TRANSCRIPT_FILE, InvalidVoiceId, VoiceDirectory, VoiceMissing, check_voice_id,
+    prompt_cache_file, source_digest,
 )
 
 from ..errors import InvalidRequest, VoiceNotFound
@@ -71,7 +71,7 @@ class VoiceStore(VoiceDirectory):
         return voice_id, prompt
 
     def _load_cached(self, folder: Path, digest: str) -> Optional[VoicePrompt]:
-        path = folder / PROMPT_CACHE_FILE
+        path = folder / prompt_cache_file(self.fingerprint)
         if not path.is_file():
             return None
         try:
@@ -96,7 +96,7 @@ class VoiceStore(VoiceDirectory):
         log.info("computing voice prompt for '%s' (%s mode)", voice_id, "icl" if ref_text else "x-vector-only")
         prompt = self.builder(audio, sample_rate, ref_text)
         try:
-            prompt.save(folder / PROMPT_CACHE_FILE, {"source_sha256": digest, "voice": voice_id})
+            prompt.save(folder / prompt_cache_file(self.fingerprint), {"source_sha256": digest, "voice": voice_id})
         except OSError as exc:  # a read-only voices mount still works, from memory
             log.warning("cannot write prompt cache for '%s': %s", voice_id, exc)
         return prompt
