@@ -15,7 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TINY_MODEL_DIR = Path(os.environ.get("QWEN_TTS_TINY_MODEL_DIR", ROOT / "build" / "tiny-model"))
+TINY_CUSTOM_VOICE_DIR = Path(os.environ.get("QWEN_TTS_TINY_CUSTOM_VOICE_DIR", ROOT / "build" / "tiny-custom-voice"))
+TINY_VOICE_DESIGN_DIR = Path(os.environ.get("QWEN_TTS_TINY_VOICE_DESIGN_DIR", ROOT / "build" / "tiny-voice-design"))
 TINY_ALIGNER_DIR = Path(os.environ.get("QWEN_TTS_TINY_ALIGNER_DIR", ROOT / "build" / "tiny-aligner"))
+TINY_CUSTOM_VOICE_DIR = ROOT / "build" / "tiny-custom-voice"
+TINY_VOICE_DESIGN_DIR = ROOT / "build" / "tiny-voice-design"
 SAMPLE_RATE = 24000
 
 
@@ -30,13 +34,50 @@ def synthetic_reference(seconds: float = 4.0, sample_rate: int = SAMPLE_RATE, se
     return (0.2 * wave * envelope + 0.005 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
+def _tiny_build(out_dir: Path, preset: str) -> Path:
+    """A tiny model of ``preset``, built once per checkout (and again when its recipe changes)."""
     from tts_engine.tiny_model import build_tiny_model, is_current
 
-    if not is_current(TINY_MODEL_DIR):
-        build_tiny_model(TINY_MODEL_DIR)
-    return TINY_MODEL_DIR
+    if not is_current(out_dir, preset):
+        build_tiny_model(out_dir, preset)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return _tiny_build(TINY_MODEL_DIR, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_custom_voice_dir() -> Path:
+    """A tiny CustomVoice checkpoint: speakers aria, kai and mei (a Sichuan dialect speaker); takes instruct."""
+    return _tiny_build(TINY_CUSTOM_VOICE_DIR, "tiny-custom-voice")
+
+
+@pytest.fixture(scope="session")
+def tiny_voice_design_dir() -> Path:
+    """A tiny VoiceDesign checkpoint: the voice is described by instruct."""
+    return _tiny_build(TINY_VOICE_DESIGN_DIR, "tiny-voice-design")
+
+
+def _tiny_preset(out_dir: Path, preset: str) -> Path:
+    from tts_engine.tiny_model import build_tiny_model, is_current
+
+    if not is_current(out_dir, preset):
+        build_tiny_model(out_dir, preset)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_custom_voice_dir() -> Path:
+    """The tiny CustomVoice checkpoint (1.7B-like: takes instruct; speakers aria, kai, mei)."""
+    return _tiny_preset(TINY_CUSTOM_VOICE_DIR, "tiny-custom-voice")
+
+
+@pytest.fixture(scope="session")
+def tiny_voice_design_dir() -> Path:
+    """The tiny VoiceDesign checkpoint."""
+    return _tiny_preset(TINY_VOICE_DESIGN_DIR, "tiny-voice-design")
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +170,19 @@ def triton(tiny_model_dir, tiny_aligner_dir, voices_dir, tmp_path_factory):
     """A real tritonserver serving the rendered CPU repository, with the tiny aligner, on free ports."""
     yield from serve_triton(tiny_model_dir, voices_dir, tmp_path_factory.mktemp("triton"),
                             ALIGNER_DIR=str(tiny_aligner_dir))
+
+
+FAMILY = ("base", "custom", "design")  # family_triton's served names; Triton: tts/talker, tts_<name>/talker_<name>
+
+
+@pytest.fixture(scope="session")
+def family_triton(tiny_model_dir, tiny_custom_voice_dir, tiny_voice_design_dir, voices_dir, tmp_path_factory):
+    """A real tritonserver serving three models (no aligner): `base` (the tiny Base, the default: Triton
+    tts/talker), `custom` (tiny CustomVoice: tts_custom/talker_custom) and `design` (tiny VoiceDesign:
+    tts_design/talker_design), sharing codec_decoder and voice_encoder."""
+    models = ",".join(f"{name}={path}" for name, path in
+                      zip(FAMILY, (tiny_model_dir, tiny_custom_voice_dir, tiny_voice_design_dir)))
+    yield from serve_triton(tiny_model_dir, voices_dir, tmp_path_factory.mktemp("family-triton"), MODELS=models)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,26 @@ def reference_generation(tts, prompt, text: str, language: str = "English", seed
                          min_new_tokens: Optional[int] = None, **generate_kwargs) -> tuple[torch.Tensor, np.ndarray]:
     """(codes [frames, 16], audio) from ``generate_voice_clone``; ``prompt`` is a VoicePrompt or a qwen-tts item."""
     item = prompt.to_item() if isinstance(prompt, VoicePrompt) else prompt
+    return _captured(tts, seed, min_new_tokens, lambda: tts.generate_voice_clone(
+        text=text, language=language, voice_clone_prompt=[item], **generate_kwargs))
+
+
+def reference_custom_voice(tts, text: str, speaker: str, instruct: Optional[str] = None, language: str = "English",
+                           seed: Optional[int] = None, **generate_kwargs) -> tuple[torch.Tensor, np.ndarray]:
+    """(codes, audio) from ``generate_custom_voice`` (a CustomVoice checkpoint's named speaker)."""
+    return _captured(tts, seed, None, lambda: tts.generate_custom_voice(
+        text=text, speaker=speaker, language=language, instruct=instruct, **generate_kwargs))
+
+
+def reference_voice_design(tts, text: str, instruct: str, language: str = "English", seed: Optional[int] = None,
+                           **generate_kwargs) -> tuple[torch.Tensor, np.ndarray]:
+    """(codes, audio) from ``generate_voice_design`` (a voice described in words)."""
+    return _captured(tts, seed, None, lambda: tts.generate_voice_design(
+        text=text, instruct=instruct, language=language, **generate_kwargs))
+
+
+def _captured(tts, seed: Optional[int], min_new_tokens: Optional[int], call) -> tuple[torch.Tensor, np.ndarray]:
+    """Run one qwen-tts entry point, reading its codes on their way out of ``model.generate``."""
     captured = {}
     model = tts.model
     inner_generate, inner_talker_generate = model.generate, model.talker.generate
@@ -81,8 +101,7 @@ def reference_generation(tts, prompt, text: str, language: str = "English", seed
     try:
         if seed is not None:
             torch.manual_seed(seed)
-        wavs, _ = tts.generate_voice_clone(text=text, language=language, voice_clone_prompt=[item],
-                                           **generate_kwargs)
+        wavs, _ = call()
     except RuntimeError as exc:
         # EOS as the very first token: HF generate stops with no frame, and qwen-tts then fails to stack
         # zero frames (an upstream bug its fixed min_new_tokens=2 hides). The talker's verdict stands.

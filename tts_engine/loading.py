@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from tts_contract.languages import LANGUAGES
-from tts_contract.models import KINDS, SIZES, ServedModel, Speaker, default_name
+from tts_contract.models import CUSTOM_VOICE, KINDS, SIZES, VOICE_DESIGN, ServedModel, Speaker, default_name
 
 from .errors import ModelDirError
 
@@ -107,9 +107,17 @@ class LoadedModel:
 
     def describe(self, name: str = "", tts_model: str = "tts", talker_model: str = "talker",
                  default_voice: Optional[str] = None) -> ServedModel:
-        """What this checkpoint is, served under ``name`` (default: from its kind and size)."""
+        """What this checkpoint is, served under ``name`` (default: from its kind and size). ``default_voice``: the
+        deployment's default voice; a CustomVoice checkpoint takes it when it names one of its speakers, else its
+        first speaker (the deployment's default is usually a cloned voice, for its Base models)."""
+        speakers = self.speakers()
+        if self.kind == CUSTOM_VOICE:
+            named = [s.name for s in speakers if s.name.lower() == (default_voice or "").strip().lower()]
+            default_voice = (named or [s.name for s in speakers[:1]] or [None])[0]
+        elif self.kind == VOICE_DESIGN:
+            default_voice = None
         return ServedModel(name=name or default_name(self.kind, self.tts.model.tts_model_size), kind=self.kind,
-                           size=self.size, tts_model=tts_model, talker_model=talker_model, speakers=self.speakers(),
+                           size=self.size, tts_model=tts_model, talker_model=talker_model, speakers=speakers,
                            languages=LANGUAGES, default_voice=default_voice)
 
 

@@ -37,8 +37,7 @@ class Conditioning:
         if self.model.kind == BASE:
             return self.voices.default_id()
         if self.model.kind == CUSTOM_VOICE:
-            chosen = self.model.speaker(self.model.default_voice or "") or self.model.speakers[0]
-            return chosen.name
+            return self.model.default_voice or self.model.speakers[0].name
         return None
 
     def resolve(self, voice: Optional[str], instruct: Optional[str]) -> Voicing:
