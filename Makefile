@@ -9,8 +9,8 @@ export TRANSFORMERS_VERBOSITY := error
 .PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench bench-gpu graph-check soak perf alerts-check clean help
 
 help:
-	@echo "make setup      - virtualenv, pinned packages, tiny model and tiny aligner (idempotent)"
-	@echo "make run        - Triton + gateway on CPU with QWEN_TTS_MODEL_DIR, else the tiny model"
+	@echo "make setup      - virtualenv, pinned packages, tiny models (Base, CustomVoice, VoiceDesign) and tiny aligner (idempotent)"
+	@echo "make run        - Triton + gateway on CPU with QWEN_TTS_MODELS or QWEN_TTS_MODEL_DIR, else the tiny models"
 	@echo "make triton     - Triton alone on the rendered repository (TRITON_*_PORT)"
 	@echo "make gateway    - the gateway alone (TRITON_URL, GATEWAY_PORT, ...)"
 	@echo "make render     - render model_repository/ into build/model_repository (QWEN_TTS_PROFILE=cpu|gpu)"
@@ -31,6 +31,8 @@ setup: $(STAMP)
 
 tiny-model: $(STAMP)
 	$(PY) -m tts_engine.tiny_model build/tiny-model
+	$(PY) -m tts_engine.tiny_model --preset tiny-custom-voice build/tiny-custom-voice
+	$(PY) -m tts_engine.tiny_model --preset tiny-voice-design build/tiny-voice-design
 
 render: $(STAMP)
 	$(PY) -m tools.render_model_repository --profile $${QWEN_TTS_PROFILE:-cpu} \

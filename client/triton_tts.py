@@ -1,7 +1,10 @@
 """Stream `tts` from Triton over gRPC into a WAV file and report time to first audio.
 
     python -m client.triton_tts "Hello there." -o hello.wav [--voice default] [--language English]
+    python -m client.triton_tts "Hello." --model tts_custom --voice kai --instruct "Very happy."
     my_llm --stream | python -m client.triton_tts --stdin-stream -o answer.wav
+
+``--model`` picks the served model's ensemble (`tts`: the default model; `tts_<name>`: the others).
 
 With ``--stdin-stream`` the text is spoken while it is read: one utterance, opened with ``text_key`` and
 continued by `append` commands (tts_contract.commands) on the same gRPC stream as standard input delivers it.
@@ -47,16 +50,19 @@ def _tensor(name: str, value, wire_dtype: str = "BYTES"):
 
 
 async def synthesize(url: str, text: str, voice=None, language=None, parameters=None, timeout: float = 300.0,
-                     on_chunk=None, more_text=None) -> dict:
+                     on_chunk=None, more_text=None, model: str = names.TTS, instruct=None) -> dict:
     """Run one streaming ``tts`` request over gRPC; returns audio, time to first audio and totals.
     ``more_text``: an async iterator of further pieces (str or UTF-8 bytes split anywhere); the text is then
-    spoken as it arrives and closed when the iterator ends."""
+    spoken as it arrives and closed when the iterator ends. ``model``: the ensemble (`tts` or `tts_<name>`);
+    ``instruct``: a style instruction or a VoiceDesign model's voice description."""
     import secrets
 
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.grpc import InferRequestedOutput
 
-    inputs = [_tensor(name, value) for name, value in ((names.VOICE, voice), (names.LANGUAGE, language)) if value]
+    inputs = [_tensor(name, value) for name, value in ((names.VOICE, voice), (names.LANGUAGE, language),
+                                                       (names.INSTRUCT, instruct)) if value]
+    talker = names.TALKER + model[len(names.TTS):]  # tts -> talker, tts_<name> -> talker_<name>
     key = secrets.randbits(63) if more_text is not None else None
     if key is None:
         inputs.append(_tensor(names.TEXT, text))
@@ -64,17 +70,17 @@ async def synthesize(url: str, text: str, voice=None, language=None, parameters=
         inputs += [_tensor(names.TEXT, text or ""), _tensor(names.TEXT_KEY, key, "UINT64")]
 
     async def requests():
-        yield {"model_name": names.TTS, "inputs": inputs, "parameters": parameters or {}, "request_id": "speak",
+        yield {"model_name": model, "inputs": inputs, "parameters": parameters or {}, "request_id": "speak",
                "outputs": [InferRequestedOutput(names.AUDIO)]}
         if more_text is None:
             return
         index = 0
         async for piece in more_text:
             index += 1
-            yield {"model_name": names.TALKER, "request_id": f"append-{index}",
+            yield {"model_name": talker, "request_id": f"append-{index}",
                    "inputs": [_tensor(names.COMMAND, commands.encode(commands.Append(key))),
                               _tensor(names.TEXT, piece)]}
-        yield {"model_name": names.TALKER, "request_id": "end",
+        yield {"model_name": talker, "request_id": "end",
                "inputs": [_tensor(names.COMMAND, commands.encode(commands.End(key)))]}
 
     client = grpcclient.InferenceServerClient(url)
@@ -124,7 +130,11 @@ def main(argv=None) -> int:
                         help="speak standard input while it is being written (one continuous utterance)")
     parser.add_argument("-o", "--output", default="out.wav", help="WAV file to write (24 kHz, 16-bit)")
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
-    parser.add_argument("--voice", help="voice id (default: the server's default voice)")
+    parser.add_argument("--model", default=names.TTS,
+                        help="the served model's Triton ensemble: tts (the default model) or tts_<name>")
+    parser.add_argument("--voice", help="voice id, or a CustomVoice model's speaker (default: the model's default)")
+    parser.add_argument("--instruct", help="a style instruction (CustomVoice 1.7B) or the voice's description "
+                        "(VoiceDesign)")
     parser.add_argument("--language", help="English, Chinese, ... or Auto")
     parser.add_argument("--seed", type=int, help="sampling seed, for reproducible output")
     parser.add_argument("--max-new-tokens", type=int, help="cap on generated frames (12.5 per second)")
@@ -139,7 +149,8 @@ def main(argv=None) -> int:
         parameters["max_new_tokens"] = args.max_new_tokens
     more_text = _stdin_pieces() if args.stdin_stream else None
     try:
-        result = asyncio.run(synthesize(args.url, text, args.voice, args.language, parameters, more_text=more_text))
+        result = asyncio.run(synthesize(args.url, text, args.voice, args.language, parameters, more_text=more_text,
+                                        model=args.model, instruct=args.instruct))
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up the project on a fresh machine: virtualenv, pinned packages, the tiny model and aligner. Idempotent.
+# Set up the project on a fresh machine: virtualenv, pinned packages, the tiny models and aligner. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -63,6 +63,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 echo "== building the tiny model"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model build/tiny-model 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
+echo "== building the tiny CustomVoice and VoiceDesign models (make run serves them beside the tiny Base model)"
+for preset in tiny-custom-voice tiny-voice-design; do
+  HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model --preset "$preset" "build/$preset" 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
+done
 echo "== building the tiny aligner"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.alignment.tiny_aligner build/tiny-aligner 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
 echo "== setup done"

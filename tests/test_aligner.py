@@ -204,7 +204,7 @@ def test_make_run_serves_the_tiny_aligner_only_with_the_tiny_model(tiny_model_di
     """`make run` without weights serves the tiny aligner; with real weights, an aligner only when one is named."""
     from tools import run_stack
 
-    for name in ("QWEN_TTS_MODEL_DIR", "QWEN_TTS_ALIGNER_DIR", "QWEN_TTS_PROFILE"):
+    for name in ("QWEN_TTS_MODEL_DIR", "QWEN_TTS_MODELS", "QWEN_TTS_ALIGNER_DIR", "QWEN_TTS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     assert run_stack._values()["ALIGNER_DIR"] == str(tiny_aligner_dir)
     monkeypatch.setenv("QWEN_TTS_MODEL_DIR", str(tiny_model_dir))  # stands for real weights

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +15,11 @@ import yaml
 from conftest import ROOT
 
 TRITON_RELEASE_FOR_VERSION = {"2.51.0": "24.10"}  # NGC release that ships each server version
-ENV = {"QWEN_TTS_WEIGHTS_DIR": "/srv/models/Qwen3-TTS-12Hz-0.6B-Base"}
+ENV = {"QWEN_TTS_WEIGHTS_DIR": "/srv/models/Qwen3-TTS-12Hz-0.6B-Base",
+       "QWEN_TTS_CUSTOM_VOICE_WEIGHTS_DIR": "/srv/models/Qwen3-TTS-12Hz-1.7B-CustomVoice"}
+# The two-model deployment compose and Kubernetes show: served name -> its checkpoint's kind and size
+TWO_MODELS = {"qwen3-tts-0.6b-base": "Qwen3-TTS-12Hz-0.6B-Base",
+              "qwen3-tts-1.7b-custom-voice": "Qwen3-TTS-12Hz-1.7B-CustomVoice"}
 
 
 def interpolate(text: str, env: dict) -> str:
@@ -72,6 +80,25 @@ def test_compose_triton_service_is_a_proper_gpu_triton(compose):
     assert mounts["/models/Qwen3-TTS-12Hz-0.6B-Base"]["source"] == ENV["QWEN_TTS_WEIGHTS_DIR"]
     assert mounts["/models/Qwen3-ForcedAligner-0.6B"]["read_only"] is True  # no weights there: no word timestamps
     assert "/voices" in mounts and triton["environment"]["QWEN_TTS_PROFILE"] == "gpu"
+
+
+def test_compose_serves_two_models_each_mounted_read_only(compose):
+    """QWEN_TTS_MODELS is well-formed (0.6B-Base first, the default, then 1.7B-CustomVoice) and every model's
+    directory is a read-only mount of its own weights; unset, the second mounts the empty placeholder."""
+    from tools.render_model_repository import parse_models
+
+    triton = compose["services"]["triton"]
+    models = parse_models(triton["environment"]["QWEN_TTS_MODELS"])
+    assert [name for name, _ in models] == list(TWO_MODELS)
+    mounts = {m["target"]: m for m in triton["volumes"]}
+    sources = (ENV["QWEN_TTS_WEIGHTS_DIR"], ENV["QWEN_TTS_CUSTOM_VOICE_WEIGHTS_DIR"])
+    for (name, model_dir), source in zip(models, sources):
+        assert model_dir == f"/models/{TWO_MODELS[name]}"
+        assert mounts[model_dir]["read_only"] is True and mounts[model_dir]["source"] == source
+    placeholder = yaml.safe_load(interpolate((ROOT / "docker-compose.yml").read_text(),
+                                             {"QWEN_TTS_WEIGHTS_DIR": "/w"}))["services"]["triton"]["volumes"]
+    source = next(m["source"] for m in placeholder if m["target"] == models[1][1])
+    assert (ROOT / source).is_dir() and not (ROOT / source / "config.json").exists()
 
 
 def test_compose_gateway_waits_for_healthy_triton_and_extras_are_profiles(compose):
@@ -140,6 +167,68 @@ def test_kubernetes_triton_pods_have_gpus_probes_and_the_gateway_discovers_them(
     assert docs[("Service", service)]["spec"]["clusterIP"] == "None"
     linger = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert linger > 2 * float(config["TRITON_DISCOVERY_INTERVAL_S"]) and pod["terminationGracePeriodSeconds"] > linger + 30
+
+
+def test_kubernetes_triton_pods_serve_two_models_each_from_its_own_read_only_claim():
+    """QWEN_TTS_MODELS is well-formed (0.6B-Base first, then 1.7B-CustomVoice) and every model's directory is a
+    read-only mount of its own read-only claim defined in storage.yaml."""
+    from tools.render_model_repository import parse_models
+
+    docs = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in k8s_documents())
+    pod = docs[("StatefulSet", "qwen-tts-triton")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    models = parse_models(env["QWEN_TTS_MODELS"])
+    assert [name for name, _ in models] == list(TWO_MODELS) and "QWEN_TTS_MODEL_DIR" not in env
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = set()
+    for name, model_dir in models:
+        assert model_dir == f"/models/{TWO_MODELS[name]}" and mounts[model_dir]["readOnly"] is True
+        claim = volumes[mounts[model_dir]["name"]]["persistentVolumeClaim"]
+        assert claim["readOnly"] is True
+        assert docs[("PersistentVolumeClaim", claim["claimName"])]["spec"]["accessModes"] == ["ReadOnlyMany"]
+        claims.add(claim["claimName"])
+    assert len(claims) == len(models)
+    kustomization = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
+    assert "storage.yaml" in kustomization["resources"]
+
+
+def run_entrypoint(tmp_path, **env) -> subprocess.CompletedProcess:
+    """docker/triton/entrypoint.sh run here: this checkout for /opt/qwen-tts, a scratch render folder, and a
+    stand-in tritonserver that prints the rendered models instead of serving them."""
+    script = (ROOT / "docker" / "triton" / "entrypoint.sh").read_text() \
+        .replace("cd /opt/qwen-tts", f"cd {ROOT}").replace("/tmp/model_repository", str(tmp_path / "repo"))
+    (tmp_path / "entrypoint.sh").write_text(script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "tritonserver").write_text(f"#!/bin/sh\necho rendered: $(ls {tmp_path / 'repo'})\n")
+    (bin_dir / "tritonserver").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_TTS_")}
+    return subprocess.run(["bash", str(tmp_path / "entrypoint.sh")], capture_output=True, text=True, timeout=120,
+                          env={**base, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{base['PATH']}", "QWEN_TTS_PROFILE": "cpu",
+                               "QWEN_TTS_ALIGNER_DIR": "", **env})
+
+
+def rendered(result: subprocess.CompletedProcess) -> set:
+    return set(next(line for line in result.stdout.splitlines() if line.startswith("rendered: ")).split()[1:])
+
+
+def test_the_triton_entrypoint_renders_every_mounted_model(tmp_path, tiny_model_dir, tiny_custom_voice_dir):
+    """The container renders a talker and an ensemble per QWEN_TTS_MODELS model; a later model whose weights are not
+    mounted is left out with a note; an unmounted default model stops it with a clear message."""
+    both = run_entrypoint(tmp_path, QWEN_TTS_MODELS=f"base={tiny_model_dir},custom={tiny_custom_voice_dir}")
+    assert both.returncode == 0, both.stderr
+    assert rendered(both) == {"codec_decoder", "voice_encoder", "talker", "tts", "talker_custom", "tts_custom"}
+    placeholder = ROOT / "deploy" / "no-model"
+    one = run_entrypoint(tmp_path, QWEN_TTS_MODELS=f"base={tiny_model_dir},custom={placeholder}")
+    assert one.returncode == 0, one.stderr
+    assert f"no weights at {placeholder}: not serving model 'custom'" in one.stderr
+    assert rendered(one) == {"codec_decoder", "voice_encoder", "talker", "tts"}
+    missing = run_entrypoint(tmp_path, QWEN_TTS_MODELS=f"base={placeholder},custom={tiny_custom_voice_dir}")
+    assert missing.returncode != 0 and f"Mount the weights read-only at {placeholder}" in missing.stderr
+    bad = run_entrypoint(tmp_path, QWEN_TTS_MODELS=f"Base={tiny_model_dir}")
+    assert bad.returncode != 0 and "invalid model name 'Base'" in bad.stderr
 
 
 def test_kubernetes_autoscaler_scales_triton_on_the_metric_the_adapter_serves():

@@ -2,22 +2,32 @@
 
 Deployment-specific values (device kind, instance counts, model and voices paths, limits) are template
 parameters. Each takes, in order: ``--set NAME=VALUE``, the env var ``QWEN_TTS_<NAME>``, the profile default.
+
+One model (``MODEL_DIR``) renders `talker` and `tts`. Several (``MODELS=name=dir,name2=dir2``) render one talker
+and one `tts` ensemble per checkpoint, named by ``tts_contract.models.triton_names``: the first (the default)
+keeps `talker`/`tts`, the others are `talker_<name>`/`tts_<name>`. All share `codec_decoder` and
+`voice_encoder`, which load the speech tokenizer and speaker encoder from the first Base checkpoint (no Base
+model: no `voice_encoder`; the codec decoder takes the first model's, all kinds share one speech tokenizer).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import string
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tts_contract import limits  # noqa: E402  (the one place these limits are written)
+from tts_contract.models import BASE, KINDS, ModelNameError, check_model_name, triton_names  # noqa: E402
 
 TEMPLATE_DIR = ROOT / "model_repository"
-MODELS = ("talker", "codec_decoder", "voice_encoder", "tts", "aligner")
+SHARED_MODELS = ("codec_decoder", "voice_encoder", "aligner")  # one each; talker and tts: one per served model
 OPTIONAL_MODELS = {"aligner": "ALIGNER_DIR"}  # rendered only when this parameter is set
 
 # name -> (cpu default, gpu default, description)
@@ -25,9 +35,11 @@ PARAMETERS = {
     "KIND": ("KIND_CPU", "KIND_GPU", "Triton instance kind for the Python models"),
     "VOICE_ENCODER_INSTANCES": ("1", "1", "voice_encoder instances"),
     "MODEL_DIR": ("", "/models/Qwen3-TTS-12Hz-0.6B-Base", "local Qwen3-TTS model directory"),
-    "SERVED_NAME": ("", "", "the name clients use for the model (empty: from its kind and size, e.g. "
+    "SERVED_NAME": ("", "", "the name clients use for the MODEL_DIR model (empty: from its kind and size, e.g. "
                     "qwen3-tts-0.6b-base)"),
-    "TTS_MODEL": ("tts", "tts", "the Triton name of the model's ensemble"),
+    "MODELS": ("", "", "several models, name=dir,name2=dir2 (replaces MODEL_DIR and SERVED_NAME): one talker and "
+               "tts ensemble each; the first is the default (Triton talker/tts), the others talker_<name>/"
+               "tts_<name>"),
     "ALIGNER_DIR": ("", "/models/Qwen3-ForcedAligner-0.6B", "local Qwen3-ForcedAligner directory for word timestamps "
                     "(empty: no `aligner` model, the deployment serves no word timestamps)"),
     "ALIGNER_INSTANCES": ("1", "1", "aligner instances"),
@@ -95,35 +107,148 @@ def resolve(profile: str, overrides: dict[str, str], environ=os.environ) -> dict
         raise RenderError(f"CUDA_GRAPHS must be on or off, not {values['CUDA_GRAPHS']!r}")
     if int(values["FIRST_CHUNK_FRAMES"]) > int(values["MAX_CHUNK_FRAMES"]):
         raise RenderError("FIRST_CHUNK_FRAMES must not exceed MAX_CHUNK_FRAMES")
-    if not values["MODEL_DIR"]:
-        raise RenderError("MODEL_DIR is empty: set QWEN_TTS_MODEL_DIR or --set MODEL_DIR=/path/to/model")
+    if values["MODELS"].strip():
+        if values["SERVED_NAME"]:
+            raise RenderError("SERVED_NAME names the one MODEL_DIR model; with MODELS, name each model there "
+                              "(name=dir,...)")
+    elif not values["MODEL_DIR"]:
+        raise RenderError("MODEL_DIR is empty: set QWEN_TTS_MODEL_DIR or --set MODEL_DIR=/path/to/model "
+                          "(or QWEN_TTS_MODELS=name=dir,... for several models)")
     for name, value in values.items():
         if '"' in value or "\n" in value:
             raise RenderError(f"{name} must not contain quotes or newlines")
+    served_models(values)  # MODELS well-formed
     return values
+
+
+@dataclass(frozen=True)
+class RenderedModel:
+    """One served checkpoint as rendered: its name (empty: the talker derives it from kind and size), directory,
+    kind as its config.json says (None: unreadable here, e.g. weights mounted only where Triton runs) and the
+    Triton models that serve it."""
+
+    name: str
+    model_dir: str
+    kind: Optional[str]
+    tts_model: str
+    talker_model: str
+
+
+def checkpoint_kind(model_dir: str) -> Optional[str]:
+    """The checkpoint's kind (``tts_model_type`` in its config.json), read without loading anything; None when
+    it cannot be read."""
+    try:
+        kind = json.loads((Path(model_dir) / "config.json").read_text()).get("tts_model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if kind in KINDS else None
+
+
+def parse_models(spec: str) -> list[tuple[str, str]]:
+    """``name=dir,name2=dir2`` -> [(name, dir), ...], checked: valid and unique names, a directory each."""
+    pairs = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, model_dir = item.partition("=")
+        name, model_dir = name.strip(), model_dir.strip()
+        if not sep or not model_dir:
+            raise RenderError(f"MODELS: {item!r} is not name=dir (MODELS=name=/path/to/model,name2=/path/to/model2)")
+        try:
+            check_model_name(name)
+        except ModelNameError as exc:
+            raise RenderError(f"MODELS: {exc}") from None
+        if any(name == seen for seen, _ in pairs):
+            raise RenderError(f"MODELS: the name {name!r} is given twice")
+        pairs.append((name, model_dir))
+    if not pairs:
+        raise RenderError("MODELS names no model: use name=dir,name2=dir2")
+    return pairs
+
+
+def mounted_models(spec: str) -> tuple[str, list[str]]:
+    """A container's MODELS without the optional models whose weights are not mounted: every model after the first
+    whose directory holds no config.json (an empty placeholder mount) is left out, with a note saying so; the first
+    (the default) is always kept, and its directory is checked when it loads. Returns (MODELS, notes)."""
+    kept, notes = [], []
+    for index, (name, model_dir) in enumerate(parse_models(spec)):
+        if index and not (Path(model_dir) / "config.json").is_file():
+            notes.append(f"no weights at {model_dir}: not serving model '{name}' (mount its checkpoint there)")
+            continue
+        kept.append(f"{name}={model_dir}")
+    return ",".join(kept), notes
+
+
+def served_models(values: dict[str, str]) -> list[RenderedModel]:
+    """The served checkpoints, the default first: MODELS when set, else the one MODEL_DIR."""
+    if not values.get("MODELS", "").strip():
+        return [RenderedModel(values.get("SERVED_NAME", ""), values["MODEL_DIR"],
+                              checkpoint_kind(values["MODEL_DIR"]), *triton_names("", True))]
+    return [RenderedModel(name, model_dir, checkpoint_kind(model_dir), *triton_names(name, index == 0))
+            for index, (name, model_dir) in enumerate(parse_models(values["MODELS"]))]
+
+
+def encoder_dir(models: list[RenderedModel]) -> Optional[str]:
+    """Where voice_encoder loads its speaker encoder: the first Base checkpoint (one whose kind cannot be read
+    here counts as Base, as with a single model); None: no Base model, no voice_encoder."""
+    return next((m.model_dir for m in models if m.kind in (BASE, None)), None)
+
+
+def decoder_dir(models: list[RenderedModel]) -> str:
+    """Where codec_decoder loads the speech tokenizer: any checkpoint has it (the family shares one); the
+    encoder's when there is one, so that its reference codes and the decoder's priming agree."""
+    return encoder_dir(models) or models[0].model_dir
+
+
+def _render_one(staging: Path, template_name: str, triton_name: str, values: dict[str, str]) -> None:
+    src = TEMPLATE_DIR / template_name
+    dst = staging / triton_name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.template"))
+    (dst / "1").mkdir(exist_ok=True)  # the ensemble's version folder is empty, so git does not keep it
+    template = string.Template((src / "config.pbtxt.template").read_text())
+    try:
+        text = template.substitute(values)
+    except KeyError as exc:
+        raise RenderError(f"{triton_name}: template uses unknown parameter {exc}") from None
+    (dst / "config.pbtxt").write_text(text)
 
 
 def render(out_dir: Path, values: dict[str, str]) -> Path:
     """Write the rendered repository to ``out_dir`` (replacing it) and return it."""
     out_dir = Path(out_dir)
+    models = served_models(values)
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    for model in MODELS:
-        if model in OPTIONAL_MODELS and not values.get(OPTIONAL_MODELS[model]):
+    for model in models:
+        per_model = {**values, "MODEL_DIR": model.model_dir, "SERVED_NAME": model.name,
+                     "TTS_MODEL": model.tts_model, "TALKER_MODEL": model.talker_model}
+        _render_one(staging, "talker", model.talker_model, per_model)
+        _render_one(staging, "tts", model.tts_model, per_model)
+    shared = {**values, "TALKERS": ",".join(m.talker_model for m in models)}
+    dirs = {"codec_decoder": decoder_dir(models), "voice_encoder": encoder_dir(models)}
+    for name in SHARED_MODELS:
+        if name in OPTIONAL_MODELS and not values.get(OPTIONAL_MODELS[name]):
             continue
-        src = TEMPLATE_DIR / model
-        dst = staging / model
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.template"))
-        (dst / "1").mkdir(exist_ok=True)  # the ensemble's version folder is empty, so git does not keep it
-        template = string.Template((src / "config.pbtxt.template").read_text())
-        try:
-            text = template.substitute(values)
-        except KeyError as exc:
-            raise RenderError(f"{model}: template uses unknown parameter {exc}") from None
-        (dst / "config.pbtxt").write_text(text)
+        if name in dirs and dirs[name] is None:  # no Base model: nothing to clone voices with
+            continue
+        _render_one(staging, name, name, {**shared, "MODEL_DIR": dirs.get(name) or values["MODEL_DIR"]})
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return out_dir
+
+
+def summary(values: dict[str, str]) -> list[str]:
+    """What the rendered repository serves, a line per model: served name, Triton names, directory."""
+    lines = []
+    for index, model in enumerate(served_models(values)):
+        name = model.name or "(named from its kind and size)"
+        lines.append(f"  {name:32} Triton {model.tts_model}/{model.talker_model}  {model.kind or 'kind ?'}  "
+                     f"{model.model_dir}" + ("  (default)" if index == 0 else ""))
+    encoder = encoder_dir(served_models(values))
+    lines.append(f"  voice_encoder from {encoder}" if encoder
+                 else "  no voice_encoder (no Base model: no cloned voices)")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -150,7 +275,8 @@ def main(argv=None) -> int:
         print(f"render_model_repository: {exc}", file=sys.stderr)
         return 2
     aligner = f"aligner {values['ALIGNER_DIR']}" if values["ALIGNER_DIR"] else "no aligner"
-    print(f"rendered {args.profile} model repository at {out} (model dir {values['MODEL_DIR']}; {aligner})")
+    print(f"rendered {args.profile} model repository at {out} ({aligner}); served models:")
+    print("\n".join(summary(values)))
     return 0
 
 

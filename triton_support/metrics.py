@@ -16,16 +16,21 @@ LEAD_BUCKETS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5
 class MetricsPublisher:
     """``families`` maps each metric name to (kind, description, label name or None, read), where ``read``
     takes ``source()`` and returns the value (a {label value: value} dict for a labelled family; a list of
-    new observations for a histogram). Counters are published as increments of the total, gauges as set."""
+    new observations for a histogram). Counters are published as increments of the total, gauges as set.
+    ``labels``: labels every series carries (model processes that publish the same families, such as the talkers of
+    several served models, must tell theirs apart: a metric with the same labels is one metric across processes,
+    and their gauges would overwrite each other)."""
 
     def __init__(self, pb_utils, families: dict, source: Callable[[], object], interval_s: float = 0.25,
-                 before_publish: Optional[Callable[[], None]] = None, buckets: Optional[list] = None):
+                 before_publish: Optional[Callable[[], None]] = None, buckets: Optional[list] = None,
+                 labels: Optional[dict] = None):
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE,
                  "histogram": pb_utils.MetricFamily.HISTOGRAM}
         self._families = {name: (kind, label, read, pb_utils.MetricFamily(name=name, description=description,
                                                                           kind=kinds[kind]))
                           for name, (kind, description, label, read) in families.items()}
         self._buckets = buckets or [0.1, 0.5, 1.0]
+        self._labels = dict(labels or {})
         self._metrics: dict = {}
         self._reported: dict = {}
         self._source, self._before = source, before_publish
@@ -39,7 +44,7 @@ class MetricsPublisher:
         key = (name, label_value)
         if key not in self._metrics:
             kind, label, _, family = self._families[name]
-            labels = {label: label_value} if label else {}
+            labels = {**self._labels, **({label: label_value} if label else {})}
             self._metrics[key] = family.Metric(labels=labels, buckets=self._buckets) if kind == "histogram" \
                 else family.Metric(labels=labels)
         return self._metrics[key]

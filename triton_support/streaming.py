@@ -105,20 +105,27 @@ def read_decode_item(pb_utils, request) -> DecodeItem:
                       bool(final.reshape(-1)[0]) if final is not None else False)
 
 
-def cancel_talker_stream(pb_utils, stream_id: int, log: logging.Logger) -> None:
-    """Send the talker a `cancel` command for ``stream_id``: Triton 2.51 does not cancel an ensemble's in-flight
+def cancel_talker_stream(pb_utils, stream_id: int, log: logging.Logger, talkers=(names.TALKER,)) -> None:
+    """Send the talkers a `cancel` command for ``stream_id``: Triton 2.51 does not cancel an ensemble's in-flight
     first step (tests/test_triton.py::test_cancelling_tts_stops_generation_and_frees_decoder_state shows the talker going
-    on without this), so codec_decoder does it when the tts request is cancelled or its decoding failed. Called on
-    the decoder's worker thread (sent from a thread of its own instead, one full test run left ensemble requests
-    in flight at shutdown)."""
+    on without this), so codec_decoder does it when the tts request is cancelled or its decoding failed. The
+    decoder does not know which talker (one per served model) runs the stream: each gets the command, and the ones
+    that do not run it ignore it (stream ids are unique across processes). Called on the decoder's worker thread
+    (sent from a thread of its own instead, one full test run left ensemble requests in flight at shutdown)."""
     message = np.array([commands.encode(commands.Cancel(stream_id))], dtype=np.object_)
-    request = pb_utils.InferenceRequest(model_name=names.TALKER, requested_output_names=[],
-                                        inputs=[pb_utils.Tensor(names.COMMAND, message)])
-    try:
-        for _ in request.exec(decoupled=True):
-            pass
-    except Exception as exc:  # the talker may be gone; the stream is freed regardless
-        log.warning("could not cancel talker stream %x: %s", stream_id, exc)
+    for talker in talkers:
+        request = pb_utils.InferenceRequest(model_name=talker, requested_output_names=[],
+                                            inputs=[pb_utils.Tensor(names.COMMAND, message)])
+        try:
+            for _ in request.exec(decoupled=True):
+                pass
+        except Exception as exc:  # the talker may be gone; the stream is freed regardless
+            log.warning("could not cancel stream %x on %s: %s", stream_id, talker, exc)
+
+
+def talker_names(params: dict) -> tuple:
+    """The talkers named by codec_decoder's ``talkers`` parameter (comma list; absent or empty: `talker`)."""
+    return tuple(name.strip() for name in (params.get("talkers") or "").split(",") if name.strip()) or (names.TALKER,)
 
 
 def send_final(pb_utils, request, response, log: logging.Logger) -> None:

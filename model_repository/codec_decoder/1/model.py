@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from triton_support import params as config
 from triton_support.metrics import MetricsPublisher
 from triton_support.queueing import BatchingWorker
-from triton_support.streaming import cancel_talker_stream, read_decode_item, send_final
+from triton_support.streaming import cancel_talker_stream, read_decode_item, send_final, talker_names
 from triton_support.tensors import error_response, response
 from tts_contract import tensors as names
 from tts_engine.codec.decoder import StreamingDecoder
@@ -49,6 +49,7 @@ class TritonPythonModel:
         # core) it fought them for the CPU and took 4-5 s instead of about 1 s on 2 cores. The worker thread
         # sets the same count for itself.
         threads = int(params["torch_threads"])
+        self.talkers = talker_names(params)  # where a cancelled tts request's `cancel` command goes
         torch.set_num_threads(threads)
         tokenizer = load_speech_tokenizer(*config.model_location(args, params))
         max_batch, primed = int(params["max_batch_streams"]), int(params["primed_state_cache_size"])
@@ -65,8 +66,8 @@ class TritonPythonModel:
         self._warm_up(tokenizer, params)
         self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.table, interval_s=1.0,
                                         before_publish=self.table.expire)
-        self.log.info("codec_decoder ready (batches of up to %d chunks, idle timeout %.0f s)",
-                      self.worker.max_batch, self.table.idle_timeout)
+        self.log.info("codec_decoder ready (batches of up to %d chunks, idle timeout %.0f s, talkers %s)",
+                      self.worker.max_batch, self.table.idle_timeout, ",".join(self.talkers))
 
     def _warm_up(self, tokenizer, params) -> None:
         """Decode once in the batch shapes the first requests use, and prime the default voice's state (its
@@ -101,7 +102,7 @@ class TritonPythonModel:
         decode, cancelled = self.table.split_cancelled([item for _, item in pairs],
                                                        [self._cancelled(request) for request, _ in pairs])
         for stream_id in cancelled:
-            cancel_talker_stream(pb_utils, stream_id, self.log)
+            cancel_talker_stream(pb_utils, stream_id, self.log, self.talkers)
         items, senders = [], []
         chosen = set(decode)
         for index, (request, item) in enumerate(pairs):
@@ -142,7 +143,7 @@ class TritonPythonModel:
             return
         if item.stream_id not in self.failed:
             self.failed.add(item.stream_id, error)
-            cancel_talker_stream(pb_utils, item.stream_id, self.log)
+            cancel_talker_stream(pb_utils, item.stream_id, self.log, self.talkers)
         self._respond(request, self._audio_response(EMPTY_AUDIO))
 
     def _cancelled(self, request) -> bool:

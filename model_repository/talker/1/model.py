@@ -113,7 +113,11 @@ class TritonPythonModel:
                                  speed=float(params["realtime_speed"]),
                                  first_audio_budget_s=float(params["first_audio_budget_ms"]) / 1000)
         self.engine = Engine(talker, limits, policy, torch_threads=int(params["torch_threads"]))
-        self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.engine.stats, buckets=LEAD_BUCKETS)
+        # The default model's talker publishes unlabelled series (as a one-model deployment always has); the others
+        # add model="talker_<name>", or the talkers' gauges would overwrite each other.
+        talker_name = self.served.talker_model
+        self.metrics = MetricsPublisher(pb_utils, FAMILIES, lambda: self.engine.stats, buckets=LEAD_BUCKETS,
+                                        labels={} if talker_name == "talker" else {"model": talker_name})
         self.watcher = CancellationWatcher(self.engine.cancel)
         self.text_keys = ClientKeys("text key")  # texts still being written: a client's text_key -> stream
         self.stream_keys = ClientKeys("stream key")  # streams a client named (stream_key parameter) -> stream
