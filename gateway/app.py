@@ -14,7 +14,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from . import metrics, openai_api, voices
+from . import metrics, openai_api, voice_design, voices
 from .auth import Authenticator, SubjectSessions
 from .config import Settings
 from .connection import speak
@@ -23,6 +23,7 @@ from .interrupt_bus import make_bus
 from .discovery import Discovery
 from .security import Guard
 from .endpoints import Endpoints
+from .models import Catalog
 from .voices import VoiceLibrary
 
 log = logging.getLogger("gateway")
@@ -42,6 +43,7 @@ class Services:
     authenticator: Authenticator
     subjects: SubjectSessions  # sessions open per token subject
     conversations: Conversations  # sessions by contract, and interrupts across replicas
+    catalog: Catalog  # the served models, the default one, and the names that mean them
     sessions: int = 0
     connections: set = field(default_factory=set)  # the sessions open now (for draining)
     draining: bool = False  # shutting down: no new sessions
@@ -60,7 +62,9 @@ async def readyz(request: Request):
     endpoints = request.app.state.services.endpoints
     ready = await endpoints.check_ready()
     # A bus that is down does not make the gateway unready (speech goes on); it says interrupts stay local.
+    default = request.app.state.services.catalog.default()
     return JSONResponse({"ready": ready, "triton": endpoints.status(), "capacity": endpoints.report(),
+                         "models": endpoints.report_models(), "defaultModel": default.name if default else None,
                          "wordTimestamps": endpoints.aligner,
                          "interruptBus": request.app.state.services.conversations.bus.describe()},
                         status_code=200 if ready else 503)
@@ -92,7 +96,8 @@ def create_app(settings: Settings) -> Starlette:
         discovery = Discovery(endpoints, list(settings.triton_urls), interval_s=settings.discovery_interval_s)
         conversations = Conversations(make_bus(settings))
         app.state.services = Services(settings, endpoints, VoiceLibrary(settings.voices_dir, settings.default_voice),
-                                      authenticator, SubjectSessions(settings.max_sessions_per_subject), conversations)
+                                      authenticator, SubjectSessions(settings.max_sessions_per_subject), conversations,
+                                      Catalog(endpoints, settings))
         await conversations.start()
         await discovery.refresh()
         await endpoints.check_ready()
@@ -111,6 +116,7 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/api/v1/speak", speak),
         Route("/api/v1/voices", voices.list_voices, methods=["GET"]),
         Route("/api/v1/voices", voices.upload_voice, methods=["POST"]),
+        Route("/api/v1/voices/design", voice_design.design_voice, methods=["POST"]),
         Route("/api/v1/voices/{voice_id}", voices.delete_voice, methods=["DELETE"]),
         Route("/api/v1/contracts/{contract_id}/interrupt", interrupt_route, methods=["POST"]),
         Route("/v1/audio/speech", openai_api.speech, methods=["POST"]),

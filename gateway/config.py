@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from tts_contract.deadlines import DEFAULT_FIRST_AUDIO_BUDGET_MS
+from tts_contract.models import ModelNameError, check_model_name
 from tts_contract.speech_length import CAP_FRAMES_BASE, CAP_FRAMES_PER_CHAR
 from tts_contract.voices import VOICE_ID, VoiceDirectory
 
@@ -75,6 +76,32 @@ def _voice_map(name: str) -> dict[str, str]:
     return voice_map
 
 
+def _model_aliases(name: str) -> dict[str, str]:
+    """``alias=model,alias=model``: names clients may send for a served model (``tts-1=qwen3-tts-1.7b-base``)."""
+    aliases: dict[str, str] = {}
+    for entry in _list(name):
+        alias, equals, model = (part.strip() for part in entry.partition("="))
+        if not equals or not alias or not model:
+            raise ValueError(f"{name}: {entry!r} is not alias=model (e.g. tts-1=qwen3-tts-0.6b-base)")
+        try:
+            check_model_name(alias)
+            check_model_name(model)
+        except ModelNameError as exc:
+            raise ValueError(f"{name}: {entry!r}: {exc}") from None
+        if alias in aliases:
+            raise ValueError(f"{name} names the alias {alias!r} twice")
+        aliases[alias] = model
+    return aliases
+
+
+def _model_name(name: str) -> str:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return check_model_name(raw) if raw else ""
+    except ModelNameError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
 def _triton_urls() -> tuple[str, ...]:
     """TRITON_URLS (comma-separated) or TRITON_URL; several endpoints spread the load, and a ``dns://name:port``
     entry stands for every address the name resolves to (a headless Service's ready pods)."""
@@ -104,7 +131,11 @@ class Settings:
     first_audio_budget_ms: int = DEFAULT_FIRST_AUDIO_BUDGET_MS  # refuse at once unless first audio can come by then
     idle_timeout_s: float = 300.0
     drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
-    openai_model: str = "qwen3-tts"  # the model id GET /v1/models lists
+    # Served models: which one a request naming none gets (empty: the deployment's default, the one Triton serves as
+    # `tts`), and other names clients may use for served models (alias -> served name)
+    default_model: str = ""
+    model_aliases: dict = field(default_factory=dict)
+    openai_model: str = "qwen3-tts"  # a name that means the default model (as OpenAI's names do unless aliased)
     # voice names OpenAI clients send (alloy, nova...) → stored voice ids; OpenAI names not in it: the default voice
     openai_voice_map: dict = field(default_factory=dict)
     openai_ignore_instructions: bool = False  # `instructions` the model cannot follow: ignored (drop-in), not refused
@@ -162,6 +193,8 @@ class Settings:
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
             drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
             text_idle_s=_float("GATEWAY_TEXT_IDLE_S", cls.text_idle_s),
+            default_model=_model_name("GATEWAY_DEFAULT_MODEL"),
+            model_aliases=_model_aliases("GATEWAY_MODEL_ALIASES"),
             openai_model=os.environ.get("GATEWAY_OPENAI_MODEL", "").strip() or cls.openai_model,
             openai_voice_map=_voice_map("GATEWAY_OPENAI_VOICE_MAP"),
             openai_ignore_instructions=_flag("GATEWAY_OPENAI_IGNORE_INSTRUCTIONS"),

@@ -10,7 +10,11 @@ from typing import Optional
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from tts_contract.errors import PROTOCOL_CODE
+from tts_contract.models import MAX_INSTRUCT_CHARS, VOICE_DESIGN, ServedModel, conditioning_error
+
 from . import metrics
+from .models import ModelUnavailable, default_speaker, takes_voice_ids
 from .protocol import (
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN, ENCODINGS, SAMPLE_RATES,
     TEXT_MODES, TRANSPORTS, Append, Cancel, End, Error, ErrorCode, Flush, Interrupt, Played, ProtocolError, Ready, Speak,
@@ -72,7 +76,11 @@ class Connection:
         self.services = services
         self.settings = services.settings
         self.id = uuid.uuid4().hex[:16]
-        self.voice: Optional[str] = services.voices.default_id()
+        # The voice chosen for the session's model (None: that model's default: the default cloned voice for a Base
+        # model, the default speaker for a CustomVoice one, none for VoiceDesign)
+        self.voice: Optional[str] = None
+        self.model_name: Optional[str] = None  # the served model chosen in `start` (None: the default)
+        self.instruct: Optional[str] = None  # start.instruct
         self.language = "English"
         self.audio = AudioFormat()
         self.legacy = True  # until a `start` arrives
@@ -166,7 +174,9 @@ class Connection:
 
     async def run(self, first_message: Optional[str] = None) -> None:
         try:
-            await self.send_message(Ready(sessionId=self.id, voiceLoaded=self.voice))
+            ready = Ready(sessionId=self.id, voiceLoaded=self.services.voices.default_id())
+            ready.capabilities["models"] = list(self.services.catalog.served())
+            await self.send_message(ready)
             self.session.start()
             if first_message is not None:
                 await self._handle(first_message)
@@ -243,6 +253,8 @@ class Connection:
             if problem:
                 raise ProtocolError(ErrorCode.INVALID_CONFIG, problem)
         text_mode = self._checked_mode(message.textMode)  # (every check before anything changes)
+        model = self._start_model(message.model)
+        instruct = self._checked_instruct(model, message.instruct, message.voice)
         self.audio = AudioFormat(message.sampleRate, message.encoding, message.audioTransport)
         self.language = language
         self.legacy = False
@@ -251,19 +263,83 @@ class Connection:
         self.word_timestamps = message.wordTimestamps
         self.max_wait_s = self._max_wait_s(message.maxWaitMs)
         self.text_mode = text_mode
+        if message.model is not None:
+            name = model.name if model is not None else None
+            if name != self.model_name:  # another model: its own default voice, unless this start names one
+                self.voice = None
+            self.model_name = name
+        self.instruct = instruct
         if message.voice is not None:
-            if self._known_voice(message.voice):
-                self.voice = message.voice
+            voice, problem = self._checked_voice(model, message.voice)
+            if problem is None:
+                self.voice = voice
             else:
                 await self.error(ErrorCode.VOICE_NOT_FOUND,
-                                 f"voice {message.voice!r} not found; keeping voice {self.voice!r}")
-        log.info("session %s started: %s Hz %s %s, voice %s, language %s, contract %s", self.id,
-                 self.audio.sample_rate, self.audio.encoding, self.audio.transport, self.voice, self.language,
-                 self.contract_id)
+                                 f"{problem}; keeping voice {self._voice_in_use(model)!r}")
+        voice = self._voice_in_use(model)
+        log.info("session %s started: %s Hz %s %s, model %s, voice %s, language %s, contract %s", self.id,
+                 self.audio.sample_rate, self.audio.encoding, self.audio.transport, model.name if model else "-",
+                 voice, self.language, self.contract_id)
         await self.send_message(Started(sampleRate=self.audio.sample_rate, encoding=self.audio.encoding,
-                                        voice=self.voice, language=self.language,
-                                        textMode=self._text_mode(self.text_mode, self.voice),
-                                        wordTimestamps=self.word_timestamps and self.services.endpoints.aligner))
+                                        voice=voice, language=self.language,
+                                        textMode=self._text_mode(self.text_mode, voice, model),
+                                        wordTimestamps=self.word_timestamps and self.services.endpoints.aligner,
+                                        model=model.name if model is not None else None, instruct=self.instruct))
+
+    # -- the model, voice and instruct of a session's utterances ------------------------------------------------
+
+    def _resolve_model(self, name: Optional[str], request_id: Optional[str] = None) -> Optional[ServedModel]:
+        """The served model ``name`` means (None: the default); ProtocolError when it is not served (INVALID_CONFIG,
+        listing what is) or not ready (MODEL_LOADING)."""
+        try:
+            return self.services.catalog.resolve(name)
+        except ModelUnavailable as exc:
+            raise ProtocolError(ErrorCode.MODEL_LOADING if exc.loading else ErrorCode.INVALID_CONFIG, exc.message,
+                                request_id) from None
+
+    def _start_model(self, requested: Optional[str]) -> Optional[ServedModel]:
+        """The model a `start` leaves the session with: the one it names (refused when not served), else the
+        session's (not checked here: a `start` works before the servers are ready, as it always has)."""
+        if requested is not None:
+            return self._resolve_model(requested)
+        try:
+            return self.services.catalog.resolve(self.model_name)
+        except ModelUnavailable:
+            return None
+
+    @staticmethod
+    def _checked_instruct(model: Optional[ServedModel], instruct: Optional[str], voice: Optional[str],
+                          request_id: Optional[str] = None) -> Optional[str]:
+        """``instruct`` when ``model`` follows it (None when blank), else ProtocolError with the contract's reason
+        (tts_contract.models.conditioning_error); a voice on a VoiceDesign model is refused here too."""
+        if instruct is not None and len(instruct) > MAX_INSTRUCT_CHARS:
+            raise ProtocolError(ErrorCode.INVALID_CONFIG, f"instruct has {len(instruct)} characters; the limit is "
+                                f"{MAX_INSTRUCT_CHARS}", request_id)
+        if model is not None:
+            problem = conditioning_error(model, voice if model.kind == VOICE_DESIGN else None, instruct)
+            if problem is not None:
+                raise ProtocolError(PROTOCOL_CODE[problem.code], problem.message, request_id)
+        return instruct if instruct is not None and instruct.strip() else None
+
+    def _checked_voice(self, model: Optional[ServedModel], voice: str) -> tuple[Optional[str], Optional[str]]:
+        """(the voice, None) when ``model`` has ``voice`` (a stored voice for a Base model, one of its speakers for
+        a CustomVoice one), else (None, why not)."""
+        if takes_voice_ids(model):
+            return (voice, None) if self._known_voice(voice) else (None, f"voice {voice!r} not found")
+        problem = conditioning_error(model, voice, None)
+        if problem is not None:
+            return None, problem.message
+        speaker = model.speaker(voice)
+        return (speaker.name if speaker is not None else None), None
+
+    def _voice_in_use(self, model: Optional[ServedModel]) -> Optional[str]:
+        """The session's voice, or the model's default: the default cloned voice (Base), the default speaker
+        (CustomVoice), none (VoiceDesign: its voice is described)."""
+        if self.voice:
+            return self.voice
+        if takes_voice_ids(model):
+            return self.services.voices.default_id()
+        return default_speaker(model)
 
     async def _on_speak(self, message: Speak) -> None:
         rid = message.requestId
@@ -395,25 +471,29 @@ class Connection:
                 language = normalise_language(message.language)
             except ProtocolError as exc:
                 raise ProtocolError(exc.code, exc.message, rid) from None
-        voice = self.voice
-        if message.voice is not None and message.voice != voice:
-            if self._known_voice(message.voice):
-                voice = message.voice
-            else:
-                await self.error(ErrorCode.VOICE_NOT_FOUND,
-                                 f"voice {message.voice!r} not found; using voice {voice!r}", rid)
         if not self.services.endpoints.ready:
             raise ProtocolError(ErrorCode.MODEL_LOADING, "the speech model is not ready yet; try again shortly",
                                 rid)
+        model = self._resolve_model(self.model_name, rid)
+        voice = self._voice_in_use(model)
+        if message.voice is not None and message.voice != voice:
+            if model is not None and model.kind == VOICE_DESIGN:
+                self._checked_instruct(model, None, message.voice, rid)  # refused: its voice is described
+            chosen, problem = self._checked_voice(model, message.voice)
+            if problem is None:
+                voice = chosen
+            else:
+                await self.error(ErrorCode.VOICE_NOT_FOUND, f"{problem}; using voice {voice!r}", rid)
         if message.priority == "high":
             await self.cancel_all()
         elif self.session.accepted > self.settings.max_queued_utterances:  # waiting, besides the one playing
             raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
                                 f"(limit {self.settings.max_queued_utterances})", rid)
         max_wait_s = self.max_wait_s if message.maxWaitMs is None else self._max_wait_s(message.maxWaitMs)
-        utterance = Utterance(feed=make_feed(self._text_mode(mode, voice)), characters=characters, voice=voice,
+        utterance = Utterance(feed=make_feed(self._text_mode(mode, voice, model)), characters=characters, voice=voice,
                               language=language, audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid,
-                              max_wait_s=max_wait_s, marks=self.word_timestamps and not self.legacy)
+                              max_wait_s=max_wait_s, marks=self.word_timestamps and not self.legacy,
+                              model=model.name if model is not None else None, instruct=self.instruct)
         self.session.enqueue(utterance)
         return utterance
 
@@ -423,12 +503,14 @@ class Connection:
             raise ProtocolError(ErrorCode.INVALID_CONFIG, f"unknown textMode {mode!r}; known: {', '.join(TEXT_MODES)}")
         return mode
 
-    def _text_mode(self, mode: str, voice: Optional[str]) -> str:
+    def _text_mode(self, mode: str, voice: Optional[str], model: Optional[ServedModel] = None) -> str:
         """The mode ``auto`` stands for with this voice: continuous where it gives first audio no later than
-        sentences do (x-vector voices start with the first word), sentences for ICL voices (their stream can
-        start only once the whole text is there)."""
+        sentences do (x-vector voices, named speakers and described voices start with the first word), sentences
+        for ICL voices (their stream can start only once the whole text is there)."""
         if mode != "auto":
             return mode
+        if not takes_voice_ids(model):
+            return "continuous"
         try:
             voice_id = voice or self.services.voices.default_id()
             return "continuous" if voice_id and self.services.voices.directory.info(voice_id).x_vector_only \

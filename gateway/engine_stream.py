@@ -50,18 +50,20 @@ def _string(name: str, value: str) -> InferInput:
     return tensor
 
 
-def _command(command: commands.Command) -> dict:
+def _command(command: commands.Command, talker: str) -> dict:
     """A talker control request on the synthesis request's gRPC stream."""
-    return {"model_name": names.TALKER, "inputs": command_inputs(command),
+    return {"model_name": talker, "inputs": command_inputs(command),
             "request_id": f"{command.kind}-{secrets.token_hex(4)}"}
 
 
 async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], language: Optional[str],
                        parameters: dict, spawn: Callable[[Coroutine], None],
-                       written=None) -> AsyncIterator[np.ndarray]:
-    """Yield float32 24 kHz chunks as Triton streams them. ``written``: a ``TextSegment`` still being written; the
-    request then opens with its text so far (``text_key``) and sends the rest, its flushes and its end as commands
-    on the same gRPC stream.
+                       written=None, *, tts_model: str = names.TTS, talker: str = names.TALKER,
+                       instruct: Optional[str] = None) -> AsyncIterator[np.ndarray]:
+    """Yield float32 24 kHz chunks as Triton streams them, from the ensemble ``tts_model`` whose talker is
+    ``talker`` (the served model's; its commands go there). ``instruct``: a style instruction or a described voice,
+    for the models that take one. ``written``: a ``TextSegment`` still being written; the request then opens with
+    its text so far (``text_key``) and sends the rest, its flushes and its end as commands on the same gRPC stream.
 
     Closing the iterator early cancels the gRPC stream, and the engine stream the one way an engine stream ends: a
     `cancel` command naming it by its ``stream_key`` (Triton does not pass a `tts` request's cancellation on to the
@@ -80,18 +82,20 @@ async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], lang
         inputs.append(_string(names.VOICE, voice))
     if language:
         inputs.append(_string(names.LANGUAGE, language))
+    if instruct:
+        inputs.append(_string(names.INSTRUCT, instruct))
 
     async def requests():
-        yield {"model_name": names.TTS, "inputs": inputs, "parameters": {**parameters, commands.STREAM_KEY: stream_key},
+        yield {"model_name": tts_model, "inputs": inputs, "parameters": {**parameters, commands.STREAM_KEY: stream_key},
                "request_id": SPEAK_ID, "outputs": [InferRequestedOutput(names.AUDIO)]}
         if written is None:
             return
         async for piece, flush in written.pieces(len(text)):
             if piece:
-                yield _command(commands.Append(text_key, piece.encode("utf-8")))
+                yield _command(commands.Append(text_key, piece.encode("utf-8")), talker)
             if flush:
-                yield _command(commands.Flush(text_key))
-        yield _command(commands.End(text_key))
+                yield _command(commands.Flush(text_key), talker)
+        yield _command(commands.End(text_key), talker)
 
     responses = endpoint.client.stream_infer(requests())
     finished = False
@@ -121,24 +125,31 @@ async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], lang
     finally:
         if not finished:  # the consumer stopped early (a cancel, a client gone): the engine ends the stream
             responses.cancel()
-            spawn(_cancel(endpoint, stream_key))
+            spawn(_cancel(endpoint, stream_key, talker))
 
 
-async def _cancel(endpoint: Endpoint, stream_key: int) -> None:
+async def _cancel(endpoint: Endpoint, stream_key: int, talker: str) -> None:
     """Cancel an engine stream by its key, on a gRPC stream of its own (its own is cancelled already: a task
     cancelled while reading a call cancels the call)."""
     try:
-        await endpoint.command(commands.Cancel(stream_key=stream_key), timeout_s=CANCEL_WAIT_S)
+        await endpoint.command(commands.Cancel(stream_key=stream_key), timeout_s=CANCEL_WAIT_S, talker=talker)
     except Exception as exc:  # ended meanwhile (an unknown key), or the server is gone: nothing left to stop
         log.debug("cancel of stream key %x at %s: %s", stream_key, endpoint.url, exc)
 
 
 async def encode_voice(endpoints: Endpoints, audio: np.ndarray, sample_rate: int, ref_text: Optional[str]) -> bytes:
     """Run voice_encoder on a ready endpoint (the least busy first; the next one when an endpoint fails); returns
-    the serialised prompt (safetensors bytes)."""
+    the serialised prompt (safetensors bytes). A deployment with no Base model has no voice encoder: that is said
+    (MODEL_LOADING, not a transport failure)."""
     last_error: Optional[SynthesisFailed] = None
     usable = [e for e in endpoints.endpoints if e.usable]
-    for endpoint in sorted(usable, key=lambda e: e.streams) or list(endpoints.endpoints):
+    encoding = [e for e in usable if e.voice_encoder]
+    if usable and not encoding:
+        served = ", ".join(endpoints.models()) or "none described yet"
+        raise SynthesisFailed(EngineCode.MODEL_LOADING, "no voice encoder is served here: cloned voices are made "
+                              "for Base models, and this deployment serves none ready (its models: "
+                              f"{served})")
+    for endpoint in sorted(encoding, key=lambda e: e.streams) or list(endpoints.endpoints):
         try:
             with endpoints.calling(endpoint):
                 return await _encode_voice(endpoint, audio, sample_rate, ref_text)

@@ -36,6 +36,13 @@ ENDPOINT_HEADROOM = Gauge("tts_gateway_endpoint_headroom_streams", "New streams 
                           "start now, as it last reported", ["endpoint"], registry=REGISTRY)
 ENDPOINT_REALTIME = Gauge("tts_gateway_endpoint_realtime_streams", "Streams a Triton endpoint's talker can step "
                           "together and stay ahead of real time, as it last reported", ["endpoint"], registry=REGISTRY)
+# Per served model (a deployment serves a few: the label stays small; names come from the talkers, never from clients)
+MODEL_ENDPOINTS = Gauge("tts_gateway_model_endpoints", "Usable Triton endpoints serving a model", ["model"],
+                        registry=REGISTRY)
+MODEL_HEADROOM = Gauge("tts_gateway_model_headroom_streams", "New streams the talkers serving a model could start "
+                       "now, all usable endpoints together, as they last reported", ["model"], registry=REGISTRY)
+MODEL_STREAMS = Counter("tts_gateway_model_streams_total", "Synthesis streams sent to the engines, by served model",
+                        ["model"], registry=REGISTRY)
 ENDPOINTS = Gauge("tts_gateway_endpoints", "Triton endpoints this gateway knows, by state (ready, not_ready, "
                   "draining: gone from discovery, finishing its streams)", ["state"], registry=REGISTRY)
 DEMAND = Gauge("tts_gateway_demand_streams", "Streams this gateway has open on the engines (running or waiting in "

@@ -1,7 +1,7 @@
 """OpenAI's speech API on the gateway: ``POST /v1/audio/speech`` streams the audio as it is generated (chunked,
-in the requested format, or as server-sent events), ``GET /v1/models`` lists the model and the OpenAI names it
-answers to. Errors take OpenAI's shape, so the official SDKs, and the voice-agent frameworks built on them, work
-unchanged."""
+in the requested format, or as server-sent events) from the served model its `model` names, ``GET /v1/models``
+lists the served models and the other names they answer to (aliases, OpenAI's model names). Errors take OpenAI's
+shape, so the official SDKs, and the voice-agent frameworks built on them, work unchanged."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +12,6 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -24,11 +23,13 @@ from tts_contract.deadlines import MAX_WAIT_LIMIT_MS
 from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
 from tts_contract.languages import UnknownLanguage, normalise_language
 from tts_contract.listener import Listener
+from tts_contract.models import CUSTOM_VOICE, MAX_INSTRUCT_CHARS, ServedModel, conditioning_error
 
 from . import metrics
 from .auth import ANONYMOUS, Identity
 from .formats import CONTENT_TYPES, MAX_SPEED, MIN_SPEED, SpeechEncoder, available_formats
 from .engine_stream import SynthesisFailed
+from .models import OPENAI_MODEL_NAMES, Catalog, Listed, ModelUnavailable, default_speaker, takes_voice_ids
 from .protocol import invalid_unicode
 from .speech import Timing, sentence_audio
 from .text import SentenceFeed, split_sentences
@@ -36,12 +37,9 @@ from .words import UtteranceWords, utterance_words
 
 log = logging.getLogger("gateway.openai")
 MODEL_OWNER = "qwen"
-# OpenAI's speech model names (the dated ones are its snapshots): code written for OpenAI sends one of these, the
-# voice-agent frameworks gpt-4o-mini-tts by default, and each means the model served here.
-OPENAI_MODEL_NAMES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-03-20",
-                      "gpt-4o-mini-tts-2025-12-15")
+__all__ = ["OPENAI_MODEL_NAMES", "OPENAI_VOICE_NAMES", "speech", "list_models", "get_model"]
 # OpenAI's built-in voices: a name here that GATEWAY_OPENAI_VOICE_MAP does not map, and that is no stored voice,
-# is spoken by the default voice (Pipecat, for one, sends nothing else).
+# is spoken by the default voice (a CustomVoice model's default speaker; Pipecat, for one, sends nothing else).
 OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
                       "shimmer", "verse")
 INSTRUCTIONS_IGNORED_HEADER = "x-instructions-ignored"
@@ -94,26 +92,45 @@ def unauthorized_body(reason: str) -> dict:
     return OpenAIError(401, f"{reason} (Authorization: Bearer <token>)", code="invalid_api_key").body()
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """A model this endpoint speaks with, and what its requests may ask of it."""
-
-    id: str
-    takes_instructions: bool = False  # the Base model clones a voice from its clip: it has no style prompt
-
-
-def accepted_models(settings) -> dict[str, ServedModel]:
-    """Every `model` value accepted, and the served model it names: the served id first, then OpenAI's names."""
-    served = ServedModel(settings.openai_model)
-    return {served.id: served, **{name: served for name in OPENAI_MODEL_NAMES if name != served.id}}
+def resolve_model(requested: str, models: Catalog) -> Optional[ServedModel]:
+    """The served model a request's `model` names (a served name or an alias); None: the deployment's default,
+    not described by its talker yet. 404 ``model_not_found`` listing what is served, or 503 while loading."""
+    try:
+        return models.resolve(requested)
+    except ModelUnavailable as exc:
+        if exc.loading:
+            raise OpenAIError(503, exc.message, code="model_loading") from None
+        raise OpenAIError(404, exc.message, "model", "model_not_found") from None
 
 
-def resolve_model(requested: str, settings) -> ServedModel:
-    models = accepted_models(settings)
-    if requested not in models:
-        raise OpenAIError(404, f"model {requested!r} is not served here; accepted: {', '.join(models)}", "model",
-                          "model_not_found")
-    return models[requested]
+def resolve_speaker(requested: Optional[str], model: ServedModel, settings) -> Optional[str]:
+    """The speaker of the CustomVoice ``model`` a request's `voice` names: one of its speakers (any case), an entry
+    of GATEWAY_OPENAI_VOICE_MAP that maps to one, or, for OpenAI's voice names (and entries mapping to a cloned
+    voice), its default speaker; anything else is a 404 listing its speakers."""
+    if not requested:
+        return default_speaker(model)
+    speaker = model.speaker(requested)
+    if speaker is not None:
+        return speaker.name
+    if requested in settings.openai_voice_map:
+        mapped = model.speaker(settings.openai_voice_map[requested])
+        return mapped.name if mapped is not None else default_speaker(model)
+    if requested in OPENAI_VOICE_NAMES:
+        return default_speaker(model)
+    problem = conditioning_error(model, requested, None)
+    raise OpenAIError(404, problem.message if problem else f"voice {requested!r} not found", "voice",
+                      "voice_not_found")
+
+
+def placeholder_voice(requested: Optional[str], model: ServedModel, settings) -> None:
+    """A VoiceDesign model takes no voice (its voice is described by `instructions`); the SDKs always send one,
+    so OpenAI's voice names (and the map's) stand for "none"; any other voice is refused rather than dropped."""
+    if not requested or requested in OPENAI_VOICE_NAMES or requested in settings.openai_voice_map:
+        return None
+    problem = conditioning_error(model, requested, None)
+    raise OpenAIError(400, (problem.message if problem else f"model '{model.name}' takes no voice") +
+                      f"; send one of OpenAI's voice names ({OPENAI_VOICE_NAMES[0]}, ...) as a placeholder, and "
+                      "describe the voice in 'instructions'", "voice", "unsupported_parameter")
 
 
 def resolve_voice(requested: Optional[str], settings, voices) -> str:
@@ -180,16 +197,6 @@ class SpeechRequest:
             param = str(first["loc"][0]) if first["loc"] else None
             problem = "is required" if first["type"] == "missing" else f"has the wrong type ({first['msg']})"
             raise OpenAIError(400, f"'{param}' {problem}", param) from None
-        self.model = resolve_model(parsed.model, settings)
-        # empty or null instructions ask for nothing, so they are no reason to refuse (the frameworks leave the
-        # field out unless it is set; a few clients send it empty)
-        unfollowable = bool((parsed.instructions or "").strip()) and not self.model.takes_instructions
-        if unfollowable and not settings.openai_ignore_instructions:
-            raise OpenAIError(400, f"'instructions' is not supported: the model {self.model.id} speaks in the voice "
-                                   f"of its reference clip and takes no style instructions (leave it out, or have "
-                                   f"the operator set GATEWAY_OPENAI_IGNORE_INSTRUCTIONS=1 to ignore it)",
-                              "instructions", "unsupported_parameter")
-        self.ignored_instructions_chars = len(parsed.instructions) if unfollowable else 0
         self.input = parsed.input.strip()
         if not self.input:
             raise OpenAIError(400, "'input' is empty", "input")
@@ -205,8 +212,8 @@ class SpeechRequest:
         if not MIN_SPEED <= speed <= MAX_SPEED or not math.isfinite(speed):
             raise OpenAIError(400, f"speed must be between {MIN_SPEED} and {MAX_SPEED}", "speed")
         self.speed = float(speed)
-        # OpenAI refuses sse for tts-1 and tts-1-hd; here every model name means the same model, which streams
-        # either way, so no client written for OpenAI is refused
+        # OpenAI refuses sse for tts-1 and tts-1-hd; here every model streams either way, so no client written for
+        # OpenAI is refused
         if parsed.stream_format not in (None, *STREAM_FORMATS):
             raise OpenAIError(400, f"stream_format must be one of {', '.join(STREAM_FORMATS)}", "stream_format")
         self.sse = parsed.stream_format == "sse"
@@ -217,8 +224,40 @@ class SpeechRequest:
         if parsed.max_wait_ms is not None and not 0 <= parsed.max_wait_ms <= MAX_WAIT_LIMIT_MS:
             raise OpenAIError(400, f"max_wait_ms must be between 0 and {MAX_WAIT_LIMIT_MS}", "max_wait_ms")
         self.max_wait_s = min((parsed.max_wait_ms or 0) / 1000, settings.queue_timeout_s)
-        self.voice = resolve_voice(parsed.voice.id if isinstance(parsed.voice, _VoiceRef) else parsed.voice,
-                                   settings, voices)
+        self.model = resolve_model(parsed.model, services.catalog)
+        self.instruct, self.ignored_instructions_chars = self._instructions(parsed.instructions, settings)
+        requested_voice = parsed.voice.id if isinstance(parsed.voice, _VoiceRef) else parsed.voice
+        if takes_voice_ids(self.model):
+            self.voice = resolve_voice(requested_voice, settings, voices)
+        elif self.model.kind == CUSTOM_VOICE:
+            self.voice = resolve_speaker(requested_voice, self.model, settings)
+        else:
+            self.voice = placeholder_voice(requested_voice, self.model, settings)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name if self.model is not None else "default"
+
+    def _instructions(self, instructions: Optional[str], settings) -> tuple[Optional[str], int]:
+        """(the instruct sent to the model, the characters of instructions ignored). Models that take instructions
+        get them; for the others, empty or null instructions ask for nothing, so they are no reason to refuse (the
+        frameworks leave the field out unless it is set; a few clients send it empty), and others are refused
+        unless GATEWAY_OPENAI_IGNORE_INSTRUCTIONS is set."""
+        if not (instructions or "").strip():
+            return None, 0
+        if len(instructions) > MAX_INSTRUCT_CHARS:
+            raise OpenAIError(400, f"'instructions' has {len(instructions)} characters; the limit is "
+                                   f"{MAX_INSTRUCT_CHARS}", "instructions", "string_above_max_length")
+        if self.model is not None and self.model.takes_instruct:
+            return instructions, 0
+        if settings.openai_ignore_instructions:
+            return None, len(instructions)
+        problem = conditioning_error(self.model, None, instructions) if self.model is not None else None
+        reason = problem.message if problem is not None else \
+            "the model speaks in the voice of its reference clip and takes no style instructions"
+        raise OpenAIError(400, f"'instructions' is not supported: {reason} (leave it out, or have the operator set "
+                               f"GATEWAY_OPENAI_IGNORE_INSTRUCTIONS=1 to ignore it)", "instructions",
+                          "unsupported_parameter")
 
 
 async def _read_json(request: Request, limit: int) -> object:
@@ -274,18 +313,20 @@ async def _speech(request: Request, services, received: float, identity: Identit
                             split_sentences(params.input, services.settings.max_sentence_chars))
         listener = Listener()
         audio = sentence_audio(services.endpoints, services.settings, feed, params.voice, params.language, listener,
-                               Timing(max_wait_s=params.max_wait_s))
+                               Timing(max_wait_s=params.max_wait_s), model=params.model.name if params.model else None,
+                               instruct=params.instruct)
         first = await _first_chunk(audio, request)
     except OpenAIError as exc:
         metrics.OPENAI_REQUESTS.labels("refused" if exc.status != CLIENT_GONE else "cancelled").inc()
         return exc.response()
     metrics.TIME_TO_FIRST_AUDIO.observe(time.monotonic() - received)
-    log.info("speech request %s of subject %s: %d characters, voice %s", request_id, identity.subject,
-             len(params.input), params.voice)
+    log.info("speech request %s of subject %s: %d characters, model %s, voice %s%s", request_id, identity.subject,
+             len(params.input), params.model_name, params.voice,
+             f", instructions of {len(params.instruct)} characters" if params.instruct else "")
     headers = {"cache-control": "no-cache"}
     if params.ignored_instructions_chars:  # the text itself stays out of the log: it may say anything
         log.info("speech request %s: instructions of %d characters ignored (GATEWAY_OPENAI_IGNORE_INSTRUCTIONS): "
-                 "the model %s takes none", request_id, params.ignored_instructions_chars, params.model.id)
+                 "the model %s takes none", request_id, params.ignored_instructions_chars, params.model_name)
         headers[INSTRUCTIONS_IGNORED_HEADER] = "true"
     heard = _Heard(request_id, listener, params.speed,
                    utterance_words(services.endpoints, services.settings, params.language, lambda: params.input),
@@ -443,18 +484,34 @@ def _event(payload: dict) -> bytes:
 
 
 async def list_models(request: Request):
-    """The served model's id, then each OpenAI name it answers to."""
+    """The served models (the default first), then each other name a request may use for one (aliases, OpenAI's
+    model names)."""
     return JSONResponse({"object": "list",
-                         "data": [_model(name) for name in accepted_models(request.app.state.services.settings)]})
+                         "data": [_model(listed) for listed in request.app.state.services.catalog.listing()]})
 
 
 async def get_model(request: Request):
-    try:
-        resolve_model(request.path_params["model"], request.app.state.services.settings)
-    except OpenAIError as exc:
-        return exc.response()
-    return JSONResponse(_model(request.path_params["model"]))
+    name = request.path_params["model"]
+    models: Catalog = request.app.state.services.catalog
+    listed = models.find(name)
+    if listed is None:
+        try:
+            model = resolve_model(name, models)
+        except OpenAIError as exc:
+            return exc.response()
+        if model is None:  # the default, not described yet
+            return JSONResponse({"id": name, "object": "model", "created": int(_STARTED), "owned_by": MODEL_OWNER})
+        listed = Listed(name, model, alias_of=model.name if model.name != name else None)
+    return JSONResponse(_model(listed))
 
 
-def _model(model_id: str) -> dict:
-    return {"id": model_id, "object": "model", "created": int(_STARTED), "owned_by": MODEL_OWNER}
+def _model(listed: Listed) -> dict:
+    """OpenAI's model object, with what this model is: its kind and size, its speakers (CustomVoice), whether it
+    takes instructions, and, for an alias, the served model it means."""
+    model = listed.model
+    body = {"id": listed.id, "object": "model", "created": int(_STARTED), "owned_by": MODEL_OWNER,
+            "kind": model.kind, "size": model.size, "speakers": [s.name for s in model.speakers],
+            "takesInstruct": model.takes_instruct, "features": model.features()}
+    if listed.alias_of is not None:
+        body["aliasOf"] = listed.alias_of
+    return body

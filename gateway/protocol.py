@@ -52,6 +52,8 @@ class Start(_ClientMessage):
     maxWaitMs: StrictInt = Field(0, ge=0, le=MAX_WAIT_LIMIT_MS)  # this session's utterances may queue this long
     textMode: StrictStr = "auto"  # how appended text is spoken: continuous, sentences, or auto
     wordTimestamps: StrictBool = False  # stream `marks` (word times on each utterance's audio clock)
+    model: Optional[StrictStr] = None  # a served model's name or alias (None: keep the session's; at first the default)
+    instruct: Optional[StrictStr] = None  # a style instruction, or a VoiceDesign model's voice description
 
 
 class _TextMessage(_ClientMessage):
@@ -201,6 +203,8 @@ class Started(_ServerMessage):
     language: str
     textMode: str = "sentences"
     wordTimestamps: bool = False  # whether `marks` come (asked for, and this deployment has an aligner)
+    model: Optional[str] = None  # the served model the session's utterances go to (None: not described yet)
+    instruct: Optional[str] = None  # the session's instruction, when it has one
     type = "started"
     _keep_none = ("voice",)
 

@@ -63,6 +63,8 @@ class Utterance:
     text: str = ""  # its text as written so far (what a listener heard is a prefix of it)
     marks: bool = False  # the client asked for word marks (and the deployment has an aligner)
     interrupted: bool = False  # an interrupt (by contract) ended it
+    model: Optional[str] = None  # the served model it goes to (None: the deployment's default, Triton's `tts`)
+    instruct: Optional[str] = None  # a style instruction or a described voice, for the models that take one
 
 
 @dataclass
@@ -248,7 +250,8 @@ class Session:
             # aclosing: however playback ends, the sentence requests still in flight are cancelled now.
             speech = written_audio if isinstance(utterance.feed, WrittenText) else sentence_audio
             async with contextlib.aclosing(speech(self.endpoints, self.settings, utterance.feed, utterance.voice,
-                                                  utterance.language, playback.listener, timing)) as stream:
+                                                  utterance.language, playback.listener, timing, utterance.model,
+                                                  utterance.instruct)) as stream:
                 async for chunk in stream:
                     if playback.words is not None:
                         playback.words.add_audio(chunk)

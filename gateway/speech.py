@@ -96,15 +96,16 @@ def _stream_parameters(settings, lead_s: float, continuation: bool, timing: Timi
 
 
 async def sentence_audio(endpoints: Endpoints, settings, feed: SentenceFeed, voice: Optional[str],
-                         language: Optional[str], listener: Listener,
-                         timing: Timing = Timing()) -> AsyncIterator[np.ndarray]:
-    """Float32 24 kHz chunks of every sentence of ``feed``, in order; ``listener`` is the utterance's listener,
-    which the caller advances as it sends audio. The sentences may still be arriving: waiting for them is not a
-    timeout. Closing the iterator cancels the streams in flight. Raises ``SynthesisFailed`` (an engine refused or
-    failed) or ``TimeoutError`` (no audio in time)."""
+                         language: Optional[str], listener: Listener, timing: Timing = Timing(),
+                         model: Optional[str] = None, instruct: Optional[str] = None) -> AsyncIterator[np.ndarray]:
+    """Float32 24 kHz chunks of every sentence of ``feed``, in order, from the served model ``model`` (None: the
+    deployment's default) with ``instruct`` (for the models that take one); ``listener`` is the utterance's
+    listener, which the caller advances as it sends audio. The sentences may still be arriving: waiting for them is
+    not a timeout. Closing the iterator cancels the streams in flight. Raises ``SynthesisFailed`` (an engine refused
+    or failed) or ``TimeoutError`` (no audio in time)."""
     generated = _Generated()
-    generating = asyncio.create_task(_generate_sentences(Route(endpoints), settings, feed, voice, language, listener,
-                                                         timing, generated))
+    generating = asyncio.create_task(_generate_sentences(Route(endpoints, model), settings, feed, voice, language,
+                                                         listener, timing, generated, instruct))
     try:
         # Audio may come as late as its listener's buffer allows (the engine holds frames its listener does not
         # need yet) plus the synthesis timeout; the first audio, also the wait in an engine's line the client
@@ -124,7 +125,7 @@ async def sentence_audio(endpoints: Endpoints, settings, feed: SentenceFeed, voi
 
 
 async def _generate_sentences(route: Route, settings, feed: SentenceFeed, voice, language, listener: Listener,
-                              timing: Timing, generated: _Generated) -> None:
+                              timing: Timing, generated: _Generated, instruct: Optional[str] = None) -> None:
     """Generate the sentences one after another, each once the one before is generated."""
     continuation = False
     try:
@@ -145,7 +146,7 @@ async def _generate_sentences(route: Route, settings, feed: SentenceFeed, voice,
                 time.monotonic() + lead + settings.first_audio_budget_ms / 1000 + timing.max_wait_s
             parameters = _stream_parameters(settings, lead, continuation, timing)
             async with contextlib.aclosing(route.stream(sentence, voice, language, parameters, continuation,
-                                                        first_audio_by)) as audio:
+                                                        first_audio_by, instruct=instruct)) as audio:
                 async for chunk in audio:  # (closed however this ends: a cancel reaches its engine at once)
                     generated.put(chunk)
             continuation = True
@@ -157,12 +158,13 @@ async def _generate_sentences(route: Route, settings, feed: SentenceFeed, voice,
 
 
 async def written_audio(endpoints: Endpoints, settings, text: WrittenText, voice: Optional[str],
-                        language: Optional[str], listener: Listener,
-                        timing: Timing = Timing()) -> AsyncIterator[np.ndarray]:
-    """Float32 24 kHz chunks of ``text`` while it is being written: one stream per segment, whose text grows by
-    appends; the frame cap grows with the text; a segment after the first starts when the one before is
-    generated, paced by what its listener still has. Closing the iterator cancels the stream in flight."""
-    route = Route(endpoints)
+                        language: Optional[str], listener: Listener, timing: Timing = Timing(),
+                        model: Optional[str] = None, instruct: Optional[str] = None) -> AsyncIterator[np.ndarray]:
+    """Float32 24 kHz chunks of ``text`` while it is being written, from the served model ``model`` (None: the
+    default) with ``instruct``: one stream per segment, whose text grows by appends; the frame cap grows with the
+    text; a segment after the first starts when the one before is generated, paced by what its listener still has.
+    Closing the iterator cancels the stream in flight."""
+    route = Route(endpoints, model)
     # While every word written so far has been sent, a gap the listener hears is the writer's.
     text.on_waiting = lambda waiting: listener.pause() if waiting else listener.resume()
     segment, continuation = text.segment(0), False
@@ -170,7 +172,7 @@ async def written_audio(endpoints: Endpoints, settings, text: WrittenText, voice
         lead = listener.buffered() if continuation else timing.lead_s
         parameters = _stream_parameters(settings, lead, continuation, timing)
         async with contextlib.aclosing(route.stream("", voice, language, parameters, continuation,
-                                                    written=segment)) as audio:
+                                                    written=segment, instruct=instruct)) as audio:
             async for chunk in audio:
                 yield chunk
         if segment.end is None or segment.last:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from tts_contract.errors import EngineCode
 from tts_contract.languages import UnknownLanguage, normalise_language
+from tts_contract.models import CUSTOM_VOICE
 from tts_contract.limits import (
     MAX_REFERENCE_SECONDS, MAX_TRANSCRIPT_CHARS, MAX_VOICE_DESCRIPTION_CHARS, MAX_VOICE_NAME_CHARS,
     MIN_REFERENCE_SECONDS,
@@ -25,6 +26,7 @@ from tts_contract.voices import (
 )
 
 from .endpoints import Endpoints
+from .models import default_speaker
 from .engine_stream import SynthesisFailed, encode_voice
 
 log = logging.getLogger("gateway.voices")
@@ -77,6 +79,15 @@ class VoiceLibrary:
             audio, sample_rate = read_audio(data)
         except UndecodableAudio as exc:
             raise VoiceApiError(400, str(exc)) from None
+        return await self.add(endpoints, audio, sample_rate, transcript=transcript, name=name, voice_id=voice_id,
+                              language=language, description=description)
+
+    async def add(self, endpoints: Endpoints, audio: np.ndarray, sample_rate: int, *, transcript: Optional[str],
+                  name: Optional[str], voice_id: Optional[str], language: str, description: Optional[str] = None,
+                  designed: Optional[dict] = None) -> dict:
+        """Keep a clip as a voice: its prompt computed by Triton's voice_encoder, then written in one rename.
+        ``designed``: how a VoiceDesign model made the clip (kept in its metadata)."""
+        voice_id = voice_id or _slug(name or "voice")
         seconds = audio.size / sample_rate
         if not MIN_REFERENCE_SECONDS <= seconds <= MAX_REFERENCE_SECONDS:
             raise VoiceApiError(400, f"audio is {seconds:.1f} s long; it must be between "
@@ -88,9 +99,11 @@ class VoiceLibrary:
             if exc.code in (EngineCode.INVALID_AUDIO, EngineCode.INVALID_REQUEST, EngineCode.INVALID_TEXT):
                 raise VoiceApiError(400, exc.message) from None
             raise VoiceApiError(503, f"voice encoder unavailable: {exc.message}") from None
-        return self._write(voice_id, audio, sample_rate, transcript, blob,
-                           {"name": (name or voice_id).strip() or voice_id, "language": language,
-                            "description": (description or "").strip(), "isDefault": False})
+        metadata = {"name": (name or voice_id).strip() or voice_id, "language": language,
+                    "description": (description or "").strip(), "isDefault": False}
+        if designed:
+            metadata["designed"] = designed
+        return self._write(voice_id, audio, sample_rate, transcript, blob, metadata)
 
     def _write(self, voice_id: str, audio: np.ndarray, sample_rate: int, transcript: Optional[str],
                prompt: bytes, metadata: dict) -> dict:
@@ -134,7 +147,17 @@ class VoiceLibrary:
 # -- routes ---------------------------------------------------------------------------------------------------
 
 async def list_voices(request: Request):
-    return JSONResponse({"voices": request.app.state.services.voices.list()})
+    """The cloned voices (for the Base models: ``models`` names them), then each CustomVoice model's named
+    speakers (``id``: the speaker's name, ``model``: the served model's name)."""
+    services = request.app.state.services
+    served = services.catalog.served().values()
+    bases = [m.name for m in served if m.clones]
+    cloned = [{**entry, "models": bases} for entry in services.voices.list()]
+    speakers = [{"id": speaker.name, "name": speaker.name, "kind": "speaker", "model": model.name,
+                 "languages": list(model.languages), "dialect": speaker.dialect,
+                 "isDefault": speaker.name == default_speaker(model), "takesInstruct": model.takes_instruct}
+                for model in served if model.kind == CUSTOM_VOICE for speaker in model.speakers]
+    return JSONResponse({"voices": cloned + speakers})
 
 
 class _BodyTooLarge(Exception):

@@ -15,8 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TINY_MODEL_DIR = Path(os.environ.get("QWEN_TTS_TINY_MODEL_DIR", ROOT / "build" / "tiny-model"))
-TINY_CUSTOM_VOICE_DIR = Path(os.environ.get("QWEN_TTS_TINY_CUSTOM_VOICE_DIR", ROOT / "build" / "tiny-custom-voice"))
-TINY_VOICE_DESIGN_DIR = Path(os.environ.get("QWEN_TTS_TINY_VOICE_DESIGN_DIR", ROOT / "build" / "tiny-voice-design"))
 TINY_ALIGNER_DIR = Path(os.environ.get("QWEN_TTS_TINY_ALIGNER_DIR", ROOT / "build" / "tiny-aligner"))
 TINY_CUSTOM_VOICE_DIR = ROOT / "build" / "tiny-custom-voice"
 TINY_VOICE_DESIGN_DIR = ROOT / "build" / "tiny-voice-design"
@@ -58,26 +56,6 @@ def tiny_custom_voice_dir() -> Path:
 def tiny_voice_design_dir() -> Path:
     """A tiny VoiceDesign checkpoint: the voice is described by instruct."""
     return _tiny_build(TINY_VOICE_DESIGN_DIR, "tiny-voice-design")
-
-
-def _tiny_preset(out_dir: Path, preset: str) -> Path:
-    from tts_engine.tiny_model import build_tiny_model, is_current
-
-    if not is_current(out_dir, preset):
-        build_tiny_model(out_dir, preset)
-    return out_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_custom_voice_dir() -> Path:
-    """The tiny CustomVoice checkpoint (1.7B-like: takes instruct; speakers aria, kai, mei)."""
-    return _tiny_preset(TINY_CUSTOM_VOICE_DIR, "tiny-custom-voice")
-
-
-@pytest.fixture(scope="session")
-def tiny_voice_design_dir() -> Path:
-    """The tiny VoiceDesign checkpoint."""
-    return _tiny_preset(TINY_VOICE_DESIGN_DIR, "tiny-voice-design")
 
 
 @pytest.fixture(scope="session")

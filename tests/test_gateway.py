@@ -51,7 +51,8 @@ async def test_spec_client_flow(gateway):
         started = await receive_json(ws)
         assert started == {"type": "started", "sampleRate": 24000, "encoding": "pcm16", "voice": "default",
                            "language": "English", "textMode": "sentences",  # auto, with an ICL voice
-                           "wordTimestamps": False}  # (not asked for)
+                           "wordTimestamps": False,  # (not asked for)
+                           "model": "qwen3-tts-0.6b-base"}  # the served model (named from its kind and size)
         await send(ws, type="speak", text="Hello there.", requestId="req-1")
         result = await collect(ws)
         complete = result.end

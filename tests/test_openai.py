@@ -24,6 +24,7 @@ from triton_helpers import scrape_metrics, wait_until
 
 TOKEN = "openai-test-token"
 MODEL = "qwen3-tts"
+SERVED = "qwen3-tts-0.6b-base"  # the tiny model's served name: none is configured, so from its kind and size
 TEXT = "Hello from the OpenAI endpoint. It streams while it speaks."
 SHORT = "Hello from an agent."
 # OpenAI's speech model names and built-in voices, as the `openai` SDK documents them (SpeechModel and Voice in
@@ -79,9 +80,10 @@ def decoded_seconds(data: bytes) -> float:
 
 
 def test_models_lists_the_served_model_and_its_openai_names(client):
-    """`models.list()` names the served model, then OpenAI's model names it answers to; `models.retrieve()` finds
-    each, and an unknown model id is a NotFoundError."""
-    assert [model.id for model in client.models.list()] == [MODEL, *OPENAI_MODELS]
+    """`models.list()` names the served model (its name from its kind and size), then the names it answers to
+    (qwen3-tts and OpenAI's model names); `models.retrieve()` finds each, and an unknown model id is a
+    NotFoundError."""
+    assert [model.id for model in client.models.list()] == [SERVED, MODEL, *OPENAI_MODELS]
     assert client.models.retrieve(MODEL).owned_by == "qwen"
     assert client.models.retrieve("gpt-4o-mini-tts").id == "gpt-4o-mini-tts"
     with pytest.raises(openai.NotFoundError):

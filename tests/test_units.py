@@ -1,6 +1,7 @@
 """Pure-logic units: the voice store, the decoder stream table, the render tool, gateway text, auth."""
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -213,6 +214,87 @@ def test_render_refuses_bad_values(overrides, message):
     """Missing model dir, bad kinds, bad counts and unknown names are refused with a clear message."""
     with pytest.raises(RenderError, match=message):
         resolve("cpu", overrides, environ={})
+
+
+def _config(repo, model: str) -> str:
+    return (repo / model / "config.pbtxt").read_text()
+
+
+def test_several_models_render_a_talker_and_an_ensemble_each(tmp_path, tiny_model_dir, tiny_custom_voice_dir,
+                                                             tiny_voice_design_dir):
+    """MODELS renders talker/tts for the first model and talker_<name>/tts_<name> for the others, each talker with
+    its directory and served name, each ensemble over its own talker; codec_decoder cancels on every talker and
+    voice_encoder loads the Base checkpoint, wherever it is in the list."""
+    values = resolve("cpu", {"MODELS": f"custom={tiny_custom_voice_dir}, base={tiny_model_dir},"
+                                       f"design={tiny_voice_design_dir}"}, environ={})
+    repo = render(tmp_path / "repo", values)
+    assert sorted(p.name for p in repo.iterdir()) == ["codec_decoder", "talker", "talker_base", "talker_design",
+                                                      "tts", "tts_base", "tts_design", "voice_encoder"]
+    for talker, tts, name, model_dir in (("talker", "tts", "custom", tiny_custom_voice_dir),
+                                         ("talker_base", "tts_base", "base", tiny_model_dir),
+                                         ("talker_design", "tts_design", "design", tiny_voice_design_dir)):
+        config = _config(repo, talker)
+        assert f'name: "{talker}"' in config and f'"model_dir" value {{ string_value: "{model_dir}" }}' in config
+        assert f'"served_name" value {{ string_value: "{name}" }}' in config
+        assert f'"tts_model" value {{ string_value: "{tts}" }}' in config
+        ensemble = _config(repo, tts)
+        assert f'name: "{tts}"' in ensemble and f'model_name: "{talker}"' in ensemble
+        assert (repo / talker / "1" / "model.py").is_file() and (repo / tts / "1").is_dir()
+    assert '"talkers" value { string_value: "talker,talker_base,talker_design" }' in _config(repo, "codec_decoder")
+    for shared in ("codec_decoder", "voice_encoder"):
+        assert f'"model_dir" value {{ string_value: "{tiny_model_dir}" }}' in _config(repo, shared)
+    assert "${" not in "".join(p.read_text() for p in repo.rglob("config.pbtxt"))
+
+
+def test_without_a_base_model_no_voice_encoder_is_rendered(tmp_path, tiny_custom_voice_dir, tiny_voice_design_dir):
+    """No Base checkpoint among the models: no voice_encoder (nothing clones); the codec decoder loads the first."""
+    values = resolve("cpu", {"MODELS": f"custom={tiny_custom_voice_dir},design={tiny_voice_design_dir}"}, environ={})
+    repo = render(tmp_path / "repo", values)
+    assert not (repo / "voice_encoder").exists()
+    assert f'string_value: "{tiny_custom_voice_dir}"' in _config(repo, "codec_decoder")
+
+
+def test_one_model_dir_renders_as_before(tmp_path):
+    """A single MODEL_DIR renders `talker` and `tts` (served name empty: derived by the talker), a voice_encoder
+    (its kind unreadable here counts as Base), and a codec_decoder that cancels on `talker`."""
+    repo = render(tmp_path / "repo", resolve("cpu", {"MODEL_DIR": "/m"}, environ={}))
+    assert sorted(p.name for p in repo.iterdir()) == ["codec_decoder", "talker", "tts", "voice_encoder"]
+    assert '"served_name" value { string_value: "" }' in _config(repo, "talker")
+    assert 'name: "tts"' in _config(repo, "tts") and 'model_name: "talker"' in _config(repo, "tts")
+    assert '"talkers" value { string_value: "talker" }' in _config(repo, "codec_decoder")
+
+
+@pytest.mark.parametrize("models, message", [
+    ("a=/x,a=/y", "the name 'a' is given twice"),
+    ("Big=/x", "invalid model name 'Big'"),
+    ("a=/x,b", "'b' is not name=dir"),
+    ("a=", "'a=' is not name=dir"),
+    (" , ", "MODELS names no model"),
+])
+def test_bad_models_are_refused(models, message):
+    """Duplicate or invalid names and entries without a directory are refused, saying which."""
+    with pytest.raises(RenderError, match=message):
+        resolve("cpu", {"MODELS": models}, environ={})
+
+
+def test_models_and_served_name_together_are_refused():
+    """SERVED_NAME names the one MODEL_DIR model: beside MODELS it is refused (MODELS names each model)."""
+    with pytest.raises(RenderError, match="with MODELS, name each model there"):
+        resolve("cpu", {"MODELS": "a=/x", "SERVED_NAME": "b"}, environ={})
+
+
+def test_the_render_command_lists_models_and_prints_what_it_serves(tmp_path, capsys, tiny_model_dir,
+                                                                   tiny_custom_voice_dir):
+    """--list documents MODELS; a render prints each model's served name, Triton names and kind."""
+    from tools.render_model_repository import main
+
+    assert main(["--list"]) == 0
+    assert "MODELS" in capsys.readouterr().out
+    models = f"MODELS=base={tiny_model_dir},custom={tiny_custom_voice_dir}"
+    assert main(["--out", str(tmp_path / "repo"), "--set", models]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"base +Triton tts/talker +base .*\(default\)", out)
+    assert re.search(r"custom +Triton tts_custom/talker_custom +custom_voice", out)
 
 
 @pytest.mark.parametrize("message, code, text", [

@@ -29,8 +29,8 @@ async def test_voice_upload_list_speak_delete(gateway):
                                    data={"transcript": "This is me.", "name": "Me Myself", "id": "me",
                                          "language": "english"})
         assert response.status_code == 201, response.text
-        assert response.json() == {"id": "me", "name": "Me Myself", "language": "English", "description": "",
-                                   "isDefault": False}
+        assert response.json() == {"id": "me", "name": "Me Myself", "kind": "cloned", "language": "English",
+                                   "description": "", "isDefault": False}
         listed = (await http.get("/api/v1/voices")).json()["voices"]
         assert {"me", "default"} <= {v["id"] for v in listed}
         assert [v["id"] for v in listed if v["isDefault"]] == ["default"]

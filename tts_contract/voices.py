@@ -96,10 +96,14 @@ class VoiceInfo:
     description: str
     is_default: bool
     x_vector_only: bool
+    designed: Optional[dict] = None  # how a VoiceDesign model made its clip: model, description, text, seed
 
     def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "language": self.language, "description": self.description,
-                "isDefault": self.is_default}
+        body = {"id": self.id, "name": self.name, "kind": "cloned", "language": self.language,
+                "description": self.description, "isDefault": self.is_default}
+        if self.designed:
+            body["designed"] = self.designed
+        return body
 
 
 class VoiceDirectory:
@@ -128,7 +132,8 @@ class VoiceDirectory:
                          language=str(meta.get("language", "Auto"))[:32],
                          description=str(meta.get("description", ""))[:MAX_VOICE_DESCRIPTION_CHARS],
                          is_default=voice_id == (default_id or self.default_id()),
-                         x_vector_only=not (folder / TRANSCRIPT_FILE).is_file())
+                         x_vector_only=not (folder / TRANSCRIPT_FILE).is_file(),
+                         designed=_designed(meta.get("designed")))
 
     def list(self) -> list:
         """Voices that have a reference clip; folders without one (e.g. an empty slot) are skipped."""
@@ -151,6 +156,16 @@ class VoiceDirectory:
             return []
         return [(folder.name, _metadata(folder)) for folder in sorted(self.root.iterdir())
                 if folder.is_dir() and VOICE_ID.fullmatch(folder.name) and (folder / REFERENCE_FILE).is_file()]
+
+
+def _designed(value) -> Optional[dict]:
+    """The ``designed`` metadata as the API shows it (hand-edited files stay within the upload limits)."""
+    if not isinstance(value, dict):
+        return None
+    return {"model": str(value.get("model", ""))[:64],
+            "description": str(value.get("description", ""))[:MAX_VOICE_DESCRIPTION_CHARS],
+            "text": str(value.get("text", ""))[:1000], "seed": value.get("seed") if isinstance(value.get("seed"), int)
+            else None}
 
 
 def _metadata(folder: Path) -> dict:

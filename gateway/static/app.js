@@ -40,7 +40,9 @@ let player = null;
 let socket = null;
 let sessionReady = null;      // resolves once the session answered `started`
 let pendingStart = null;      // {resolve, reject} while a `start` awaits its answer
-let configured = {};          // voice and language of the last `started`
+let configured = {};          // model, voice, language and instruction of the last `started`
+let models = [];              // the served models (GET /v1/models), the default first
+let voices = [];              // cloned voices and named speakers (GET /api/v1/voices)
 let current = null;           // the utterance being generated: {requestId, text, sentAt, firstAudioAt, chunks, stopped}
 let shown = null;             // the utterance the reply shows: `current`, and after it still while it plays
 let reply = null;             // the reply's text on the page (reply.js)
@@ -96,25 +98,68 @@ async function api(path, options = {}) {
 
 // -- voices -----------------------------------------------------------------------------------------------
 
+// -- models -----------------------------------------------------------------------------------------------
+
+function chosenModel() {
+  return models.find((m) => m.id === $("model").value) || models[0] || {kind: "base", takesInstruct: false};
+}
+
+async function loadModels() {
+  const response = await api("/v1/models");
+  const {data} = await response.json();
+  models = data.filter((m) => !m.aliasOf && m.kind);
+  const label = {base: "voice cloning", custom_voice: "named speakers", voice_design: "voice design"};
+  fillSelect($("model"), models.map((m) => ({value: m.id, label: `${m.id} (${label[m.kind] || m.kind})`})),
+             $("model").value || (models[0] || {}).id);
+  $("model").parentElement.hidden = models.length < 2;
+  $("design").hidden = !models.some((m) => m.kind === "voice_design");
+}
+
+function showModel() {  // the voice list, the instruction box and its wording follow the model's kind
+  const model = chosenModel();
+  const design = model.kind === "voice_design";
+  $("instruct-row").hidden = !model.takesInstruct;
+  $("instruct-label").textContent = design ? "Voice description" : "Instruction";
+  $("instruct").placeholder = design ? "e.g. A deep, calm male voice with a slight rasp"
+    : "e.g. Speak very happily, a little fast";
+  $("instruct-hint").hidden = !design;
+  $("instruct-hint").textContent = design ? "This model designs a new voice for each utterance from the description; "
+    + "to keep one, use “Design a voice” below." : "";
+  $("voice").parentElement.hidden = design;
+  showVoices();
+}
+
+function showVoices(select = null) {
+  const model = chosenModel();
+  const usable = model.kind === "custom_voice" ? voices.filter((v) => v.kind === "speaker" && v.model === model.id)
+    : voices.filter((v) => v.kind !== "speaker");
+  const fallback = usable.find((v) => v.isDefault) || usable[0] || {};
+  const chosen = [select, $("voice").value].find((id) => usable.some((v) => v.id === id)) || fallback.id;
+  fillSelect($("voice"), usable.map((v) => ({value: v.id, label: v.isDefault && v.name.toLowerCase() !== "default"
+    ? `${v.name} (default)` : v.name})), chosen);
+}
+
 async function loadVoices(select = null) {
   const response = await api("/api/v1/voices");
-  const {voices} = await response.json();
-  const chosen = select || $("voice").value || (voices.find((v) => v.isDefault) || voices[0] || {}).id;
-  fillSelect($("voice"), voices.map((v) => ({value: v.id, label: v.isDefault && v.name.toLowerCase() !== "default" ? `${v.name} (default)` : v.name})),
-             chosen);
+  voices = (await response.json()).voices;
+  showVoices(select);
 }
 
 function fillLanguages(languages) {
   const options = languages.map((name) => ({value: name, label: name}));
   fillSelect($("language"), options, $("language").value || "English");
   fillSelect($("voice-language"), options, $("voice-language").value || "Auto");
+  fillSelect($("design-language"), options, $("design-language").value || "English");
 }
 
 // -- the session ------------------------------------------------------------------------------------------
 
 function startMessage() {
   const message = {type: "start", sampleRate: RATE, encoding: "pcm32f", contractId: CONTRACT, wordTimestamps: true};
-  if ($("voice").value) message.voice = $("voice").value;
+  const model = chosenModel();
+  if (model.id) message.model = model.id;
+  if ($("voice").value && model.kind !== "voice_design") message.voice = $("voice").value;
+  message.instruct = model.takesInstruct ? $("instruct").value.trim() : "";
   if ($("language").value) message.language = $("language").value;
   if (token) message.authToken = token;
   return message;
@@ -153,7 +198,8 @@ async function ensureSession() {
   if (!socket || socket.readyState > WebSocket.OPEN) await connect();
   else await sessionReady;
   const wanted = startMessage();
-  if (wanted.voice !== configured.voice || wanted.language !== configured.language) {
+  if (wanted.voice !== configured.voice || wanted.language !== configured.language
+      || (wanted.model && wanted.model !== configured.model) || (wanted.instruct || null) !== (configured.instruct || null)) {
     sessionReady = awaitStarted();
     socket.send(JSON.stringify(wanted));
     await sessionReady;
@@ -167,7 +213,8 @@ function onMessage(message) {
       fillLanguages(message.capabilities.languages);
       break;
     case "started":
-      configured = {voice: message.voice, language: message.language, wordTimestamps: message.wordTimestamps};
+      configured = {voice: message.voice, language: message.language, wordTimestamps: message.wordTimestamps,
+                    model: message.model, instruct: message.instruct};
       page.wordTimestamps = Boolean(message.wordTimestamps);
       if (pendingStart) pendingStart.resolve(message);
       pendingStart = null;
@@ -507,6 +554,10 @@ async function addVoice(event) {
     const response = await api("/api/v1/voices", {method: "POST", body: form});
     const body = await response.json();
     if (!response.ok) throw new Error(body.error || response.statusText);
+    if (chosenModel().kind !== "base") {  // a cloned voice speaks on the Base models
+      const base = models.find((m) => m.kind === "base");
+      if (base) { $("model").value = base.id; showModel(); }
+    }
     await loadVoices(body.id);
     say($("voice-message"), `Added "${body.name}": it is selected above.`, "success");
     $("voice-form").reset();
@@ -521,9 +572,39 @@ async function addVoice(event) {
 
 // -- wiring -----------------------------------------------------------------------------------------------
 
+// -- designing a voice ------------------------------------------------------------------------------------
+
+async function designVoice(event) {
+  event.preventDefault();
+  $("design-button").disabled = true;
+  say($("design-message"), "Designing: the VoiceDesign model speaks the sample, then its prompt is computed…");
+  try {
+    const response = await api("/api/v1/voices/design", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({description: $("design-description").value.trim(), text: $("design-text").value.trim(),
+                            name: $("design-name").value.trim(), language: $("design-language").value}),
+    });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error || response.statusText);
+    page.designed = body;
+    const base = models.find((m) => m.kind === "base");
+    if (base) $("model").value = base.id;
+    showModel();
+    await loadVoices(body.id);
+    say($("design-message"), `Designed "${body.name}": it is selected above, on ${base ? base.id : "a Base model"}.`,
+        "success");
+  } catch (error) {
+    say($("design-message"), `Not designed: ${error.message}`, "error");
+  } finally {
+    $("design-button").disabled = false;
+  }
+}
+
 async function load() {
   try {
+    await loadModels();
     await loadVoices();
+    showModel();
     if (socket) socket.close();
     await connect();
     $("speak").disabled = false;
@@ -555,6 +636,8 @@ function wire() {
     if (!$("live").checked) endTyped();
   });
   $("voice-form").addEventListener("submit", addVoice);
+  $("design-form").addEventListener("submit", designVoice);
+  $("model").addEventListener("change", showModel);
   $("record").addEventListener("click", toggleRecording);
   $("download").addEventListener("click", (event) => {
     if ($("download").classList.contains("disabled")) event.preventDefault();
