@@ -30,7 +30,8 @@ class SpeakError(Exception):
 async def speak(url: str, text: str | AsyncIterator[str], *, voice: Optional[str] = None,
                 language: Optional[str] = None, sample_rate: int = 24000, encoding: str = "pcm16",
                 token: Optional[str] = None, legacy: bool = False, on_audio: Optional[Callable[[bytes], None]] = None,
-                timeout: float = 600.0, text_mode: Optional[str] = None) -> dict:
+                timeout: float = 600.0, text_mode: Optional[str] = None, model: Optional[str] = None,
+                instruct: Optional[str] = None) -> dict:
     """One utterance over one session, from a whole text (``speak``) or from text as it is written (``append``
     per piece, then ``end``); returns the audio bytes, the end message and timings (from the first text sent)."""
     from websockets.asyncio.client import connect
@@ -40,8 +41,8 @@ async def speak(url: str, text: str | AsyncIterator[str], *, voice: Optional[str
         ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
         if ready.get("type") == "error":
             raise SpeakError(f"{ready['code']}: {ready['message']}")
-        overrides = {key: value for key, value in (("voice", voice), ("language", language), ("textMode", text_mode))
-                     if value}
+        overrides = {key: value for key, value in (("voice", voice), ("language", language), ("textMode", text_mode),
+                                                   ("model", model), ("instruct", instruct)) if value}
         if not legacy:
             await ws.send(json.dumps({"type": "start", "sampleRate": sample_rate, "encoding": encoding,
                                       **overrides}))
@@ -125,7 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("-o", "--output", help="WAV file to write (default out.wav)")
     out.add_argument("--raw", action="store_true", help="write raw PCM to standard output as it arrives")
     parser.add_argument("--url", default="ws://127.0.0.1:8080/api/v1/speak")
-    parser.add_argument("--voice")
+    parser.add_argument("--model", help="a served model's name or alias (GET /v1/models; default: the default model)")
+    parser.add_argument("--voice", help="a cloned voice's id (Base models) or a speaker's name (CustomVoice)")
+    parser.add_argument("--instruct", help="a style instruction (CustomVoice 1.7B) or a voice description "
+                        "(VoiceDesign)")
     parser.add_argument("--language")
     parser.add_argument("--sample-rate", type=int, default=24000)
     parser.add_argument("--encoding", choices=("pcm16", "pcm32f"), default="pcm16")
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
     try:
         result = asyncio.run(speak(args.url, text, voice=args.voice, language=args.language,
                                    sample_rate=args.sample_rate, encoding=args.encoding, token=args.token,
-                                   text_mode=args.text_mode,
+                                   text_mode=args.text_mode, model=args.model, instruct=args.instruct,
                                    legacy=args.legacy, on_audio=progress))
     except (SpeakError, OSError, asyncio.TimeoutError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)

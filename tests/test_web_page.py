@@ -412,3 +412,73 @@ def test_talking_over_a_reply_generated_already_cuts_it_in_the_page(talking_page
         assert page.tab.text_content("#reply .heard") == cut["heardText"]
         assert cut["heardText"] + (page.tab.text_content("#reply s.unheard") or "") == text
     assert not page.errors, page.errors
+
+
+# -- the family: a model, a speaker, an instruction, a designed voice ------------------------------------------
+
+@pytest.fixture(scope="module")
+def family_gateway(family_triton, voices_dir, tmp_path_factory):
+    """A gateway in front of the three tiny models; the voices directory is the one their Base talker reads (a
+    designed voice must speak there)."""
+    yield from serve_gateway(family_triton.grpc_url, voices_dir, tmp_path_factory.mktemp("family-page"))
+
+
+@pytest.fixture
+def family_page(browser, family_gateway):
+    opened = Page(browser, family_gateway.http + "/").connected()
+    opened.wait_for("document.getElementById('model').options.length === 3")
+    yield opened
+    opened.close()
+
+
+def _options(page: Page, select: str) -> list[str]:
+    return page.tab.eval_on_selector(select, "s => [...s.options].map(o => o.value)")
+
+
+def test_the_page_offers_each_model_with_its_voices_and_instruction(family_page):
+    """Picking a model shows what it takes: cloned voices for Base, its speakers and an instruction for
+    CustomVoice, a voice description (and no voice) for VoiceDesign."""
+    page = family_page
+    assert _options(page, "#model") == ["base", "custom", "design"]
+    assert "default" in _options(page, "#voice") and page.tab.is_hidden("#instruct-row")
+    page.tab.select_option("#model", "custom")
+    assert _options(page, "#voice") == ["aria", "kai", "mei"] and page.tab.is_visible("#instruct-row")
+    page.tab.select_option("#model", "design")
+    assert page.tab.is_hidden("#voice") and page.tab.inner_text("#instruct-label") == "Voice description"
+    assert page.tab.is_visible("#design") and not page.errors, page.errors
+
+
+def test_the_page_speaks_with_a_named_speaker_and_an_instruction(family_page):
+    """The session starts on the chosen model with its speaker and instruction, and the utterance plays."""
+    page = family_page
+    page.tab.select_option("#model", "custom")
+    page.tab.select_option("#voice", "kai")
+    page.tab.fill("#instruct", "Speak very happily.")
+    page.tab.fill("#text", "A named speaker, happily.")
+    page.tab.click("#speak")
+    page.wait_for("window.ttsPage.completes.length === 1")
+    start = [m for m in page.sent if m["type"] == "start"][-1]
+    assert (start["model"], start["voice"], start["instruct"]) == ("custom", "kai", "Speak very happily.")
+    assert page.stats()["samplesReceived"] > 0 and not page.errors, page.errors
+
+
+def test_a_voice_designed_on_the_page_is_kept_and_speaks_on_the_base_model(family_page, family_gateway):
+    """Designing from a description selects the new voice on the Base model, and it speaks there."""
+    page = family_page
+    page.tab.fill("#design-description", "A warm, low voice, calm and unhurried.")
+    page.tab.fill("#design-name", "Page design")
+    page.tab.click("#design-button")
+    try:
+        page.wait_for("document.getElementById('design-message').dataset.kind === 'success'", timeout_s=120)
+        designed = page.stats()["designed"]
+        assert page.tab.input_value("#model") == "base" and page.tab.input_value("#voice") == designed["id"]
+        page.tab.fill("#text", "Kept, and spoken again.")
+        page.tab.click("#speak")
+        page.wait_for("window.ttsPage.completes.length === 1")
+        start = [m for m in page.sent if m["type"] == "start"][-1]
+        assert (start["model"], start["voice"]) == ("base", designed["id"])
+        assert page.stats()["samplesReceived"] > 0 and not page.errors, page.errors
+    finally:
+        for voice in httpx.get(f"{family_gateway.http}/api/v1/voices", timeout=10).json()["voices"]:
+            if voice["name"] == "Page design":
+                httpx.delete(f"{family_gateway.http}/api/v1/voices/{voice['id']}", timeout=10)
