@@ -59,39 +59,39 @@ def _flag(name: str) -> bool:
     raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
 
 
+def _pairs(name: str, form: str, check) -> dict[str, str]:
+    """``key=value,key=value`` from the environment variable ``name``; ``check(key, value)`` raises ValueError
+    saying what is wrong with an entry (``form``: what an entry looks like, for the messages)."""
+    pairs: dict[str, str] = {}
+    for entry in _list(name):
+        key, equals, value = (part.strip() for part in entry.partition("="))
+        if not equals or not key or not value:
+            raise ValueError(f"{name}: {entry!r} is not {form}")
+        try:
+            check(key, value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {entry!r}: {exc}") from None
+        if key in pairs:
+            raise ValueError(f"{name} names {key!r} twice")
+        pairs[key] = value
+    return pairs
+
+
+def _check_voice_names(*voice_ids: str) -> None:
+    for voice_id in voice_ids:
+        if not VOICE_ID.fullmatch(voice_id):
+            raise ValueError(f"{voice_id!r} is not a voice name (1-64 characters of a-z, 0-9, '_' and '-')")
+
+
 def _voice_map(name: str) -> dict[str, str]:
     """``requested=stored,requested=stored``: voice names clients send (OpenAI's, say), each to a stored voice id."""
-    voice_map: dict[str, str] = {}
-    for entry in _list(name):
-        requested, equals, stored = (part.strip() for part in entry.partition("="))
-        if not equals or not requested or not stored:
-            raise ValueError(f"{name}: {entry!r} is not name=voice_id (e.g. alloy=my_voice,nova=other_voice)")
-        for voice_id in (requested, stored):
-            if not VOICE_ID.fullmatch(voice_id):
-                raise ValueError(f"{name}: {voice_id!r} in {entry!r} is not a voice name (1-64 characters of "
-                                 f"a-z, 0-9, '_' and '-')")
-        if requested in voice_map:
-            raise ValueError(f"{name} maps {requested!r} twice")
-        voice_map[requested] = stored
-    return voice_map
+    return _pairs(name, "name=voice_id (e.g. alloy=my_voice,nova=other_voice)", _check_voice_names)
 
 
 def _model_aliases(name: str) -> dict[str, str]:
     """``alias=model,alias=model``: names clients may send for a served model (``tts-1=qwen3-tts-1.7b-base``)."""
-    aliases: dict[str, str] = {}
-    for entry in _list(name):
-        alias, equals, model = (part.strip() for part in entry.partition("="))
-        if not equals or not alias or not model:
-            raise ValueError(f"{name}: {entry!r} is not alias=model (e.g. tts-1=qwen3-tts-0.6b-base)")
-        try:
-            check_model_name(alias)
-            check_model_name(model)
-        except ModelNameError as exc:
-            raise ValueError(f"{name}: {entry!r}: {exc}") from None
-        if alias in aliases:
-            raise ValueError(f"{name} names the alias {alias!r} twice")
-        aliases[alias] = model
-    return aliases
+    return _pairs(name, "alias=model (e.g. tts-1=qwen3-tts-0.6b-base)",
+                  lambda alias, model: (check_model_name(alias), check_model_name(model)))
 
 
 def _model_name(name: str) -> str:

@@ -341,6 +341,13 @@ class Connection:
             return self.services.voices.default_id()
         return default_speaker(model)
 
+    def _segment_chars(self, model) -> int:
+        """Characters after which a continuous utterance goes on in a new stream: a VoiceDesign model designs a new
+        voice for each stream, so its utterance is one stream up to the talker's limit."""
+        if model is not None and model.kind == VOICE_DESIGN:
+            return self.settings.max_request_chars
+        return self.settings.continuous_segment_chars
+
     async def _on_speak(self, message: Speak) -> None:
         rid = message.requestId
         text = message.text
@@ -349,9 +356,9 @@ class Connection:
         if len(text) > self.settings.max_text_chars:
             raise ProtocolError(ErrorCode.INVALID_TEXT, f"text has {len(text)} characters; the limit is "
                                 f"{self.settings.max_text_chars}", rid)
-        def feed(mode: str):
+        def feed(mode: str, model):
             if mode == "continuous":  # one stream of the whole text (a long text: one per segment)
-                whole = WrittenText(segment_chars=self.settings.continuous_segment_chars,
+                whole = WrittenText(segment_chars=self._segment_chars(model),
                                  hard_chars=self.settings.max_request_chars)
                 whole.append(text)
                 whole.close()
@@ -381,9 +388,9 @@ class Connection:
                                 f"the limit is {self.settings.max_text_chars}{kept}",
                                 rid or (utterance.request_id if utterance else None))
         if utterance is None:
-            def feed(mode: str):
+            def feed(mode: str, model):
                 if mode == "continuous":
-                    return WrittenText(self.settings.text_idle_s, self.settings.continuous_segment_chars,
+                    return WrittenText(self.settings.text_idle_s, self._segment_chars(model),
                                     self.settings.max_request_chars)
                 return SentenceFeed(self.settings.max_sentence_chars, idle_s=self.settings.text_idle_s)
 
@@ -490,7 +497,7 @@ class Connection:
             raise ProtocolError(ErrorCode.RATE_LIMITED, f"too many queued utterances "
                                 f"(limit {self.settings.max_queued_utterances})", rid)
         max_wait_s = self.max_wait_s if message.maxWaitMs is None else self._max_wait_s(message.maxWaitMs)
-        utterance = Utterance(feed=make_feed(self._text_mode(mode, voice, model)), characters=characters, voice=voice,
+        utterance = Utterance(feed=make_feed(self._text_mode(mode, voice, model), model), characters=characters, voice=voice,
                               language=language, audio=AudioFormat() if self.legacy else self.audio, legacy=self.legacy, request_id=rid,
                               max_wait_s=max_wait_s, marks=self.word_timestamps and not self.legacy,
                               model=model.name if model is not None else None, instruct=self.instruct)

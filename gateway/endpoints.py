@@ -220,6 +220,9 @@ class Endpoint:
                 log.warning("the talker %s at %s describes its model unreadably: %s", talker, self.url, exc)
             else:
                 if model.talker_model == talker:
+                    # a talker restarted with another checkpoint (or name) replaces what it served before
+                    for name in [n for n, m in self.models.items() if m.talker_model == talker and n != model.name]:
+                        del self.models[name]
                     self.models[model.name] = model
         self.talkers[talker] = {**status, "at": time.monotonic()}
         self._sent[talker] = 0

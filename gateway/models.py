@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from tts_contract.models import BASE, CUSTOM_VOICE, ServedModel
+from tts_contract.models import BASE, ServedModel
 
 from .endpoints import Endpoints
 
@@ -41,9 +41,7 @@ class Listed:
 
 def default_speaker(model: ServedModel) -> Optional[str]:
     """The speaker a CustomVoice model speaks with when a request names none (as its talker chooses it)."""
-    if model.kind != CUSTOM_VOICE or not model.speakers:
-        return None
-    return (model.speaker(model.default_voice or "") or model.speakers[0]).name
+    return model.default_speaker()
 
 
 class Catalog:
@@ -94,6 +92,9 @@ class Catalog:
                 target = aliases["gpt-4o-mini-tts"]
             elif served or known:
                 raise ModelUnavailable(self._not_served(requested), loading=False)
+            elif self.endpoints.serving(None):  # a Triton whose talker describes no model (an older image)
+                raise ModelUnavailable(f"model '{_shown(requested)}' is not served here; accepted: "
+                                       f"{', '.join(aliases)}", loading=False)
             else:  # nothing has described itself yet: whether it is served cannot be told
                 raise ModelUnavailable("the speech models are not ready yet; try again shortly", loading=True)
         if target is None:

@@ -23,7 +23,7 @@ from tts_contract.deadlines import MAX_WAIT_LIMIT_MS
 from tts_contract.errors import HTTP_STATUS, PROTOCOL_CODE, ErrorCode
 from tts_contract.languages import UnknownLanguage, normalise_language
 from tts_contract.listener import Listener
-from tts_contract.models import CUSTOM_VOICE, MAX_INSTRUCT_CHARS, ServedModel, conditioning_error
+from tts_contract.models import CUSTOM_VOICE, MAX_INSTRUCT_CHARS, VOICE_DESIGN, ServedModel, conditioning_error
 
 from . import metrics
 from .auth import ANONYMOUS, Identity
@@ -32,7 +32,7 @@ from .engine_stream import SynthesisFailed
 from .models import OPENAI_MODEL_NAMES, Catalog, Listed, ModelUnavailable, default_speaker, takes_voice_ids
 from .protocol import invalid_unicode
 from .speech import Timing, sentence_audio
-from .text import SentenceFeed, split_sentences
+from .text import SentenceFeed, packed_sentences, split_sentences
 from .words import UtteranceWords, utterance_words
 
 log = logging.getLogger("gateway.openai")
@@ -46,6 +46,7 @@ INSTRUCTIONS_IGNORED_HEADER = "x-instructions-ignored"
 # OpenAI's response header naming a request: the SDKs expose it (LiveKit Agents warns on every utterance
 # without it), and the gateway's log line of the request carries the same id
 REQUEST_ID_HEADER = "x-request-id"
+MODEL_HEADER = "x-model"  # the served model that spoke
 STREAM_FORMATS = ("audio", "sse")
 _STARTED = time.time()
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -309,8 +310,11 @@ async def _speech(request: Request, services, received: float, identity: Identit
         params = SpeechRequest(await _read_json(request, limit), services)
         if not services.endpoints.ready:
             raise OpenAIError(503, "the speech model is not ready yet; try again shortly", code="model_loading")
-        feed = SentenceFeed(services.settings.max_sentence_chars,
-                            split_sentences(params.input, services.settings.max_sentence_chars))
+        if params.model is not None and params.model.kind == VOICE_DESIGN:  # one voice: one stream when it fits
+            pieces = packed_sentences(params.input, services.settings.max_request_chars)
+        else:
+            pieces = split_sentences(params.input, services.settings.max_sentence_chars)
+        feed = SentenceFeed(services.settings.max_sentence_chars, pieces)
         listener = Listener()
         audio = sentence_audio(services.endpoints, services.settings, feed, params.voice, params.language, listener,
                                Timing(max_wait_s=params.max_wait_s), model=params.model.name if params.model else None,
@@ -324,6 +328,8 @@ async def _speech(request: Request, services, received: float, identity: Identit
              len(params.input), params.model_name, params.voice,
              f", instructions of {len(params.instruct)} characters" if params.instruct else "")
     headers = {"cache-control": "no-cache"}
+    if params.model is not None:
+        headers[MODEL_HEADER] = params.model.name  # which served model spoke (an alias's too)
     if params.ignored_instructions_chars:  # the text itself stays out of the log: it may say anything
         log.info("speech request %s: instructions of %d characters ignored (GATEWAY_OPENAI_IGNORE_INSTRUCTIONS): "
                  "the model %s takes none", request_id, params.ignored_instructions_chars, params.model_name)

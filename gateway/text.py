@@ -28,6 +28,18 @@ def split_sentences(text: str, max_chars: int = 400, min_chars: int = 12) -> lis
     return out
 
 
+def packed_sentences(text: str, max_chars: int) -> list[str]:
+    """The text's sentences packed into as few pieces of at most ``max_chars`` as they fit (one piece when the
+    whole text fits): for a VoiceDesign model, which designs a new voice for each stream."""
+    pieces: list[str] = []
+    for sentence in split_sentences(text, max_chars):
+        if pieces and len(pieces[-1]) + 1 + len(sentence) <= max_chars:
+            pieces[-1] = f"{pieces[-1]} {sentence}"
+        else:
+            pieces.append(sentence)
+    return pieces
+
+
 def _hard_split(sentence: str, max_chars: int) -> list[str]:
     """Split an over-long sentence at commas or spaces (or anywhere, as a last resort)."""
     if len(sentence) <= max_chars:

@@ -3,6 +3,7 @@ kept as a cloned voice (clip, transcript, metadata naming its description), so t
 voice on any Base model, utterance after utterance (a VoiceDesign model would design a new voice each time)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -71,8 +72,11 @@ async def design(services, body: dict) -> dict:
     description = _field(body, "description", MAX_VOICE_DESCRIPTION_CHARS)  # kept as its description
     text = _field(body, "text", MAX_SAMPLE_CHARS)
     name = _field(body, "name", MAX_VOICE_NAME_CHARS, required=False) or "designed voice"
+    language = body.get("language")
+    if language is not None and not isinstance(language, str):
+        raise VoiceApiError(400, "'language' must be a string")
     try:
-        language = normalise_language(body.get("language"))
+        language = normalise_language(language)
     except UnknownLanguage as exc:
         raise VoiceApiError(400, str(exc)) from None
     seed = body.get("seed")
@@ -86,10 +90,14 @@ async def design(services, body: dict) -> dict:
     parameters = {**services.settings.synthesis_parameters, "seed": seed, "max_new_tokens": frames}
     chunks = []
     try:
-        async with contextlib.aclosing(Route(services.endpoints, model.name).stream(
-                text, None, language, parameters, instruct=description)) as audio:
+        # the clip's whole time: its first audio, then at most the longest clip (the engine paces it to a listener)
+        async with asyncio.timeout(services.settings.synthesis_timeout_s + MAX_REFERENCE_SECONDS), \
+                contextlib.aclosing(Route(services.endpoints, model.name).stream(
+                    text, None, language, parameters, instruct=description)) as audio:
             async for chunk in audio:
                 chunks.append(chunk)
+    except TimeoutError:
+        raise VoiceApiError(503, "the VoiceDesign model did not finish the sample in time; try again") from None
     except SynthesisFailed as exc:
         if exc.code in (EngineCode.INVALID_TEXT, EngineCode.INVALID_CONFIG, EngineCode.INVALID_REQUEST):
             raise VoiceApiError(400, exc.message) from None

@@ -73,6 +73,22 @@ def loaded(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def custom_voice(tiny_custom_voice_dir):
+    """The tiny CustomVoice checkpoint, loaded."""
+    from tts_engine.loading import load_model
+
+    return load_model(tiny_custom_voice_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def voice_design(tiny_voice_design_dir):
+    """The tiny VoiceDesign checkpoint, loaded."""
+    from tts_engine.loading import load_model
+
+    return load_model(tiny_voice_design_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
 def engine(loaded):
     """The serving loop (the engine over the batched talker), as the Triton model runs it."""
     from tts_engine.generation.talker import BatchedTalker

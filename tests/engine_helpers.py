@@ -20,6 +20,11 @@ class FakeRequest:
     text: str = "fake"
     prompt: object = field(default_factory=lambda: SimpleNamespace(ref_code=None))
     feed: object = None
+    instruct: Optional[str] = None
+
+    @property
+    def reference_codes(self):
+        return self.prompt.ref_code
 
     @property
     def params(self) -> SamplingParams:

@@ -26,20 +26,6 @@ GREEDY = dict(greedy=True, max_new_tokens=30)
 SEEDED = dict(seed=1234, max_new_tokens=30)
 
 
-@pytest.fixture(scope="module")
-def custom_voice(tiny_custom_voice_dir):
-    from tts_engine.loading import load_model
-
-    return load_model(tiny_custom_voice_dir, device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def voice_design(tiny_voice_design_dir):
-    from tts_engine.loading import load_model
-
-    return load_model(tiny_voice_design_dir, device="cpu", dtype="fp32")
-
-
 def _engine(loaded, rows: int = 8) -> Engine:
     return Engine(BatchedTalker(loaded.tts, rows=rows, max_tokens=1024), name="family-test")
 

@@ -34,20 +34,6 @@ async def family(family_triton):
     await client.close()
 
 
-@pytest.fixture(scope="module")
-def custom_voice(tiny_custom_voice_dir):
-    from tts_engine.loading import load_model
-
-    return load_model(tiny_custom_voice_dir, device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def voice_design(tiny_voice_design_dir):
-    from tts_engine.loading import load_model
-
-    return load_model(tiny_voice_design_dir, device="cpu", dtype="fp32")
-
-
 def instruct_input(instruct):
     return [string_input("instruct", instruct)] if instruct is not None else []
 

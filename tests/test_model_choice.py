@@ -355,3 +355,35 @@ def test_bad_model_aliases_stop_the_start(monkeypatch, value, words):
     monkeypatch.setenv("GATEWAY_MODEL_ALIASES", value)
     with pytest.raises(ValueError, match=words):
         Settings.from_env()
+
+
+async def test_a_talker_restarted_with_another_checkpoint_replaces_the_model_it_served(monkeypatch):
+    """When the talker behind a name comes back describing another model, the endpoint forgets the old one: no
+    request for the old name reaches the new checkpoint."""
+    endpoint = Endpoint("127.0.0.1:9")
+    await endpoint.client.close()
+    answers = iter([BASE, ServedModel("qwen3-tts-1.7b-base", "base", "1.7B")])
+
+    async def command(_command, outputs=(), talker=None, timeout_s=2.0):
+        body = {"rows": 4, "headroom": 4, "model": next(answers).to_json()}
+        return SimpleNamespace(as_numpy=lambda name: [json.dumps(body).encode()])
+
+    monkeypatch.setattr(endpoint, "command", command)
+    await endpoint._refresh_status("talker")
+    assert set(endpoint.models) == {"base"}
+    await endpoint._refresh_status("talker")
+    assert set(endpoint.models) == {"qwen3-tts-1.7b-base"}
+
+
+async def test_a_voice_design_utterance_is_one_stream(sdk, family_triton):
+    """A VoiceDesign model designs a voice per stream: an OpenAI input of several sentences goes to it as one stream
+    (each sentence its own stream would change the voice mid-answer), and the answer names the model that spoke."""
+    await asyncio.sleep(0.6)  # the talker's counters of earlier tests published (every 0.25 s)
+    before = finished_streams(family_triton, "talker_design")
+    answer = sdk.audio.speech.with_raw_response.create(
+        model="design", voice="alloy", response_format="pcm", instructions=DESCRIPTION,
+        input="One sentence here. Then another one. And a third, to be sure.")
+    assert answer.headers["x-model"] == "design" and len(answer.content) > 24000
+    assert await wait_until(lambda: finished_streams(family_triton, "talker_design") >= before + 1, timeout=10)
+    await asyncio.sleep(0.6)
+    assert finished_streams(family_triton, "talker_design") == before + 1

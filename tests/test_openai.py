@@ -414,7 +414,7 @@ def test_null_optional_fields_take_their_defaults(gateway):
     ({"GATEWAY_OPENAI_VOICE_MAP": "alloy"}, "is not name=voice_id"),
     ({"GATEWAY_OPENAI_VOICE_MAP": "alloy=,nova=x"}, "is not name=voice_id"),
     ({"GATEWAY_OPENAI_VOICE_MAP": "alloy=My Voice"}, "is not a voice name"),
-    ({"GATEWAY_OPENAI_VOICE_MAP": "alloy=a,alloy=b"}, "maps 'alloy' twice"),
+    ({"GATEWAY_OPENAI_VOICE_MAP": "alloy=a,alloy=b"}, "names 'alloy' twice"),
     ({"GATEWAY_OPENAI_IGNORE_INSTRUCTIONS": "maybe"}, "must be 1 or 0"),
 ])
 def test_bad_openai_settings_stop_the_start(monkeypatch, env, message):

@@ -209,9 +209,11 @@ def test_gpu_profile_renders_gpu_kinds_and_single_decoder(tmp_path):
     ({"MODEL_DIR": "/m", "KIND": "KIND_TPU"}, "KIND"),
     ({"MODEL_DIR": "/m", "VOICE_ENCODER_INSTANCES": "0"}, "positive integer"),
     ({"MODEL_DIR": "/m", "NOPE": "1"}, "unknown parameter"),
+    ({"MODEL_DIR": "/m", "SERVED_NAME": "Qwen3-TTS"}, "SERVED_NAME: invalid model name"),
 ])
 def test_render_refuses_bad_values(overrides, message):
-    """Missing model dir, bad kinds, bad counts and unknown names are refused with a clear message."""
+    """Missing model dir, bad kinds, bad counts, unknown names and a served name a gateway would refuse are refused
+    with a clear message."""
     with pytest.raises(RenderError, match=message):
         resolve("cpu", overrides, environ={})
 

@@ -4,7 +4,6 @@ CustomVoice model's speakers, and a voice designed from words is kept as a clone
 model, the same voice every time."""
 from __future__ import annotations
 
-import json
 
 import httpx
 import numpy as np
@@ -104,11 +103,12 @@ def test_the_voice_list_names_each_custom_voice_models_speakers(gateway):
     ({"text": SAMPLE}, "'description' is required"),
     ({"description": DESCRIPTION}, "'text' is required"),
     ({"description": DESCRIPTION, "text": SAMPLE, "language": "Klingon"}, "unsupported language"),
+    ({"description": DESCRIPTION, "text": SAMPLE, "language": 5}, "'language' must be a string"),
     ({"description": DESCRIPTION, "text": SAMPLE, "model": "base"}, "needs a VoiceDesign model"),
     ({"description": DESCRIPTION, "text": SAMPLE, "model": "nope"}, "served: base, custom, design"),
     ({"description": "x" * 501, "text": SAMPLE}, "the limit is 500"),
     ({"description": DESCRIPTION, "text": SAMPLE, "seed": -1}, "non-negative integer"),
-], ids=["no description", "no text", "unknown language", "a base model", "an unknown model", "too long",
+], ids=["no description", "no text", "unknown language", "language not a string", "a base model", "an unknown model", "too long",
         "bad seed"])
 def test_a_bad_design_request_is_refused_saying_why(gateway, body, words):
     """Each malformed design request gets a 400 naming what is wrong, before anything is generated."""

@@ -114,6 +114,11 @@ def resolve(profile: str, overrides: dict[str, str], environ=os.environ) -> dict
     elif not values["MODEL_DIR"]:
         raise RenderError("MODEL_DIR is empty: set QWEN_TTS_MODEL_DIR or --set MODEL_DIR=/path/to/model "
                           "(or QWEN_TTS_MODELS=name=dir,... for several models)")
+    elif values["SERVED_NAME"]:
+        try:
+            check_model_name(values["SERVED_NAME"])
+        except ModelNameError as exc:
+            raise RenderError(f"SERVED_NAME: {exc}") from None
     for name, value in values.items():
         if '"' in value or "\n" in value:
             raise RenderError(f"{name} must not contain quotes or newlines")

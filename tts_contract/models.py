@@ -99,6 +99,13 @@ class ServedModel:
         wanted = name.strip().lower()
         return next((s for s in self.speakers if s.name.lower() == wanted), None)
 
+    def default_speaker(self) -> Optional[str]:
+        """The speaker a request to a CustomVoice model naming none gets: ``default_voice`` when it names one of its
+        speakers (a deployment's default is usually a cloned voice, for its Base models), else its first speaker."""
+        if self.kind != CUSTOM_VOICE or not self.speakers:
+            return None
+        return (self.speaker(self.default_voice or "") or self.speakers[0]).name
+
     def features(self) -> list[str]:
         """What requests to it may use, for listings."""
         return {BASE: ["voice_clone"], CUSTOM_VOICE: ["named_speakers"], VOICE_DESIGN: ["voice_design"]}[self.kind] \

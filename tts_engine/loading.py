@@ -1,6 +1,7 @@
 """Loading a Qwen3-TTS model directory from a local path, with clear errors and device/dtype choice."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 from tts_contract.languages import LANGUAGES
-from tts_contract.models import CUSTOM_VOICE, KINDS, SIZES, VOICE_DESIGN, ServedModel, Speaker, default_name
+from tts_contract.models import (
+    BASE, KINDS, SIZES, ServedModel, Speaker, check_model_name, default_name,
+)
 
 from .errors import ModelDirError
 
@@ -110,15 +113,17 @@ class LoadedModel:
         """What this checkpoint is, served under ``name`` (default: from its kind and size). ``default_voice``: the
         deployment's default voice; a CustomVoice checkpoint takes it when it names one of its speakers, else its
         first speaker (the deployment's default is usually a cloned voice, for its Base models)."""
-        speakers = self.speakers()
-        if self.kind == CUSTOM_VOICE:
-            named = [s.name for s in speakers if s.name.lower() == (default_voice or "").strip().lower()]
-            default_voice = (named or [s.name for s in speakers[:1]] or [None])[0]
-        elif self.kind == VOICE_DESIGN:
-            default_voice = None
-        return ServedModel(name=name or default_name(self.kind, self.tts.model.tts_model_size), kind=self.kind,
-                           size=self.size, tts_model=tts_model, talker_model=talker_model, speakers=speakers,
-                           languages=LANGUAGES, default_voice=default_voice)
+        if name:
+            try:
+                check_model_name(name)  # what a gateway reads back: a name it would refuse hides the model
+            except ValueError as exc:
+                raise ModelDirError(f"served name: {exc}") from None
+        model = ServedModel(name=name or default_name(self.kind, self.tts.model.tts_model_size), kind=self.kind,
+                            size=self.size, tts_model=tts_model, talker_model=talker_model, speakers=self.speakers(),
+                            languages=LANGUAGES, default_voice=default_voice)
+        if self.kind != BASE:  # a CustomVoice model reports the speaker it defaults to, a VoiceDesign model none
+            model = dataclasses.replace(model, default_voice=model.default_speaker())
+        return model
 
 
 _load_lock = threading.Lock()

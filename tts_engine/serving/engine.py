@@ -245,7 +245,9 @@ class Engine:
         ticket = Ticket(stream_id, submitted=submitted, deadline=deadline, characters=characters,
                         frame_cap=request.params.frame_cap(characters), policy=policy,
                         # role and codec tags, the voice's reference frames, about a token per 3 characters of text
-                        prompt_tokens=16 + (0 if reference is None else len(reference)) + characters // 3,
+                        # (an instruction's too, counted at one per 2: it may be CJK)
+                        prompt_tokens=16 + (0 if reference is None else len(reference)) + characters // 3
+                        + len(request.instruct or "") // 2,
                         awaiting_text=request.feed is not None)
         self._streams[stream_id] = _Stream(ticket, request)
         self._emit(self.scheduler.add(ticket))

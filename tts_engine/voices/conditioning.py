@@ -36,9 +36,7 @@ class Conditioning:
         """The voice a request without one gets: the default cloned voice or speaker (None: a described voice)."""
         if self.model.kind == BASE:
             return self.voices.default_id()
-        if self.model.kind == CUSTOM_VOICE:
-            return self.model.default_voice or self.model.speakers[0].name
-        return None
+        return self.model.default_speaker()
 
     def resolve(self, voice: Optional[str], instruct: Optional[str]) -> Voicing:
         """The conditioning for ``voice`` (None: the default) and ``instruct``; Unfollowable or VoiceNotFound
