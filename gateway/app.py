@@ -92,7 +92,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        endpoints = Endpoints()
+        endpoints = Endpoints(keepalive_args=settings.keepalive_args())
         discovery = Discovery(endpoints, list(settings.triton_urls), interval_s=settings.discovery_interval_s)
         conversations = Conversations(make_bus(settings))
         app.state.services = Services(settings, endpoints, VoiceLibrary(settings.voices_dir, settings.default_voice),

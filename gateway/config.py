@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from tts_contract import keepalive
 from tts_contract.deadlines import DEFAULT_FIRST_AUDIO_BUDGET_MS
 from tts_contract.models import ModelNameError, check_model_name
 from tts_contract.speech_length import CAP_FRAMES_BASE, CAP_FRAMES_PER_CHAR
@@ -130,6 +131,11 @@ class Settings:
     queue_timeout_s: float = 10.0  # the longest any request may wait in an engine's line (maxWaitMs is capped)
     first_audio_budget_ms: int = DEFAULT_FIRST_AUDIO_BUDGET_MS  # refuse at once unless first audio can come by then
     idle_timeout_s: float = 300.0
+    # Faults across hosts: gRPC keepalive pings on every Triton channel (0: off) and the progress deadline, how long
+    # past its listener's lead a stream may go without audio before its endpoint counts as failed (0: off)
+    grpc_keepalive_ms: int = keepalive.CLIENT_PING_MS
+    grpc_keepalive_timeout_ms: int = keepalive.CLIENT_PING_TIMEOUT_MS
+    progress_deadline_ms: int = 2000
     drain_s: float = 5.0  # on shutdown, how long the utterance playing may take to finish
     # Served models: which one a request naming none gets (empty: the deployment's default, the one Triton serves as
     # `tts`), and other names clients may use for served models (alias -> served name)
@@ -166,6 +172,14 @@ class Settings:
     interrupt_channel: str = "tts:interrupts"
     max_contract_id_chars: int = 128
 
+    def keepalive_args(self) -> list:
+        """The gRPC channel arguments of the configured keepalive (tts_contract.keepalive)."""
+        return _keepalive_args(self)
+
+    @property
+    def progress_grace_s(self) -> float:
+        return self.progress_deadline_ms / 1000
+
     @classmethod
     def from_env(cls) -> "Settings":
         auth = AuthSettings(
@@ -191,6 +205,9 @@ class Settings:
             queue_timeout_s=_float("GATEWAY_QUEUE_TIMEOUT_S", cls.queue_timeout_s),
             first_audio_budget_ms=_int("GATEWAY_FIRST_AUDIO_BUDGET_MS", cls.first_audio_budget_ms),
             idle_timeout_s=_float("GATEWAY_IDLE_TIMEOUT_S", cls.idle_timeout_s),
+            grpc_keepalive_ms=_int("GATEWAY_GRPC_KEEPALIVE_MS", cls.grpc_keepalive_ms),
+            grpc_keepalive_timeout_ms=_int("GATEWAY_GRPC_KEEPALIVE_TIMEOUT_MS", cls.grpc_keepalive_timeout_ms),
+            progress_deadline_ms=_int("GATEWAY_PROGRESS_DEADLINE_MS", cls.progress_deadline_ms),
             drain_s=_float("GATEWAY_DRAIN_S", cls.drain_s),
             text_idle_s=_float("GATEWAY_TEXT_IDLE_S", cls.text_idle_s),
             default_model=_model_name("GATEWAY_DEFAULT_MODEL"),
@@ -236,8 +253,20 @@ class Settings:
             raise ValueError("TRITON_DISCOVERY_INTERVAL_S must be > 0")
         if settings.queue_timeout_s <= 0:
             raise ValueError("GATEWAY_QUEUE_TIMEOUT_S must be > 0")
+        if settings.progress_deadline_ms < 0 or settings.grpc_keepalive_timeout_ms < 1:
+            raise ValueError("GATEWAY_PROGRESS_DEADLINE_MS must be >= 0 (0: off) and GATEWAY_GRPC_KEEPALIVE_TIMEOUT_MS "
+                             ">= 1")
+        settings.keepalive_args()  # a ping more often than Triton accepts stops the start
         _warn_of_unmapped_voices(settings)
         return settings
+
+
+def _keepalive_args(settings: Settings) -> list:
+    """The gRPC channel arguments of the configured keepalive (ValueError: pings more often than Triton accepts)."""
+    try:
+        return keepalive.channel_args(settings.grpc_keepalive_ms, settings.grpc_keepalive_timeout_ms)
+    except ValueError as exc:
+        raise ValueError(f"GATEWAY_GRPC_KEEPALIVE_MS: {exc}") from None
 
 
 def _warn_of_unmapped_voices(settings: Settings) -> None:

@@ -294,7 +294,7 @@ class Connection:
         try:
             return self.services.catalog.resolve(name)
         except ModelUnavailable as exc:
-            raise ProtocolError(ErrorCode.MODEL_LOADING if exc.loading else ErrorCode.INVALID_CONFIG, exc.message,
+            raise ProtocolError(PROTOCOL_CODE[exc.code] if exc.loading else ErrorCode.INVALID_CONFIG, exc.message,
                                 request_id) from None
 
     def _start_model(self, requested: Optional[str]) -> Optional[ServedModel]:
@@ -479,8 +479,8 @@ class Connection:
             except ProtocolError as exc:
                 raise ProtocolError(exc.code, exc.message, rid) from None
         if not self.services.endpoints.ready:
-            raise ProtocolError(ErrorCode.MODEL_LOADING, "the speech model is not ready yet; try again shortly",
-                                rid)
+            code, reason = self.services.endpoints.unusable_reason()
+            raise ProtocolError(PROTOCOL_CODE[code], reason, rid)
         model = self._resolve_model(self.model_name, rid)
         voice = self._voice_in_use(model)
         if message.voice is not None and message.voice != voice:

@@ -17,7 +17,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
-from tts_contract import commands, tensors as names
+from tts_contract import commands, keepalive, tensors as names
+from tts_contract.errors import EngineCode
 from tts_contract.models import DEFAULT_TALKER, DEFAULT_TTS, ServedModel, is_talker
 
 from . import metrics
@@ -60,10 +61,12 @@ class Endpoint:
     """One Triton server: its channel, readiness, the models it serves, each talker's last reported status, and
     this gateway's streams there."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, keepalive_args: Optional[list] = None):
         self.url = url
-        self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        self.client = grpcclient.InferenceServerClient(
+            url, channel_args=CHANNEL_ARGS + (keepalive.channel_args() if keepalive_args is None else keepalive_args))
         self.ready = False
+        self.reachable = False  # its server answered the last check (not ready but reachable: its models load)
         self.draining = False  # gone from discovery: no new streams; removed once its last one ends
         self.closed = False
         self.streams = 0  # streams this gateway has open here now
@@ -152,18 +155,27 @@ class Endpoint:
                                        if k in STATUS_FIELDS}}
                            for m in sorted(self.models.values(), key=lambda m: m.name)}}
 
+    def failed(self, reason: str) -> None:
+        """A stream found it failing (its connection lost, or no progress in time): no new streams go here until
+        its next check finds it ready (its poller checks four times a second meanwhile)."""
+        if self.ready:
+            log.warning("Triton at %s failed: %s; not used until it answers again", self.url, reason)
+        self.ready = self.reachable = False
+
     # -- checks -------------------------------------------------------------------------------------------------
 
     async def check_ready(self) -> bool:
         """Ready: the server, at least one `tts` ensemble, and the voice encoder where the repository has one. Each
         ready talker is asked for its status (its capacity, and which model it serves)."""
-        index = None
+        index, answered = None, False
         try:
             ready = await asyncio.wait_for(self.client.is_server_ready(), CHECK_TIMEOUT_S)
+            answered = True
             if ready:
                 index = await asyncio.wait_for(self.client.get_model_repository_index(), CHECK_TIMEOUT_S)
         except Exception:  # any gRPC failure means "not ready"
             ready = False
+        self.reachable = answered  # no answer at all: unreachable (down, partitioned), not loading
         listed = {m.name for m in index.models} if index is not None else set()
         self.loaded = frozenset(m.name for m in index.models if m.state == "READY") if index is not None \
             else frozenset()
@@ -262,8 +274,9 @@ class Endpoints:
     is removed once its last stream and voice encode end). Also the autoscaling signal: demand over real-time
     capacity."""
 
-    def __init__(self, urls: tuple = ()):
-        self.endpoints = [Endpoint(url) for url in urls]
+    def __init__(self, urls: tuple = (), keepalive_args: Optional[list] = None):
+        self.keepalive_args = keepalive_args  # gRPC keepalive of every channel (None: tts_contract.keepalive's)
+        self.endpoints = [Endpoint(url, keepalive_args) for url in urls]
         self._next = 0
         self._poll_interval: Optional[float] = None  # set once polling starts; endpoints that join poll too
         self._closing: set = set()  # channels of removed endpoints being closed
@@ -279,6 +292,14 @@ class Endpoints:
     @property
     def ready(self) -> bool:
         return any(e.usable for e in self.endpoints)
+
+    def unusable_reason(self) -> tuple[EngineCode, str]:
+        """Why no endpoint takes new streams: a server that answers but whose models are not ready yet is loading
+        (MODEL_LOADING); when none answers (down, partitioned) the speech servers are unavailable (TTS_UNAVAILABLE:
+        nothing is loading, waiting for it would be waiting for nothing)."""
+        if any(e.reachable for e in self.endpoints if not e.draining):
+            return EngineCode.MODEL_LOADING, "the speech model is not ready yet; try again shortly"
+        return EngineCode.UNAVAILABLE, "no speech server can be reached now; try again shortly"
 
     def status(self) -> dict[str, bool]:
         return {e.url: e.ready for e in self.endpoints}
@@ -407,7 +428,7 @@ class Endpoints:
         for url in wanted:
             endpoint = known.get(url)
             if endpoint is None:
-                endpoint = Endpoint(url)
+                endpoint = Endpoint(url, self.keepalive_args)
                 self.endpoints.append(endpoint)
                 if self._poll_interval is not None:
                     endpoint.start_polling(self._poll_interval)

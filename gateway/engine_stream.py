@@ -118,9 +118,8 @@ async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], lang
         raise
     except Exception as exc:  # connection loss, Triton crash: the details go to the log, not to clients
         finished = True
-        endpoint.ready = False
-        log.warning("stream to Triton at %s failed: %s", endpoint.url, exc)
-        raise SynthesisFailed(EngineCode.SYNTHESIS_ERROR, "the speech server stopped responding; try again",
+        endpoint.failed(f"a stream's connection failed ({exc})")
+        raise SynthesisFailed(EngineCode.UNAVAILABLE, "the speech server stopped responding; try again",
                               transport=True) from None
     finally:
         if not finished:  # the consumer stopped early (a cancel, a client gone): the engine ends the stream

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from tts_contract.errors import EngineCode
 from tts_contract.models import BASE, ServedModel
 
 from .endpoints import Endpoints
@@ -23,11 +24,12 @@ SHOWN_NAME_CHARS = 64
 
 class ModelUnavailable(Exception):
     """A request's model cannot be served: ``loading`` (known, or possibly served, but not ready now: try again)
-    or not served here at all (the message lists what is)."""
+    or not served here at all (the message lists what is). ``code``: the engine code a client gets (a model not
+    ready because no server answers is UNAVAILABLE, not loading)."""
 
-    def __init__(self, message: str, loading: bool):
+    def __init__(self, message: str, loading: bool, code: EngineCode = EngineCode.MODEL_LOADING):
         super().__init__(message)
-        self.message, self.loading = message, loading
+        self.message, self.loading, self.code = message, loading, code
 
 
 @dataclass(frozen=True)
@@ -96,20 +98,26 @@ class Catalog:
                 raise ModelUnavailable(f"model '{_shown(requested)}' is not served here; accepted: "
                                        f"{', '.join(aliases)}", loading=False)
             else:  # nothing has described itself yet: whether it is served cannot be told
-                raise ModelUnavailable("the speech models are not ready yet; try again shortly", loading=True)
+                raise self._not_ready("the speech models are not ready yet; try again shortly")
         if target is None:
             target = self._default_name()
             if target is None:
                 if self.endpoints.serving(None):
                     return None  # served as `tts`, not described (yet)
-                raise ModelUnavailable("the speech model is not ready yet; try again shortly", loading=True)
+                raise self._not_ready("the speech model is not ready yet; try again shortly")
         if target in served:
             return served[target]
         if target in known or not (served or known):
-            raise ModelUnavailable(f"the model '{target}' is not ready yet; try again shortly", loading=True)
+            raise self._not_ready(f"the model '{target}' is not ready yet; try again shortly")
         named = _shown(requested) if requested is not None else "the default model"
         raise ModelUnavailable(f"{named} means the model '{target}', which is not served here; "
                                f"{self._offer()}", loading=False)
+
+    def _not_ready(self, message: str) -> ModelUnavailable:
+        """Not ready now: loading, or (no server answering) unavailable."""
+        code, reason = self.endpoints.unusable_reason() if not self.endpoints.ready else \
+            (EngineCode.MODEL_LOADING, message)
+        return ModelUnavailable(reason if code != EngineCode.MODEL_LOADING else message, loading=True, code=code)
 
     def _not_served(self, requested: str) -> str:
         return f"model '{_shown(requested)}' is not served here; {self._offer()}"

@@ -54,7 +54,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404:
                 504: "server_error"}
 _ERROR_CODES = {ErrorCode.MODEL_LOADING: "model_loading", ErrorCode.RATE_LIMITED: "rate_limit_exceeded",
                 ErrorCode.TIMEOUT: "timeout", ErrorCode.SYNTHESIS_ERROR: "synthesis_error",
-                ErrorCode.VOICE_NOT_FOUND: "voice_not_found"}
+                ErrorCode.VOICE_NOT_FOUND: "voice_not_found", ErrorCode.TTS_UNAVAILABLE: "tts_unavailable"}
 
 
 class OpenAIError(Exception):
@@ -100,7 +100,7 @@ def resolve_model(requested: str, models: Catalog) -> Optional[ServedModel]:
         return models.resolve(requested)
     except ModelUnavailable as exc:
         if exc.loading:
-            raise OpenAIError(503, exc.message, code="model_loading") from None
+            raise OpenAIError(503, exc.message, code=_ERROR_CODES[PROTOCOL_CODE[exc.code]]) from None
         raise OpenAIError(404, exc.message, "model", "model_not_found") from None
 
 
@@ -309,7 +309,8 @@ async def _speech(request: Request, services, received: float, identity: Identit
         limit = 4 * services.settings.max_text_chars + 16384  # the longest input in any UTF-8, plus JSON
         params = SpeechRequest(await _read_json(request, limit), services)
         if not services.endpoints.ready:
-            raise OpenAIError(503, "the speech model is not ready yet; try again shortly", code="model_loading")
+            code, reason = services.endpoints.unusable_reason()
+            raise OpenAIError(503, reason, code=_ERROR_CODES[PROTOCOL_CODE[code]])
         if params.model is not None and params.model.kind == VOICE_DESIGN:  # one voice: one stream when it fits
             pieces = packed_sentences(params.input, services.settings.max_request_chars)
         else:

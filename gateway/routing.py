@@ -14,9 +14,10 @@ long. The gateway keeps no queue and no estimate of its own.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import numpy as np
 
@@ -28,34 +29,44 @@ from .endpoints import Endpoint, Endpoints
 from .engine_stream import SynthesisFailed, stream_audio
 
 log = logging.getLogger("gateway.routing")
+PROGRESS_CHECK_S = 0.1  # how often a stream's progress deadline is checked
 
 
 class Route:
     """One utterance's way to the engines serving its model (see the module). ``model``: a served model's name
     (None: the deployment's default, Triton's `tts`)."""
 
-    def __init__(self, endpoints: Endpoints, model: Optional[str] = None):
+    def __init__(self, endpoints: Endpoints, model: Optional[str] = None, progress_grace_s: float = 0.0):
         self.endpoints = endpoints
         self.model = model
+        # How long past its listener's lead a stream may go without audio before its endpoint counts as failed
+        # (GATEWAY_PROGRESS_DEADLINE_MS; 0: no such deadline, only the connection's own failure counts).
+        self.progress_grace_s = progress_grace_s
         self.endpoint: Optional[Endpoint] = None  # where its last stream ran
 
     async def stream(self, text: str, voice: Optional[str], language: Optional[str], parameters: dict,
                      continuation: bool = False, first_audio_by: Optional[float] = None,
-                     written=None, instruct: Optional[str] = None) -> AsyncIterator[np.ndarray]:
+                     written=None, instruct: Optional[str] = None,
+                     lead: Optional[Callable[[], Optional[float]]] = None) -> AsyncIterator[np.ndarray]:
         """Yield one stream's float32 24 kHz chunks. ``first_audio_by`` (monotonic time) becomes the request's
         first-audio budget when it is sent; ``written``: text still being written (see ``stream_audio``);
-        ``instruct``: for the models that take one. Closing the iterator cancels the request."""
+        ``instruct``: for the models that take one; ``lead()``: seconds of audio its listener still has (None:
+        none is expected now, the text is being waited for). A stream with no audio past its first-audio budget,
+        or past its listener's lead, plus the progress grace, has a failing endpoint: it moves before any audio
+        and ends UNAVAILABLE after. Closing the iterator cancels the request."""
         tried: set = set()
         refusal: Optional[SynthesisFailed] = None
+        budget_s = None if first_audio_by is None else first_audio_by - time.monotonic()
         while True:
             endpoint = self._next(tried)
             if endpoint is None:
                 if refusal is not None:
                     self.endpoints.refused()
                     raise refusal
-                raise SynthesisFailed(EngineCode.MODEL_LOADING, "no Triton endpoint is ready" if self.model is None
-                                      else f"no Triton endpoint serving the model '{self.model}' is ready",
-                                      transport=True)
+                code, reason = self.endpoints.unusable_reason()
+                if self.model is not None and code == EngineCode.MODEL_LOADING:
+                    reason = f"no Triton endpoint serving the model '{self.model}' is ready; try again shortly"
+                raise SynthesisFailed(code, reason, transport=True)
             if first_audio_by is not None:
                 parameters[FIRST_AUDIO_BUDGET_MS] = max(1, int(1000 * (first_audio_by - time.monotonic())))
             produced, opened = False, time.monotonic()
@@ -68,10 +79,14 @@ class Route:
                                  lambda call, at=endpoint: self.endpoints.spawn(at, call), written,
                                  tts_model=tts_model, talker=talker, instruct=instruct)
             try:
-                async for chunk in audio:
+                progress = _Progress(self.progress_grace_s, None if produced else first_audio_by, lead)
+                while True:
+                    chunk = await progress.next(audio, endpoint)
+                    if chunk is None:
+                        return
                     produced = True
+                    progress.first_audio_by = None
                     yield chunk
-                return
             except SynthesisFailed as exc:
                 refused = exc.code == EngineCode.OVERLOADED and not continuation
                 if produced or not (exc.transport or refused):
@@ -80,6 +95,8 @@ class Route:
                     refusal = exc  # its engine cannot start it in time: another one may
                 if exc.transport:
                     log.warning("Triton at %s failed before any audio; trying the next endpoint", endpoint.url)
+                    if budget_s is not None:  # the listener has heard nothing: the next one gets the whole budget
+                        first_audio_by = time.monotonic() + budget_s
             finally:
                 await audio.aclose()
                 self.endpoints.stream_closed(endpoint, time.monotonic() - opened)
@@ -99,3 +116,43 @@ class Route:
             return self.model
         default = endpoint.default_model()
         return default.name if default is not None else "default"
+
+
+class _Progress:
+    """The progress deadline of one stream: its next chunk is due by its first-audio budget (before any audio) or
+    its listener's lead, plus a grace; while no audio is expected (its text is awaited) nothing is due. Checked
+    every PROGRESS_CHECK_S, so that a wait for text that begins meanwhile re-arms it."""
+
+    def __init__(self, grace_s: float, first_audio_by: Optional[float], lead):
+        self.grace_s, self.first_audio_by, self.lead = grace_s, first_audio_by, lead
+
+    def due(self) -> Optional[float]:
+        if self.first_audio_by is not None:
+            return self.first_audio_by + self.grace_s
+        lead = self.lead() if self.lead is not None else None
+        return None if lead is None else time.monotonic() + lead + self.grace_s
+
+    async def next(self, audio, endpoint: Endpoint) -> Optional[np.ndarray]:
+        """The stream's next chunk (None at its end); SynthesisFailed(UNAVAILABLE, transport) when it is overdue."""
+        if self.grace_s <= 0:
+            return await anext(audio, None)
+        waiting = asyncio.ensure_future(anext(audio, None))
+        due = self.due()
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=PROGRESS_CHECK_S)
+                if done:
+                    return waiting.result()
+                now = time.monotonic()
+                if self.lead is not None and self.first_audio_by is None and self.lead() is None:
+                    due = None  # its text is awaited: the gap is the writer's
+                elif due is None:
+                    due = self.due()
+                elif now > due:
+                    endpoint.failed("a stream made no progress in time")
+                    raise SynthesisFailed(EngineCode.UNAVAILABLE, "the speech server stopped making progress; "
+                                          "try again", transport=True)
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)

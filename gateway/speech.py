@@ -104,7 +104,8 @@ async def sentence_audio(endpoints: Endpoints, settings, feed: SentenceFeed, voi
     not a timeout. Closing the iterator cancels the streams in flight. Raises ``SynthesisFailed`` (an engine refused
     or failed) or ``TimeoutError`` (no audio in time)."""
     generated = _Generated()
-    generating = asyncio.create_task(_generate_sentences(Route(endpoints, model), settings, feed, voice, language,
+    route = Route(endpoints, model, settings.progress_grace_s)
+    generating = asyncio.create_task(_generate_sentences(route, settings, feed, voice, language,
                                                          listener, timing, generated, instruct))
     try:
         # Audio may come as late as its listener's buffer allows (the engine holds frames its listener does not
@@ -145,8 +146,9 @@ async def _generate_sentences(route: Route, settings, feed: SentenceFeed, voice,
             first_audio_by = None if continuation else \
                 time.monotonic() + lead + settings.first_audio_budget_ms / 1000 + timing.max_wait_s
             parameters = _stream_parameters(settings, lead, continuation, timing)
-            async with contextlib.aclosing(route.stream(sentence, voice, language, parameters, continuation,
-                                                        first_audio_by, instruct=instruct)) as audio:
+            async with contextlib.aclosing(route.stream(
+                    sentence, voice, language, parameters, continuation, first_audio_by, instruct=instruct,
+                    lead=lambda: listener.buffered() + generated.seconds)) as audio:
                 async for chunk in audio:  # (closed however this ends: a cancel reaches its engine at once)
                     generated.put(chunk)
             continuation = True
@@ -164,15 +166,22 @@ async def written_audio(endpoints: Endpoints, settings, text: WrittenText, voice
     default) with ``instruct``: one stream per segment, whose text grows by appends; the frame cap grows with the
     text; a segment after the first starts when the one before is generated, paced by what its listener still has.
     Closing the iterator cancels the stream in flight."""
-    route = Route(endpoints, model)
-    # While every word written so far has been sent, a gap the listener hears is the writer's.
-    text.on_waiting = lambda waiting: listener.pause() if waiting else listener.resume()
+    route = Route(endpoints, model, settings.progress_grace_s)
+    # While every word written so far has been sent, a gap the listener hears is the writer's (and no audio is due).
+    writer = {"waiting": False}
+
+    def on_waiting(waiting: bool) -> None:
+        writer["waiting"] = waiting
+        listener.pause() if waiting else listener.resume()
+
+    text.on_waiting = on_waiting
     segment, continuation = text.segment(0), False
     while True:
         lead = listener.buffered() if continuation else timing.lead_s
         parameters = _stream_parameters(settings, lead, continuation, timing)
-        async with contextlib.aclosing(route.stream("", voice, language, parameters, continuation,
-                                                    written=segment, instruct=instruct)) as audio:
+        async with contextlib.aclosing(route.stream(
+                "", voice, language, parameters, continuation, written=segment, instruct=instruct,
+                lead=lambda: None if writer["waiting"] else listener.buffered())) as audio:
             async for chunk in audio:
                 yield chunk
         if segment.end is None or segment.last:

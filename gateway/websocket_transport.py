@@ -4,7 +4,11 @@ what the client is still sending before closing the socket. uvicorn closes at on
 then gets a TCP reset that can destroy the close frame before it is read (seen as 1006, no close frame)."""
 from __future__ import annotations
 
+import logging
+
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+log = logging.getLogger("gateway.websocket")
 
 LINGER_S = 2.0  # the longest a failed connection is read (and dropped) before its socket closes
 
@@ -32,6 +36,21 @@ class LingeringCloseProtocol(WebSocketsSansIOProtocol):
         # shutdown cancel it
         self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
+    def send_receive_event_to_app(self) -> None:
+        """A text message that is not UTF-8 closes its connection with 1007 and one WARNING line (uvicorn logs a
+        full traceback at ERROR for each: a client's bad bytes are not the server's error)."""
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError as exc:
+                self.frames = []
+                log.warning("closing the WebSocket of %s with 1007: a text message is not UTF-8 (%s at byte %d)",
+                            _peer(self), exc.reason, exc.start)
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
     def handle_ping(self) -> None:
         if self.lingering:  # a ping read with the refused frame: nothing may be written after the EOF
             return
@@ -42,3 +61,8 @@ class LingeringCloseProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
             return None
         return super().eof_received()
+
+
+def _peer(protocol) -> str:
+    client = getattr(protocol, "client", None)
+    return f"{client[0]}:{client[1]}" if client else "a client"

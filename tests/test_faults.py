@@ -25,7 +25,8 @@ from triton_helpers import scrape_metrics, wait_until
 
 
 async def test_triton_killed_mid_session_then_back(tiny_model_dir, voices_dir, tmp_path, make_gateway):
-    """Killing Triton mid-utterance gives a recoverable error; the gateway stays up and recovers by itself."""
+    """Killing Triton mid-utterance gives a recoverable TTS_UNAVAILABLE (the server is unreachable, not loading); the
+    gateway stays up and recovers by itself."""
     repository = render_cpu_repository(tiny_model_dir, voices_dir, tmp_path / "repo")
     server = LocalTriton(repository, log_path=tmp_path / "triton.log").start().wait_ready(180)
     try:
@@ -36,10 +37,10 @@ async def test_triton_killed_mid_session_then_back(tiny_model_dir, voices_dir, t
             server.kill()
             result = await collect(ws, timeout=30)
             error = result.of_type("error")[0]
-            assert error["code"] == "SYNTHESIS_ERROR" and error["recoverable"] is True
+            assert error["code"] == "TTS_UNAVAILABLE" and error["recoverable"] is True
             assert result.end["cancelled"] is True
             await send(ws, type="speak", text="Is anyone there?")
-            assert (await receive_json(ws, 30))["code"] in ("MODEL_LOADING", "SYNTHESIS_ERROR")
+            assert (await receive_json(ws, 30))["code"] == "TTS_UNAVAILABLE"  # unreachable, not loading
             server = LocalTriton(repository, server.http_port, server.grpc_port, server.metrics_port,
                                  log_path=tmp_path / "triton2.log").start().wait_ready(180)
             gateway.wait_ready(60)
@@ -245,7 +246,7 @@ async def test_make_run_restarts_a_dead_tritonserver_while_the_gateway_stays_up(
             assert await wait_until(lambda: not _ready(http), timeout=10)
             await send(ws, type="speak", text="During the outage.", requestId="down")
             reply = await collect(ws, timeout=30, until=("complete", "error"))
-            assert reply.messages[-1]["code"] in ("MODEL_LOADING", "SYNTHESIS_ERROR")
+            assert reply.messages[-1]["code"] in ("TTS_UNAVAILABLE", "MODEL_LOADING")  # down, or restarted and loading
             assert reply.messages[-1]["recoverable"] is True
             assert await wait_until(lambda: _ready(http), timeout=240), "tritonserver was not restarted"
             await send(ws, type="speak", text="After the restart.", requestId="up")

@@ -184,8 +184,8 @@ async def test_a_speak_in_a_blank_or_unknown_language_is_invalid_config(gateway,
         assert (await collect(ws)).end["cancelled"] is False
 
 
-async def test_model_loading_while_triton_is_unreachable(make_gateway):
-    """With no Triton behind it, readyz is 503 and speak gets MODEL_LOADING (recoverable)."""
+async def test_tts_unavailable_while_triton_is_unreachable(make_gateway):
+    """With no Triton behind it, readyz is 503 and speak gets TTS_UNAVAILABLE (recoverable; nothing is loading)."""
     from tools.triton_local import free_port
 
     gateway = make_gateway(triton_url=f"127.0.0.1:{free_port()}")
@@ -196,7 +196,7 @@ async def test_model_loading_while_triton_is_unreachable(make_gateway):
         await receive_json(ws)
         await send(ws, type="speak", text="Anyone there?", requestId="r")
         error = await receive_json(ws)
-        assert error == {"type": "error", "code": "MODEL_LOADING", "message": error["message"],
+        assert error == {"type": "error", "code": "TTS_UNAVAILABLE", "message": error["message"],
                          "recoverable": True, "requestId": "r"}
 
 

@@ -229,13 +229,14 @@ def test_a_token_is_required_when_auth_is_on(make_gateway):
         assert len(speech(sdk, response_format="pcm")) > 24000
 
 
-def test_model_loading_is_503(make_gateway):
-    """Without a ready Triton the endpoint answers 503 (an InternalServerError to the SDK), code model_loading."""
+def test_an_unreachable_triton_is_503_tts_unavailable(make_gateway):
+    """Without a reachable Triton the endpoint answers 503 (an InternalServerError to the SDK), code tts_unavailable
+    (nothing is loading)."""
     gateway = make_gateway(triton_url="127.0.0.1:9")
     with openai.OpenAI(base_url=gateway.http + "/v1", api_key="x", max_retries=0) as sdk:
         with pytest.raises(openai.InternalServerError) as raised:
             speech(sdk)
-    assert raised.value.status_code == 503 and raised.value.body["code"] == "model_loading"
+    assert raised.value.status_code == 503 and raised.value.body["code"] == "tts_unavailable"
 
 
 async def test_a_client_that_goes_away_cancels_its_synthesis(gateway, triton):

@@ -104,7 +104,8 @@ async def test_a_lone_surrogate_in_text_is_invalid_not_an_internal_error(make_ga
 
 
 async def test_invalid_utf8_closes_1007_and_oversize_frames_close_1009(make_gateway):
-    """Standard WebSocket behaviour: a text frame that is not UTF-8 closes 1007, one over the frame limit 1009."""
+    """Standard WebSocket behaviour: a text frame that is not UTF-8 closes 1007 (logged as one WARNING line, no
+    traceback), one over the frame limit 1009."""
     gateway = make_gateway()
     async with open_session(gateway.ws) as ws:
         await receive_json(ws)
@@ -112,6 +113,9 @@ async def test_invalid_utf8_closes_1007_and_oversize_frames_close_1009(make_gate
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
         assert closed.value.rcvd.code == 1007
+    await asyncio.sleep(0.2)  # (the log line is written as the connection closes)
+    log = gateway.log_path.read_text()
+    assert "Traceback" not in log and log.count("a text message is not UTF-8") == 1, "one WARNING line, no traceback"
     async with open_session(gateway.ws) as ws:
         await receive_json(ws)
         await ws.send(json.dumps({"type": "speak", "text": "x" * 2_000_000}))

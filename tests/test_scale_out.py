@@ -44,7 +44,7 @@ async def test_utterances_move_to_the_healthy_endpoint_when_one_dies(two_tritons
             victim.kill()
             result = await collect(ws, timeout=30)
             assert result.end["requestId"] == "in-flight" and result.end["cancelled"] is True
-            assert result.of_type("error")[0]["code"] == "SYNTHESIS_ERROR"
+            assert result.of_type("error")[0]["code"] == "TTS_UNAVAILABLE"
 
             before = frames(survivor)
             for index in range(3):

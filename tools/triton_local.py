@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tts_contract import keepalive  # noqa: E402  (the flags must match the gateway's pings)
 SHM_DIR = Path("/dev/shm")
 # The Python backend names each model instance's region <prefix><uuid>. The prefix carries the pid of the
 # server that created it: a region is stale once no live process has that pid or process group (the model
@@ -195,7 +197,7 @@ class LocalTriton:
             f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=5", "--disable-auto-complete-config",
-            "--log-verbose=0", *shm, *self.extra_args,
+            "--log-verbose=0", *keepalive.triton_flags(), *shm, *self.extra_args,
         ]
 
     def start(self) -> "LocalTriton":

@@ -16,6 +16,9 @@ class EngineCode(str, Enum):
     CANCELLED = "CANCELLED"
     OVERLOADED = "OVERLOADED"  # no row in time for the first audio, the line full, or the wait too long
     SYNTHESIS_ERROR = "SYNTHESIS_ERROR"  # anything unexpected inside a model
+    # the gateway's, never a model's: the speech server could not be reached or stopped making progress (a lost
+    # connection, a silent host) — its model is not loading; another endpoint, or a retry, may serve
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class ErrorCode(str, Enum):
@@ -30,6 +33,7 @@ class ErrorCode(str, Enum):
     TIMEOUT = "TIMEOUT"
     RATE_LIMITED = "RATE_LIMITED"
     UNAUTHORIZED = "UNAUTHORIZED"
+    TTS_UNAVAILABLE = "TTS_UNAVAILABLE"
 
 
 RECOVERABLE = {
@@ -42,6 +46,7 @@ RECOVERABLE = {
     ErrorCode.TIMEOUT: True,
     ErrorCode.RATE_LIMITED: True,
     ErrorCode.UNAUTHORIZED: False,
+    ErrorCode.TTS_UNAVAILABLE: True,
 }
 
 # Every engine code, as an app sees it.
@@ -55,6 +60,7 @@ PROTOCOL_CODE = {
     EngineCode.CANCELLED: ErrorCode.SYNTHESIS_ERROR,
     EngineCode.OVERLOADED: ErrorCode.RATE_LIMITED,
     EngineCode.SYNTHESIS_ERROR: ErrorCode.SYNTHESIS_ERROR,
+    EngineCode.UNAVAILABLE: ErrorCode.TTS_UNAVAILABLE,
 }
 
 # Every protocol code, as an HTTP status (REST routes).
@@ -68,6 +74,7 @@ HTTP_STATUS = {
     ErrorCode.TIMEOUT: 504,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.TTS_UNAVAILABLE: 503,
 }
 
 _WIRE = re.compile(r"\[([A-Z_]+)\]\s*")

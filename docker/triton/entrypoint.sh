@@ -43,6 +43,9 @@ PY
 )
 # shellcheck disable=SC2086  # RENDER_ARGS: words without spaces
 python3 -m tools.render_model_repository --profile "${QWEN_TTS_PROFILE:-gpu}" --out /tmp/model_repository $RENDER_ARGS
+# gRPC keepalive as the gateway pings (tts_contract/keepalive.py: accept its pings, ping it back)
+KEEPALIVE_ARGS=$(python3 -c 'from tts_contract.keepalive import triton_flags; print(" ".join(triton_flags()))')
+# shellcheck disable=SC2086  # KEEPALIVE_ARGS: words without spaces
 exec tritonserver --model-repository=/tmp/model_repository \
   --http-port=8000 --grpc-port=8001 --metrics-port=8002 --allow-metrics=true \
-  --exit-timeout-secs=30 --disable-auto-complete-config "$@"
+  --exit-timeout-secs=30 --disable-auto-complete-config $KEEPALIVE_ARGS "$@"
