@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench bench-gpu graph-check soak perf alerts-check clean help
+.PHONY: setup tiny-model render triton run gateway test test-engine test-triton test-gateway bench bench-gpu graph-check soak faults perf alerts-check clean help
 
 help:
 	@echo "make setup      - virtualenv, pinned packages, tiny models (Base, CustomVoice, VoiceDesign) and tiny aligner (idempotent)"
@@ -19,6 +19,7 @@ help:
 	@echo "make graph-check - the talker's decode step and the codec decoder's step trace (CUDA: capture) as one graph per bucket and equal the eager step"
 	@echo "make bench-gpu  - the engine on a GPU: full-size random weights, bf16, CUDA graphs; results/gpu_bench.json"
 	@echo "make soak       - load with faults (Triton killed and restarted, clients dropping); SOAK_SECONDS"
+	@echo "make faults     - faults across real separate hosts (network namespaces; root): results/faults.json"
 	@echo "make perf       - perf_analyzer sweep over tts and talker (time to first response)"
 	@echo "make alerts-check - promtool: the alert rules, their unit tests, and the compose Prometheus config"
 
@@ -77,6 +78,10 @@ bench-gpu: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m bench.soak --seconds $${SOAK_SECONDS:-90}
+
+# Partitions, delay, loss, killed hosts and DNS changes on a namespace test bed (needs root, iproute2, dnsmasq).
+faults: $(STAMP)
+	$(PY) -m bench.faults $(FAULTS_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.core

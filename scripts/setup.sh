@@ -61,6 +61,16 @@ if ! command -v redis-server >/dev/null 2>&1; then
       || { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends redis-server; }; } \
     >/dev/null 2>&1 || echo "warning: could not install redis-server (apt-get install redis-server); the cross-replica interrupt tests will fail"
 fi
+if ! command -v dnsmasq >/dev/null 2>&1; then
+  # The multi-host test bed (tests/test_hosts.py, bench/faults.py) answers its dns:// discovery name with dnsmasq.
+  echo "== installing dnsmasq-base"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  export DEBIAN_FRONTEND=noninteractive
+  { $SUDO apt-get install -y -q --no-install-recommends dnsmasq-base \
+      || { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends dnsmasq-base; }; } \
+    >/dev/null 2>&1 || echo "warning: could not install dnsmasq-base (apt-get install dnsmasq-base); the multi-host tests will skip"
+fi
 echo "== building the tiny model"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tts_engine.tiny_model build/tiny-model 2>&1 | grep -v -i -E "sox|path variables|^\s*$|flash-attn|\*\*\*\*"
 echo "== building the tiny CustomVoice and VoiceDesign models (make run serves them beside the tiny Base model)"
