@@ -44,6 +44,18 @@ def engine_error(error) -> SynthesisFailed:
     return SynthesisFailed(code, message, retry_after_ms=retry_after_ms(message))
 
 
+# Triton's own words when a model process is hung or dead (its request never reached the model): the server is
+# failing, whatever the request.
+SERVER_FAILING = ("is not healthy", "Stub process", "Failed to process the request(s) for model instance")
+
+
+def server_failing(error) -> bool:
+    """Whether a Triton error is the server's model process failing (not an answer of the engine's)."""
+    text = str(error)
+    coded = any(f"[{code.value}]" in text for code in EngineCode)  # an engine's own error names its code
+    return not coded and any(words in text for words in SERVER_FAILING)
+
+
 def _string(name: str, value: str) -> InferInput:
     tensor = InferInput(name, [1], "BYTES")
     tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
@@ -103,6 +115,10 @@ async def stream_audio(endpoint: Endpoint, text: str, voice: Optional[str], lang
         async for result, error in responses:
             if error is not None:
                 finished = True
+                if server_failing(error):  # the server's own machinery, not this request: move, as for a lost link
+                    endpoint.failed(f"the server reported its model process failing ({error})")
+                    raise SynthesisFailed(EngineCode.UNAVAILABLE, "the speech server is failing; try again",
+                                          transport=True)
                 raise engine_error(error)
             if result.get_response().id != SPEAK_ID:  # a command's acknowledgement
                 continue

@@ -30,6 +30,7 @@ from .engine_stream import SynthesisFailed, stream_audio
 
 log = logging.getLogger("gateway.routing")
 PROGRESS_CHECK_S = 0.1  # how often a stream's progress deadline is checked
+FIRST_AUDIO_GRACE_S = 0.25  # a stream's first audio may be this late past its budget before it moves
 
 
 class Route:
@@ -127,8 +128,8 @@ class _Progress:
         self.grace_s, self.first_audio_by, self.lead = grace_s, first_audio_by, lead
 
     def due(self) -> Optional[float]:
-        if self.first_audio_by is not None:
-            return self.first_audio_by + self.grace_s
+        if self.first_audio_by is not None:  # (the engine itself refuses what it cannot start in time: a little
+            return self.first_audio_by + min(self.grace_s, FIRST_AUDIO_GRACE_S)  # slack, then it moves)
         lead = self.lead() if self.lead is not None else None
         return None if lead is None else time.monotonic() + lead + self.grace_s
 

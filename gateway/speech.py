@@ -167,12 +167,23 @@ async def written_audio(endpoints: Endpoints, settings, text: WrittenText, voice
     text; a segment after the first starts when the one before is generated, paced by what its listener still has.
     Closing the iterator cancels the stream in flight."""
     route = Route(endpoints, model, settings.progress_grace_s)
-    # While every word written so far has been sent, a gap the listener hears is the writer's (and no audio is due).
-    writer = {"waiting": False}
+    # While every word written so far has been sent, a gap the listener hears is the writer's: no audio is due,
+    # except for text sent since the last audio (due within the lead the listener had when it was sent).
+    writer = {"waiting": False, "owed": None}  # owed: (when text came after the last audio, the lead then)
 
     def on_waiting(waiting: bool) -> None:
         writer["waiting"] = waiting
+        if not waiting and writer["owed"] is None:
+            writer["owed"] = (time.monotonic(), listener.buffered())
         listener.pause() if waiting else listener.resume()
+
+    def audio_due_in() -> Optional[float]:
+        if not writer["waiting"]:
+            return listener.buffered()
+        if writer["owed"] is None:
+            return None
+        since, lead_then = writer["owed"]
+        return max(0.0, since + lead_then - time.monotonic())
 
     text.on_waiting = on_waiting
     segment, continuation = text.segment(0), False
@@ -181,8 +192,9 @@ async def written_audio(endpoints: Endpoints, settings, text: WrittenText, voice
         parameters = _stream_parameters(settings, lead, continuation, timing)
         async with contextlib.aclosing(route.stream(
                 "", voice, language, parameters, continuation, written=segment, instruct=instruct,
-                lead=lambda: None if writer["waiting"] else listener.buffered())) as audio:
+                lead=audio_due_in)) as audio:
             async for chunk in audio:
+                writer["owed"] = None
                 yield chunk
         if segment.end is None or segment.last:
             return
