@@ -3,6 +3,7 @@ text, and an interrupted utterance says what its listener heard (null without an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import numpy as np
@@ -131,6 +132,12 @@ async def test_appended_text_is_heard_as_written(make_gateway):
             frame = await asyncio.wait_for(ws.recv(), 30)
             if isinstance(frame, bytes):
                 audio += frame
+        # ...and all of it: heardText aligns the audio up to 1 s past heardMs, so the test waits until the talker has
+        # spoken all it was given (no audio for 0.5 s) rather than racing it (it once found only 1.5 s there)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                frame = await asyncio.wait_for(ws.recv(), 0.5)
+                assert isinstance(frame, bytes) or json.loads(frame)["type"] == "marks", frame
         await send(ws, type="played", requestId="r3", ms=1200)
         await send(ws, type="cancel")
         end = (await collect(ws, timeout=30)).end
